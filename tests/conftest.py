@@ -1,0 +1,28 @@
+"""Shared test configuration: hypothesis profiles per tier, seeded RNG fixture.
+
+Profiles: ``dev`` (quick, random), ``ci`` (derandomized: the same examples every run), ``thorough`` (many examples,
+for the slow tier). Select with ``HYPOTHESIS_PROFILE``; CI (``CI=true``) defaults to ``ci``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("dev", max_examples=50, deadline=None)
+settings.register_profile(
+    "ci", max_examples=100, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "thorough", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20251111)

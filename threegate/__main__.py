@@ -1,0 +1,3 @@
+from threegate.cli import main
+
+raise SystemExit(main())
