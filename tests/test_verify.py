@@ -1,0 +1,75 @@
+"""threegate verify: verdict aggregation on constructed checks, and an end-to-end run on real campaigns."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import theory
+from theory.check import Result, assumption_failed, make_check
+from threegate import verify
+
+
+def _result(exact: bool) -> Result:
+    return Result(id="fake", statement="x <= y", gate="II", check=lambda: None, exact=exact)
+
+
+def test_all_hold_gives_holds_and_worst_ratio():
+    checks = [make_check("fake", 1.0, 4.0), make_check("fake", 3.0, 4.0), make_check("fake", 0.0, 1.0)]
+    row, rows = verify.summarize(_result(True), checks, source="theory")
+    assert row.verdict == "holds"
+    assert row.instances == 3 and row.assumptions_met == 3 and row.violations == 0
+    assert row.worst_ratio == pytest.approx(0.75)
+    assert row.counterexample is None
+    assert [r["instance"] for r in rows] == [0, 1, 2]
+
+
+def test_violation_of_exact_result_is_flagged_with_first_counterexample():
+    checks = [make_check("fake", 1.0, 2.0), make_check("fake", 5.0, 2.0), make_check("fake", 9.0, 2.0)]
+    row, _ = verify.summarize(_result(True), checks, source="theory")
+    assert row.verdict == "violated" and row.violations == 2
+    assert "EXACT RESULT VIOLATED" in row.notes
+    assert row.counterexample["instance"] == 1 and row.counterexample["lhs"] == 5.0
+    assert row.worst_ratio == pytest.approx(4.5)
+
+
+def test_violation_of_as_stated_result_is_a_finding_not_a_bug():
+    row, _ = verify.summarize(_result(False), [make_check("fake", 3.0, 2.0)], source="theory")
+    assert row.verdict == "violated"
+    assert "not a theorem" in row.notes and "EXACT" not in row.notes
+
+
+def test_assumption_failures_are_counted_not_judged():
+    checks = [assumption_failed("fake", "gap > 0"), assumption_failed("fake", "gap > 0"), make_check("fake", 1, 2)]
+    row, _ = verify.summarize(_result(True), checks, source="theory")
+    assert row.instances == 3 and row.assumptions_met == 1 and row.verdict == "holds"
+    assert "gap > 0 x2" in row.notes
+
+
+def test_only_failed_assumptions_gives_no_verdict():
+    row, _ = verify.summarize(_result(True), [assumption_failed("fake", "finite inputs")], source="theory")
+    assert row.verdict == "no instance met the assumptions"
+    assert math.isnan(row.worst_ratio)
+
+
+def test_nan_lhs_never_holds():
+    c = make_check("fake", float("nan"), 1.0)
+    assert not c.holds and c.verdict == "violated"
+
+
+def test_run_writes_json_with_one_row_per_selected_id(tmp_path):
+    ids = sorted(rid for rid, r in theory.RESULTS.items() if r.campaign is not None and r.gate == "II")[:2]
+    if not ids:
+        pytest.fail("no Gate II result with a campaign is registered")
+    out, js = tmp_path / "v", tmp_path / "v.json"
+    args = verify.argparse.Namespace(seed=0, json_path=str(js), out=str(out), only=ids, no_sims=True,
+                                     sim_budget="fast", no_report=True)
+    rc = verify.run(args)
+    rows = json.loads(js.read_text())
+    assert [r["result_id"] for r in rows] == ids
+    assert all(r["instances"] > 0 for r in rows)
+    assert (out / "verify.csv").exists() and (out / "checks.csv").exists()
+    exact_violated = [r for r in rows if r["exact"] and r["verdict"] == "violated"]
+    assert rc == (1 if exact_violated else 0)
