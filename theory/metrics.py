@@ -1,0 +1,419 @@
+"""The metrics of the paper (Sec. 2, 4, 5; App. E): bf16 update sparsity, masks, Jaccard, consensus, NSS, angles.
+
+Conventions (shapes ``(m, n)`` unless noted; inputs are numpy arrays or torch tensors):
+
+- **bf16 probe (Def. 2.1).** ``w`` and ``ŵ`` are stored bf16 values; an entry is *unchanged* iff
+  ``|ŵ - w| <= eta * max(|w|, |ŵ|)``. Inputs of another float dtype are first rounded to bf16 the way torch stores
+  them (``Tensor.to(torch.bfloat16)``: float64 goes through float32, i.e. two roundings, then round-to-nearest-even).
+  Non-finite values (before or after that rounding) raise ``NonFiniteError`` with their count.
+- **Zeros.** The formula is applied as written to every finite value, zeros included: ``+0`` and ``-0`` are the
+  same value (``|0 - 0| <= 0``), so a sign flip of a zero is *unchanged*; a zero that becomes nonzero (or the
+  reverse) is *changed* (``|ŵ| <= eta |ŵ|`` fails for ``eta < 1``). Subnormals follow the same formula.
+- **Fast path (Prop. E.3, sharpened).** Distinct finite bf16 values differ by a relative amount of at least
+  ``2**-8`` (attained across a binade boundary: ``2**e`` and its lower neighbour ``2**e - 2**(e-8)``); zeros differ
+  from nonzeros by relative amount 1; subnormals are spaced ``2**-133`` below ``2**-126``, relative spacing
+  ``>= 2**-7``. Hence for every ``eta < 2**-8`` (the paper states the sufficient ``eta < 2**-9``) the probe equals
+  *bit equality of the int16 views, with +0 == -0*. ``bf16_unchanged`` uses that for ``eta < 2**-8`` and the exact
+  formula (in float64, where bf16 values are exact) otherwise; ``bf16_unchanged_formula`` is the reference.
+- **Masks** are boolean arrays with ``True`` = changed / selected. Set metrics (Jaccard, overlap) take the masks as
+  sets of flat indices. Ranking masks (``principal_mask``, ``low_magnitude_mask``) select exactly
+  ``round_half_up(alpha * n) = floor(alpha * n + 1/2)`` entries; ties in the score are broken by the flat
+  (row-major) index, lower index first, so the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float
+
+from theory.errors import InputError, NonFiniteError, ShapeMismatchError, ZeroGapError
+from theory.linalg import principal_angles, singular_values, svd64, to_f64, top_k_subspaces
+
+__all__ = [
+    "ETA_DEFAULT",
+    "ETA_BIT_EQUALITY_LIMIT",
+    "to_bf16",
+    "bf16_unchanged",
+    "bf16_unchanged_formula",
+    "update_mask",
+    "bf16_changed_count",
+    "bf16_sparsity",
+    "abs_tol_unchanged",
+    "jaccard",
+    "bernoulli_jaccard_baseline",
+    "jaccard_matrix",
+    "mean_offdiag",
+    "consensus",
+    "row_ratios",
+    "col_ratios",
+    "nss",
+    "principal_angles_topk",
+    "rank_k_reconstruction",
+    "selection_count",
+    "principal_mask",
+    "low_magnitude_mask",
+    "overlap",
+    "random_overlap_baseline",
+]
+
+ETA_DEFAULT = 1e-3
+#: The probe equals bit equality (+0 == -0) for every eta strictly below this (sharp: at 2**-8 it does not).
+ETA_BIT_EQUALITY_LIMIT = 2.0**-8
+
+_EXP_MASK = 0x7F80  # bf16 exponent bits; all ones = Inf/NaN
+_ABS_MASK = 0x7FFF  # everything but the sign bit
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bf16 conversion
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def to_bf16(x: Any, name: str = "input") -> torch.Tensor:
+    """``x`` as a torch bf16 tensor (kept on its device). Raises ``NonFiniteError`` naming the count of NaN/Inf.
+
+    numpy ``ml_dtypes.bfloat16`` arrays are reinterpreted bit for bit; other dtypes are rounded as
+    ``Tensor.to(torch.bfloat16)`` does (float64 via float32). Values that overflow to Inf are reported too.
+    """
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        try:
+            arr = np.asarray(x)
+        except Exception as e:  # pragma: no cover - defensive
+            raise InputError(f"{name}: cannot be read as an array ({e})") from None
+        if arr.dtype.name == "bfloat16":
+            t = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
+        elif arr.dtype.kind in "fiub":
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+        else:
+            raise InputError(f"{name}: cannot be read as a float array (dtype {arr.dtype})")
+    if not (t.dtype.is_floating_point or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64,
+                                                     torch.uint8, torch.bool)):
+        raise InputError(f"{name}: unsupported dtype {t.dtype}")
+    if t.dtype.is_floating_point and t.dtype != torch.bfloat16:
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise NonFiniteError(f"{name}: {bad} non-finite entries (NaN or Inf)")
+    b = t.to(torch.bfloat16)
+    bad = int(((b.view(torch.int16) & _EXP_MASK) == _EXP_MASK).sum())
+    if bad:
+        raise NonFiniteError(f"{name}: {bad} non-finite entries (NaN or Inf) as bf16")
+    return b
+
+
+def _pair_bf16(w0: Any, w1: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Both inputs as bf16 tensors on one device; the flag says whether to return torch (any input was torch)."""
+    as_torch = isinstance(w0, torch.Tensor) or isinstance(w1, torch.Tensor)
+    a, b = to_bf16(w0, "w0"), to_bf16(w1, "w1")
+    if a.shape != b.shape:
+        raise ShapeMismatchError(f"w0 has shape {tuple(a.shape)} but w1 has shape {tuple(b.shape)}")
+    if a.device != b.device:
+        b = b.to(a.device)
+    return a, b, as_torch
+
+
+def _out(mask: torch.Tensor, as_torch: bool):
+    return mask if as_torch else mask.cpu().numpy()
+
+
+def _check_eta(eta: float) -> float:
+    eta = float(eta)
+    if not (eta >= 0.0 and math.isfinite(eta)):
+        raise InputError(f"eta must be a finite number >= 0, got {eta}")
+    return eta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Def 2.1 / 2.2: the bf16 probe and update sparsity
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _bits_equal_mod_zero_sign(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    ia, ib = a.view(torch.int16), b.view(torch.int16)
+    both_zero = ((ia & _ABS_MASK) == 0) & ((ib & _ABS_MASK) == 0)
+    return (ia == ib) | both_zero
+
+
+def _formula_unchanged(a: torch.Tensor, b: torch.Tensor, eta: float) -> torch.Tensor:
+    # float64 holds every bf16 value exactly; |b - a| and eta * max(...) are each rounded once.
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    return (b64 - a64).abs() <= eta * torch.maximum(a64.abs(), b64.abs())
+
+
+def bf16_unchanged_formula(w0: Any, w1: Any, eta: float = ETA_DEFAULT):
+    """Reference probe (Def. 2.1) by the formula ``|w1 - w0| <= eta * max(|w0|, |w1|)`` in float64, any ``eta``."""
+    eta = _check_eta(eta)
+    a, b, as_torch = _pair_bf16(w0, w1)
+    return _out(_formula_unchanged(a, b, eta), as_torch)
+
+
+def bf16_unchanged(w0: Any, w1: Any, eta: float = ETA_DEFAULT) -> Bool[Any, "*shape"]:
+    """Def. 2.1: True where the stored bf16 value did not change.
+
+    For ``eta < 2**-8`` (the paper's 1e-3 included) this is bit equality of the int16 views with ``+0 == -0``
+    (Prop. E.3, sharpened); otherwise the formula. Returns a torch bool tensor (on the input's device) if either
+    input is a torch tensor, else a numpy bool array.
+    """
+    eta = _check_eta(eta)
+    a, b, as_torch = _pair_bf16(w0, w1)
+    if eta < ETA_BIT_EQUALITY_LIMIT:
+        return _out(_bits_equal_mod_zero_sign(a, b), as_torch)
+    return _out(_formula_unchanged(a, b, eta), as_torch)
+
+
+def update_mask(w0: Any, w1: Any, eta: float = ETA_DEFAULT) -> Bool[Any, "*shape"]:
+    """Update mask ``M = 1[w1 ≉ w0]``: True where the stored bf16 value changed (``not bf16_unchanged``)."""
+    return ~bf16_unchanged(w0, w1, eta)
+
+
+def bf16_changed_count(w0: Any, w1: Any, eta: float = ETA_DEFAULT) -> int:
+    """Number of entries whose stored bf16 value changed."""
+    eta = _check_eta(eta)
+    a, b, _ = _pair_bf16(w0, w1)
+    same = _bits_equal_mod_zero_sign(a, b) if eta < ETA_BIT_EQUALITY_LIMIT else _formula_unchanged(a, b, eta)
+    return int(same.numel() - int(same.sum()))
+
+
+def bf16_sparsity(w0: Any, w1: Any, eta: float = ETA_DEFAULT) -> float:
+    """Def. 2.2: ``1 - (#changed) / n``. 1.0 = nothing changed. Raises ``InputError`` on empty tensors."""
+    a, _, _ = _pair_bf16(w0, w1)
+    n = a.numel()
+    if n == 0:
+        raise InputError("bf16_sparsity: empty tensors (n = 0), sparsity undefined")
+    return 1.0 - bf16_changed_count(w0, w1, eta) / n
+
+
+def abs_tol_unchanged(w0: Any, w1: Any, atol: float = 1e-5) -> Bool[np.ndarray, "*shape"]:
+    """App. E.1's fixed-tolerance probe ``|w1 - w0| <= atol`` on the values as given (float64, no bf16 rounding).
+
+    Kept for comparison only. On bf16 values one step is ``2**(e-7)`` for ``|w|`` in ``[2**e, 2**(e+1))``, which
+    is ``<= 1e-5`` for ``|w| < 2**-9``: there a real stored change reads "unchanged". On fp32 values (master
+    weights) a change below half a bf16 step at a large magnitude reads "changed" though the stored bf16 value
+    stays the same.
+    """
+    a = to_f64(w0, "w0", ndim=None)
+    b = to_f64(w1, "w1", ndim=None)
+    if a.shape != b.shape:
+        raise ShapeMismatchError(f"w0 has shape {a.shape} but w1 has shape {b.shape}")
+    return np.abs(b - a) <= float(atol)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cross-run stability: Jaccard, Bernoulli baseline, consensus, row/column ratios
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _as_bool(x: Any, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.dtype != np.bool_:
+        if arr.dtype.kind not in "iub" or not np.all((arr == 0) | (arr == 1)):
+            raise InputError(f"{name}: a mask must be boolean (or 0/1 integers), got dtype {arr.dtype}")
+        arr = arr.astype(bool)
+    return arr
+
+
+def jaccard(a: Any, b: Any) -> float:
+    """``J(A, B) = |A ∩ B| / |A ∪ B|`` of two boolean masks of equal shape; two empty masks give 1.0 (equal sets)."""
+    A, B = _as_bool(a, "a"), _as_bool(b, "b")
+    if A.shape != B.shape:
+        raise ShapeMismatchError(f"mask a has shape {A.shape} but mask b has shape {B.shape}")
+    union = int(np.count_nonzero(A | B))
+    if union == 0:
+        return 1.0
+    return int(np.count_nonzero(A & B)) / union
+
+
+def bernoulli_jaccard_baseline(p: float, q: float) -> float:
+    """``pq / (p + q - pq)`` for mask densities ``p, q`` in [0, 1] (p = q = 0 gives 1.0, like two empty masks).
+
+    This is ``E|A ∩ B| / E|A ∪ B|`` for independent Bernoulli(p), Bernoulli(q) masks: the n → ∞ limit of
+    ``E[J]``. At finite n ``E[J]`` differs by O(1/n) (the paper calls the formula the expectation).
+    """
+    p, q = float(p), float(q)
+    for nm, v in (("p", p), ("q", q)):
+        if not 0.0 <= v <= 1.0:
+            raise InputError(f"{nm} must be a density in [0, 1], got {v}")
+    den = p + q - p * q
+    return 1.0 if den == 0.0 else p * q / den
+
+
+def _stack_masks(masks: Any) -> np.ndarray:
+    if isinstance(masks, (list, tuple)):
+        if len(masks) == 0:
+            raise InputError("masks: empty list")
+        arrs = [_as_bool(m, f"masks[{i}]") for i, m in enumerate(masks)]
+        for i, m in enumerate(arrs[1:], 1):
+            if m.shape != arrs[0].shape:
+                raise ShapeMismatchError(f"masks[0] has shape {arrs[0].shape} but masks[{i}] has shape {m.shape}")
+        return np.stack(arrs)
+    arr = _as_bool(masks, "masks")
+    if arr.ndim < 1 or arr.shape[0] == 0:
+        raise InputError(f"masks: expected a stack (R, ...) with R >= 1, got shape {arr.shape}")
+    return arr
+
+
+def jaccard_matrix(masks: Sequence[Any] | Any) -> Float[np.ndarray, "R R"]:
+    """Pairwise Jaccard matrix ``J[r, s]`` of R masks (a list, or an array stacked on axis 0); diagonal 1.
+
+    Counts are exact (float64 matmul of 0/1 vectors is exact below 2**53 entries).
+    """
+    M = _stack_masks(masks)
+    R = M.shape[0]
+    X = M.reshape(R, -1).astype(np.float64)
+    inter = X @ X.T
+    size = np.diag(inter).copy()
+    union = size[:, None] + size[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        J = np.where(union == 0, 1.0, inter / np.where(union == 0, 1.0, union))
+    np.fill_diagonal(J, 1.0)
+    return J
+
+
+def mean_offdiag(J: Any) -> float:
+    """Mean of the off-diagonal entries of a square (R, R) matrix, R >= 2."""
+    A = to_f64(J, "J")
+    if A.shape[0] != A.shape[1]:
+        raise ShapeMismatchError(f"J must be square, got shape {A.shape}")
+    R = A.shape[0]
+    if R < 2:
+        raise InputError(f"J: need at least 2 runs for off-diagonal pairs, got R = {R}")
+    return float((A.sum() - np.trace(A)) / (R * (R - 1)))
+
+
+def consensus(masks: Sequence[Any] | Any) -> Float[np.ndarray, "*shape"]:
+    """Consensus ratio ``C = (1/R) Σ_r M^(r)``: the fraction of runs that changed each entry (float64)."""
+    M = _stack_masks(masks)
+    return M.mean(axis=0, dtype=np.float64)
+
+
+def _mask2d(M: Any) -> np.ndarray:
+    if isinstance(M, torch.Tensor):
+        M = M.detach().cpu().numpy()
+    A = np.asarray(M)
+    if A.ndim != 2:
+        raise InputError(f"M: expected a 2-d mask, got shape {A.shape}")
+    if A.dtype.kind not in "biuf":
+        raise InputError(f"M: expected a boolean or numeric mask, got dtype {A.dtype}")
+    return A.astype(np.float64)
+
+
+def row_ratios(M: Any) -> Float[np.ndarray, " m"]:
+    """Row update ratios ``ρ_i = mean_j M_ij`` (stripes in Q/K/V show up here)."""
+    return _mask2d(M).mean(axis=1)
+
+
+def col_ratios(M: Any) -> Float[np.ndarray, " n"]:
+    """Column update ratios ``κ_j = mean_i M_ij`` (stripes in O show up here)."""
+    return _mask2d(M).mean(axis=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Spectral metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def nss(W0: Any, W1: Any) -> float:
+    """Normalised spectrum shift ``NSS = ||σ(W1) - σ(W0)||_2 / ||σ(W0)||_2`` (float64 SVD)."""
+    a = to_f64(W0, "W0")
+    b = to_f64(W1, "W1")
+    if a.shape != b.shape:
+        raise ShapeMismatchError(f"W0 has shape {a.shape} but W1 has shape {b.shape}")
+    s0, s1 = singular_values(a, "W0"), singular_values(b, "W1")
+    den = float(np.linalg.norm(s0))
+    if den == 0.0:
+        raise InputError("nss: W0 is the zero matrix, ||σ(W0)||_2 = 0 and NSS is undefined")
+    return float(np.linalg.norm(s1 - s0) / den)
+
+
+def principal_angles_topk(W0: Any, W1: Any, k: int) -> tuple[Float[np.ndarray, " k"], Float[np.ndarray, " k"]]:
+    """Principal angles (radians, ascending) between the top-k left and right singular subspaces of W0 and W1.
+
+    ``cos θ_i = σ_i(U_{0,k}ᵀ U_{1,k})``. Raises ``ZeroGapError`` if ``σ_k = σ_{k+1}`` (to float64 resolution) in
+    either matrix: the top-k subspace is then not determined and any angle would be an artefact of the solver.
+    """
+    a = to_f64(W0, "W0")
+    b = to_f64(W1, "W1")
+    if a.shape != b.shape:
+        raise ShapeMismatchError(f"W0 has shape {a.shape} but W1 has shape {b.shape}")
+    U0, V0, S0 = top_k_subspaces(a, k, "W0")
+    U1, V1, S1 = top_k_subspaces(b, k, "W1")
+    for nm, S in (("W0", S0), ("W1", S1)):
+        if k < S.shape[0]:
+            resolution = 8 * np.finfo(np.float64).eps * max(S.shape[0], 1) * S[0]
+            if S[k - 1] - S[k] <= resolution:
+                raise ZeroGapError(
+                    f"{nm}: σ_{k} = {S[k - 1]:.17g} and σ_{k + 1} = {S[k]:.17g} coincide (gap <= {resolution:.3g});"
+                    f" the top-{k} singular subspace is not unique"
+                )
+    return principal_angles(U0, U1), principal_angles(V0, V1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masks from W0 and overlaps
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rank_k_reconstruction(W0: Any, k: int) -> Float[np.ndarray, "m n"]:
+    """``W0^(k) = U_k diag(σ_1..σ_k) V_kᵀ`` in float64."""
+    U, S, Vh = svd64(W0, "W0")
+    if not 1 <= k <= S.shape[0]:
+        raise InputError(f"W0: k={k} outside 1..{S.shape[0]}")
+    return (U[:, :k] * S[:k]) @ Vh[:k, :]
+
+
+def selection_count(alpha: float, n: int) -> int:
+    """``floor(alpha * n + 1/2)``: the number of entries a top-α / bottom-α mask selects (round half up)."""
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise InputError(f"alpha must be a fraction in [0, 1], got {alpha}")
+    return int(math.floor(alpha * n + 0.5))
+
+
+def _select_top(score: np.ndarray, count: int) -> np.ndarray:
+    # Stable sort on -score: among equal scores the lower flat index comes first.
+    flat = score.ravel()
+    order = np.argsort(-flat, kind="stable")
+    mask = np.zeros(flat.shape[0], dtype=bool)
+    mask[order[:count]] = True
+    return mask.reshape(score.shape)
+
+
+def principal_mask(W0: Any, k: int, alpha: float) -> Bool[np.ndarray, "m n"]:
+    """``M_princ``: the top-α fraction of entries by ``|W0^(k)(i, j)|`` (rank-k reconstruction), exactly
+    ``floor(α n + 1/2)`` entries, ties broken by lower flat (row-major) index."""
+    R = rank_k_reconstruction(W0, k)
+    return _select_top(np.abs(R), selection_count(alpha, R.size))
+
+
+def low_magnitude_mask(W0: Any, alpha: float) -> Bool[np.ndarray, "*shape"]:
+    """``M_low``: the bottom-α fraction of entries by ``|W0|``, exactly ``floor(α n + 1/2)`` entries, ties broken
+    by lower flat (row-major) index."""
+    A = to_f64(W0, "W0", ndim=None)
+    # bottom by |W0| = top by -|W0|; stable order keeps the lower index first among ties.
+    return _select_top(-np.abs(A), selection_count(alpha, A.size))
+
+
+def overlap(M_ref: Any, M: Any) -> float:
+    """``Overlap(M•, M) = |M• ∩ M| / |M|``: the fraction of M's entries that lie in the reference mask M•."""
+    A, B = _as_bool(M_ref, "M_ref"), _as_bool(M, "M")
+    if A.shape != B.shape:
+        raise ShapeMismatchError(f"M_ref has shape {A.shape} but M has shape {B.shape}")
+    size = int(np.count_nonzero(B))
+    if size == 0:
+        raise InputError("overlap: M is empty (no selected/changed entries), |M ∩ M_ref| / |M| is undefined")
+    return int(np.count_nonzero(A & B)) / size
+
+
+def random_overlap_baseline(M_ref: Any) -> float:
+    """Expected overlap of a uniformly random mask with ``M_ref``: the density of ``M_ref``."""
+    A = _as_bool(M_ref, "M_ref")
+    if A.size == 0:
+        raise InputError("random_overlap_baseline: M_ref is empty (size 0)")
+    return int(np.count_nonzero(A)) / A.size
