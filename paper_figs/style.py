@@ -31,6 +31,8 @@ __all__ = [
     "set_caption",
     "caption_of",
     "add_identity_line",
+    "request_colorbar",
+    "integer_ticks",
 ]
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable under the common colour-vision deficiencies.
@@ -121,10 +123,20 @@ def set_caption(fig: Figure, title: str, caption: str, *, width: int = 120) -> F
     h = fig.get_figheight()
     bottom = min(0.45, (0.62 + 0.14 * n_lines) / h)  # inches: tick labels + axis label + caption lines
     top = 1 - (0.95 if title_lines(fig) > 1 else 0.6) / h  # room for the suptitle above two-line axes titles
-    fig.subplots_adjust(bottom=bottom, top=top, hspace=0.55, wspace=0.38)
+    pending = getattr(fig, "_threegate_colorbar", None)
+    fig.subplots_adjust(bottom=bottom, top=top, hspace=0.55, wspace=0.38, right=0.87 if pending else 0.97)
+    if pending is not None:  # a shared colorbar in its own axes, placed after the layout is fixed
+        mappable, label = pending
+        cax = fig.add_axes((0.9, bottom, 0.018, top - bottom))
+        fig.colorbar(mappable, cax=cax, label=label)
     fig.threegate_title = title  # type: ignore[attr-defined]
     fig.threegate_caption = caption  # type: ignore[attr-defined]
     return fig
+
+
+def request_colorbar(fig: Figure, mappable: Any, label: str) -> None:
+    """Ask :func:`set_caption` for one colorbar shared by all panels, to the right of the grid."""
+    fig._threegate_colorbar = (mappable, label)  # type: ignore[attr-defined]
 
 
 def title_lines(fig: Figure) -> int:
@@ -142,3 +154,10 @@ def add_identity_line(ax: Any, lo: float, hi: float) -> Any:
     (line,) = ax.plot([lo, hi], [lo, hi], ls="--", color=OKABE_ITO["black"], lw=1.0, label=REFERENCE_LABEL,
                       gid="identity")
     return line
+
+
+def integer_ticks(ax: Any, axis: str = "x") -> None:
+    """Integer-only tick labels (layers, indices, steps)."""
+    from matplotlib.ticker import MaxNLocator
+
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))

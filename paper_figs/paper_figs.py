@@ -1,0 +1,438 @@
+"""The paper's figures at our scale, each drawn from one results table (schemas in ``paper_figs.schemas``).
+
+One function per figure; each validates its table, draws, and writes a caption that names the paper's figure number
+and what was run (model, steps, seeds: from the table's columns or ``attrs``). Nothing here recomputes an experiment:
+aggregation is limited to what a figure shows (a max over angles, a norm over a singular-value curve).
+
+=====================  ==================  ===================================================================
+function               table (schema)      paper
+=====================  ==================  ===================================================================
+table1_sparsity        sparsity            Table 1: bf16 update sparsity, RL vs SFT, per matrix type
+fig2_consensus         consensus           Fig. 2: consensus ratio maps over R runs
+fig3_stripes           stripes             Fig. 3: row / column update ratios over training steps
+fig4_spectrum          spectrum, angles    Fig. 4: singular values, principal angles, max angle and NSS by layer
+fig5_mask_overlap      mask_overlap        Fig. 5: update overlap with principal / low-magnitude masks vs random
+fig6_rotate_overlap    rotate_overlap      Fig. 6: overlap with a rerun after Rotate / Permute, per layer
+fig9_masked_runs       masked_runs         Fig. 9: KL and reward of sparse fine-tuning runs
+fig10_lora_pissa       lora_pissa          Fig. 10: LoRA vs PiSSA over rank x learning rate
+fig12_jaccard          jaccard             Fig. 12: pairwise Jaccard matrix of update masks
+fig15_kl_beta0         kl_beta0            Fig. 15: KL to the base with beta = 0
+=====================  ==================  ===================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from paper_figs import schemas
+from paper_figs.style import OKABE_ITO, color_for, colors_for, integer_ticks, new_figure, request_colorbar, set_caption
+from theory.errors import InputError
+
+__all__ = [
+    "MATRIX_ORDER",
+    "PAPER_FIGURES",
+    "table1_sparsity",
+    "fig2_consensus",
+    "fig3_stripes",
+    "fig4_spectrum",
+    "fig5_mask_overlap",
+    "fig6_rotate_overlap",
+    "fig9_masked_runs",
+    "fig10_lora_pissa",
+    "fig12_jaccard",
+    "fig15_kl_beta0",
+]
+
+MATRIX_ORDER = ("q", "k", "v", "o", "up", "gate", "down", "all")
+MAX_PANELS = 8  # more panels than this stop being readable; the caption says what was left out
+
+
+def _matrix_sorted(values) -> list[str]:
+    vals = list(dict.fromkeys(values))
+    return sorted(vals, key=lambda m: (MATRIX_ORDER.index(m) if m in MATRIX_ORDER else len(MATRIX_ORDER), str(m)))
+
+
+def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
+    cols = min(n, max_cols)
+    return (n + cols - 1) // cols, cols
+
+
+def _hide_unused(axes: np.ndarray, used: int) -> None:
+    for ax in axes.flat[used:]:
+        ax.set_visible(False)
+
+
+def _caption(what: str, d: pd.DataFrame, extra: str = "") -> str:
+    return f"{what} {extra}{schemas.describe_run(d)}".strip()
+
+
+# --------------------------------------------------------------------------------------------- Table 1
+def table1_sparsity(df: pd.DataFrame) -> Figure:
+    """Table 1 as grouped bars: bf16 update sparsity (%) per matrix type, one bar per run, RL vs SFT.
+
+    Bars = (matrix types) x (runs) present in the table. RL runs are solid, SFT runs hatched.
+    """
+    d = schemas.validate(df, "sparsity", source="sparsity table")
+    if ((d["sparsity"] < 0) | (d["sparsity"] > 1)).any():
+        raise InputError("sparsity table: column 'sparsity' must lie in [0, 1] (a fraction, not a percentage)")
+    mts = _matrix_sorted(d["matrix_type"])
+    runs = list(dict.fromkeys(d.sort_values(["method", "run"])["run"]))
+    method_of = d.groupby("run")["method"].first().to_dict()
+    fig, axes = new_figure(1, 1, width=max(6.5, 1.1 * len(mts) * max(1, len(runs)) ** 0.5 + 3), height=4.6)
+    ax = axes[0, 0]
+    width = 0.8 / len(runs)
+    x = np.arange(len(mts))
+    for j, run in enumerate(runs):
+        sub = d[d["run"] == run].groupby("matrix_type")["sparsity"].mean()
+        xs = [x[i] + (j - (len(runs) - 1) / 2) * width for i, m in enumerate(mts) if m in sub.index]
+        ys = [100 * sub[m] for m in mts if m in sub.index]
+        is_sft = str(method_of[run]).upper().startswith("SFT")
+        ax.bar(xs, ys, width=width * 0.95, color=color_for(j), hatch="//" if is_sft else None,
+               edgecolor=OKABE_ITO["black"] if is_sft else "none", linewidth=0.5,
+               label=f"{run} ({method_of[run]})", gid=f"bars-{run}")
+    ax.set_xticks(x, mts)
+    ax.set_xlabel("matrix type")
+    ax.set_ylabel("bf16 update sparsity (%)  [1 - changed / n]")
+    ax.set_ylim(0, 105)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.85)
+    means = d.groupby("method")["sparsity"].mean()
+    summary = ", ".join(f"{m} mean {100 * v:.1f}%" for m, v in means.items())
+    return set_caption(fig, "Paper Table 1 at our scale: bf16 update sparsity, RL vs SFT",
+                       _caption(f"Paper Table 1: fraction of bf16 weights left bit-identical (Def. 2.2, eta = 1e-3); "
+                                f"{summary}.", d), width=110)
+
+
+# --------------------------------------------------------------------------------------------- Fig. 2
+def fig2_consensus(df: pd.DataFrame) -> Figure:
+    """Fig. 2: consensus ratio C_ij in [0, 1] as a heatmap per (layer, matrix type)."""
+    d = schemas.validate(df, "consensus", source="consensus table")
+    if ((d["consensus"] < 0) | (d["consensus"] > 1)).any():
+        raise InputError("consensus table: column 'consensus' must lie in [0, 1]")
+    keys = list(dict.fromkeys(zip(d["layer"], d["matrix_type"])))
+    keys = sorted(keys, key=lambda k: (k[0], _matrix_sorted([m for _, m in keys]).index(k[1])))
+    shown = keys[:MAX_PANELS]
+    nr, nc = _grid(len(shown))
+    fig, axes = new_figure(nr, nc, width=3.6 * nc + 1.2, height=3.3 * nr + 1.2)
+    im = None
+    for ax, (layer, mt) in zip(axes.flat, shown):
+        sub = d[(d["layer"] == layer) & (d["matrix_type"] == mt)]
+        C = np.full((int(sub["row"].max()) + 1, int(sub["col"].max()) + 1), np.nan)
+        C[sub["row"].to_numpy(), sub["col"].to_numpy()] = sub["consensus"].to_numpy()
+        im = ax.imshow(C, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest")
+        ax.set_title(f"layer {layer}, {mt}")
+        ax.set_xlabel("column j")
+        ax.set_ylabel("row i")
+        ax.grid(False)
+    _hide_unused(axes, len(shown))
+    request_colorbar(fig, im, r"consensus $C_{ij}$ (fraction of runs updating)")
+    R = f"R = {int(d['n_runs'].iloc[0])} runs; " if "n_runs" in d.columns else ""
+    left_out = f"{len(keys) - len(shown)} more matrices not shown; " if len(keys) > len(shown) else ""
+    return set_caption(fig, "Paper Fig. 2 at our scale: consensus of update masks across runs",
+                       _caption("Paper Fig. 2: C_ij = (1/R) sum_r M_ij^(r).", d, R + left_out))
+
+
+# --------------------------------------------------------------------------------------------- Fig. 3
+def fig3_stripes(df: pd.DataFrame) -> Figure:
+    """Fig. 3: row (Q/K/V) or column (O) update ratios over training: index on y, step on x."""
+    d = schemas.validate(df, "stripes", source="stripes table")
+    if "layer" in d.columns:
+        layer = d.attrs.get("layer", int(d["layer"].iloc[0]))
+        d = d[d["layer"] == layer]
+    keys = [(m, a) for m in _matrix_sorted(d["matrix_type"]) for a in ("row", "col")
+            if ((d["matrix_type"] == m) & (d["axis"] == a)).any()]
+    bad_axis = set(d["axis"]) - {"row", "col"}
+    if bad_axis:
+        raise InputError(f"stripes table: column 'axis' must be 'row' or 'col', found {sorted(bad_axis)}")
+    shown = keys[:MAX_PANELS]
+    nr, nc = _grid(len(shown))
+    fig, axes = new_figure(nr, nc, width=3.6 * nc + 1.2, height=3.3 * nr + 1.2)
+    im = None
+    for ax, (mt, axis) in zip(axes.flat, shown):
+        sub = d[(d["matrix_type"] == mt) & (d["axis"] == axis)]
+        piv = sub.pivot_table(index="index", columns="step", values="update_ratio", aggfunc="mean").sort_index()
+        steps = piv.columns.to_numpy()
+        im = ax.imshow(piv.to_numpy(), vmin=0, vmax=1, aspect="auto", cmap="viridis", interpolation="nearest",
+                       extent=(-0.5, len(steps) - 0.5, piv.index.max() + 0.5, piv.index.min() - 0.5))
+        ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 5)).astype(int))
+        ax.set_xticks(ticks, [str(int(steps[t])) for t in ticks])
+        ax.set_title(f"{mt}: {'row ratio' if axis == 'row' else 'column ratio'}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"{axis} index")
+        ax.grid(False)
+    _hide_unused(axes, len(shown))
+    request_colorbar(fig, im, "fraction of entries updated")
+    lay = f"layer {d['layer'].iloc[0]}; " if "layer" in d.columns else ""
+    return set_caption(fig, "Paper Fig. 3 at our scale: row / column update stripes over training",
+                       _caption("Paper Fig. 3: rho_i = mean_j M_ij (rows, Q/K/V) and kappa_j = mean_i M_ij "
+                                "(columns, O) at each checkpoint.", d, lay))
+
+
+# --------------------------------------------------------------------------------------------- Fig. 4
+def _nss(g: pd.DataFrame) -> float:
+    base = g["sigma_base"].to_numpy(float)
+    return float(np.linalg.norm(g["sigma_tuned"].to_numpy(float) - base) / np.linalg.norm(base))
+
+
+def fig4_spectrum(spectrum: pd.DataFrame, angles: pd.DataFrame | None = None, *, layer: int | None = None,
+                  matrix_type: str | None = None) -> Figure:
+    """Fig. 4: for one layer, singular values before/after and the top-k principal angles; across layers, the
+    maximum principal angle and NSS = ||sigma(W+) - sigma(W0)||_2 / ||sigma(W0)||_2, one line per run.
+    """
+    s = schemas.validate(spectrum, "spectrum", source="spectrum table")
+    a = schemas.validate(angles, "angles", source="angles table") if angles is not None else None
+    mt = matrix_type if matrix_type is not None else s.attrs.get("matrix_type", _matrix_sorted(s["matrix_type"])[0])
+    s = s[s["matrix_type"] == mt]
+    if s.empty:
+        raise InputError(f"spectrum table has no rows for matrix type {mt!r}")
+    lay = layer if layer is not None else s.attrs.get("layer", int(s["layer"].min()))
+    one = s[s["layer"] == lay]
+    if one.empty:
+        raise InputError(f"spectrum table has no rows for layer {lay} (matrix type {mt!r})")
+    runs = list(dict.fromkeys(s["run"]))
+    cmap = colors_for(runs)
+    ncols = 4 if a is not None else 2
+    fig, axes = new_figure(1, ncols, width=4.0 * ncols + 0.6, height=4.4)
+    ax = axes[0, 0]
+    base = one[one["run"] == runs[0]].sort_values("i")
+    ax.plot(base["i"], base["sigma_base"], color=OKABE_ITO["black"], lw=2.0, label="base $W_0$", gid="sigma-base")
+    for run in runs:
+        g = one[one["run"] == run].sort_values("i")
+        ax.plot(g["i"], g["sigma_tuned"], ls="--", color=cmap[run], lw=1.3, label=f"{run} $W_+$", gid=f"sigma-{run}")
+    ax.set_yscale("log")
+    ax.set_xlabel("index i")
+    ax.set_ylabel(r"singular value $\sigma_i$")
+    ax.set_title(f"spectrum, layer {lay} {mt}")
+    ax.legend(framealpha=0.85)
+    col = 1
+    if a is not None:
+        a = a[a["matrix_type"] == mt]
+        ax = axes[0, 1]
+        for run in runs:
+            for side, ls in (("U", "-"), ("V", ":")):
+                g = a[(a["run"] == run) & (a["layer"] == lay) & (a["side"] == side)].sort_values("i")
+                if not g.empty:
+                    ax.plot(g["i"] + 1, g["angle_deg"], ls=ls, marker=".", color=cmap[run], label=f"{run} {side}",
+                            gid=f"angles-{run}-{side}")
+        ax.set_xlabel("angle index i (top-k)")
+        ax.set_ylabel(r"principal angle $\theta_i$ (degrees)")
+        ax.set_title(f"principal angles, layer {lay} {mt}")
+        ax.legend(framealpha=0.85)
+        ax = axes[0, 2]
+        mx = a.groupby(["run", "layer"])["angle_deg"].max().reset_index()
+        for run in runs:
+            g = mx[mx["run"] == run].sort_values("layer")
+            ax.plot(g["layer"], g["angle_deg"], marker="o", ms=4, color=cmap[run], label=run, gid=f"maxangle-{run}")
+        ax.set_xlabel("layer")
+        integer_ticks(ax)
+        ax.set_ylabel("max principal angle (degrees)")
+        ax.set_title(f"max angle across layers ({mt})")
+        ax.legend(framealpha=0.85)
+        col = 3
+    ax = axes[0, col]
+    nss = s.groupby(["run", "layer"]).apply(_nss, include_groups=False).rename("nss").reset_index()
+    for run in runs:
+        g = nss[nss["run"] == run].sort_values("layer")
+        ax.plot(g["layer"], g["nss"], marker="o", ms=4, color=cmap[run], label=run, gid=f"nss-{run}")
+    ax.set_xlabel("layer")
+    integer_ticks(ax)
+    ax.set_ylabel(r"NSS $=\|\sigma(W_+)-\sigma(W_0)\|_2/\|\sigma(W_0)\|_2$")
+    ax.set_title(f"spectrum drift across layers ({mt})")
+    ax.legend(framealpha=0.85)
+    k = f"k = {int(a['k'].iloc[0])}; " if a is not None and "k" in a.columns else ""
+    return set_caption(fig, "Paper Fig. 4 at our scale: spectrum and principal-subspace rotation",
+                       _caption(f"Paper Fig. 4: singular values and principal angles of {mt} at layer {lay}, "
+                                f"max angle and NSS by layer.", s, k))
+
+
+# --------------------------------------------------------------------------------------------- Fig. 5
+def fig5_mask_overlap(df: pd.DataFrame) -> Figure:
+    """Fig. 5: overlap |M_mask and M| / |M| per layer for each structural mask, its random baseline dashed."""
+    d = schemas.validate(df, "mask_overlap", source="mask overlap table")
+    mts = _matrix_sorted(d["matrix_type"]) if "matrix_type" in d.columns else [None]
+    shown = mts[:MAX_PANELS]
+    nr, nc = _grid(len(shown))
+    fig, axes = new_figure(nr, nc)
+    masks = list(dict.fromkeys(d["mask"]))
+    cmap = colors_for(masks)
+    for ax, mt in zip(axes.flat, shown):
+        sub = d if mt is None else d[d["matrix_type"] == mt]
+        for m in masks:
+            g = sub[sub["mask"] == m].groupby("layer")[["overlap", "random_baseline"]].mean().sort_index()
+            if g.empty:
+                continue
+            ax.plot(g.index, g["overlap"], marker="o", ms=4, color=cmap[m], label=f"{m}", gid=f"overlap-{m}")
+            ax.plot(g.index, g["random_baseline"], ls="--", color=cmap[m], lw=1.0, label=f"{m}: random",
+                    gid=f"baseline-{m}")
+        ax.set_xlabel("layer")
+        integer_ticks(ax)
+        ax.set_ylabel("overlap with RL update mask")
+        ax.set_title(mt if mt is not None else "all matrices")
+        ax.legend(framealpha=0.85, fontsize=7)
+    _hide_unused(axes, len(shown))
+    below = (d["overlap"] < d["random_baseline"]).groupby(d["mask"]).mean()
+    summ = "; ".join(f"{m}: below random in {100 * v:.0f}% of layers" for m, v in below.items())
+    return set_caption(fig, "Paper Fig. 5 at our scale: update overlap with principal / low-magnitude masks",
+                       _caption(f"Paper Fig. 5: solid = measured overlap, dashed = random baseline (mask density). "
+                                f"{summ}.", d))
+
+
+# --------------------------------------------------------------------------------------------- Fig. 6
+def fig6_rotate_overlap(df: pd.DataFrame) -> Figure:
+    """Fig. 6: per-layer overlap with an untouched rerun, bars coloured by the intervention applied to the layer."""
+    d = schemas.validate(df, "rotate_overlap", source="rotate overlap table")
+    mts = _matrix_sorted(d["matrix_type"]) if "matrix_type" in d.columns else [None]
+    shown = mts[:MAX_PANELS]
+    nr, nc = _grid(len(shown), max_cols=2)
+    fig, axes = new_figure(nr, nc, width=5.5 * nc + 0.6)
+    kinds = list(dict.fromkeys(["none", *d["intervention"]]))
+    cmap = {k: (OKABE_ITO["sky"] if k == "none" else color_for(i + 1)) for i, k in enumerate(kinds)}
+    for ax, mt in zip(axes.flat, shown):
+        sub = (d if mt is None else d[d["matrix_type"] == mt]).sort_values("layer")
+        for k in kinds:
+            g = sub[sub["intervention"] == k]
+            if not g.empty:
+                ax.bar(g["layer"], g["overlap"], color=cmap[k], width=0.8, label=f"layer edited: {k}",
+                       gid=f"bars-{k}")
+        ax.plot(sub["layer"], sub["random_baseline"], ls="none", marker="_", ms=18, mew=2, color=OKABE_ITO["black"],
+                label="random baseline", gid="baseline")
+        ax.set_xlabel("layer")
+        integer_ticks(ax)
+        ax.set_ylabel("overlap with untouched rerun")
+        ax.set_title(mt if mt is not None else "all matrices")
+        ax.legend(framealpha=0.85, fontsize=7)
+    _hide_unused(axes, len(shown))
+    edited = sorted(pd.unique(d.loc[d["intervention"] != "none", "layer"]).tolist())
+    return set_caption(fig, "Paper Fig. 6 at our scale: update overlap after Rotate / Permute",
+                       _caption(f"Paper Fig. 6: function-preserving edits (App. D) applied to layer(s) {edited}; "
+                                f"the paper expects overlap to fall to the random level there only.", d))
+
+
+# --------------------------------------------------------------------------------------------- Fig. 9
+def fig9_masked_runs(df: pd.DataFrame) -> Figure:
+    """Fig. 9: token-wise KL to the base (left) and reward (right) against step, one line per mask."""
+    d = schemas.validate(df, "masked_runs", source="masked runs table")
+    masks = list(dict.fromkeys(d["mask"]))
+    cmap = colors_for(masks)
+    fig, axes = new_figure(1, 2, width=10.5, height=4.4)
+    for ax, col, lab in ((axes[0, 0], "kl", "token-wise KL to base (nats)"), (axes[0, 1], "reward", "mean reward")):
+        for m in masks:
+            g = d[d["mask"] == m].groupby("step")[col].mean().sort_index()
+            ax.plot(g.index, g.to_numpy(), color=cmap[m], lw=2.0 if m == "dense" else 1.3,
+                    ls="-" if m == "dense" else "--", label=m, gid=f"{col}-{m}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(lab)
+        ax.legend(framealpha=0.85)
+    axes[0, 0].set_title("KL trajectory")
+    axes[0, 1].set_title("reward trajectory")
+    final = d[d["step"] == d["step"].max()].groupby("mask")["reward"].mean()
+    summ = ", ".join(f"{m} {v:.3g}" for m, v in final.items())
+    return set_caption(fig, "Paper Fig. 9 at our scale: sparse fine-tuning with structural masks",
+                       _caption(f"Paper Fig. 9: only masked entries are updated. Final reward: {summ}.", d))
+
+
+# --------------------------------------------------------------------------------------------- Fig. 10
+def fig10_lora_pissa(df: pd.DataFrame) -> Figure:
+    """Fig. 10: a rank (rows) x learning-rate (columns) grid of reward curves, LoRA vs PiSSA in each panel."""
+    d = schemas.validate(df, "lora_pissa", source="LoRA/PiSSA table")
+    ranks = sorted(pd.unique(d["rank"]).tolist())
+    lrs = sorted(pd.unique(d["lr"]).tolist(), reverse=True)
+    methods = list(dict.fromkeys(d["method"]))
+    cmap = colors_for(methods)
+    fig, axes = new_figure(len(ranks), len(lrs), width=3.4 * len(lrs) + 0.8, height=2.7 * len(ranks) + 1.3,
+                           sharex=True, sharey=True)
+    for r_i, rank in enumerate(ranks):
+        for l_i, lr in enumerate(lrs):
+            ax = axes[r_i, l_i]
+            for m in methods:
+                g = d[(d["rank"] == rank) & (d["lr"] == lr) & (d["method"] == m)].groupby("step")["reward"].mean()
+                if not g.empty:
+                    ax.plot(g.index, g.to_numpy(), color=cmap[m], label=m, gid=f"reward-{m}")
+            ax.set_title(f"rank {rank}, lr {lr:g}", fontsize=9)
+            if r_i == len(ranks) - 1:
+                ax.set_xlabel("training step")
+            if l_i == 0:
+                ax.set_ylabel("mean reward")
+    axes[0, 0].legend(framealpha=0.85)
+    return set_caption(fig, "Paper Fig. 10 at our scale: LoRA vs PiSSA",
+                       _caption(f"Paper Fig. 10: reward curves for ranks {ranks} x learning rates "
+                                f"{[f'{x:g}' for x in lrs]}.", d))
+
+
+# --------------------------------------------------------------------------------------------- Fig. 12
+def fig12_jaccard(df: pd.DataFrame) -> Figure:
+    """Fig. 12: the pairwise Jaccard matrix J(A, B) of update masks across runs, one heatmap per matrix type."""
+    d = schemas.validate(df, "jaccard", source="jaccard table")
+    if ((d["jaccard"] < 0) | (d["jaccard"] > 1)).any():
+        raise InputError("jaccard table: column 'jaccard' must lie in [0, 1]")
+    mts = _matrix_sorted(d["matrix_type"]) if "matrix_type" in d.columns else [None]
+    shown = mts[:MAX_PANELS]
+    nr, nc = _grid(len(shown))
+    fig, axes = new_figure(nr, nc, width=3.8 * nc + 1.2, height=3.6 * nr + 1.2)
+    im = None
+    parts = []
+    for ax, mt in zip(axes.flat, shown):
+        sub = d if mt is None else d[d["matrix_type"] == mt]
+        runs = sorted(set(sub["run_a"]) | set(sub["run_b"]), key=str)
+        idx = {r: i for i, r in enumerate(runs)}
+        J = np.eye(len(runs))
+        for a, b, j in zip(sub["run_a"], sub["run_b"], sub["jaccard"]):
+            J[idx[a], idx[b]] = J[idx[b], idx[a]] = j  # symmetric: either argument order fills both cells
+        im = ax.imshow(J, vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+        for i in range(len(runs)):
+            for k in range(len(runs)):
+                ax.text(k, i, f"{J[i, k]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if J[i, k] < 0.6 else "black", gid="jaccard-value")
+        ax.set_xticks(range(len(runs)), runs, rotation=45, ha="right")
+        ax.set_yticks(range(len(runs)), runs)
+        ax.grid(False)
+        off = J[~np.eye(len(runs), dtype=bool)]
+        mean_off = float(off.mean()) if off.size else float("nan")
+        base = f", baseline {sub['baseline'].mean():.2f}" if "baseline" in sub.columns else ""
+        ax.set_title(f"{mt or 'all'}: mean J {mean_off:.2f}{base}", fontsize=9)
+        parts.append(f"{mt or 'all'} mean off-diagonal J = {mean_off:.3f}{base}")
+    _hide_unused(axes, len(shown))
+    request_colorbar(fig, im, r"Jaccard $|A \cap B| / |A \cup B|$")
+    return set_caption(fig, "Paper Fig. 12 at our scale: cross-run Jaccard of update masks",
+                       _caption(f"Paper Fig. 12 / Table 2: {'; '.join(parts)}.", d))
+
+
+# --------------------------------------------------------------------------------------------- Fig. 15
+def fig15_kl_beta0(df: pd.DataFrame) -> Figure:
+    """Fig. 15: token-wise KL(pi || pi_ref) against step for clip-only (beta = 0) runs."""
+    d = schemas.validate(df, "kl_beta0", source="KL beta=0 table")
+    if "beta" in d.columns and (d["beta"] != 0).any():
+        raise InputError(f"KL beta=0 table: rows with beta != 0 ({sorted(pd.unique(d.loc[d['beta'] != 0, 'beta']))});"
+                         " Fig. 15 is about beta = 0")
+    runs = list(dict.fromkeys(d["run"]))
+    cmap = colors_for(runs)
+    fig, axes = new_figure(1, 1, width=6.4, height=4.4)
+    ax = axes[0, 0]
+    for r in runs:
+        g = d[d["run"] == r].groupby("step")["kl"].mean().sort_index()
+        ax.plot(g.index, g.to_numpy(), color=cmap[r], label=r, gid=f"kl-{r}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(r"token-wise KL($\pi_\theta\,\|\,\pi_{ref}$) (nats)")
+    ax.legend(framealpha=0.85)
+    final = d[d["step"] == d["step"].max()]["kl"]
+    return set_caption(fig, r"Paper Fig. 15 at our scale: KL to the base with beta = 0",
+                       _caption(f"Paper Fig. 15: clip-only objective (no KL term); final KL "
+                                f"{final.min():.3g} to {final.max():.3g} nats.", d))
+
+
+# schema -> (figure function, paper label); fig4 also reads the 'angles' table when present.
+PAPER_FIGURES: dict[str, tuple[Callable[..., Figure], str]] = {
+    "sparsity": (table1_sparsity, "Table 1"),
+    "consensus": (fig2_consensus, "Fig. 2"),
+    "stripes": (fig3_stripes, "Fig. 3"),
+    "spectrum": (fig4_spectrum, "Fig. 4"),
+    "mask_overlap": (fig5_mask_overlap, "Fig. 5"),
+    "rotate_overlap": (fig6_rotate_overlap, "Fig. 6"),
+    "masked_runs": (fig9_masked_runs, "Fig. 9"),
+    "lora_pissa": (fig10_lora_pissa, "Fig. 10"),
+    "jaccard": (fig12_jaccard, "Fig. 12"),
+    "kl_beta0": (fig15_kl_beta0, "Fig. 15"),
+}
