@@ -1,0 +1,542 @@
+"""Gate II — spectral perturbation: Thm 3.3 (three forms), Cor F.13, Cor 3.4 (Weyl, Mirsky), Cor 3.5 (Ky Fan).
+
+Every check takes ``(W0, W1, k)`` with ``W1 = W0 + dW`` (numpy or torch, any float dtype, bf16 included; upcast to
+float64 before any decomposition) and returns a ``theory.check.Check``. Notation: sigma_i descending,
+``r = min(m, n)``, ``gamma_k = sigma_k(W0) - sigma_{k+1}(W0)`` with ``sigma_{r+1} := 0``, ``U_k, V_k`` the top-k
+left/right singular subspaces, ``sin_k = max(||sin Theta(U_k(W0), U_k(W1))||_2, ||sin Theta(V_k(W0), V_k(W1))||_2)``.
+
+Results (id: statement):
+
+- ``thm3.3``          sin_k <= ||dW||_2 / gamma_k                          (as stated; first order, NOT a theorem)
+- ``thm3.3-wedin``    sin_k <= max(||dW V_k(W1)||_2, ||dW^T U_k(W1)||_2) / delta,
+                      delta = sigma_k(W1) - alpha > 0, alpha = sigma_{k+1}(W0)   (Wedin 1972; Stewart & Sun V.4.4)
+- ``thm3.3-rigorous`` sin_k <= ||dW||_2 / (gamma_k - ||dW||_2)            (needs ||dW||_2 < gamma_k)
+- ``corF.13``         ||P_{U_k(W0)} - P_{U_k(W1)}||_2 = ||sin Theta(U)||_2 (same for V; identity) and the
+                      projector distance <= ||dW||_2 / delta (the Wedin gap; the as-stated chain is in details)
+- ``cor3.4-weyl``     max_i |sigma_i(W1) - sigma_i(W0)| <= ||dW||_2
+- ``cor3.4-mirsky``   ||sigma(W1) - sigma(W0)||_2 <= ||dW||_F             (the paper squares both sides)
+- ``cor3.5``          |‖W1‖_(k) - ‖W0‖_(k)| <= sum_{i<=k} |dsigma_i| <= ||dW||_(k) <= k ||dW||_2  (whole chain)
+
+Wedin's hypotheses, exactly. Stewart & Sun Thm V.4.4 needs alpha >= 0 and delta > 0 with
+sigma_min(Sigma~_1) >= alpha + delta and sigma_max(Sigma_2) <= alpha, where Sigma_2 is the complement block of W0,
+an (m-k) x (n-k) matrix that carries |m - n| structural zero singular values. For k < r this is
+THEORY.md's delta = sigma_k(W1) - sigma_{k+1}(W0) (and sigma_k(W1) >= delta follows from alpha >= 0, so the zeros
+never bind). At k = r < max(m, n) there is no sigma_{k+1}(W0) but the complement is not empty: its singular values
+are the zeros, so alpha = 0 and delta = sigma_r(W1). Reading "no sigma_{k+1}" as "no constraint" (delta = inf,
+bound 0) is wrong: W0 = [[1], [0]], W1 = [[1], [1]] rotates U_1 by 45 degrees (see ``wedin_gap``).
+
+Optional ``delta_W``, ``mu_W`` (Lemma F.10: 1/2 vec(dW)^T S_W vec(dW) = delta_W, lambda_min(S_W) = mu_W) add the
+KL-form right side sqrt(2 delta_W / mu_W) (divided by gamma_k for Thm 3.3, times k for Cor 3.5) to ``details``,
+with ``kl_chain_holds`` (whether the weight-space quantity is <= that bound).
+
+Tolerances. A float64 SVD is backward stable: the computed factors are exact for W + E with
+||E||_2 <= p(m, n) eps ||W||_2. We allow every matrix to move by
+``eps_s = 8 * max(m, n) * eps64 * max(||W0||_2, ||W1||_2)`` (this also covers the rounding of W1 - W0), so
+a singular value moves by <= eps_s (Weyl) and each result's tolerance is the worst-case change of its right side
+under those moves: Weyl 3 eps_s, Mirsky (2 sqrt(r) + 1) eps_s, Ky Fan chain 3k eps_s, and for a bound num/den
+``(num + e_num) / (den - e_den) - num / den + 8 max(m, n) eps64`` (the last term: loss of orthonormality of the
+computed bases), infinite when den <= e_den (the check cannot be decided in float64). F.13's identity is
+checked to ``16 * max(m, n) * eps64``.
+
+``gate2_all(W0, W1, k)`` evaluates all of them from one SVD of W0, one of W1 and the singular values of dW
+(``spectral_pair`` builds that once; pass ``svd0=`` to reuse W0's SVD across tuned checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from jaxtyping import Float
+
+from theory.check import Check, assumption_failed, make_check, register
+from theory.errors import InputError, NonFiniteError, ShapeMismatchError
+from theory.linalg import SVD, sin_theta, to_f64
+
+__all__ = [
+    "GATE2_IDS",
+    "counterexample_as_stated",
+    "SpectralPair",
+    "spectral_pair",
+    "wedin_gap",
+    "projector_distance_lowrank",
+    "gate2_all",
+    "gate2_checks",
+    "thm33_as_stated",
+    "thm33_wedin",
+    "thm33_rigorous",
+    "corF13",
+    "cor34_weyl",
+    "cor34_mirsky",
+    "cor35_kyfan",
+]
+
+EPS64 = float(np.finfo(np.float64).eps)
+GATE2_IDS = ("thm3.3", "thm3.3-wedin", "thm3.3-rigorous", "corF.13", "cor3.4-weyl", "cor3.4-mirsky", "cor3.5")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared internals: one SVD of W0, one of W1, the singular values of dW
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _svd(A: np.ndarray, device: Any = None) -> SVD:
+    """Thin float64 SVD, on ``device`` through torch when one other than the CPU is asked for."""
+    if device is None or str(device) == "cpu":
+        U, S, Vh = np.linalg.svd(A, full_matrices=False)
+        return SVD(U, S, Vh)
+    import torch
+
+    U, S, Vh = torch.linalg.svd(torch.from_numpy(A).to(device=device, dtype=torch.float64), full_matrices=False)
+    return SVD(U.cpu().numpy(), S.cpu().numpy(), Vh.cpu().numpy())
+
+
+def _svdvals(A: np.ndarray, device: Any = None) -> np.ndarray:
+    if device is None or str(device) == "cpu":
+        return np.linalg.svd(A, compute_uv=False)
+    import torch
+
+    return torch.linalg.svdvals(torch.from_numpy(A).to(device=device, dtype=torch.float64)).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class SpectralPair:
+    """W0, W1 in float64 with their thin SVDs and the singular values of dW = W1 - W0 (computed once)."""
+
+    W0: Float[np.ndarray, "m n"]
+    W1: Float[np.ndarray, "m n"]
+    dW: Float[np.ndarray, "m n"]
+    svd0: SVD
+    svd1: SVD
+    sv_dW: Float[np.ndarray, " r"]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.W0.shape  # type: ignore[return-value]
+
+    @property
+    def r(self) -> int:
+        return min(self.shape)
+
+    @property
+    def dW_2(self) -> float:
+        return float(self.sv_dW[0]) if self.sv_dW.size else 0.0
+
+    @property
+    def dW_F(self) -> float:
+        return float(np.sqrt(np.sum(self.sv_dW**2)))
+
+    @property
+    def eps_s(self) -> float:
+        """Backward-error allowance of one float64 SVD (see the module docstring)."""
+        norm = max(float(self.svd0.S[0]), float(self.svd1.S[0]))
+        return 8.0 * max(self.shape) * EPS64 * norm
+
+    @property
+    def eps_basis(self) -> float:
+        return 8.0 * max(self.shape) * EPS64
+
+    def gap(self, k: int) -> float:
+        """gamma_k(W0) = sigma_k - sigma_{k+1} (sigma_{r+1} := 0)."""
+        S = self.svd0.S
+        return float(S[k - 1] - (S[k] if k < S.shape[0] else 0.0))
+
+    def U0(self, k: int) -> np.ndarray:
+        return self.svd0.U[:, :k]
+
+    def U1(self, k: int) -> np.ndarray:
+        return self.svd1.U[:, :k]
+
+    def V0(self, k: int) -> np.ndarray:
+        return self.svd0.Vh[:k].T
+
+    def V1(self, k: int) -> np.ndarray:
+        return self.svd1.Vh[:k].T
+
+    def sin_thetas(self, k: int) -> tuple[float, float]:
+        """(||sin Theta(U_k(W0), U_k(W1))||_2, ||sin Theta(V_k(W0), V_k(W1))||_2)."""
+        return sin_theta(self.U0(k), self.U1(k)), sin_theta(self.V0(k), self.V1(k))
+
+
+def spectral_pair(W0: Any, W1: Any, *, svd0: SVD | None = None, device: Any = None) -> SpectralPair:
+    """Upcast, validate (finite, 2-d, same shape, non-empty) and decompose a pair once.
+
+    ``svd0``: a precomputed thin SVD of W0 (e.g. from an earlier call) to reuse. ``device``: where the SVDs run
+    (torch float64; None or "cpu" uses numpy/LAPACK). Raises ``NonFiniteError``, ``ShapeMismatchError`` or
+    ``InputError`` naming the problem.
+    """
+    A = to_f64(W0, "W0")
+    B = to_f64(W1, "W1")
+    if A.shape != B.shape:
+        raise ShapeMismatchError(f"W0 has shape {A.shape} but W1 has shape {B.shape}")
+    if A.size == 0:
+        raise InputError(f"W0 and W1 are empty (shape {A.shape})")
+    if svd0 is None:
+        svd0 = _svd(A, device)
+    elif svd0.U.shape[0] != A.shape[0] or svd0.Vh.shape[1] != A.shape[1]:
+        raise ShapeMismatchError(f"svd0 is for a {svd0.U.shape[0]}x{svd0.Vh.shape[1]} matrix, W0 is {A.shape}")
+    dW = B - A
+    return SpectralPair(A, B, dW, svd0, _svd(B, device), _svdvals(dW, device))
+
+
+def wedin_gap(
+    S0: Float[np.ndarray, " r"],
+    S1: Float[np.ndarray, " r"],
+    k: int,
+    shape: tuple[int, int],
+    *,
+    count_zero_singular_values: bool = True,
+) -> tuple[float, float]:
+    """Wedin's (alpha, delta) for the top-k singular subspaces: alpha = sigma_max of W0's complement block,
+    delta = sigma_k(W1) - alpha.
+
+    For k < r, alpha = sigma_{k+1}(W0). For k = r the complement is (m - r) x (n - r): when m != n it holds
+    |m - n| zero singular values, so alpha = 0. ``count_zero_singular_values=False`` is the incomplete reading
+    (no listed sigma_{k+1} => no constraint: alpha = -inf, delta = inf) kept only so the tests can show it failing.
+    For m = n and k = r the complement is empty and both subspaces are the whole space (sin Theta = 0).
+    """
+    m, n = shape
+    r = min(m, n)
+    if k < r:
+        alpha = float(S0[k])
+    elif m != n and count_zero_singular_values:
+        alpha = 0.0
+    elif m != n:
+        return -math.inf, math.inf
+    else:
+        alpha = 0.0
+    return alpha, float(S1[k - 1]) - alpha
+
+
+def projector_distance_lowrank(A: Float[np.ndarray, "p k"], B: Float[np.ndarray, "p k"]) -> float:
+    """||A A^T - B B^T||_2 for orthonormal A, B without forming p x p projectors.
+
+    Both projectors vanish off span[A, B]; with [A, B] = Q R (Householder QR, Q orthonormal, span[A, B] within
+    span Q) the norm equals that of (Q^T A)(Q^T A)^T - (Q^T B)(Q^T B)^T, a matrix of size <= 2k.
+    """
+    Q, _ = np.linalg.qr(np.concatenate([A, B], axis=1))
+    a, b = Q.T @ A, Q.T @ B
+    return float(np.linalg.norm(a @ a.T - b @ b.T, 2))
+
+
+def _ratio_tol(num: float, den: float, e_num: float, e_den: float, e_lhs: float) -> float:
+    """Worst-case change of num/den when num grows by e_num and den shrinks by e_den, plus e_lhs."""
+    if den - e_den <= 0:
+        return math.inf
+    return (num + e_num) / (den - e_den) - num / den + e_lhs
+
+
+def _kl_bound(delta_W: float | None, mu_W: float | None) -> float | None:
+    """sqrt(2 delta_W / mu_W) (Lemma F.10), or None when not given; bad values raise InputError."""
+    if delta_W is None and mu_W is None:
+        return None
+    if delta_W is None or mu_W is None:
+        raise InputError("delta_W and mu_W go together (Lemma F.10 needs both); got only one")
+    if not (math.isfinite(delta_W) and math.isfinite(mu_W)) or delta_W < 0 or mu_W <= 0:
+        raise InputError(f"need delta_W >= 0 and mu_W > 0, finite (got delta_W={delta_W}, mu_W={mu_W})")
+    return math.sqrt(2.0 * delta_W / mu_W)
+
+
+def _with_holds(c: Check, holds: bool) -> Check:
+    return dataclasses.replace(c, holds=bool(holds))
+
+
+def _validate_k(k: Any, r: int) -> str | None:
+    """Failure message for a k outside 1..r (None if fine)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        return f"k is an integer (got {k!r})"
+    if not 1 <= int(k) <= r:
+        return f"1 <= k <= min(m, n) = {r} (got k={k})"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The checks, evaluated on a decomposed pair
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _subspace_details(P: SpectralPair, k: int) -> dict:
+    sU, sV = P.sin_thetas(k)
+    gap = P.gap(k)
+    alpha, delta = wedin_gap(P.svd0.S, P.svd1.S, k, P.shape)
+    return {
+        "k": k, "m": P.shape[0], "n": P.shape[1], "sin_theta_U": sU, "sin_theta_V": sV,
+        "dW_2": P.dW_2, "dW_F": P.dW_F, "gamma_k": gap,
+        "dW_over_gap": P.dW_2 / gap if gap > 0 else math.inf,
+        "sigma_k_W0": float(P.svd0.S[k - 1]), "sigma_k_W1": float(P.svd1.S[k - 1]),
+        "wedin_alpha": alpha, "wedin_delta": delta, "eps_s": P.eps_s,
+    }
+
+
+def _thm33_as_stated(P: SpectralPair, k: int, kl: float | None) -> Check:
+    rid = "thm3.3"
+    d = _subspace_details(P, k)
+    gap = d["gamma_k"]
+    if not gap > 0:
+        return assumption_failed(rid, f"gamma_k > 0 (gamma_{k} = {gap:.3e})", details=d)
+    lhs = max(d["sin_theta_U"], d["sin_theta_V"])
+    rhs = P.dW_2 / gap
+    if P.dW_2 < gap:
+        d["rhs_rigorous"] = P.dW_2 / (gap - P.dW_2)
+    if kl is not None:
+        d["rhs_kl"] = kl / gap
+        d["kl_chain_holds"] = bool(P.dW_2 <= kl + P.eps_s)
+    tol = _ratio_tol(P.dW_2, gap, P.eps_s, 2 * P.eps_s, P.eps_basis)
+    return make_check(rid, lhs, rhs, tol=tol, details=d)
+
+
+def _thm33_wedin(P: SpectralPair, k: int, kl: float | None) -> Check:
+    rid = "thm3.3-wedin"
+    d = _subspace_details(P, k)
+    delta = d["wedin_delta"]
+    R = float(np.linalg.norm(P.dW @ P.V1(k), 2))
+    S = float(np.linalg.norm(P.dW.T @ P.U1(k), 2))
+    d.update(residual_R=R, residual_S=S)
+    if not delta > 0:
+        return assumption_failed(
+            rid, f"Wedin gap delta = sigma_k(W1) - sigma_(k+1)(W0) > 0 (delta = {delta:.3e})", details=d)
+    lhs = max(d["sin_theta_U"], d["sin_theta_V"])
+    num = max(R, S)
+    d["rhs_crude"] = P.dW_2 / delta  # residuals <= ||dW||_2
+    if kl is not None:
+        d["rhs_kl"] = kl / delta
+        d["kl_chain_holds"] = bool(P.dW_2 <= kl + P.eps_s)
+    tol = _ratio_tol(num, delta, 2 * P.eps_s, 2 * P.eps_s, P.eps_basis)
+    return make_check(rid, lhs, num / delta, tol=tol, details=d)
+
+
+def _thm33_rigorous(P: SpectralPair, k: int, kl: float | None) -> Check:
+    rid = "thm3.3-rigorous"
+    d = _subspace_details(P, k)
+    gap = d["gamma_k"]
+    if not gap > 0:
+        return assumption_failed(rid, f"gamma_k > 0 (gamma_{k} = {gap:.3e})", details=d)
+    if not P.dW_2 < gap:
+        return assumption_failed(
+            rid, f"||dW||_2 < gamma_k (||dW||_2 / gamma_k = {P.dW_2 / gap:.3g})", details=d)
+    lhs = max(d["sin_theta_U"], d["sin_theta_V"])
+    den = gap - P.dW_2
+    if kl is not None:
+        d["rhs_kl"] = kl / (gap - kl) if kl < gap else math.inf
+        d["kl_chain_holds"] = bool(P.dW_2 <= kl + P.eps_s)
+    tol = _ratio_tol(P.dW_2, den, P.eps_s, 3 * P.eps_s, P.eps_basis)
+    return make_check(rid, lhs, P.dW_2 / den, tol=tol, details=d)
+
+
+def _corF13(P: SpectralPair, k: int, kl: float | None) -> Check:
+    rid = "corF.13"
+    d = _subspace_details(P, k)
+    pU = projector_distance_lowrank(P.U0(k), P.U1(k))
+    pV = projector_distance_lowrank(P.V0(k), P.V1(k))
+    id_tol = 16.0 * max(P.shape) * EPS64
+    errU, errV = abs(pU - d["sin_theta_U"]), abs(pV - d["sin_theta_V"])
+    identity_holds = bool(errU <= id_tol and errV <= id_tol)
+    d.update(proj_dist_U=pU, proj_dist_V=pV, identity_err_U=errU, identity_err_V=errV,
+             identity_tol=id_tol, identity_holds=identity_holds)
+    if d["gamma_k"] > 0:
+        d["rhs_as_stated"] = P.dW_2 / d["gamma_k"]
+    delta = d["wedin_delta"]
+    if not delta > 0:
+        return assumption_failed(
+            rid, f"Wedin gap delta = sigma_k(W1) - sigma_(k+1)(W0) > 0 (delta = {delta:.3e})", details=d)
+    if kl is not None:
+        d["rhs_kl"] = kl / delta
+    lhs = max(pU, pV)
+    tol = _ratio_tol(P.dW_2, delta, P.eps_s, 2 * P.eps_s, P.eps_basis + id_tol)
+    c = make_check(rid, lhs, P.dW_2 / delta, tol=tol, details=d)
+    return _with_holds(c, c.holds and identity_holds)
+
+
+def _cor34_weyl(P: SpectralPair, k: int, kl: float | None) -> Check:
+    diff = np.abs(P.svd1.S - P.svd0.S)
+    d = {"k": k, "argmax_i": int(np.argmax(diff)) + 1, "dW_2": P.dW_2, "eps_s": P.eps_s}
+    if kl is not None:
+        d["rhs_kl"] = kl
+        d["kl_chain_holds"] = bool(P.dW_2 <= kl + P.eps_s)
+    return make_check("cor3.4-weyl", float(diff.max()), P.dW_2, tol=3 * P.eps_s, details=d)
+
+
+def _cor34_mirsky(P: SpectralPair, k: int, kl: float | None) -> Check:
+    lhs = float(np.linalg.norm(P.svd1.S - P.svd0.S))
+    d = {"k": k, "lhs_squared": lhs**2, "rhs_squared": P.dW_F**2, "eps_s": P.eps_s}
+    if kl is not None:
+        d["rhs_kl"] = kl
+        d["kl_chain_holds"] = bool(P.dW_F <= kl * (1 + 4 * EPS64) + P.eps_s)
+    tol = (2 * math.sqrt(P.r) + 1) * P.eps_s
+    return make_check("cor3.4-mirsky", lhs, P.dW_F, tol=tol, details=d)
+
+
+def _cor35_kyfan(P: SpectralPair, k: int, kl: float | None) -> Check:
+    kf0, kf1 = float(np.sum(P.svd0.S[:k])), float(np.sum(P.svd1.S[:k]))
+    lhs = abs(kf1 - kf0)
+    sum_abs = float(np.sum(np.abs(P.svd1.S[:k] - P.svd0.S[:k])))
+    kf_dW = float(np.sum(P.sv_dW[:k]))
+    rhs = k * P.dW_2
+    tol = 3 * k * P.eps_s
+    chain = (lhs, sum_abs, kf_dW, rhs)
+    links = [bool(a <= b + tol) for a, b in zip(chain, chain[1:])]
+    d = {"k": k, "kyfan_W0": kf0, "kyfan_W1": kf1, "sum_abs_dsigma": sum_abs, "kyfan_dW": kf_dW,
+         "k_dW_2": rhs, "link_sum_abs": links[0], "link_kyfan_dW": links[1], "link_k_dW_2": links[2],
+         "eps_s": P.eps_s}
+    if kl is not None:
+        d["rhs_kl"] = k * kl
+        d["kl_chain_holds"] = bool(P.dW_2 <= kl + P.eps_s)
+    c = make_check("cor3.5", lhs, rhs, tol=tol, details=d)
+    return _with_holds(c, c.holds and all(links))
+
+
+_EVALUATORS: dict[str, Callable[[SpectralPair, int, float | None], Check]] = {
+    "thm3.3": _thm33_as_stated,
+    "thm3.3-wedin": _thm33_wedin,
+    "thm3.3-rigorous": _thm33_rigorous,
+    "corF.13": _corF13,
+    "cor3.4-weyl": _cor34_weyl,
+    "cor3.4-mirsky": _cor34_mirsky,
+    "cor3.5": _cor35_kyfan,
+}
+
+
+def gate2_checks(
+    pair: SpectralPair, k: int, *, delta_W: float | None = None, mu_W: float | None = None,
+    ids: Iterable[str] = GATE2_IDS,
+) -> dict[str, Check]:
+    """Every Gate II check on an already decomposed pair (no new SVD of W0 or W1; call it for many k)."""
+    ids = tuple(ids)
+    bad = _validate_k(k, pair.r)
+    if bad is None:
+        try:
+            kl = _kl_bound(delta_W, mu_W)
+        except InputError as e:
+            bad = str(e)
+    if bad is not None:
+        return {rid: assumption_failed(rid, bad) for rid in ids}
+    return {rid: _EVALUATORS[rid](pair, int(k), kl) for rid in ids}
+
+
+def gate2_all(
+    W0: Any, W1: Any, k: int, *, delta_W: float | None = None, mu_W: float | None = None,
+    svd0: SVD | None = None, device: Any = None,
+) -> dict[str, Check]:
+    """All Gate II checks ``{result_id: Check}`` from one SVD of W0, one of W1 and the singular values of dW.
+
+    Bad inputs (NaN/Inf, shape mismatch, non-2-d, k out of range, a lone or invalid delta_W/mu_W) give every
+    check an ``assumption_failed`` naming the problem.
+    """
+    try:
+        pair = spectral_pair(W0, W1, svd0=svd0, device=device)
+    except NonFiniteError as e:
+        return {rid: assumption_failed(rid, f"W0 and W1 finite: {e}") for rid in GATE2_IDS}
+    except ShapeMismatchError as e:
+        return {rid: assumption_failed(rid, f"W0 and W1 of the same shape: {e}") for rid in GATE2_IDS}
+    except InputError as e:
+        return {rid: assumption_failed(rid, f"W0, W1 real 2-d matrices: {e}") for rid in GATE2_IDS}
+    return gate2_checks(pair, k, delta_W=delta_W, mu_W=mu_W)
+
+
+def _one(result_id: str) -> Callable[..., Check]:
+    def check(W0: Any, W1: Any, k: int, *, delta_W: float | None = None, mu_W: float | None = None,
+              device: Any = None) -> Check:
+        try:
+            pair = spectral_pair(W0, W1, device=device)
+        except NonFiniteError as e:
+            return assumption_failed(result_id, f"W0 and W1 finite: {e}")
+        except ShapeMismatchError as e:
+            return assumption_failed(result_id, f"W0 and W1 of the same shape: {e}")
+        except InputError as e:
+            return assumption_failed(result_id, f"W0, W1 real 2-d matrices: {e}")
+        return gate2_checks(pair, k, delta_W=delta_W, mu_W=mu_W, ids=(result_id,))[result_id]
+
+    check.__name__ = check.__qualname__ = "check_" + result_id.replace(".", "").replace("-", "_")
+    check.__doc__ = f"Evaluate ``{result_id}`` on (W0, W1, k); see the module docstring."
+    return check
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registration and campaigns
+# ----------------------------------------------------------------------------------------------------------------
+
+_COMMON = ("W0, W1 finite real matrices of the same shape", "1 <= k <= min(m, n)")
+
+thm33_as_stated = register(
+    "thm3.3",
+    statement="max(||sin Theta(U_k)||_2, ||sin Theta(V_k)||_2) <= ||dW||_2 / gamma_k (as stated; first order)",
+    gate="II", assumptions=(*_COMMON, "gamma_k > 0"), exact=False, paper_ref="Thm 3.3",
+)(_one("thm3.3"))
+
+thm33_wedin = register(
+    "thm3.3-wedin",
+    statement="max(||sin Theta(U_k)||_2, ||sin Theta(V_k)||_2) <= max(||dW V_k(W1)||_2, ||dW^T U_k(W1)||_2) / delta,"
+              " delta = sigma_k(W1) - sigma_{k+1}(W0) (sigma_{r+1} := 0)",
+    gate="II", assumptions=(*_COMMON, "delta > 0"), paper_ref="Thm 3.3 (Wedin 1972; Stewart & Sun Thm V.4.4)",
+)(_one("thm3.3-wedin"))
+
+thm33_rigorous = register(
+    "thm3.3-rigorous",
+    statement="max(||sin Theta(U_k)||_2, ||sin Theta(V_k)||_2) <= ||dW||_2 / (gamma_k - ||dW||_2)",
+    gate="II", assumptions=(*_COMMON, "gamma_k > 0", "||dW||_2 < gamma_k"), paper_ref="Thm 3.3 (Wedin + Weyl)",
+)(_one("thm3.3-rigorous"))
+
+corF13 = register(
+    "corF.13",
+    statement="||U_kU_k^T(W0) - U_kU_k^T(W1)||_2 = ||sin Theta(U_k)||_2 (same for V) and <= ||dW||_2 / delta",
+    gate="II", assumptions=(*_COMMON, "delta > 0 (for the bound)"), paper_ref="Cor F.13",
+)(_one("corF.13"))
+
+cor34_weyl = register(
+    "cor3.4-weyl",
+    statement="|sigma_i(W1) - sigma_i(W0)| <= ||dW||_2 for every i",
+    gate="II", assumptions=_COMMON, paper_ref="Cor 3.4 (Weyl)",
+)(_one("cor3.4-weyl"))
+
+cor34_mirsky = register(
+    "cor3.4-mirsky",
+    statement="||sigma(W1) - sigma(W0)||_2 <= ||dW||_F",
+    gate="II", assumptions=_COMMON, paper_ref="Cor 3.4 (Mirsky)",
+)(_one("cor3.4-mirsky"))
+
+cor35_kyfan = register(
+    "cor3.5",
+    statement="| ||W1||_(k) - ||W0||_(k) | <= sum_{i<=k} |dsigma_i| <= ||dW||_(k) <= k ||dW||_2",
+    gate="II", assumptions=_COMMON, paper_ref="Cor 3.5 (Ky Fan)",
+)(_one("cor3.5"))
+
+
+def counterexample_as_stated() -> tuple[np.ndarray, np.ndarray, int]:
+    """W0 = diag(1, 0), W1 = diag(0.4, 0.6), k = 1: the top singular pair swaps, sin Theta = 1 > 0.6 = ||dW||_2/gamma_1.
+
+    Wedin holds with equality (residual 0.6, delta = 0.6 - 0 = 0.6); the rigorous bound is 0.6 / 0.4 = 1.5.
+    """
+    return np.diag([1.0, 0.0]), np.diag([0.4, 0.6]), 1
+
+
+@functools.lru_cache(maxsize=8)
+def _campaign_checks(seed: int) -> tuple[dict[str, Check], ...]:
+    """Every Gate II check on a seeded family: 5 spectra x 5 perturbations x 2 shapes x 4 ratios, plus the
+    structured counterexample to the as-stated form."""
+    from sims.synthetic import PERTURBATION_FAMILIES, SPECTRUM_FAMILIES, synthetic_pair
+
+    out = [gate2_all(*counterexample_as_stated())]
+    ss = np.random.SeedSequence(seed)
+    grid = [(s, p, sh, r) for s in SPECTRUM_FAMILIES for p in PERTURBATION_FAMILIES
+            for sh in ((10, 6), (6, 10)) for r in (1e-3, 0.1, 0.7, 2.0)]
+    for (sfam, pfam, (m, n), ratio), cs in zip(grid, ss.generate_state(len(grid), dtype=np.uint32)):
+        inst = synthetic_pair(int(cs), sfam, pfam, m, n, 2, ratio)
+        kl = {key: inst[key] for key in ("delta_W", "mu_W") if key in inst}
+        out.append(gate2_all(inst["W0"], inst["W1"], 2, **kl))
+    return tuple(out)
+
+
+def _attach_campaign(fn: Callable[..., Check], rid: str) -> None:
+    def campaign(seed: int) -> list[Check]:
+        return [checks[rid] for checks in _campaign_checks(int(seed))]
+
+    campaign.__name__ = f"campaign_{rid}"
+    fn.campaign(campaign)  # type: ignore[attr-defined]
+
+
+for _fn in (thm33_as_stated, thm33_wedin, thm33_rigorous, corF13, cor34_weyl, cor34_mirsky, cor35_kyfan):
+    _attach_campaign(_fn, _fn.result_id)  # type: ignore[attr-defined]
