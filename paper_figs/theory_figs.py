@@ -223,7 +223,7 @@ def fig_theory_vs_empirical(df: pd.DataFrame, result_id: str, *, regime: str | N
     _tightness(axes[0, 1], d, regime_col, rv)
     axes[0, 1].set_title("tightness")
     stmt = _statement(result_id)
-    caption = (f"{result_id}: {stmt} " if stmt else f"{result_id}: ") + f"{_summary(stats)}. " \
+    caption = (f"{result_id}: {stmt.rstrip('. ')}. " if stmt else f"{result_id}: ") + f"{_summary(stats)}. " \
               + schemas.describe_run(d)
     return set_caption(fig, f"Theory vs empirical: {result_id}", caption)
 
@@ -278,71 +278,56 @@ def _bf16_bits_to_f64(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
-def bf16_threshold_curve(lo: float, hi: float) -> pd.DataFrame:
+def _as_bf16(w: np.ndarray) -> np.ndarray:
+    """float64 -> ml_dtypes.bfloat16, refusing values that are not exactly representable (they would be rounded)."""
+    import ml_dtypes
+
+    wb = w.astype(np.float32).astype(ml_dtypes.bfloat16)
+    bad = wb.astype(np.float64) != w
+    if bad.any():
+        raise InputError(f"bf16 update table: column 'w' must hold bf16 values exactly; {int(bad.sum())} row(s) do "
+                         f"not, e.g. w = {w[bad][0]!r}")
+    return wb
+
+
+def bf16_threshold_curve(lo: float, hi: float, semantics: str = "exact") -> pd.DataFrame:
     """Every positive normal bf16 value w in the binades covering [lo, hi], with its exact thresholds.
 
-    ``up`` = half the distance to the next bf16 value above (= ½ ULP(w)); ``down`` = half the distance to the one
-    below (= ½ ULP(w) inside a binade, ¼ ULP(w) at an exact power of two, where the spacing below halves).
-    Under round-to-nearest-even, ``w + delta`` leaves w iff |delta| > threshold, or |delta| = threshold and w has an
-    odd mantissa (the tie goes to the even neighbour). Uses ``theory.precision`` when present.
-    Columns: w, up, down, odd (bool: stored mantissa is odd).
+    ``up`` / ``down``: the smallest |delta| that changes stored w when delta > 0 / delta < 0, from
+    ``theory.precision.realization_threshold_array`` (half the gap to the neighbour in that direction under
+    ``"exact"`` round-to-nearest-even: ½ ULP(w) up, ¼ ULP(w) down at an exact power of two). ``up_incl`` /
+    ``down_incl``: the threshold itself changes w (a tie that rounds to an even neighbour).
+    Columns: w, up, down, up_incl, down_incl.
     """
+    from theory.precision import realization_threshold_array
+
     if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi):
         raise InputError(f"threshold curve needs 0 < lo <= hi, finite; got lo={lo!r}, hi={hi!r}")
     e_lo = max(math.floor(math.log2(lo)), -126)
     e_hi = min(math.floor(math.log2(hi)), 127)
     e_hi = min(e_hi, e_lo + 63)  # at most 64 binades (128 values each)
     bits = np.arange((e_lo + 127) << 7, ((e_hi + 127) << 7) + 128, dtype=np.uint32).astype(np.uint16)
+    bits = bits[bits < 0x7F80]  # the top binade ends at BF16_MAX, not at infinity
     w = _bf16_bits_to_f64(bits)
-    up = (_bf16_bits_to_f64(bits + np.uint16(1)) - w) / 2
-    down = (w - _bf16_bits_to_f64(bits - np.uint16(1))) / 2
-    out = pd.DataFrame({"w": w, "up": up, "down": down, "odd": (bits & 1).astype(bool)})
-    _maybe_cross_check(out)
-    return out
+    wb = _as_bf16(w)
+    up, up_incl = realization_threshold_array(wb, np.ones_like(w), semantics)
+    down, down_incl = realization_threshold_array(wb, -np.ones_like(w), semantics)
+    return pd.DataFrame({"w": w, "up": up, "down": down, "up_incl": up_incl, "down_incl": down_incl})
 
 
-def _maybe_cross_check(curve: pd.DataFrame) -> None:
-    """If ``theory.precision`` has landed, insist it agrees with the bit-pattern curve on a few points."""
-    try:
-        from theory.precision import realization_threshold  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    idx = np.linspace(0, len(curve) - 1, 5).astype(int)
-    for i in idx:
-        w = float(curve["w"].iloc[i])
-        for direction, col in ((+1, "up"), (-1, "down")):
-            try:
-                t = realization_threshold(w, direction)
-            except TypeError:  # a different signature: the curve above stays authoritative
-                return
-            got = float(getattr(t, "threshold", t))
-            if got != float(curve[col].iloc[i]):
-                raise AssertionError(f"theory.precision.realization_threshold({w}, {direction}) = {got}, "
-                                     f"bit-pattern curve says {curve[col].iloc[i]}")
-
-
-def _predict_changed(w: np.ndarray, delta: np.ndarray, curve: pd.DataFrame) -> np.ndarray:
-    """Exact round-to-nearest-even of w + delta (one rounding) decides change: used to flag disagreements."""
-    mag = np.abs(w)
-    pos = np.searchsorted(curve["w"].to_numpy(), mag)
-    pos = np.clip(pos, 0, len(curve) - 1)
-    on_grid = curve["w"].to_numpy()[pos] == mag
-    away = np.sign(delta) == np.sign(w)  # the step grows |w|
-    thr = np.where(away, curve["up"].to_numpy()[pos], curve["down"].to_numpy()[pos])
-    odd = curve["odd"].to_numpy()[pos]
-    a = np.abs(delta)
-    pred = (a > thr) | ((a == thr) & odd)
-    return np.where(on_grid & (delta != 0), pred, delta != 0)
-
-
-def fig_bf16_threshold(df: pd.DataFrame) -> Figure:
+def fig_bf16_threshold(df: pd.DataFrame, *, semantics: str | None = None) -> Figure:
     """Gate III: the exact threshold for a bf16 weight to change, against |w|, with measured updates overlaid.
 
     Left: absolute threshold (a staircase over binades) with |delta| of real updates. Right: relative threshold
     threshold/|w| — the saw-tooth between 2^-9 and 2^-8 — with |delta|/|w|. The downward curve drops to ¼ ULP at
     each power of two. Filled markers changed the stored value, hollow ones did not; an "x" marks a measured
-    outcome that disagrees with single-rounding round-to-nearest-even (e.g. double rounding through fp32).
+    outcome that disagrees with the exact rule (``theory.precision.predict_change_mask``) under ``semantics``:
+    ``"exact"`` (one rounding of the exact sum) or ``"fp32"`` (add in float32, then round to bf16); default
+    ``df.attrs['semantics']`` or ``"exact"``.
     """
+    from theory.precision import predict_change_mask
+
+    semantics = semantics or df.attrs.get("semantics", "exact")
     d = schemas.validate(df, "bf16_updates", source="bf16 update table")
     w = d["w"].to_numpy(float)
     delta = d["delta"].to_numpy(float)
@@ -365,7 +350,7 @@ def fig_bf16_threshold(df: pd.DataFrame) -> Figure:
                    edgecolors=OKABE_ITO["black"], linewidths=0.5, zorder=4, gid="pow2-down",
                    label=r"$w = 2^e$: downward threshold $\frac{1}{4}\mathrm{ULP}(w)$")
     away = np.sign(delta) == np.sign(w)
-    pred = _predict_changed(w, delta, curve)
+    pred = predict_change_mask(_as_bf16(w), delta, semantics)
     disagree = pred != changed
     for ax, yv in ((ax_abs, np.abs(delta)), (ax_rel, np.abs(delta) / np.where(nz, np.abs(w), np.nan))):
         for mask, marker, name in ((away, "^", "away from 0"), (~away, "v", "toward 0")):
@@ -378,7 +363,7 @@ def fig_bf16_threshold(df: pd.DataFrame) -> Figure:
                            edgecolors=OKABE_ITO["purple"], label=f"unchanged ({name})", gid="unchanged")
         if (disagree & nz).any():
             ax.scatter(np.abs(w[disagree & nz]), yv[disagree & nz], gid="violations",
-                       label=f"disagrees with exact RNE: {int((disagree & nz).sum())}", **VIOLATION_STYLE)
+                       label=f"disagrees with exact rule ({semantics}): {int((disagree & nz).sum())}", **VIOLATION_STYLE)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
         ax.set_xlabel(r"$|w|$ (stored bf16 weight)")
@@ -393,5 +378,5 @@ def fig_bf16_threshold(df: pd.DataFrame) -> Figure:
     caption = (f"Gate III, Cor. 3.6 / Lemma E.2: a bf16 weight changes iff the step crosses half the gap to its "
                f"neighbour in the step's direction (round-to-nearest-even; ties to even). {len(d)} measured update(s): "
                f"{n_change} changed, {len(d) - n_change} unchanged, {int(disagree.sum())} disagree with the exact "
-               f"single-rounding rule. " + schemas.describe_run(d))
+               f"rule under {semantics!r} semantics. " + schemas.describe_run(d))
     return set_caption(fig, "Gate III: bf16 realization threshold", caption)
