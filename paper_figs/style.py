@@ -127,7 +127,7 @@ def set_caption(fig: Figure, title: str, caption: str, *, width: int = 120) -> F
     fig.subplots_adjust(bottom=bottom, top=top, hspace=0.55, wspace=0.38, right=0.87 if pending else 0.97)
     if pending is not None:  # a shared colorbar in its own axes, placed after the layout is fixed
         mappable, label = pending
-        cax = fig.add_axes((0.9, bottom, 0.018, top - bottom))
+        cax = fig.add_axes((0.9, bottom, 0.018, top - bottom), label="<colorbar>")
         fig.colorbar(mappable, cax=cax, label=label)
     fig.threegate_title = title  # type: ignore[attr-defined]
     fig.threegate_caption = caption  # type: ignore[attr-defined]
