@@ -119,7 +119,7 @@ def lemE2_relative_ulp() -> ProofResult:
     ok = bool((r > 2.0**-8).all() and (r <= 2.0**-7).all() and np.array_equal(r == 2.0**-7, is_pow2))
     return ProofResult(
         "lemE.2", "normal bf16 x: ULP(x)/|x| in (2^-8, 2^-7], = 2^-7 iff x is a power of two",
-        ok, f"{v.size} positive normals (negatives identical); min {r.min()!r} = 2^-7 * 128/255, max 2^-7",
+        ok, f"{v.size} positive normals (negatives identical); min {float(r.min())!r} = 2^-7 * 128/255, max 2^-7",
         method="exhaustive")
 
 
@@ -196,16 +196,21 @@ def cor36_as_stated_exact() -> ProofResult:
     n = half.size
     even_nonzero = ((wb & 1) == 0) & ~zero
     bad = np.flatnonzero(~agree)
-    w0 = float(_values(wb[bad[0]:bad[0] + 1])[0])
-    ce = (w0, int(sgn[bad[0]]), P.bf16_step(w0, float(sgn[bad[0]] * half[bad[0]])))
     detail = (f"{n} (w, direction) cases: rule exact in {int(agree.sum())}; wrong in {bad.size}: "
               f"{int(pow2_down.sum())} power-of-two steps towards zero (threshold ULP/4), "
               f"{int(tie.sum())} ties at exactly ULP/2 that round back to an even w "
               f"({int(even_nonzero.sum() - pow2_down.sum())} nonzero + {int((tie & zero).sum())} at +-0); "
               f"no other disagreement: {bool(np.array_equal(~agree, pow2_down | tie))}")
+    # illustrate both kinds at w = 1 (both are in the counted sets above)
+    i_tie = int(np.flatnonzero((wb == 0x3F80) & (sgn > 0))[0])
+    i_pow = int(np.flatnonzero((wb == 0x3F80) & (sgn < 0))[0])
+    assert tie[i_tie] and pow2_down[i_pow]
+    d_pow = -0.75 * float(half[i_pow])  # between ULP/4 and ULP/2 towards zero
+    ce = (f"tie: w=1.0, delta=+ULP/2={float(half[i_tie])!r} -> {P.bf16_step(1.0, float(half[i_tie]))!r} "
+          f"(unchanged); power of two: w=1.0, delta={d_pow!r} (< ULP/2) -> {P.bf16_step(1.0, d_pow)!r}")
     return ProofResult(
         "cor3.6 as stated (exact rounding)", "stored w changes iff |delta| >= ULP(w)/2",
-        bad.size == 0, detail, counterexample=f"w={ce[0]!r}, direction {ce[1]:+d}, delta=ULP/2 -> {ce[2]!r}",
+        bad.size == 0, detail, counterexample=ce,
         expected=False, method="exhaustive")
 
 
@@ -225,8 +230,8 @@ def cor36_as_stated_fp32() -> ProofResult:
     w0 = float(_values(wb[i:i + 1])[0])
     return ProofResult(
         "cor3.6 as stated (fp32 master)", "stored w changes iff |delta| >= ULP(w)/2, w <- bf16(f32(w + f32(delta)))",
-        bool(agree.all()), detail, counterexample=f"w={w0!r}, direction {int(sgn[i]):+d}, threshold {t[i]!r} < "
-                                                  f"ULP/2 = {half[i]!r}",
+        bool(agree.all()), detail, counterexample=f"w={w0!r}, direction {int(sgn[i]):+d}, threshold {float(t[i])!r} < "
+                                                  f"ULP/2 = {float(half[i])!r}",
         expected=False, method="exhaustive")
 
 
