@@ -1,0 +1,218 @@
+"""Tests for paper_figs.report: table discovery, PNG + PDF output, the static index.html, the CLI.
+
+The page is parsed with the standard library's HTML parser: every <img> points at a PNG that exists and decodes,
+the verdict table repeats verify.csv row for row, every id of theory.RESULTS has its statement, and a table that
+cannot be drawn is listed with the error that names the problem (and makes ``threegate figs`` exit 1).
+"""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+
+import theory
+from paper_figs import report
+from theory.check import make_check
+from theory.errors import CheckpointError
+from threegate.cli import main
+
+RUN = dict(model="tinygpt-2L", seed=3, steps=40)
+
+
+class PageParser(HTMLParser):
+    """Collects img srcs, links, figure captions and table cells by table id."""
+
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.links, self.captions, self.tables = [], [], [], {}
+        self._table, self._row, self._cell, self._in_caption = None, None, None, False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a)
+        elif tag == "a":
+            self.links.append(a.get("href"))
+        elif tag == "figcaption":
+            self._in_caption = True
+            self.captions.append("")
+        elif tag == "table":
+            self._table = a.get("id")
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table is not None:
+            self._row = []
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = ""
+
+    def handle_endtag(self, tag):
+        if tag == "figcaption":
+            self._in_caption = False
+        elif tag in ("td", "th") and self._cell is not None:
+            self._row.append(self._cell.strip())
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.tables[self._table].append(self._row)
+            self._row = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        if self._in_caption:
+            self.captions[-1] += data
+        if self._cell is not None:
+            self._cell += data
+
+
+def parse(page: Path) -> PageParser:
+    p = PageParser()
+    p.feed(page.read_text(encoding="utf-8"))
+    return p
+
+
+def checks_rows():
+    rows = []
+    for r in (0.1, 0.5, 0.9, 1.5):
+        rows.append({**make_check("thm3.3", r * (1 + 0.2 * r), r).as_row(), "d_dW_over_gap": r, **RUN})
+    return pd.DataFrame(rows)
+
+
+def write_results(d: Path, *, bad: bool = True, verdict_format: str = "csv") -> pd.DataFrame:
+    d.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([dict(run=run, method=m, matrix_type=mt, sparsity=s, **RUN)
+                  for run, m, s in (("RL-0", "RL", 0.8), ("SFT-0", "SFT", 0.1)) for mt in ("q", "o")]
+                 ).to_csv(d / "sparsity.csv", index=False)
+    (d / "sparsity.csv.meta.json").write_text(json.dumps({"description": "two toy runs, 40 steps, seed 3"}))
+    checks_rows().to_csv(d / "checks.csv", index=False)
+    w = np.array([1.0, 0.5, -0.25, 1.0 + 2 ** -7])
+    delta = np.array([2 ** -7, -(2 ** -10), 1e-6, 2 ** -8])
+    (d / "sub").mkdir(exist_ok=True)  # tables are found in subdirectories too
+    pd.DataFrame({"w": w, "delta": delta, "changed": [True, False, False, True]}).to_parquet(
+        d / "sub" / "bf16_updates.parquet")
+    verdicts = pd.DataFrame([
+        dict(result_id="thm3.3", gate="II", source="theory", instances=4, worst_ratio=1.3, verdict="violated",
+             notes="as stated (not a theorem)"),
+        dict(result_id="cor3.4", gate="II", source="theory", instances=10, worst_ratio=0.71, verdict="holds",
+             notes=""),
+    ])
+    if verdict_format == "csv":
+        verdicts.to_csv(d / "verify.csv", index=False)
+    else:
+        (d / "verify.json").write_text(json.dumps(verdicts.to_dict(orient="records")))
+    pd.DataFrame({"foo": [1], "bar": [2]}).to_csv(d / "unrelated.csv", index=False)
+    if bad:
+        pd.DataFrame({"run": ["x"], "method": ["RL"], "matrix_type": ["q"]}).to_csv(d / "sparsity_broken.csv",
+                                                                                   index=False)
+    return verdicts
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    d = tmp_path_factory.mktemp("results")
+    verdicts = write_results(d)
+    rep = report.render_all(d, d / "report")
+    return d, rep, verdicts, parse(rep.page)
+
+
+def test_every_known_table_becomes_a_figure(rendered):
+    d, rep, _, _ = rendered
+    slugs = sorted(f.slug for f in rep.figures)
+    assert slugs == ["check-thm3-3-checks", "gate3-threshold-bf16-updates", "table-1-sparsity",
+                     "thm3-3-forms-checks"]
+    assert {f.source for f in rep.figures} == {"checks.csv", "sparsity.csv", "sub/bf16_updates.parquet"}
+    assert rep.unrecognised == ["unrelated.csv"]
+
+
+def test_png_and_pdf_are_written_and_valid(rendered):
+    _, rep, _, _ = rendered
+    for f in rep.figures:
+        assert f.png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f.pdf.read_bytes()[:5] == b"%PDF-"
+        img = mpimg.imread(f.png)
+        assert img.shape[0] > 200 and img.shape[1] > 300
+        assert img[..., :3].std() > 0.05, f"{f.png.name} looks blank"
+
+
+def test_page_images_captions_and_links(rendered):
+    _, rep, _, page = rendered
+    out = rep.page.parent
+    assert len(page.imgs) == len(rep.figures)
+    for img in page.imgs:
+        assert (out / img["src"]).is_file() and img["alt"]
+    pdfs = [h for h in page.links if h and h.endswith(".pdf")]
+    assert sorted(pdfs) == sorted(f.pdf.name for f in rep.figures)
+    caps = " ".join(page.captions)
+    assert "Paper Table 1" in caps and "two toy runs, 40 steps, seed 3" in caps  # sidecar description
+    assert "Thm 3.3" in caps and "model tinygpt-2L" in caps
+
+
+def test_verdict_table_repeats_verify_csv(rendered):
+    _, _, verdicts, page = rendered
+    head, *rows = page.tables["verdicts"]
+    assert head[:5] == ["result_id", "instances", "worst_ratio", "verdict", "notes"]
+    assert [r[0] for r in rows] == verdicts["result_id"].tolist()
+    assert [r[3] for r in rows] == verdicts["verdict"].tolist()
+    assert [float(r[2]) for r in rows] == verdicts["worst_ratio"].tolist()
+
+
+def test_statements_of_every_registered_result(rendered):
+    _, _, _, page = rendered
+    rows = page.tables["statements"][1:]
+    by_id = {r[0]: r for r in rows}
+    assert set(by_id) == set(theory.RESULTS)
+    for rid, res in theory.RESULTS.items():
+        assert by_id[rid][3] == res.statement
+
+
+def test_broken_table_is_listed_with_the_column_it_lacks(rendered):
+    _, rep, _, _ = rendered
+    (err,) = rep.errors
+    assert err[0] == "sparsity_broken.csv" and "lacks column(s) ['sparsity']" in err[1]
+    assert "sparsity_broken.csv" in rep.page.read_text()
+
+
+def test_cli_exit_codes_and_verify_json(tmp_path, capsys):
+    d = tmp_path / "res"
+    verdicts = write_results(d, bad=False, verdict_format="json")
+    (d / "checks.csv").unlink()  # keep this run small: only Table 1 is left to draw
+    (d / "sub" / "bf16_updates.parquet").unlink()
+    out = tmp_path / "site"
+    assert main(["figs", str(d), "--out", str(out)]) == 0
+    assert "1 figure(s) written" in capsys.readouterr().out
+    page = parse(out / "index.html")
+    assert [r[0] for r in page.tables["verdicts"][1:]] == verdicts["result_id"].tolist()
+    pd.DataFrame({"run": ["x"], "method": ["RL"], "matrix_type": ["q"]}).to_csv(d / "sparsity_bad.csv", index=False)
+    assert main(["figs", str(d), "--out", str(out)]) == 1
+    assert "sparsity_bad.csv" in capsys.readouterr().err
+
+
+def test_missing_results_dir_is_named(tmp_path, capsys):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        report.write_report(tmp_path / "nope", tmp_path / "out")
+    assert main(["figs", str(tmp_path / "nope")]) == 1
+    assert "nope" in capsys.readouterr().err
+
+
+def test_write_report_returns_the_page_and_skips_its_own_output(tmp_path):
+    d = tmp_path / "res"
+    d.mkdir()
+    pd.DataFrame({"run": ["a", "a"], "step": [0, 5], "kl": [0.0, 0.01]}).to_csv(d / "kl_beta0.csv", index=False)
+    page = report.write_report(d, d / "report")
+    assert page == d / "report" / "index.html" and page.is_file()
+    (d / "report" / "sparsity.csv").write_text("run,method,matrix_type\n")  # inside out_dir: must be ignored
+    rep = report.render_all(d, d / "report")
+    assert not rep.errors and [f.slug for f in rep.figures] == ["fig-15-kl-beta0"]
+    assert "No <code>verify.csv</code>" in page.read_text()
+
+
+def test_corrupt_verdict_json_is_reported(tmp_path):
+    d = tmp_path / "res"
+    d.mkdir()
+    (d / "verify.json").write_text("{not json")
+    rep = report.render_all(d, tmp_path / "out")
+    assert rep.errors and rep.errors[0][0] == "verify" and "verify.json" in rep.errors[0][1]
