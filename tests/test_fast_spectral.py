@@ -1,0 +1,192 @@
+"""Tests for theory.fast_spectral: matrices with known spectra and singular subspaces; the bound vs the truth."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from theory.errors import InputError, NonFiniteError, ZeroGapError
+from theory.fast_spectral import certify_topk, spectral_norm_fast, topk_svd
+from theory.linalg import principal_angles
+
+EPS64 = np.finfo(np.float64).eps
+
+
+def known_matrix(m: int, n: int, s: np.ndarray, seed: int):
+    """W = U diag(s) Vᵀ with Haar-random orthonormal U (m, r), V (n, r): spectrum and subspaces known."""
+    rng = np.random.default_rng(seed)
+    r = s.shape[0]
+    U, _ = np.linalg.qr(rng.standard_normal((m, r)))
+    V, _ = np.linalg.qr(rng.standard_normal((n, r)))
+    return (U * s) @ V.T, U, V
+
+
+def power_law(r: int, a: float) -> np.ndarray:
+    return np.arange(1, r + 1, dtype=np.float64) ** (-a)
+
+
+def true_angle(U, V, k, out) -> float:
+    return float(max(principal_angles(U[:, :k], out.U).max(), principal_angles(V[:, :k], out.V).max()))
+
+
+def reference_slack(W_shape, s, k) -> float:
+    """Rounding error of the known-basis reference itself: ~ dim·eps·σ_1 / gap_k."""
+    gap = s[k - 1] - (s[k] if k < s.shape[0] else 0.0)
+    return 10 * max(W_shape) * EPS64 * s[0] / gap
+
+
+@pytest.mark.parametrize("m,n,k,a", [(240, 160, 5, 1.0), (160, 240, 12, 0.6), (300, 300, 1, 1.5)])
+def test_randomized_agrees_with_known_subspaces_within_its_bound(m, n, k, a):
+    s = power_law(min(m, n), a)
+    W, U, V = known_matrix(m, n, s, seed=m + k)
+    out = topk_svd(W, k, method="randomized", tol=1e-6)
+    assert out.method_used == "randomized"
+    assert out.angle_err_bound <= 1e-6
+    assert true_angle(U, V, k, out) <= out.angle_err_bound + reference_slack(W.shape, s, k)
+    assert np.max(np.abs(out.S - s[:k])) <= out.sigma_err_bound
+    assert out.U.shape == (m, k) and out.V.shape == (n, k) and out.S.shape == (k,)
+
+
+def test_exact_and_auto_paths_on_known_spectrum():
+    s = power_law(60, 1.0)
+    W, U, V = known_matrix(80, 60, s, seed=3)
+    for method in ("exact", "auto"):
+        out = topk_svd(W, 7, method=method)
+        assert out.method_used == "exact"  # auto picks exact at this size
+        assert true_angle(U, V, 7, out) <= out.angle_err_bound + reference_slack(W.shape, s, 7)
+        assert out.angle_err_bound < 1e-10
+        assert np.allclose(out.S, s[:7], rtol=0, atol=out.sigma_err_bound)
+
+
+def test_lanczos_path_within_bound():
+    s = power_law(150, 1.0)
+    W, U, V = known_matrix(150, 150, s, seed=11)
+    out = topk_svd(W, 6, method="lanczos", tol=1e-6)
+    assert out.method_used in ("lanczos", "lanczos->exact")
+    assert true_angle(U, V, 6, out) <= out.angle_err_bound + reference_slack(W.shape, s, 6)
+
+
+def test_fallback_triggers_on_near_degenerate_gap():
+    """σ_k - σ_{k+1} = 1e-11: no residual can certify 1e-6 rad, so the exact path answers (and says so)."""
+    s = power_law(200, 1.0)
+    k = 8
+    s[k] = s[k - 1] - 1e-11
+    W, U, V = known_matrix(200, 200, s, seed=5)
+    out = topk_svd(W, k, method="randomized", tol=1e-6)
+    assert out.method_used == "randomized->exact"
+    assert out.gap_lower < 1.1e-11
+
+
+def test_exact_gap_zero_raises_and_fallback_reports_it():
+    s = power_law(100, 1.0)
+    s[3] = s[2]  # σ_3 = σ_4 exactly
+    W, _, _ = known_matrix(100, 100, s, seed=2)
+    with pytest.raises(ZeroGapError, match="σ_3 .* σ_4"):
+        topk_svd(W, 3, method="exact")
+    with pytest.raises(ZeroGapError, match="not determined"):
+        topk_svd(W, 3, method="randomized")
+    with pytest.raises(ZeroGapError, match="zero matrix"):
+        topk_svd(np.zeros((5, 5)), 1)
+
+
+def test_bad_inputs_name_the_problem():
+    W = np.eye(6)
+    W[2, 3] = np.nan
+    with pytest.raises(NonFiniteError, match="W: 1 non-finite"):
+        topk_svd(W, 2)
+    with pytest.raises(InputError, match="k=9 outside"):
+        topk_svd(np.eye(6), 9)
+    with pytest.raises(InputError, match="method"):
+        topk_svd(np.eye(6), 2, method="magic")
+    with pytest.raises(InputError, match="2-d"):
+        spectral_norm_fast(np.ones(4))
+
+
+def test_deterministic_for_a_seed():
+    s = power_law(120, 0.8)
+    W, _, _ = known_matrix(120, 120, s, seed=9)
+    a = topk_svd(W, 4, method="randomized", seed=3, tol=1e-4)
+    b = topk_svd(torch.from_numpy(W), 4, method="randomized", seed=3, tol=1e-4)
+    assert np.array_equal(a.U, b.U) and np.array_equal(a.S, b.S) and a.angle_err_bound == b.angle_err_bound
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    shape=st.sampled_from([(40, 30), (30, 40), (50, 50)]),
+    k=st.integers(1, 6),
+    decay=st.floats(0.3, 2.0),
+    eps_rot=st.floats(1e-9, 1e-2),
+)
+@example(seed=1, shape=(50, 50), k=6, decay=0.3, eps_rot=1e-2)
+def test_certificate_never_below_true_error_for_perturbed_triplets(seed, shape, k, decay, eps_rot):
+    """Property: for exact triplets rotated by a small random skew, the certified bound >= the true angle."""
+    m, n = shape
+    s = power_law(min(m, n), decay)
+    W, U, V = known_matrix(m, n, s, seed)
+    rng = np.random.default_rng(seed + 1)
+    j = k + 1
+
+    def rotate(B):
+        X = eps_rot * rng.standard_normal((B.shape[0], j))
+        Q, _ = np.linalg.qr(B[:, :j] + X - B[:, :j] @ (B[:, :j].T @ X))
+        return Q
+
+    Ut, Vt = rotate(U), rotate(V)
+    St = np.diag(Ut.T @ W @ Vt).copy()
+    St = np.abs(St)
+    order = np.argsort(St)[::-1]
+    Ut, Vt, St = Ut[:, order], Vt[:, order], St[order]
+    angle, serr, _ = certify_topk(W, Ut, St, Vt, k)
+    err = max(principal_angles(U[:, :k], Ut[:, :k]).max(), principal_angles(V[:, :k], Vt[:, :k]).max())
+    assert angle + reference_slack(W.shape, s, k) >= err
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.integers(1, 5), decay=st.floats(0.5, 2.0), iters=st.integers(0, 4))
+def test_randomized_bound_never_below_true_error_at_any_stage(seed, k, decay, iters):
+    """Property: stopping early (few steps, loose tol) still returns a bound >= the true error."""
+    s = power_law(70, decay)
+    W, U, V = known_matrix(70, 70, s, seed)
+    out = topk_svd(W, k, method="randomized", tol=math.pi / 2, max_iter=iters, seed=seed)
+    assert true_angle(U, V, k, out) <= out.angle_err_bound + reference_slack(W.shape, s, k)
+    assert np.max(np.abs(out.S - s[:k])) <= out.sigma_err_bound
+
+
+@pytest.mark.parametrize("a", [0.5, 1.0, 2.0])
+def test_spectral_norm_fast_known_value(a):
+    s = 3.0 * power_law(100, a)
+    W, _, _ = known_matrix(130, 100, s, seed=int(10 * a))
+    res = spectral_norm_fast(W, rtol=1e-8)
+    assert res.method_used == "randomized"
+    assert res.value <= s[0] + 4 * 130 * EPS64 * s[0]
+    assert s[0] <= res.value + res.err_bound
+    assert res.err_bound <= 1e-8 * res.value
+
+
+def test_spectral_norm_fast_flat_spectrum_and_zero():
+    """σ_1 = σ_2: Temple cannot help, Weyl converges slowly; the answer is still enclosed (possibly via exact)."""
+    s = np.ones(120)
+    s[0] = 1 + 1e-9
+    W, _, _ = known_matrix(120, 120, s, seed=4)
+    res = spectral_norm_fast(W, rtol=1e-10)
+    assert res.value <= s[0] * (1 + 1e-13) and s[0] <= res.value + res.err_bound
+    assert spectral_norm_fast(np.zeros((7, 5))) == (0.0, 0.0, "zero")
+    small = spectral_norm_fast(np.diag([2.0, 1.0]))
+    assert small.method_used == "exact" and abs(small.value - 2.0) <= small.err_bound
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu_within_bounds():
+    s = power_law(300, 1.0)
+    W, U, V = known_matrix(300, 300, s, seed=1)
+    out = topk_svd(W, 8, method="randomized", device="cuda")
+    assert out.method_used == "randomized"
+    assert true_angle(U, V, 8, out) <= out.angle_err_bound + reference_slack(W.shape, s, 8)
+    res = spectral_norm_fast(W, device="cuda")
+    assert abs(res.value - s[0]) <= res.err_bound + 10 * 300 * EPS64
