@@ -307,6 +307,21 @@ def test_step_array_torch_in_torch_out_and_device():
     assert out.tolist() == [1.0078125, -2.0, 0.5]  # -2 - 2^-8: tie, -2 is even
 
 
+@pytest.mark.parametrize("semantics", P.SEMANTICS)
+def test_torch_backend_equals_numpy_backend_on_every_w(rng, semantics):
+    """The same integer code runs in torch (the CUDA path); on CPU it must agree with numpy bit for bit."""
+    w = bits_to_bf16_np(all_finite_bits())
+    for dtype in (np.float32, np.float64):
+        d = random_deltas(rng, w.astype(np.float64), dtype)
+        ref = P.bf16_step_array(w, d, semantics).view(np.uint16)
+        got = P.bf16_step_array(w, d, semantics, device="cpu")  # numpy in, device given: torch path
+        assert got.dtype == torch.bfloat16
+        np.testing.assert_array_equal(got.view(torch.int16).numpy().view(np.uint16), ref)
+        wt = torch.from_numpy(w.view(np.int16).copy()).view(torch.bfloat16)
+        got2 = P.bf16_step_array(wt, torch.from_numpy(d), semantics)
+        assert torch.equal(got2, got)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_step_array_on_cuda_matches_cpu():
     w = torch.randn(1000, dtype=torch.float32).to(torch.bfloat16)
@@ -330,6 +345,13 @@ def test_step_array_bad_inputs():
         P.bf16_step_array(np.array([1.001, 1.0], dtype=np.float32), np.zeros(2))
     with pytest.raises(InputError, match="bfloat16"):
         P.bf16_step_array(torch.ones(2), torch.zeros(2))
+    wt = torch.ones(2, dtype=torch.bfloat16)
+    with pytest.raises(ShapeMismatchError, match="shape"):
+        P.bf16_step_array(wt, torch.zeros(3))
+    with pytest.raises(NonFiniteError, match="delta has 1"):
+        P.bf16_step_array(wt, torch.tensor([0.0, float("inf")]))
+    with pytest.raises(NonFiniteError, match="w has 1"):
+        P.bf16_step_array(torch.tensor([1.0, float("nan")], dtype=torch.bfloat16), torch.zeros(2))
     with pytest.raises(InputError, match="semantics"):
         P.bf16_step_array(w, np.zeros(2), "bf16")
 

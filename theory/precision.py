@@ -322,65 +322,107 @@ def bf16_step(w: Fraction | int | float, delta: Fraction | int | float, semantic
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Vectorised: integer bit manipulation on float64 bit patterns
+# Vectorised: integer bit manipulation on float64 bit patterns, in numpy or torch (any device)
 # ---------------------------------------------------------------------------------------------------------------
+# The core functions take ``xp`` = the numpy or the torch module; the operations used (where, maximum, sign,
+# isfinite, isinf, shifts and masks on int64) have the same names and meaning in both.
 
-_U52 = np.uint64((1 << 52) - 1)
+
+def _i64_bits(xp: Any, s: Any) -> Any:
+    """int64 view of float64 values (the IEEE bit pattern; the sign bit makes it negative)."""
+    return s.view(np.int64) if xp is np else s.view(xp.int64)
 
 
-def _round_f64_bits(s: np.ndarray, err: np.ndarray, fmt: _Fmt) -> np.ndarray:
+def _as_int64(xp: Any, b: Any) -> Any:
+    return b.astype(np.int64) if xp is np else b.to(xp.int64)
+
+
+def _bits32_to_f64(xp: Any, bits: Any) -> Any:
+    """float64 values of float32 bit patterns held in int64 (exact)."""
+    if xp is np:
+        return (bits & 0xFFFFFFFF).astype(np.uint32).view(np.float32).astype(np.float64)
+    signed = ((bits & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000  # wrap into the int32 range
+    return signed.to(xp.int32).view(xp.float32).to(xp.float64)
+
+
+def _bits16_to_f64(xp: Any, bits: Any) -> Any:
+    """float64 values of bf16 bit patterns held in int64 (bf16 bits << 16 is the float32 of equal value)."""
+    return _bits32_to_f64(xp, (bits & 0xFFFF) << 16)
+
+
+def _round_bits(xp: Any, s: Any, err: Any, fmt: _Fmt) -> Any:
     """Bits (int64) of the ``fmt`` value nearest the exact value ``s + err``, by integer arithmetic.
 
-    ``s`` float64, ``err`` float64 with ``s == fl64(s + err)`` (as TwoSum returns; err = 0 when s is exact).
-    s is written M * 2^(e-52) with the 53-bit integer M; the target quantum is 2^qe, qe = max(e, emin) - p, so the
-    result magnitude is R = round(M / 2^shift), shift = qe - (e - 52), ties decided by the sign of err (a nonzero
-    err means s is not the exact value, so the tie is not a tie) and otherwise by R's parity.
+    ``s`` finite float64, ``err`` float64 with ``s == fl64(s + err)`` (as TwoSum returns; err = 0 when s is
+    exact). s is written M * 2^(e-52) with the 53-bit integer M; the target quantum is 2^qe, qe = max(e, emin) - p,
+    so the result magnitude is R = round(M / 2^shift), shift = qe - (e - 52), a tie decided by the sign of err (a
+    nonzero err means s is not the exact value, so the tie is not a tie) and otherwise by R's parity.
     """
-    b = s.view(np.uint64)
-    sign = (b >> np.uint64(63)).astype(np.int64)
-    E = ((b >> np.uint64(52)) & np.uint64(0x7FF)).astype(np.int64)
-    F = (b & _U52).astype(np.int64)
+    b = _i64_bits(xp, s)
+    sign = (b >> 63) & 1
+    E = (b >> 52) & 0x7FF
+    F = b & ((1 << 52) - 1)
     e = E - 1023
-    tiny = (E == 0) | (e <= fmt.emin - fmt.p - 2)  # |s| < half the smallest subnormal (and s exact enough): -> 0
+    tiny = (E == 0) | (e <= fmt.emin - fmt.p - 2)  # |s+err| < half the smallest subnormal: rounds to 0
     huge = e > fmt.emax
-    e_c = np.clip(e, fmt.emin - fmt.p - 1, fmt.emax)
-    M = np.where(tiny, 0, F | (1 << 52))
-    shift = 52 - fmt.p + np.maximum(0, fmt.emin - e_c)  # in [52 - p, 53]
+    e_c = xp.where(e < fmt.emin - fmt.p - 1, fmt.emin - fmt.p - 1, xp.where(huge, fmt.emax, e))
+    M = xp.where(tiny, 0, F | (1 << 52))
+    shift = 52 - fmt.p + xp.where(e_c < fmt.emin, fmt.emin - e_c, 0)  # in [52 - p, 53]
+    one = xp.ones_like(shift)
     q = M >> shift
-    rem = M & ((np.int64(1) << shift) - 1)
-    half = np.int64(1) << (shift - 1)
-    err_away = np.sign(err) * np.where(sign == 1, -1.0, 1.0)  # +1: exact magnitude is above |s|
+    rem = M & ((one << shift) - 1)
+    half = one << (shift - 1)
+    err_away = xp.sign(err) * xp.where(sign == 1, -1.0, 1.0)  # > 0: the exact magnitude is above |s|
     up = (rem > half) | ((rem == half) & ((err_away > 0) | ((err_away == 0) & ((q & 1) == 1))))
-    R = q + up.astype(np.int64)
-    normal = e_c >= fmt.emin
-    body = np.where(normal, ((e_c + fmt.bias) << fmt.p) + (R - (1 << fmt.p)), R)
-    body = np.where(tiny, 0, body)
-    body = np.where(huge | (body >= fmt.inf_bits), fmt.inf_bits, body)
+    R = q + xp.where(up, 1, 0)
+    body = xp.where(e_c >= fmt.emin, ((e_c + fmt.bias) << fmt.p) + (R - (1 << fmt.p)), R)
+    body = xp.where(tiny, 0, body)
+    body = xp.where(huge | (body >= fmt.inf_bits), fmt.inf_bits, body)
     return (sign << (fmt.p + fmt.exp_bits)) | body
 
 
-def _two_sum(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """s = fl(a + b) and err with s + err = a + b exactly (Knuth's TwoSum; valid when s is finite)."""
+def _round_value(xp: Any, s: Any, err: Any, fmt: _Fmt) -> Any:
+    """Bits of the nearest ``fmt`` value of s + err, where s may also be +-inf (an overflowed float64 sum)."""
+    inf = xp.isinf(s)
+    bits = _round_bits(xp, xp.where(inf, 0.0, s), xp.where(inf, 0.0, err), fmt)
+    return xp.where(inf, xp.where(s > 0, fmt.inf_bits, fmt.sign_bit | fmt.inf_bits), bits)
+
+
+def _two_sum(xp: Any, a: Any, b: Any) -> tuple[Any, Any]:
+    """s = fl(a + b) and err with s + err = a + b exactly (Knuth's TwoSum; err = 0 where s overflowed)."""
     with np.errstate(invalid="ignore", over="ignore"):
         s = a + b
         bb = s - a
         err = (a - (s - bb)) + (b - bb)
-    err = np.where(np.isfinite(s), err, 0.0)
-    return s, err
+    return s, xp.where(xp.isfinite(s), err, 0.0)
+
+
+def _step_core(xp: Any, wb: Any, d: Any, semantics: str) -> Any:
+    """bf16 bits (int64) of the step w + d; wb: bf16 bits as int64, d: float64 (same backend and device)."""
+    w = _bits16_to_f64(xp, wb)
+    if semantics == "exact":
+        s, err = _two_sum(xp, w, d)
+        return _round_value(xp, s, err, _BF16)
+    zero = xp.zeros_like(d)
+    d32 = _bits32_to_f64(xp, _round_value(xp, d, zero, _F32))
+    s, err = _two_sum(xp, w, d32)
+    s32 = _bits32_to_f64(xp, _round_value(xp, s, err, _F32))
+    return _round_value(xp, s32, zero, _BF16)
+
+
+# numpy shorthands used by the threshold code and the exhaustive proofs
 
 
 def _f32_bits_to_f64(bits: np.ndarray) -> np.ndarray:
-    return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+    return _bits32_to_f64(np, np.asarray(bits).astype(np.int64))
 
 
 def _bf16_bits_to_f64(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+    return _bits16_to_f64(np, np.asarray(bits).astype(np.int64))
 
 
-def _inf_to_bits(s: np.ndarray, bits: np.ndarray, fmt: _Fmt) -> np.ndarray:
-    """Where s is +-inf (an overflowed float64 sum), the result is +-inf."""
-    inf_b = np.where(s > 0, fmt.inf_bits, fmt.sign_bit | fmt.inf_bits)
-    return np.where(np.isinf(s), inf_b, bits)
+def _round_f64_bits(s: np.ndarray, err: np.ndarray, fmt: _Fmt) -> np.ndarray:
+    return _round_value(np, s, err, fmt)
 
 
 def _torch_if_tensor(x: Any) -> Any:
@@ -390,7 +432,8 @@ def _torch_if_tensor(x: Any) -> Any:
 
 
 def _to_bits_bf16(w: Any, name: str) -> tuple[np.ndarray, str, Any]:
-    """(uint16 bits, kind, torch device or None) of a bf16 array: ml_dtypes.bfloat16 numpy or torch.bfloat16."""
+    """(uint16 bits, kind, torch device or None) of a bf16 array: ml_dtypes.bfloat16 numpy or torch.bfloat16
+    (float32/float64 arrays are accepted when every entry is exactly a bf16 value)."""
     import ml_dtypes
 
     torch = _torch_if_tensor(w)
@@ -402,7 +445,8 @@ def _to_bits_bf16(w: Any, name: str) -> tuple[np.ndarray, str, Any]:
     if a.dtype == ml_dtypes.bfloat16:
         return np.ascontiguousarray(a).view(np.uint16), "numpy", None
     if a.dtype in (np.float32, np.float64):
-        b = np.asarray(a, dtype=np.float32).astype(ml_dtypes.bfloat16)
+        with np.errstate(over="ignore"):
+            b = np.asarray(a, dtype=np.float32).astype(ml_dtypes.bfloat16)
         same = (b.astype(np.float64) == a) | (np.isnan(a) & np.isnan(b.astype(np.float64)))
         if not np.all(same):
             i = int(np.flatnonzero(~same.ravel())[0])
@@ -423,15 +467,15 @@ def _to_f64(x: Any, name: str) -> np.ndarray:
         raise InputError(f"{name} must be a float array, got dtype {a.dtype}")
     if a.dtype == np.float64:
         return a
-    if a.dtype.itemsize > 8 or a.dtype == np.longdouble:
+    if a.dtype.itemsize > 8:
         raise InputError(f"{name}: dtype {a.dtype} is wider than float64; pass float32 or float64")
     return a.astype(np.float64)
 
 
-def _check_finite_bits(bits: np.ndarray, name: str) -> None:
+def _check_finite_bits(bits: Any, name: str) -> None:
     bad = (bits & 0x7F80) == 0x7F80
-    if np.any(bad):
-        i = int(np.flatnonzero(bad.ravel())[0])
+    if bad.any():
+        i = int(np.flatnonzero(np.asarray(bad.cpu() if hasattr(bad, "cpu") else bad).ravel())[0])
         raise NonFiniteError(f"{name} has {int(bad.sum())} non-finite entries (first at flat index {i})")
 
 
@@ -440,30 +484,6 @@ def _check_finite(a: np.ndarray, name: str) -> None:
     if np.any(bad):
         i = int(np.flatnonzero(bad.ravel())[0])
         raise NonFiniteError(f"{name} has {int(bad.sum())} NaN/Inf entries (first at flat index {i})")
-
-
-def _wrap_bits(bits16: np.ndarray, kind: str, device: Any) -> Any:
-    import ml_dtypes
-
-    bits16 = np.ascontiguousarray(bits16.astype(np.uint16))
-    if kind == "torch" or device is not None:
-        import torch
-
-        t = torch.from_numpy(bits16.view(np.int16).copy()).view(torch.bfloat16)
-        return t.to(device) if device is not None else t
-    return bits16.view(ml_dtypes.bfloat16)
-
-
-def _step_bits_array(wb: np.ndarray, d: np.ndarray, semantics: str) -> np.ndarray:
-    """Core of bf16_step_array on uint16 bits and float64 deltas; returns int64 bf16 bits."""
-    w = _bf16_bits_to_f64(wb)
-    if semantics == "exact":
-        s, err = _two_sum(w, d)
-        return _inf_to_bits(s, _round_f64_bits(s, err, _BF16), _BF16)
-    d32 = _f32_bits_to_f64(_round_f64_bits(d, np.zeros_like(d), _F32))
-    s, err = _two_sum(w, d32)
-    s32 = _f32_bits_to_f64(_inf_to_bits(s, _round_f64_bits(s, err, _F32), _F32))
-    return _inf_to_bits(s32, _round_f64_bits(np.where(np.isinf(s32), 0.0, s32), np.zeros_like(s32), _BF16), _BF16)
 
 
 def _prepare(w: Any, delta: Any) -> tuple[np.ndarray, np.ndarray, str, Any]:
@@ -476,34 +496,64 @@ def _prepare(w: Any, delta: Any) -> tuple[np.ndarray, np.ndarray, str, Any]:
     return wb, d, kind, dev
 
 
+def _step_torch(w: Any, delta: Any, semantics: str, device: Any) -> Any:
+    """The step on torch tensors, computed on ``device`` (CUDA works: only int64/float64 elementwise ops)."""
+    import torch
+
+    if not isinstance(w, torch.Tensor):
+        wb_np, _, _ = _to_bits_bf16(w, "w")
+        w = torch.from_numpy(wb_np.view(np.int16).copy()).view(torch.bfloat16)
+    if w.dtype != torch.bfloat16:
+        raise InputError(f"w must be a torch.bfloat16 tensor, got {w.dtype}")
+    if not isinstance(delta, torch.Tensor):
+        delta = torch.from_numpy(_to_f64(delta, "delta"))
+    if not delta.is_floating_point():
+        raise InputError(f"delta must be a float tensor, got {delta.dtype}")
+    if tuple(w.shape) != tuple(delta.shape):
+        raise ShapeMismatchError(f"w has shape {tuple(w.shape)} but delta has shape {tuple(delta.shape)}")
+    wb = w.detach().to(device).contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    d = delta.detach().to(device).to(torch.float64)
+    _check_finite_bits(wb, "w")
+    if not torch.isfinite(d).all():
+        bad = ~torch.isfinite(d)
+        i = int(torch.nonzero(bad.reshape(-1))[0])
+        raise NonFiniteError(f"delta has {int(bad.sum())} NaN/Inf entries (first at flat index {i})")
+    out = _step_core(torch, wb, d, semantics)
+    return (((out & 0xFFFF) ^ 0x8000) - 0x8000).to(torch.int16).view(torch.bfloat16)
+
+
 def bf16_step_array(
     w: Any, delta: Any, semantics: Semantics = "exact", *, device: Any = None
 ) -> Any:
     """Vectorised ``bf16_step``: stored bf16 values after ``w + delta``, by integer bit manipulation.
 
     ``w``: bf16 array (``ml_dtypes.bfloat16`` numpy or ``torch.bfloat16``, any shape); ``delta``: float32 or
-    float64 of the same shape. Returns the same kind as ``w`` (a torch tensor on ``device`` or w's device; a
-    bfloat16 numpy array otherwise). The exact sum is carried as a float64 pair (TwoSum) and rounded by integer
-    operations on its bit pattern, so no float cast ever does the rounding.
+    float64 of the same shape. The exact sum is carried as a float64 pair (TwoSum) and rounded by integer
+    operations on its bit pattern, so no float cast ever does the rounding. numpy in, numpy out (a bfloat16
+    array); a torch tensor in (or ``device`` given) runs the same integer code in torch on ``device`` (default:
+    w's device, e.g. CUDA) and returns a torch.bfloat16 tensor there.
     """
     _check_semantics(semantics)
-    wb, d, kind, dev = _prepare(w, delta)
-    out = _step_bits_array(wb, d, semantics)
-    return _wrap_bits(out, kind, device if device is not None else dev)
+    torch = _torch_if_tensor(w)
+    if torch is not None or device is not None:
+        return _step_torch(w, delta, semantics, device if device is not None else w.device)
+    wb, d, _, _ = _prepare(w, delta)
+    out = _step_core(np, wb.astype(np.int64), d, semantics)
+    return np.ascontiguousarray(out.astype(np.uint16)).view(_bf16_dtype())
 
 
 def bf16_round_array(x: Any, *, via_f32: bool = False) -> np.ndarray:
-    """bf16 bits (uint16) nearest each float32/float64 entry of x, by integer arithmetic.
+    """bf16 bits (uint16) nearest each float32/float64 entry of x, by integer arithmetic (nan -> 0x7FC0).
 
     ``via_f32=True`` rounds to float32 first (what torch and ml_dtypes do for float64 input).
     """
     a = _to_f64(x, "x")
     nan = np.isnan(a)
     a0 = np.where(nan, 0.0, a)
+    zero = np.zeros_like(a0)
     if via_f32:
-        a0 = _f32_bits_to_f64(_inf_to_bits(a0, _round_f64_bits(np.where(np.isinf(a0), 0.0, a0),
-                                                               np.zeros_like(a0), _F32), _F32))
-    bits = _inf_to_bits(a0, _round_f64_bits(np.where(np.isinf(a0), 0.0, a0), np.zeros_like(a0), _BF16), _BF16)
+        a0 = _f32_bits_to_f64(_round_value(np, a0, zero, _F32))
+    bits = _round_value(np, a0, zero, _BF16)
     return np.where(nan, 0x7FC0, bits).astype(np.uint16)
 
 
