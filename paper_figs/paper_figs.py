@@ -188,7 +188,8 @@ def fig4_spectrum(spectrum: pd.DataFrame, angles: pd.DataFrame | None = None, *,
     s = s[s["matrix_type"] == mt]
     if s.empty:
         raise InputError(f"spectrum table has no rows for matrix type {mt!r}")
-    lay = layer if layer is not None else s.attrs.get("layer", int(s["layer"].min()))
+    layers = s["layer"][s["layer"] >= 0]  # layer -1: matrices outside the blocks (embeddings, head)
+    lay = layer if layer is not None else s.attrs.get("layer", int((layers if len(layers) else s["layer"]).min()))
     one = s[s["layer"] == lay]
     if one.empty:
         raise InputError(f"spectrum table has no rows for layer {lay} (matrix type {mt!r})")
@@ -273,11 +274,13 @@ def fig5_mask_overlap(df: pd.DataFrame) -> Figure:
         ax.set_title(mt if mt is not None else "all matrices")
         ax.legend(framealpha=0.85, fontsize=7)
     _hide_unused(axes, len(shown))
-    below = (d["overlap"] < d["random_baseline"]).groupby(d["mask"]).mean()
+    below = (d["overlap"] < d["random_baseline"])[d["overlap"].notna()].groupby(d["mask"]).mean()
     summ = "; ".join(f"{m}: below random in {100 * v:.0f}% of layers" for m, v in below.items())
+    n_runs = d["run"].nunique() if "run" in d.columns else 1
+    nruns = f", mean over {n_runs} runs" if n_runs > 1 else ""
     return set_caption(fig, "Paper Fig. 5 at our scale: update overlap with principal / low-magnitude masks",
-                       _caption(f"Paper Fig. 5: solid = measured overlap, dashed = random baseline (mask density). "
-                                f"{summ}.", d))
+                       _caption(f"Paper Fig. 5: solid = measured overlap, dashed = random baseline (mask density)"
+                                f"{nruns}. {summ}.", d))
 
 
 # --------------------------------------------------------------------------------------------- Fig. 6

@@ -77,12 +77,16 @@ def _slug(text: str) -> str:
 
 
 def _discover(results_dir: Path, out_dir: Path) -> list[Path]:
+    """CSV / Parquet files under results_dir, outside out_dir; of a ``x.csv`` + ``x.parquet`` twin pair (as
+    ``threegate compare`` writes) only the Parquet one, so each table is drawn once."""
     out_res = out_dir.resolve()
     found = []
     for p in sorted(results_dir.rglob("*")):
         if p.suffix not in (".csv", ".parquet") or not p.is_file():
             continue
         if out_res == p.resolve().parent or out_res in p.resolve().parents:
+            continue
+        if p.suffix == ".csv" and p.with_suffix(".parquet").is_file():
             continue
         found.append(p)
     return found
@@ -148,7 +152,13 @@ def render_all(results_dir: str | Path, out_dir: str | Path) -> Report:
                 draw = (lambda df=df, fn=fn: fn(df))
             jobs.append((str(path.relative_to(results_dir)), f"{_slug(label)}-{_slug(path.stem)}", draw))
 
+    used: set[str] = set()
     for source, slug, draw in jobs:
+        base, n = slug, 1
+        while slug in used:  # same file stem in two subdirectories: keep both figures
+            n += 1
+            slug = f"{base}-{n}"
+        used.add(slug)
         try:
             fig = draw()
         except ThreegateError as e:

@@ -30,6 +30,7 @@ __all__ = [
     "SCHEMAS",
     "RUN_COLUMNS",
     "REGIME_COLUMNS",
+    "OTHER_TABLES",
     "validate",
     "identify",
     "read_table",
@@ -67,6 +68,10 @@ RUN_COLUMNS = (
     _c("seed", "int", "random seed of the run", False),
     _c("steps", "int", "total optimizer steps of the run", False),
 )
+
+# Tables written next to the figure tables that no figure draws (sims.compare, threegate verify): never guessed
+# to be a figure table from their name (``jaccard_pairs`` is per-matrix, not the pooled ``jaccard``).
+OTHER_TABLES = ("jaccard_pairs", "matrices", "by_layer", "by_type", "verify", "counterexamples")
 
 # Regime variables a check table may carry, in order of preference (with or without the ``d_`` detail prefix).
 REGIME_COLUMNS = ("dW_over_gap", "beta", "step", "kl", "eps", "eta", "lr", "scale")
@@ -132,14 +137,14 @@ SCHEMAS: dict[str, Schema] = {
             _c("matrix_type", "str", "q, k, v, o, ..."),
             _c("side", "str", "'U' (left) or 'V' (right) singular subspace"),
             _c("i", "int", "angle index within the top-k (0 = smallest angle)"),
-            _c("angle_deg", "float", "principal angle theta_i in degrees"),
+            _c("angle_deg", "float?", "principal angle theta_i in degrees (NaN: top-k subspace not unique)"),
             _c("k", "int", "subspace dimension k", False),
             *RUN_COLUMNS,
         )),
         Schema("mask_overlap", "Fig. 5", "overlap of the RL update mask with structural masks, per layer", (
             _c("layer", "int", "layer index"),
             _c("mask", "str", "'princ', 'low', 'princ_not_low' (M_princ and not M_low), ..."),
-            _c("overlap", "float", "|M_mask and M| / |M|"),
+            _c("overlap", "float?", "|M_mask and M| / |M| (NaN when M is empty)"),
             _c("random_baseline", "float", "density of M_mask (overlap of a random mask)"),
             _c("matrix_type", "str", "matrix type (panels), optional", False),
             *RUN_COLUMNS,
@@ -254,6 +259,8 @@ def identify(df: pd.DataFrame, filename: str | Path | None = None) -> str | None
     """Schema name of a table: by file name (``<schema>[_*].csv|parquet``) first, then by its columns."""
     if filename is not None:
         stem = Path(filename).name.split(".")[0]
+        if stem in OTHER_TABLES:
+            return None
         for name in sorted(SCHEMAS, key=len, reverse=True):  # 'kl_beta0' before a hypothetical 'kl'
             if stem == name or stem.startswith(name + "_"):
                 return name

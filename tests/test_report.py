@@ -216,3 +216,20 @@ def test_corrupt_verdict_json_is_reported(tmp_path):
     (d / "verify.json").write_text("{not json")
     rep = report.render_all(d, tmp_path / "out")
     assert rep.errors and rep.errors[0][0] == "verify" and "verify.json" in rep.errors[0][1]
+
+
+def test_csv_parquet_twins_are_drawn_once_and_side_tables_are_not_guessed(tmp_path):
+    d = tmp_path / "res"
+    d.mkdir()
+    kl = pd.DataFrame({"run": ["a", "a"], "step": [0, 5], "kl": [0.0, 0.01]})
+    kl.to_csv(d / "kl_beta0.csv", index=False)
+    kl.to_parquet(d / "kl_beta0.parquet", index=False)
+    (d / "sub").mkdir()
+    kl.to_csv(d / "sub" / "kl_beta0.csv", index=False)  # same stem elsewhere: its own figure, not an overwrite
+    # sims.compare writes per-matrix pairs next to the pooled table; only the pooled one is Fig. 12
+    pd.DataFrame({"run_a": ["a"], "run_b": ["b"], "jaccard": [0.5], "layer": [0]}).to_csv(d / "jaccard_pairs.csv",
+                                                                                        index=False)
+    rep = report.render_all(d, d / "report")
+    assert [(f.slug, f.source) for f in rep.figures] == [("fig-15-kl-beta0", "kl_beta0.parquet"),
+                                                         ("fig-15-kl-beta0-2", "sub/kl_beta0.csv")]
+    assert rep.unrecognised == ["jaccard_pairs.csv"]
