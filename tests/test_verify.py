@@ -73,3 +73,18 @@ def test_run_writes_json_with_one_row_per_selected_id(tmp_path):
     assert (out / "verify.csv").exists() and (out / "checks.csv").exists()
     exact_violated = [r for r in rows if r["exact"] and r["verdict"] == "violated"]
     assert rc == (1 if exact_violated else 0)
+
+
+def test_noise_floor_instances_do_not_set_the_worst_ratio():
+    tiny = make_check("fake", 1e-15, 1e-16, tol=1e-13)  # two roundoffs: ratio 10, but inside the tolerance
+    real = make_check("fake", 0.5, 1.0, tol=1e-13)
+    row, _ = verify.summarize(_result(True), [tiny, real], source="theory")
+    assert row.verdict == "holds" and row.worst_ratio == pytest.approx(0.5)
+    assert "1 at the float64 noise floor" in row.notes
+
+
+def test_failed_assumptions_group_without_their_measured_numbers():
+    a = assumption_failed("fake", "gap > 0 (delta = -1e-16)")
+    b = assumption_failed("fake", "gap > 0 (delta = -3e-2)")
+    row, _ = verify.summarize(_result(True), [a, b], source="theory")
+    assert "gap > 0 x2" in row.notes

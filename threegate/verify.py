@@ -19,6 +19,7 @@ import argparse
 import importlib
 import json
 import math
+import re
 import sys
 import time
 from collections import Counter
@@ -55,9 +56,14 @@ class Row:
         return d
 
 
+def assumption_name(text: str | None) -> str:
+    """The assumption without the measured numbers in its trailing parentheses, so equal failures group."""
+    return re.sub(r"\s*\([^()]*=[^()]*\)\s*$", "", text or "?")
+
+
 def summarize(result: Result, checks: Iterable[Check], *, source: str, seconds: float = 0.0) -> tuple[Row, list[dict]]:
     """Aggregate the checks of one result into a verdict row (and the flat check rows)."""
-    rows, n, met, viol, worst, first_bad = [], 0, 0, 0, -math.inf, None
+    rows, n, met, viol, worst, first_bad, noise = [], 0, 0, 0, -math.inf, None, 0
     failed: Counter[str] = Counter()
     for i, c in enumerate(checks):
         n += 1
@@ -65,10 +71,12 @@ def summarize(result: Result, checks: Iterable[Check], *, source: str, seconds: 
         r.update(instance=i, source=source)
         rows.append(r)
         if not c.assumptions_hold:
-            failed[c.failed_assumption or "?"] += 1
+            failed[assumption_name(c.failed_assumption)] += 1
             continue
         met += 1
-        if math.isfinite(c.ratio):
+        if c.holds and c.tol > 0 and abs(c.lhs) <= c.tol:
+            noise += 1  # both sides at the rounding-noise floor: the ratio of two roundoffs says nothing
+        elif math.isfinite(c.ratio):
             worst = max(worst, c.ratio)
         if not c.holds:
             viol += 1
@@ -87,6 +95,8 @@ def summarize(result: Result, checks: Iterable[Check], *, source: str, seconds: 
         notes.append("EXACT RESULT VIOLATED: a bug or a wrong statement")
     if failed:
         notes.append("assumption failed: " + ", ".join(f"{k} x{v}" for k, v in failed.most_common(3)))
+    if noise:
+        notes.append(f"{noise} at the float64 noise floor (left out of the worst ratio)")
     row = Row(
         result_id=result.id, gate=result.gate, source=source, instances=n, assumptions_met=met, violations=viol,
         worst_ratio=worst if met else math.nan, verdict=verdict, exact=result.exact, notes="; ".join(notes),
