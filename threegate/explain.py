@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def covering_tests(result_id: str, tests_dir: Path = REPO / "tests") -> list[str]:
     """Test functions whose body names the result id as a string literal (``"thm3.3"`` or ``'thm3.3'``)."""
+    base = tests_dir.parent
     pat = re.compile(r"""["']""" + re.escape(result_id) + r"""["']""")
     found = []
     for path in sorted(tests_dir.glob("test_*.py")):
@@ -25,7 +26,8 @@ def covering_tests(result_id: str, tests_dir: Path = REPO / "tests") -> list[str
             if m:
                 current = m.group(1) or m.group(2)
             if pat.search(line):
-                found.append(f"{path.relative_to(REPO)}::{current}" if current else str(path.relative_to(REPO)))
+                rel = path.relative_to(base)
+                found.append(f"{rel}::{current}" if current else str(rel))
     return sorted(set(found))
 
 
