@@ -214,7 +214,7 @@ class SortTask(Task):
 
     _re = re.compile(r"sort:(\d+)=")
 
-    def __init__(self, min_len: int = 3, max_len: int = 5):
+    def __init__(self, min_len: int = 4, max_len: int = 7):
         self.name = "sorting"
         self.min_len, self.max_len = min_len, max_len
         self.max_answer_len = max_len
@@ -261,7 +261,7 @@ class CountTask(Task):
 
 
 def default_tasks() -> list[Task]:
-    """The four tasks at the difficulty the simulations use (2-digit addition, mod 7 of 0..99, 3-5 digit sort,
+    """The four tasks at the difficulty the simulations use (2-digit addition, mod 7 of 0..99, 4-7 digit sort,
     counting in 4-8 letters)."""
     return [AdditionTask(), ModularTask(), SortTask(), CountTask()]
 
