@@ -374,7 +374,7 @@ def _open_file(p: Path) -> Checkpoint:
         if not head.startswith(_GGUF_MAGIC):
             raise CheckpointError(f"{p}: not a GGUF file (magic bytes {head[:4]!r}, expected b'GGUF')")
         return GGUFCheckpoint(p)
-    if suffix in _PICKLE_SUFFIXES or head.startswith(_PICKLE_MAGIC):
+    if suffix in _PICKLE_SUFFIXES or (_looks_like_pickle(head) and not _looks_like_safetensors(p)):
         raise CheckpointError(f"{p}: pickle file refused (pickles can run code); convert it to safetensors")
     if suffix in _TORCH_SUFFIXES:
         return TorchZipCheckpoint(p)
@@ -394,12 +394,30 @@ def _head(p: Path, n: int = 8) -> bytes:
         raise CheckpointError(f"{p}: cannot read ({e.strerror})") from None
 
 
+def _looks_like_safetensors(p: Path) -> bool:
+    """safetensors layout: u64 little-endian header length n, then a JSON header starting with '{' that fits."""
+    head = _head(p, 9)
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 8 + n <= p.stat().st_size
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    """Pickle protocol 2-5 starts with PROTO (0x80) and the protocol number."""
+    return len(head) >= 2 and head[:1] == _PICKLE_MAGIC and 2 <= head[1] <= 5
+
+
 def _refuse_pickle_bytes(p: Path) -> None:
-    """A raw pickle is refused whatever its name (legacy ``torch.save`` files are raw pickles)."""
+    """A raw pickle is refused whatever its name (legacy ``torch.save`` files are raw pickles).
+
+    A safetensors file whose header length happens to start with bytes 0x80 0x02..0x05 is not mistaken for one:
+    the safetensors layout is recognised first.
+    """
     if not p.is_file():
         raise CheckpointError(f"{p}: file not found")
     head = _head(p)
-    if head.startswith(_PICKLE_MAGIC):
+    if _looks_like_pickle(head) and not _looks_like_safetensors(p):
         raise CheckpointError(f"{p}: pickle file refused (pickles can run code); convert it to safetensors")
     if p.suffix.lower() in _TORCH_SUFFIXES and not head.startswith(_ZIP_MAGIC):
         raise CheckpointError(f"{p}: not a PyTorch zip archive (magic bytes {head[:4]!r}); refused")

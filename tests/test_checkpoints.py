@@ -301,3 +301,18 @@ def test_smollm2_gguf_loads_with_hf_names_and_a_quantization_note(smollm2):
     assert w.dtype == torch.float32 and torch.isfinite(w).all()
     # Q4_1 stores 16 levels per block of 32: a dequantized row holds far fewer distinct values than entries
     assert torch.unique(w[0]).numel() <= w.shape[1] // 32 * 16
+
+
+def test_safetensors_whose_header_length_looks_like_a_pickle_is_still_read(tmp_path):
+    """Header length 640 = 0x0280 makes the file start with b'\\x80\\x02', the opening of a protocol-2 pickle.
+
+    (Found on SmolLM2's perturbed copy: the magic-byte check alone refused a valid safetensors file.)
+    """
+    data = torch.arange(4, dtype=torch.float32).numpy().tobytes()
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}).encode()
+    header = header.ljust(640, b" ")
+    p = tmp_path / "looks_pickled.safetensors"
+    p.write_bytes((640).to_bytes(8, "little") + header + data)
+    assert p.read_bytes()[:2] == b"\x80\x02"
+    ck = open_checkpoint(p)
+    assert torch.equal(ck.get("w"), torch.arange(4, dtype=torch.float32).reshape(2, 2))
