@@ -414,6 +414,24 @@ def test_fp32_threshold_search_is_exact_and_matches_closed_form(b, sgn):
     assert Fraction(float(t[0])) == th.value and bool(incl[0]) == th.inclusive
 
 
+def fp32_search_vs_closed_form(stride: int) -> None:
+    bits = all_finite_bits()[::stride]
+    for sgn in (1, -1):
+        t, incl = P.realization_threshold_array(bits_to_bf16_np(bits), np.full(bits.size, sgn), "fp32")
+        for b, tv, iv in zip(bits.tolist(), t.tolist(), incl.tolist()):
+            th = P.realization_threshold(P.bf16_value(b), sgn, "fp32")
+            assert (th.value, th.inclusive) == (Fraction(tv), iv), (hex(b), sgn)
+
+
+def test_fp32_threshold_closed_form_on_a_grid_of_patterns():
+    fp32_search_vs_closed_form(stride=509)
+
+
+@pytest.mark.slow
+def test_fp32_threshold_closed_form_on_a_dense_grid_of_patterns():
+    fp32_search_vs_closed_form(stride=29)
+
+
 @pytest.mark.parametrize("semantics", P.SEMANTICS)
 def test_predict_change_mask_equals_simulated_step(rng, semantics):
     w = bits_to_bf16_np(all_finite_bits())
