@@ -60,7 +60,7 @@ __all__ = [
     "Decoded", "decode_bf16", "decode_f32", "bf16_bits", "bf16_value", "is_bf16_representable",
     "ulp_bf16", "next_up", "next_down",
     "round_to_bf16", "round_to_f32", "bf16_step",
-    "bf16_step_array", "bf16_round_array",
+    "SEMANTICS", "bf16_step_array", "bf16_round_array",
     "Threshold", "realization_threshold", "realization_threshold_array",
     "predict_change_mask", "rule_of_thumb_mask", "half_ulp_mask", "probe_unchanged",
     "check_cor36", "check_lemE1", "check_lemE1_across", "check_lemE2", "check_propE3",
