@@ -272,7 +272,7 @@ def fig5_mask_overlap(df: pd.DataFrame) -> Figure:
         integer_ticks(ax)
         ax.set_ylabel("overlap with RL update mask")
         ax.set_title(mt if mt is not None else "all matrices")
-        ax.legend(framealpha=0.85, fontsize=7)
+    axes.flat[0].legend(framealpha=0.85, fontsize=7)  # one legend: the panels share masks and colours
     _hide_unused(axes, len(shown))
     below = (d["overlap"] < d["random_baseline"])[d["overlap"].notna()].groupby(d["mask"]).mean()
     summ = "; ".join(f"{m}: below random in {100 * v:.0f}% of layers" for m, v in below.items())

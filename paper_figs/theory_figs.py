@@ -176,8 +176,10 @@ def _tightness(ax: Any, d: pd.DataFrame, regime_col: str | None, rv: np.ndarray,
     violated = (d["verdict"] == "violated").to_numpy(bool)
     order = np.argsort(rv, kind="stable")
     good = (assumed & np.isfinite(ratio) & np.isfinite(rv))[order]
-    ax.plot(rv[order][good], ratio[order][good], "o-", ms=3, lw=0.8, color=OKABE_ITO["blue"], alpha=0.8,
-            label="lhs / rhs", gid="tightness")
+    # A line only for a single sweep (one matrix / one run); instances from many matrices stay points.
+    groups = max([d[c].nunique() for c in ("name", "run", "layer", "matrix_type") if c in d.columns] or [1])
+    ax.plot(rv[order][good], ratio[order][good], "o-" if groups == 1 else "o", ms=3, lw=0.8,
+            color=OKABE_ITO["blue"], alpha=0.8, label="lhs / rhs", gid="tightness")
     ax.axhline(1.0, ls="--", color=OKABE_ITO["black"], lw=1.0, label="bound attained (ratio = 1)", gid="ratio-one")
     shown_v = violated & np.isfinite(ratio) & np.isfinite(rv)
     if shown_v.any():
