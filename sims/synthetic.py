@@ -302,6 +302,13 @@ def synthetic_sweep(
     ``ratio`` (= lhs / rhs), ``slack``, ``holds``, ``assumptions_hold``, ``failed_assumption`` ("" if none),
     ``verdict``, and the scalar details as ``d_*``. Each instance has its own seed derived from ``seed``.
     """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # tiny matrices: a multi-threaded BLAS only oversubscribes the cores
+        return _sweep(seed, ratios, spectra, perturbations, shapes, k)
+
+
+def _sweep(seed, ratios, spectra, perturbations, shapes, k) -> pd.DataFrame:
     from theory.spectral import gate2_all  # lazy: theory.spectral imports this module for its campaigns
 
     rows = []

@@ -517,6 +517,13 @@ def counterexample_as_stated() -> tuple[np.ndarray, np.ndarray, int]:
 def _campaign_checks(seed: int) -> tuple[dict[str, Check], ...]:
     """Every Gate II check on a seeded family: 5 spectra x 5 perturbations x 2 shapes x 4 ratios, plus the
     structured counterexample to the as-stated form."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # tiny matrices: a multi-threaded BLAS only oversubscribes the cores
+        return _campaign_instances(seed)
+
+
+def _campaign_instances(seed: int) -> tuple[dict[str, Check], ...]:
     from sims.synthetic import PERTURBATION_FAMILIES, SPECTRUM_FAMILIES, synthetic_pair
 
     out = [gate2_all(*counterexample_as_stated())]
