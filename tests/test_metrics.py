@@ -407,3 +407,36 @@ def test_overlap_known_and_baseline(rng):
     ov = [M.overlap(ref, np.isin(np.arange(n), rng.choice(n, s, replace=False))) for _ in range(100)]
     sd = math.sqrt(d * (1 - d) / s * (n - s) / (n - 1))
     assert abs(np.mean(ov) - d) <= 6 * sd / 10
+
+
+def test_fused_count_equals_formula_across_chunks_with_signed_zeros(rng):
+    """The blocked count path (CPU) equals the reference formula, +0/-0 pairs and block edges included."""
+    n = M.CHUNK_CPU + 5000
+    w0 = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(torch.bfloat16)
+    w1 = w0.clone()
+    i0, i1 = w0.view(torch.int16), w1.view(torch.int16)
+    late = np.arange(M.CHUNK_CPU - 3, M.CHUNK_CPU + 40)  # straddles the block edge
+    i0[late[:20]] = 0
+    i1[late[:20]] = -32768  # +0 -> -0: unchanged
+    i0[late[20:25]] = -32768
+    i1[late[20:25]] = -32768  # -0 -> -0: unchanged
+    i1[late[25:30]] = 1  # -> smallest subnormal: changed
+    step = rng.choice(n, 999, replace=False)
+    i1[step] ^= 0x0001  # flip the last mantissa bit: changed
+    expected = int((~M.bf16_unchanged_formula(w0, w1)).sum())
+    assert M.bf16_changed_count(w0, w1) == expected
+    assert M.bf16_changed_count(w1, w0) == expected
+    assert M.bf16_sparsity(w0, w1) == 1 - expected / n
+    assert int(M.update_mask(w0, w1).sum()) == expected
+
+
+@pytest.mark.parametrize("bits", [0x7F80, -0x80, 0x7FC1, -0x3F])  # +Inf, -Inf, NaN, negative NaN
+def test_fused_count_finds_nonfinite_in_a_late_block(bits):
+    n = M.CHUNK_CPU * 2 + 7
+    w0 = torch.ones(n, dtype=torch.bfloat16)
+    w1 = w0.clone()
+    w1.view(torch.int16)[n - 2] = bits
+    with pytest.raises(NonFiniteError, match="w1: 1 non-finite"):
+        M.bf16_changed_count(w0, w1)
+    with pytest.raises(NonFiniteError, match="w1: 1 non-finite"):
+        M.update_mask(w0, w1)

@@ -73,11 +73,12 @@ _ABS_MASK = 0x7FFF  # everything but the sign bit
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def to_bf16(x: Any, name: str = "input") -> torch.Tensor:
+def to_bf16(x: Any, name: str = "input", *, check: bool = True) -> torch.Tensor:
     """``x`` as a torch bf16 tensor (kept on its device). Raises ``NonFiniteError`` naming the count of NaN/Inf.
 
     numpy ``ml_dtypes.bfloat16`` arrays are reinterpreted bit for bit; other dtypes are rounded as
-    ``Tensor.to(torch.bfloat16)`` does (float64 via float32). Values that overflow to Inf are reported too.
+    ``Tensor.to(torch.bfloat16)`` does (float64 via float32). Values that overflow to Inf are reported too
+    (``check=False`` skips the bf16-level test, for callers that fuse it into their own pass).
     """
     if isinstance(x, torch.Tensor):
         t = x.detach()
@@ -100,16 +101,35 @@ def to_bf16(x: Any, name: str = "input") -> torch.Tensor:
         if bad:
             raise NonFiniteError(f"{name}: {bad} non-finite entries (NaN or Inf)")
     b = t.to(torch.bfloat16)
-    bad = int(((b.view(torch.int16) & _EXP_MASK) == _EXP_MASK).sum())
-    if bad:
-        raise NonFiniteError(f"{name}: {bad} non-finite entries (NaN or Inf) as bf16")
+    if check:
+        _raise_if_nonfinite_bits(b, name)
     return b
 
 
-def _pair_bf16(w0: Any, w1: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _nonfinite_count(b: torch.Tensor) -> int:
+    return int(((b.reshape(-1).view(torch.int16) & _EXP_MASK) == _EXP_MASK).sum())
+
+
+def _has_nonfinite_bits(i16) -> bool:
+    """Inf/NaN test by reductions only (fast): as int16, positive Inf/NaN lie in [0x7F80, 0x7FFF] (the top of the
+    signed range), negative ones in [0xFF80, 0xFFFF] (the top of the unsigned range)."""
+    if i16.shape[0] == 0:
+        return False
+    if isinstance(i16, np.ndarray):
+        return bool(i16.max() >= 0x7F80 or i16.view(np.uint16).max() >= 0xFF80)
+    return bool((i16.max() >= 0x7F80) | ((i16 < 0) & (i16 >= -128)).any())
+
+
+def _raise_if_nonfinite_bits(b: torch.Tensor, name: str) -> None:
+    flat = b.reshape(-1).view(torch.int16)
+    if _has_nonfinite_bits(flat.numpy() if flat.device.type == "cpu" else flat):
+        raise NonFiniteError(f"{name}: {_nonfinite_count(b)} non-finite entries (NaN or Inf) as bf16")
+
+
+def _pair_bf16(w0: Any, w1: Any, check: bool = True) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Both inputs as bf16 tensors on one device; the flag says whether to return torch (any input was torch)."""
     as_torch = isinstance(w0, torch.Tensor) or isinstance(w1, torch.Tensor)
-    a, b = to_bf16(w0, "w0"), to_bf16(w1, "w1")
+    a, b = to_bf16(w0, "w0", check=check), to_bf16(w1, "w1", check=check)
     if a.shape != b.shape:
         raise ShapeMismatchError(f"w0 has shape {tuple(a.shape)} but w1 has shape {tuple(b.shape)}")
     if a.device != b.device:
@@ -171,21 +191,63 @@ def update_mask(w0: Any, w1: Any, eta: float = ETA_DEFAULT) -> Bool[Any, "*shape
     return ~bf16_unchanged(w0, w1, eta)
 
 
+CHUNK_CPU = 1 << 18  # int16 entries per block: two blocks (1 MiB) stay in cache across the passes
+
+
+def _count_changed_bits(a: torch.Tensor, b: torch.Tensor) -> int:
+    """#(bits differ) - #(+0/-0 pairs), with the Inf/NaN test fused in, block by block (numpy on CPU, whose int16
+    kernels are vectorised; torch on other devices). Raises ``NonFiniteError`` naming the counts."""
+    x_all = a.contiguous().reshape(-1).view(torch.int16)
+    y_all = b.contiguous().reshape(-1).view(torch.int16)
+    n = x_all.shape[0]
+    if x_all.device.type != "cpu":
+        neq = x_all != y_all
+        changed = int(torch.count_nonzero(neq))
+        bad = _has_nonfinite_bits(x_all) or _has_nonfinite_bits(y_all)
+        if not bad and bool((x_all.min() == -32768) | (y_all.min() == -32768)):
+            changed -= int(torch.count_nonzero(((x_all | y_all) == -32768) & neq))
+    else:
+        xs, ys = x_all.numpy(), y_all.numpy()
+        buf = np.empty(min(CHUNK_CPU, n), dtype=bool)
+        changed, bad = 0, False
+        for s in range(0, n, CHUNK_CPU):
+            x, y = xs[s:s + CHUNK_CPU], ys[s:s + CHUNK_CPU]
+            neq = buf[: x.shape[0]]
+            np.not_equal(x, y, out=neq)
+            changed += int(np.count_nonzero(neq))
+            if _has_nonfinite_bits(x) or _has_nonfinite_bits(y):
+                bad = True
+                break
+            if x.min() == -32768 or y.min() == -32768:  # int16 -32768 is -0.0: only then can +0/-0 pairs exist
+                changed -= int(np.count_nonzero(((x | y) == np.int16(-32768)) & neq))
+    if bad:
+        for t, nm in ((a, "w0"), (b, "w1")):
+            c = _nonfinite_count(t)
+            if c:
+                raise NonFiniteError(f"{nm}: {c} non-finite entries (NaN or Inf) as bf16")
+    return changed
+
+
 def bf16_changed_count(w0: Any, w1: Any, eta: float = ETA_DEFAULT) -> int:
-    """Number of entries whose stored bf16 value changed."""
+    """Number of entries whose stored bf16 value changed (the fast fused pass for ``eta < 2**-8``)."""
     eta = _check_eta(eta)
-    a, b, _ = _pair_bf16(w0, w1)
-    same = _bits_equal_mod_zero_sign(a, b) if eta < ETA_BIT_EQUALITY_LIMIT else _formula_unchanged(a, b, eta)
+    a, b, _ = _pair_bf16(w0, w1, check=False)
+    if eta < ETA_BIT_EQUALITY_LIMIT:
+        return _count_changed_bits(a, b)
+    _raise_if_nonfinite_bits(a, "w0")
+    _raise_if_nonfinite_bits(b, "w1")
+    same = _formula_unchanged(a, b, eta)
     return int(same.numel() - int(same.sum()))
 
 
 def bf16_sparsity(w0: Any, w1: Any, eta: float = ETA_DEFAULT) -> float:
     """Def. 2.2: ``1 - (#changed) / n``. 1.0 = nothing changed. Raises ``InputError`` on empty tensors."""
-    a, _, _ = _pair_bf16(w0, w1)
+    eta = _check_eta(eta)
+    a, b, _ = _pair_bf16(w0, w1, check=False)
     n = a.numel()
     if n == 0:
         raise InputError("bf16_sparsity: empty tensors (n = 0), sparsity undefined")
-    return 1.0 - bf16_changed_count(w0, w1, eta) / n
+    return 1.0 - bf16_changed_count(a, b, eta) / n
 
 
 def abs_tol_unchanged(w0: Any, w1: Any, atol: float = 1e-5) -> Bool[np.ndarray, "*shape"]:
