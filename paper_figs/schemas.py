@@ -74,7 +74,7 @@ RUN_COLUMNS = (
 OTHER_TABLES = ("jaccard_pairs", "matrices", "by_layer", "by_type", "verify", "counterexamples")
 
 # Regime variables a check table may carry, in order of preference (with or without the ``d_`` detail prefix).
-REGIME_COLUMNS = ("dW_over_gap", "beta", "step", "kl", "eps", "eta", "lr", "scale")
+REGIME_COLUMNS = ("dW_over_gap", "beta", "step", "kl", "eps", "eta", "lr", "scale", "w")
 
 SCHEMAS: dict[str, Schema] = {
     s.name: s
@@ -327,6 +327,8 @@ def describe_run(df: pd.DataFrame, attrs: Mapping | None = None) -> str:
     if seeds is not None and seeds != []:
         seeds = seeds if isinstance(seeds, list) else [seeds]
         parts.append(("seed " if len(seeds) == 1 else "seeds ") + ", ".join(str(s) for s in seeds))
+    if "source" in df.columns:  # threegate verify: 'theory' campaigns or 'sim' training steps
+        parts.append("source " + ", ".join(map(str, _uniq(df["source"]))))
     if "run" in df.columns:
         runs = _uniq(df["run"])
         parts.append(f"{len(runs)} run(s): " + ", ".join(map(str, runs[:8])) + (" ..." if len(runs) > 8 else ""))

@@ -56,6 +56,7 @@ _REGIME_LABELS = {
     "eta": r"probe tolerance $\eta$",
     "lr": "learning rate",
     "scale": "perturbation scale",
+    "w": "stored weight w",
 }
 
 
@@ -178,8 +179,15 @@ def _tightness(ax: Any, d: pd.DataFrame, regime_col: str | None, rv: np.ndarray,
     good = (assumed & np.isfinite(ratio) & np.isfinite(rv))[order]
     # A line only for a single sweep (one matrix / one run); instances from many matrices stay points.
     groups = max([d[c].nunique() for c in ("name", "run", "layer", "matrix_type") if c in d.columns] or [1])
-    ax.plot(rv[order][good], ratio[order][good], "o-" if groups == 1 else "o", ms=3, lw=0.8,
+    sweep = groups == 1 and len(np.unique(rv[good[np.argsort(order)]])) == int(good.sum())
+    ax.plot(rv[order][good], ratio[order][good], "o-" if sweep else "o", ms=3, lw=0.8,
             color=OKABE_ITO["blue"], alpha=0.8, label="lhs / rhs", gid="tightness")
+    # ratio > 1 yet "holds": inside the check's tolerance (float64 noise floor); say so instead of hiding it
+    within_tol = assumed & ~violated & np.isfinite(ratio) & (ratio > 1) & np.isfinite(rv)
+    if within_tol.any():
+        ax.scatter(rv[within_tol], ratio[within_tol], marker="o", s=30, facecolors="none",
+                   edgecolors=OKABE_ITO["black"], linewidths=0.8, gid="within-tolerance",
+                   label=f"ratio > 1 within tolerance: {int(within_tol.sum())}")
     ax.axhline(1.0, ls="--", color=OKABE_ITO["black"], lw=1.0, label="bound attained (ratio = 1)", gid="ratio-one")
     shown_v = violated & np.isfinite(ratio) & np.isfinite(rv)
     if shown_v.any():

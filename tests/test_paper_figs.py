@@ -585,3 +585,23 @@ def test_every_paper_figure_names_its_number():
     assert labels == {"Table 1", "Fig. 2", "Fig. 3", "Fig. 4", "Fig. 5", "Fig. 6", "Fig. 9", "Fig. 10", "Fig. 12",
                       "Fig. 15"}
     assert set(pf.PAPER_FIGURES) <= set(schemas.SCHEMAS)
+
+
+def test_ratio_above_one_within_tolerance_is_shown_not_hidden():
+    # lhs > rhs by less than tol: the check holds (float64 noise floor) and is drawn as such, not as a violation
+    rows = [{**make_check("cor3.4-weyl", 2e-16, 1e-16, tol=1e-15).as_row(), "d_scale": 1e-3},
+            {**make_check("cor3.4-weyl", 0.5, 1.0).as_row(), "d_scale": 1.0}]
+    fig = tf.fig_theory_vs_empirical(pd.DataFrame(rows), "cor3.4-weyl")
+    _, ax_t = main_axes(fig)
+    (tol_pts,) = by_gid(ax_t, "within-tolerance")
+    np.testing.assert_allclose(offsets(tol_pts), [[1e-3, 2.0]])
+    assert not by_gid(ax_t, "violations")
+    (line,) = by_gid(ax_t, "tightness")
+    assert line.get_linestyle() == "-"  # one sweep with distinct regime values: joined
+
+
+def test_tightness_points_are_not_joined_across_repeated_regimes():
+    rows = [{**make_check("cor3.5", x, 1.0).as_row(), "d_dW_over_gap": r} for r, x in ((0.1, 0.2), (0.1, 0.5), (1, .3))]
+    fig = tf.fig_theory_vs_empirical(pd.DataFrame(rows), "cor3.5")
+    (line,) = by_gid(main_axes(fig)[1], "tightness")
+    assert line.get_linestyle() == "None"
