@@ -158,7 +158,9 @@ def scale_to_ratio(dW: Float[np.ndarray, "m n"], ratio: float, gap: float) -> Fl
     return dW * (ratio * gap / nrm)
 
 
-def random_curvature(d: int, rng: np.random.Generator, *, mu: float = 0.1, cond: float = 100.0) -> Float[np.ndarray, "d d"]:
+def random_curvature(
+    d: int, rng: np.random.Generator, *, mu: float = 0.1, cond: float = 100.0
+) -> Float[np.ndarray, "d d"]:
     """A seeded PSD curvature S (d, d) with eigenvalues spread log-uniformly in [mu, mu * cond] (so lambda_min = mu)."""
     if d < 1 or mu <= 0 or cond < 1:
         raise InputError(f"random_curvature: need d >= 1, mu > 0, cond >= 1 (got d={d}, mu={mu}, cond={cond})")
@@ -298,9 +300,10 @@ def synthetic_sweep(
 
     Columns: ``instance`` (id), ``seed``, ``spectrum``, ``perturbation``, ``m``, ``n``, ``k``, ``target_ratio``,
     ``dW_over_gap`` (||W1 - W0||_2 / gamma_k(W0), both measured from the float64 matrices; it differs from
-    ``target_ratio`` by the rounding of W0 + dW, visible when gamma_k is tiny), then ``Check.as_row()``: ``result_id``, ``lhs``, ``rhs``,
-    ``ratio`` (= lhs / rhs), ``slack``, ``holds``, ``assumptions_hold``, ``failed_assumption`` ("" if none),
-    ``verdict``, and the scalar details as ``d_*``. Each instance has its own seed derived from ``seed``.
+    ``target_ratio`` by the rounding of W0 + dW, visible when gamma_k is tiny), then ``Check.as_row()``:
+    ``result_id``, ``lhs``, ``rhs``, ``ratio`` (= lhs / rhs), ``slack``, ``holds``, ``assumptions_hold``,
+    ``failed_assumption`` ("" if none), ``verdict``, and the scalar details as ``d_*``. Each instance has its own
+    seed derived from ``seed``. ``df.attrs["regime"] = "dW_over_gap"`` (the x axis of the figures).
     """
     from threadpoolctl import threadpool_limits
 
@@ -321,7 +324,7 @@ def _sweep(seed, ratios, spectra, perturbations, shapes, k) -> pd.DataFrame:
         kl = {key: pair[key] for key in ("delta_W", "mu_W") if key in pair}
         checks = gate2_all(pair["W0"], pair["W1"], k, **kl)
         # measured on the float64 matrices (W0 + dW rounds; the prescribed gap is exact only up to eps ||W0||)
-        dW_over_gap = float(checks["thm3.3"].details["dW_over_gap"])
+        dW_over_gap = float(checks["thm3.3"].details.get("dW_over_gap", np.nan))
         for c in checks.values():
             row = {
                 "instance": inst, "seed": int(cs), "spectrum": sfam, "perturbation": pfam, "m": m, "n": n, "k": k,
