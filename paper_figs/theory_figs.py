@@ -33,6 +33,7 @@ from theory.errors import InputError
 
 __all__ = [
     "THM33_FORMS",
+    "STATEMENT_TEX",
     "numeric_result_ids",
     "fig_theory_vs_empirical",
     "fig_tightness",
@@ -46,6 +47,22 @@ THM33_FORMS: tuple[tuple[str, str], ...] = (
     ("thm3.3-wedin", r"Wedin: $\leq \max(\|\Delta W\, V_k^{+}\|_2,\ \|\Delta W^{T} U_k^{+}\|_2)\,/\,\delta$"),
     ("thm3.3-rigorous", r"rigorous: $\leq \|\Delta W\|_2/(\gamma_k - \|\Delta W\|_2)$"),
 )
+
+# The statements as mathtext, for axes titles (the registry's plain-text statement goes into the caption).
+STATEMENT_TEX: dict[str, str] = {
+    "thm3.3": r"$\max(\|\sin\Theta(U_k)\|_2, \|\sin\Theta(V_k)\|_2) \leq \|\Delta W\|_2 / \gamma_k$",
+    "thm3.3-wedin": r"$\|\sin\Theta\|_2 \leq \max(\|\Delta W\, V_k^{+}\|_2, \|\Delta W^{T} U_k^{+}\|_2) / \delta$",
+    "thm3.3-rigorous": r"$\|\sin\Theta\|_2 \leq \|\Delta W\|_2 / (\gamma_k - \|\Delta W\|_2)$",
+    "corF.13": r"$\|U_kU_k^{T}(W_0) - U_kU_k^{T}(W_+)\|_2 = \|\sin\Theta(U_k)\|_2 \leq \|\Delta W\|_2 / \delta$",
+    "cor3.4-weyl": r"$|\sigma_i(W_+) - \sigma_i(W_0)| \leq \|\Delta W\|_2$",
+    "cor3.4-mirsky": r"$\|\sigma(W_+) - \sigma(W_0)\|_2 \leq \|\Delta W\|_F$",
+    "cor3.5": r"$|\|W_+\|_{(k)} - \|W_0\|_{(k)}| \leq \|\Delta W\|_{(k)} \leq k\,\|\Delta W\|_2$",
+    "cor3.6": r"$W$ changes $\Leftrightarrow$ $|\Delta W| \geq \frac{1}{2}\mathrm{ULP}(W)$ (as stated)",
+    "lemE.1": r"$|x - y| \geq 2^{e-7}$,  $|x-y| / \max(|x|,|y|) > 2^{-8}$",
+    "lemE.1-across": r"$|x-y| / \max(|x|,|y|) > 2^{-8}$ across binades (as stated)",
+    "lemE.2": r"$\mathrm{ULP}(x) / |x| \in (2^{-8}, 2^{-7}]$",
+    "propE.3": r"$|\hat{w} - w| \leq \eta \max(|w|, |\hat{w}|) \Leftrightarrow \hat{w} = w$,  $\eta < 2^{-9}$",
+}
 
 _REGIME_LABELS = {
     "dW_over_gap": r"$\|\Delta W\|_2 / \gamma_k$",
@@ -229,7 +246,7 @@ def fig_theory_vs_empirical(df: pd.DataFrame, result_id: str, *, regime: str | N
     regime_col, rv = _regime_values(d, regime)
     fig, axes = new_figure(1, 2, width=11.0, height=4.6)
     stats = _scatter_sides(axes[0, 0], d, regime_col, rv, fig)
-    axes[0, 0].set_title("measured vs bound")
+    axes[0, 0].set_title("measured vs bound\n" + STATEMENT_TEX.get(result_id, result_id), fontsize=9)
     _tightness(axes[0, 1], d, regime_col, rv)
     axes[0, 1].set_title("tightness")
     stmt = _statement(result_id)

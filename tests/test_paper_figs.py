@@ -605,3 +605,18 @@ def test_tightness_points_are_not_joined_across_repeated_regimes():
     fig = tf.fig_theory_vs_empirical(pd.DataFrame(rows), "cor3.5")
     (line,) = by_gid(main_axes(fig)[1], "tightness")
     assert line.get_linestyle() == "None"
+
+
+def test_statement_mathtext_parses_and_covers_the_registry():
+    import theory
+    from matplotlib.mathtext import MathTextParser
+
+    parser = MathTextParser("path")
+    for rid, tex in tf.STATEMENT_TEX.items():
+        for piece in tex.split("$")[1::2]:
+            parser.parse(f"${piece}$")  # raises ValueError on bad mathtext
+    # each mathtext statement belongs to a registered result (a renamed id would silently lose its title)
+    assert set(tf.STATEMENT_TEX) <= set(theory.RESULTS), sorted(set(tf.STATEMENT_TEX) - set(theory.RESULTS))
+    # an id without one falls back to its name
+    fig = tf.fig_theory_vs_empirical(pd.DataFrame([make_check("new-id", 1.0, 2.0).as_row()]), "new-id")
+    assert main_axes(fig)[0].get_title().endswith("new-id")
