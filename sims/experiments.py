@@ -1,0 +1,324 @@
+"""Named experiments on the small transformer and ``threegate run NAME --config FILE [--out DIR]``.
+
+An experiment pretrains (or loads from the cache) the base model, runs RLVR and/or SFT from it with probes, and
+writes into ``--out`` (default ``runs/NAME-<config hash>``):
+
+* ``checks.{csv,parquet}`` — theory checks on the real steps (schema ``checks`` of ``paper_figs.schemas``; one row
+  per (run, step, matrix, reference, result_id); ``fisher_estimator`` names the Fisher used by Prop 3.2 / Eq 7);
+* ``metrics.{csv,parquet}`` — tidy probe metrics (run, kind, step, matrix, metric, value);
+* ``history.{csv,parquet}`` — per-step training statistics;
+* ``sparsity.{csv,parquet}`` — Table 1 at our scale: bf16 update sparsity of the final stored weights against the
+  base, per run and matrix type (``all`` pools every block matrix);
+* ``spectrum`` / ``angles`` — Fig. 4 at our scale (singular values and top-k principal angles, final vs base);
+* ``kl_beta0`` — Fig. 15: token-wise KL to the base over the probed steps of clip-only (beta = 0) RL runs;
+* ``config.json`` (the resolved configuration, seed included), ``run.json`` (seed, wall times, versions) and the
+  stored-weight snapshots (safetensors) under ``snapshots/``.
+
+Config files are TOML or JSON::
+
+    seed = 0                       # optional: overrides the seed of every run
+    device = "cpu"                 # optional: overrides every run's device
+    [pretrain]
+    preset = "default"             # "fast" | "default"; other keys override PretrainConfig fields
+    [rlvr]                         # RLConfig fields
+    task = "counting"
+    steps = 30
+    [rlvr.probe]                   # ProbeConfig fields
+    steps = [0, 10, 20, 30]
+    [sft]                          # SFTConfig fields
+
+The probed steps always include 0 and the last step (the sparsity / spectrum tables compare those two).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sims.probe import ProbeConfig, RunResult
+from theory.errors import InputError
+
+__all__ = ["EXPERIMENTS", "Experiment", "experiment", "load_config", "config_hash", "run_experiment",
+           "summary_tables", "add_arguments", "run"]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    doc: str
+    fn: Callable[[dict], list[RunResult]]
+
+
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def experiment(name: str) -> Callable[[Callable[[dict], list[RunResult]]], Callable[[dict], list[RunResult]]]:
+    def deco(fn):
+        EXPERIMENTS[name] = Experiment(name, (fn.__doc__ or "").strip().splitlines()[0], fn)
+        return fn
+
+    return deco
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def load_config(path: str | Path | None) -> dict:
+    """Read a TOML or JSON config file (None: empty config, every default)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        if path.suffix == ".json":
+            cfg = json.loads(text)
+            if not isinstance(cfg, dict):
+                raise InputError(f"config file {path}: top level must be an object")
+            return cfg
+    except (ValueError, TypeError) as e:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+        raise InputError(f"config file {path} is not valid {path.suffix[1:].upper()}: {e}") from None
+    raise InputError(f"config file {path}: unsupported extension {path.suffix!r} (use .toml or .json)")
+
+
+def config_hash(name: str, cfg: Mapping) -> str:
+    return hashlib.sha256(json.dumps({"experiment": name, "config": cfg}, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _dataclass_from(cls, section: Mapping | None, *, where: str, **forced):
+    section = dict(section or {})
+    section.update({k: v for k, v in forced.items() if v is not None})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise InputError(f"[{where}] unknown keys {unknown}; known: {sorted(known)}")
+    return cls(**section)
+
+
+def _pretrain_config(cfg: Mapping):
+    from sims.pretrain import PretrainConfig
+
+    sec = dict(cfg.get("pretrain", {}))
+    preset = sec.pop("preset", "default")
+    sec.pop("cache_dir", None)
+    if preset not in ("fast", "default"):
+        raise InputError(f"[pretrain] preset must be 'fast' or 'default', got {preset!r}")
+    known = {f.name for f in fields(PretrainConfig)}
+    unknown = sorted(set(sec) - known)
+    if unknown:
+        raise InputError(f"[pretrain] unknown keys {unknown}")
+    return getattr(PretrainConfig, preset)(**sec)
+
+
+def _base_model(cfg: Mapping):
+    from sims.pretrain import pretrain
+
+    pcfg = _pretrain_config(cfg)
+    cache = cfg.get("pretrain", {}).get("cache_dir", ".cache/threegate")
+    model, info = pretrain(pcfg, cache_dir=cache, device=cfg.get("device", "cpu"))
+    return model, info
+
+
+def _with_endpoints(probe: ProbeConfig, steps: int) -> ProbeConfig:
+    return replace(probe, steps=tuple(sorted(set(probe.steps) | {0, steps})))
+
+
+def _rl_config(cfg: Mapping):
+    from sims.rlvr import RLConfig
+
+    rc = _dataclass_from(RLConfig, cfg.get("rlvr"), where="rlvr", seed=cfg.get("seed"), device=cfg.get("device"))
+    rc.probe = _with_endpoints(rc.probe, rc.steps)
+    return rc
+
+
+def _sft_config(cfg: Mapping):
+    from sims.sft import SFTConfig
+
+    sc = _dataclass_from(SFTConfig, cfg.get("sft"), where="sft", seed=cfg.get("seed"), device=cfg.get("device"))
+    sc.probe = _with_endpoints(sc.probe, sc.steps)
+    return sc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The experiments
+
+
+@experiment("rlvr")
+def exp_rlvr(cfg: dict) -> list[RunResult]:
+    """RLVR (GRPO / DAPO / REINFORCE+KL) from the pretrained model, with probes and theory checks on real steps."""
+    from sims.rlvr import train_rlvr
+
+    model, _ = _base_model(cfg)
+    return [train_rlvr(model, _rl_config(cfg), run_name="rlvr")]
+
+
+@experiment("sft")
+def exp_sft(cfg: dict) -> list[RunResult]:
+    """SFT on correct demonstrations from the pretrained model, with probes and theory checks on real steps."""
+    from sims.sft import train_sft
+
+    model, _ = _base_model(cfg)
+    return [train_sft(model, _sft_config(cfg), run_name="sft")]
+
+
+@experiment("rl_vs_sft")
+def exp_rl_vs_sft(cfg: dict) -> list[RunResult]:
+    """RLVR and SFT on the same task from the same pretrained checkpoint (Table 1 / Fig. 4 at our scale)."""
+    from sims.rlvr import train_rlvr
+    from sims.sft import train_sft
+
+    model, _ = _base_model(cfg)
+    rl_cfg, sft_cfg = _rl_config(cfg), _sft_config(cfg)
+    if "task" not in cfg.get("sft", {}):
+        sft_cfg.task = rl_cfg.task  # the same task unless the config says otherwise
+    return [train_rlvr(copy.deepcopy(model), rl_cfg, run_name="rlvr"),
+            train_sft(copy.deepcopy(model), sft_cfg, run_name="sft")]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def summary_tables(results: list[RunResult], k: int | None = None) -> dict[str, pd.DataFrame]:
+    """sparsity / spectrum / angles (final probed step vs step 0) and kl_beta0 from probed runs."""
+    from sims.model import layer_index, matrix_type
+    from theory.linalg import singular_values
+    from theory.metrics import bf16_changed_count, principal_angles_topk
+
+    sparsity, spectrum, angles, klb = [], [], [], []
+    for res in results:
+        method = "RL" if res.kind == "rlvr" else "SFT"
+        steps = res.config.get("steps")
+        seed = res.config.get("seed")
+        kk = k or res.config.get("probe", {}).get("k", 4)
+        if 0 not in res.snapshots or len(res.snapshots) < 2:
+            continue
+        last = max(res.snapshots)
+        base, final = res.snapshots[0], res.snapshots[last]
+        pooled: dict[str, list[int]] = {}
+        for name in base:
+            try:
+                mt, layer = matrix_type(name), layer_index(name)
+            except InputError:
+                continue
+            changed, n = bf16_changed_count(base[name], final[name]), base[name].numel()
+            for key in (mt, "all"):
+                acc = pooled.setdefault(key, [0, 0])
+                acc[0] += changed
+                acc[1] += n
+            s0, s1 = singular_values(base[name]), singular_values(final[name])
+            for i, (a, b) in enumerate(zip(s0, s1)):
+                spectrum.append({"run": res.name, "layer": layer, "matrix_type": mt, "i": i, "sigma_base": a,
+                                 "sigma_tuned": b, "seed": seed, "steps": steps})
+            aU, aV = principal_angles_topk(base[name], final[name], kk)
+            for side, arr in (("U", aU), ("V", aV)):
+                for i, th in enumerate(np.atleast_1d(arr)):
+                    angles.append({"run": res.name, "layer": layer, "matrix_type": mt, "side": side, "i": i,
+                                   "angle_deg": float(np.degrees(th)), "k": kk, "seed": seed, "steps": steps})
+        for mt, (c, n) in pooled.items():
+            sparsity.append({"run": res.name, "method": method, "matrix_type": mt, "sparsity": 1 - c / n,
+                             "changed": c, "total": n, "precision": res.config.get("precision"), "seed": seed,
+                             "steps": steps, "model": "TinyGPT"})
+        if res.kind == "rlvr" and res.config.get("beta", 0) == 0:
+            m = res.metrics
+            for _, row in m[m["metric"] == "kl_tok_base"].iterrows():
+                klb.append({"run": res.name, "step": int(row["step"]), "kl": row["value"], "beta": 0.0,
+                            "seed": seed, "steps": steps, "model": "TinyGPT"})
+    return {"sparsity": pd.DataFrame(sparsity), "spectrum": pd.DataFrame(spectrum), "angles": pd.DataFrame(angles),
+            "kl_beta0": pd.DataFrame(klb)}
+
+
+def _write_table(df: pd.DataFrame, out: Path, name: str) -> None:
+    df.to_csv(out / f"{name}.csv", index=False)
+    df.to_parquet(out / f"{name}.parquet", index=False)
+
+
+def run_experiment(name: str, cfg: dict, out: str | Path | None = None) -> Path:
+    """Run experiment ``name`` with config ``cfg`` and write its tables into ``out``; returns the directory."""
+    if name not in EXPERIMENTS:
+        raise InputError(f"unknown experiment {name!r}; known: {sorted(EXPERIMENTS)}")
+    out = Path(out) if out is not None else Path("runs") / f"{name}-{config_hash(name, cfg)}"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results = EXPERIMENTS[name].fn(cfg)
+    tables = {
+        "checks": pd.concat([r.checks for r in results], ignore_index=True),
+        "metrics": pd.concat([r.metrics for r in results], ignore_index=True),
+        "history": pd.concat([r.history for r in results], ignore_index=True),
+        **summary_tables(results),
+    }
+    for tname, df in tables.items():
+        _write_table(df, out, tname)
+    for r in results:
+        for t, sd in r.snapshots.items():
+            from sims.storage import save_snapshot
+
+            save_snapshot(sd, out / "snapshots" / f"{r.name}_step{t:05d}.safetensors", {"run": r.name, "step": t})
+    resolved = {"experiment": name, "input": cfg, "runs": {r.name: r.config for r in results}}
+    (out / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str))
+    info = {
+        "experiment": name, "seed": cfg.get("seed", {r.name: r.config.get("seed") for r in results}),
+        "config_hash": config_hash(name, cfg), "wall_seconds": time.perf_counter() - t0,
+        "run_wall_seconds": {r.name: r.wall_seconds for r in results},
+        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+    }
+    (out / "run.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", help=f"experiment name ({', '.join(sorted(EXPERIMENTS))})")
+    parser.add_argument("--config", type=Path, default=None, help="TOML or JSON config file (default: all defaults)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default runs/NAME-<hash>)")
+    parser.add_argument("--seed", type=int, default=None, help="override the seed of every run")
+    parser.add_argument("--device", default=None, help="override the device of every run (cpu, cuda)")
+    parser.add_argument("--list", action="store_true", help="list the experiments and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list or not args.name:
+        for e in EXPERIMENTS.values():
+            print(f"{e.name:12s} {e.doc}")
+        return 0 if args.list else 2
+    cfg = load_config(args.config)
+    if args.seed is not None:
+        cfg["seed"] = args.seed
+    if args.device is not None:
+        cfg["device"] = args.device
+    out = run_experiment(args.name, cfg, args.out)
+    sp = pd.read_csv(out / "sparsity.csv") if (out / "sparsity.csv").stat().st_size > 1 else pd.DataFrame()
+    chk = pd.read_parquet(out / "checks.parquet")
+    print(f"threegate run {args.name}: wrote {out}")
+    if len(sp):
+        allrow = sp[sp["matrix_type"] == "all"]
+        for _, r in allrow.iterrows():
+            print(f"  {r['run']:6s} bf16 update sparsity (all block matrices): {r['sparsity']:.4f}")
+    if len(chk):
+        met = chk[chk["assumptions_hold"].astype(bool)]
+        worst = met.groupby("result_id")["ratio"].max()
+        viol = met[~met["holds"].astype(bool)].groupby("result_id").size()
+        for rid, w in worst.items():
+            print(f"  {rid:18s} worst lhs/rhs {w:.4g}  violations {int(viol.get(rid, 0))}")
+    return 0
