@@ -217,7 +217,9 @@ def _tightness(ax: Any, d: pd.DataFrame, regime_col: str | None, rv: np.ndarray,
                 transform=ax.get_xaxis_transform(), label=f"{ASSUMPTION_LABEL}: {int(fa.sum())}", gid="assumption-failed")
         if shade_assumption:
             lo, hi = float(rv[fa].min()), float(rv[fa].max())
-            ax.axvspan(lo, hi, color=OKABE_ITO["yellow"], alpha=0.25, lw=0, label="assumption-failed range",
+            if lo == hi:  # one regime value: widen so the band is visible (10% either side, log or linear)
+                lo, hi = (lo / 1.1, hi * 1.1) if lo > 0 else (lo - 0.05 * (abs(lo) or 1), hi + 0.05 * (abs(hi) or 1))
+            ax.axvspan(lo, hi, color=OKABE_ITO["yellow"], alpha=0.35, lw=0, label="range of assumption failures",
                        gid="assumption-region")
     ax.set_xlabel(_regime_label(regime_col))
     ax.set_ylabel("tightness  lhs / rhs")
