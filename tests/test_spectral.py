@@ -242,6 +242,9 @@ def test_exact_results_hold_on_controlled_spectra_in_both_orders(x):
         assert bwd[rid].rhs == pytest.approx(fwd[rid].rhs, abs=2 * fwd[rid].tol)
     if fwd["corF.13"].assumptions_hold and bwd["corF.13"].assumptions_hold:
         assert fwd["corF.13"].details["identity_holds"] and bwd["corF.13"].details["identity_holds"]
+    for checks in (fwd, bwd):  # the as-stated form is never off by more than a factor 2
+        if checks["thm3.3"].assumptions_hold:
+            assert checks["thm3.3"].details["factor2_holds"], checks["thm3.3"]
     if "delta_W" in kl:  # Lemma F.10 by construction: ||dW||_F <= sqrt(2 delta / mu)
         assert fwd["cor3.4-mirsky"].details["kl_chain_holds"]
 
@@ -315,6 +318,8 @@ def test_valid_forms_hold_wherever_the_as_stated_one_is_tested(x):
     assert checks["thm3.3-rigorous"].verdict != "violated"
     if checks["thm3.3"].verdict == "violated":  # then the rigorous form must hold (not be assumption-failed)
         assert checks["thm3.3"].details["dW_over_gap"] < 1 and checks["thm3.3-rigorous"].holds
+    if checks["thm3.3"].assumptions_hold:
+        assert checks["thm3.3"].details["factor2_holds"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,6 +363,18 @@ def test_subspace_bounds_tight_on_small_rotations_of_a_rank_one_matrix():
         assert checks["corF.13"].ratio == pytest.approx(half, rel=1e-9)
         assert checks["thm3.3-rigorous"].ratio == pytest.approx(half * (1 - 2 * math.sin(theta / 2)), rel=1e-9)
         assert min(checks[r].ratio for r in ("thm3.3-wedin", "thm3.3-rigorous", "corF.13")) > 1 - 2.1 * theta
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-6])
+def test_as_stated_violation_factor_approaches_two_but_never_exceeds_it(eps):
+    """Swap sigma_k and sigma_{k+1} with ||dW||_2 / gamma_k = 1/2 + eps: sin Theta = 1, so lhs/rhs = 1/(1/2 + eps)
+    -> 2, the supremum (sin <= min(rho/(1 - rho), 1) <= 2 rho). Just below 1/2 nothing swaps: lhs = 0."""
+    inst = synthetic_pair(6, "gapped", "swap", 7, 5, 2, 0.5 + eps)
+    c = thm33_as_stated(inst["W0"], inst["W1"], 2)
+    assert c.verdict == "violated" and c.lhs == pytest.approx(1.0, abs=1e-9)
+    assert c.ratio == pytest.approx(1 / (0.5 + eps), rel=1e-9) and c.ratio < 2 and c.details["factor2_holds"]
+    below = synthetic_pair(6, "gapped", "swap", 7, 5, 2, 0.5 - eps)
+    assert thm33_as_stated(below["W0"], below["W1"], 2).lhs < 1e-9
 
 
 def test_wedin_attained_exactly_by_the_swap():

@@ -7,7 +7,8 @@ left/right singular subspaces, ``sin_k = max(||sin Theta(U_k(W0), U_k(W1))||_2, 
 
 Results (id: statement):
 
-- ``thm3.3``          sin_k <= ||dW||_2 / gamma_k                          (as stated; first order, NOT a theorem)
+- ``thm3.3``          sin_k <= ||dW||_2 / gamma_k                          (as stated; first order, NOT a theorem;
+                      it fails by at most a factor 2: sin_k <= 2 ||dW||_2 / gamma_k always, ``rhs_factor2``)
 - ``thm3.3-wedin``    sin_k <= max(||dW V_k(W1)||_2, ||dW^T U_k(W1)||_2) / delta,
                       delta = sigma_k(W1) - alpha > 0, alpha = sigma_{k+1}(W0)   (Wedin 1972; Stewart & Sun V.4.4)
 - ``thm3.3-rigorous`` sin_k <= ||dW||_2 / (gamma_k - ||dW||_2)            (needs ||dW||_2 < gamma_k)
@@ -282,6 +283,11 @@ def _thm33_as_stated(P: SpectralPair, k: int, kl: float | None) -> Check:
     rhs = P.dW_2 / gap
     if P.dW_2 < gap:
         d["rhs_rigorous"] = P.dW_2 / (gap - P.dW_2)
+    # The as-stated form is off by at most a factor 2: with rho = ||dW||_2 / gamma_k, the rigorous form gives
+    # sin <= rho / (1 - rho) <= 2 rho for rho < 1/2, and sin <= 1 <= 2 rho otherwise. So 2 ||dW||_2 / gamma_k is a
+    # valid W0-only bound at every step size (sup of lhs/rhs = 2, approached by the swap family as rho -> 1/2+).
+    d["rhs_factor2"] = 2.0 * rhs
+    d["factor2_holds"] = bool(lhs <= 2.0 * rhs + 2.0 * _ratio_tol(P.dW_2, gap, P.eps_s, 2 * P.eps_s, P.eps_basis))
     if kl is not None:
         d["rhs_kl"] = kl / gap
         d["kl_chain_holds"] = bool(P.dW_2 <= kl + P.eps_s)
