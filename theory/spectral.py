@@ -242,6 +242,13 @@ def _kl_bound(delta_W: float | None, mu_W: float | None) -> float | None:
     return math.sqrt(2.0 * delta_W / mu_W)
 
 
+def _check(result_id: str, lhs: float, rhs: float, tol: float, details: dict) -> Check:
+    """make_check, recording whether lhs is resolved above rounding (lhs > tol): where it is not, lhs / rhs is
+    rounding noise (e.g. both sides ~1e-16 when dW leaves the subspaces fixed) and only the verdict means anything."""
+    details["lhs_resolved"] = bool(lhs > tol)
+    return make_check(result_id, lhs, rhs, tol=tol, details=details)
+
+
 def _with_holds(c: Check, holds: bool) -> Check:
     return dataclasses.replace(c, holds=bool(holds))
 
@@ -292,7 +299,7 @@ def _thm33_as_stated(P: SpectralPair, k: int, kl: float | None) -> Check:
         d["rhs_kl"] = kl / gap
         d["kl_chain_holds"] = bool(P.dW_2 <= kl + P.eps_s)
     tol = _ratio_tol(P.dW_2, gap, P.eps_s, 2 * P.eps_s, P.eps_basis)
-    return make_check(rid, lhs, rhs, tol=tol, details=d)
+    return _check(rid, lhs, rhs, tol, d)
 
 
 def _thm33_wedin(P: SpectralPair, k: int, kl: float | None) -> Check:
@@ -312,7 +319,7 @@ def _thm33_wedin(P: SpectralPair, k: int, kl: float | None) -> Check:
         d["rhs_kl"] = kl / delta
         d["kl_chain_holds"] = bool(P.dW_2 <= kl + P.eps_s)
     tol = _ratio_tol(num, delta, 2 * P.eps_s, 2 * P.eps_s, P.eps_basis)
-    return make_check(rid, lhs, num / delta, tol=tol, details=d)
+    return _check(rid, lhs, num / delta, tol, d)
 
 
 def _thm33_rigorous(P: SpectralPair, k: int, kl: float | None) -> Check:
@@ -330,7 +337,7 @@ def _thm33_rigorous(P: SpectralPair, k: int, kl: float | None) -> Check:
         d["rhs_kl"] = kl / (gap - kl) if kl < gap else math.inf
         d["kl_chain_holds"] = bool(P.dW_2 <= kl + P.eps_s)
     tol = _ratio_tol(P.dW_2, den, P.eps_s, 3 * P.eps_s, P.eps_basis)
-    return make_check(rid, lhs, P.dW_2 / den, tol=tol, details=d)
+    return _check(rid, lhs, P.dW_2 / den, tol, d)
 
 
 def _corF13(P: SpectralPair, k: int, kl: float | None) -> Check:
@@ -353,7 +360,7 @@ def _corF13(P: SpectralPair, k: int, kl: float | None) -> Check:
         d["rhs_kl"] = kl / delta
     lhs = max(pU, pV)
     tol = _ratio_tol(P.dW_2, delta, P.eps_s, 2 * P.eps_s, P.eps_basis + id_tol)
-    c = make_check(rid, lhs, P.dW_2 / delta, tol=tol, details=d)
+    c = _check(rid, lhs, P.dW_2 / delta, tol, d)
     return _with_holds(c, c.holds and identity_holds)
 
 
@@ -363,7 +370,7 @@ def _cor34_weyl(P: SpectralPair, k: int, kl: float | None) -> Check:
     if kl is not None:
         d["rhs_kl"] = kl
         d["kl_chain_holds"] = bool(P.dW_2 <= kl + P.eps_s)
-    return make_check("cor3.4-weyl", float(diff.max()), P.dW_2, tol=3 * P.eps_s, details=d)
+    return _check("cor3.4-weyl", float(diff.max()), P.dW_2, 3 * P.eps_s, d)
 
 
 def _cor34_mirsky(P: SpectralPair, k: int, kl: float | None) -> Check:
@@ -373,7 +380,7 @@ def _cor34_mirsky(P: SpectralPair, k: int, kl: float | None) -> Check:
         d["rhs_kl"] = kl
         d["kl_chain_holds"] = bool(P.dW_F <= kl * (1 + 4 * EPS64) + P.eps_s)
     tol = (2 * math.sqrt(P.r) + 1) * P.eps_s
-    return make_check("cor3.4-mirsky", lhs, P.dW_F, tol=tol, details=d)
+    return _check("cor3.4-mirsky", lhs, P.dW_F, tol, d)
 
 
 def _cor35_kyfan(P: SpectralPair, k: int, kl: float | None) -> Check:
@@ -391,7 +398,7 @@ def _cor35_kyfan(P: SpectralPair, k: int, kl: float | None) -> Check:
     if kl is not None:
         d["rhs_kl"] = k * kl
         d["kl_chain_holds"] = bool(P.dW_2 <= kl + P.eps_s)
-    c = make_check("cor3.5", lhs, rhs, tol=tol, details=d)
+    c = _check("cor3.5", lhs, rhs, tol, d)
     return _with_holds(c, c.holds and all(links))
 
 
