@@ -1,0 +1,108 @@
+"""Tests for threegate.bench at tiny sizes: the table's structure and that the reported errors agree with an
+independent exact computation (numpy's SVD). Speeds are never asserted."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from theory.errors import InputError
+from theory.fast_spectral import topk_svd
+from theory.linalg import principal_angles
+from threegate import bench
+from threegate.cli import main
+
+EPS64 = np.finfo(np.float64).eps
+SIZES, KS = [48, 64], [2, 5, 70]  # k = 70 >= n is skipped
+
+
+@pytest.fixture(scope="module")
+def result():
+    return bench.run_bench(SIZES, KS, repeats=1, seed=3, decay=1.0, tol=1e-6, sparsity_entries=5000)
+
+
+def test_rows_cover_every_valid_size_and_k(result):
+    rows = result["spectral"]
+    assert [(r["n"], r["k"]) for r in rows] == [(48, 2), (48, 5), (64, 2), (64, 5)]
+    for r in rows:
+        assert r["speedup"] == r["t_full_s"] / r["t_fast_s"]
+        assert r["target"] == "n/a"  # the target is defined at n = 4096 only
+        assert r["method_used"] in ("randomized", "randomized->exact")
+        assert r["angle_err_rad"] <= r["angle_bound_rad"] + 1e-12
+
+
+def test_make_matrices_have_the_stated_spectra():
+    W0, dW, s, dn = bench.make_matrices(40, seed=1, decay=0.7)
+    s_np = np.linalg.svd(W0.numpy(), compute_uv=False)
+    assert np.allclose(s_np, s.numpy(), rtol=0, atol=40 * 40 * EPS64)
+    d_np = np.linalg.svd(dW.numpy(), compute_uv=False)
+    assert abs(d_np[0] - dn) <= 40 * 40 * EPS64 * dn and dn == bench.DELTA_SCALE
+
+
+def test_reported_errors_match_an_independent_exact_computation(result):
+    for r in result["spectral"]:
+        n, k = r["n"], r["k"]
+        W0, dW, s, dn = bench.make_matrices(n, seed=3, decay=1.0)
+        U, S, Vh = np.linalg.svd(W0.numpy())
+        fast = topk_svd(W0, k, method="randomized", tol=1e-6, seed=3)  # deterministic: the bench's own answer
+        angle = max(principal_angles(U[:, :k], fast.U).max(), principal_angles(Vh[:k].T, fast.V).max())
+        # two float64 references of the same exact subspace differ by ~ n eps sigma_1 / gap
+        slack = 50 * n * EPS64 * S[0] / (S[k - 1] - S[k])
+        assert abs(r["angle_err_rad"] - angle) <= slack
+        assert r["sigma_err"] == pytest.approx(np.max(np.abs(fast.S - S[:k])), abs=50 * n * EPS64)
+        exact_norm = np.linalg.norm(dW.numpy(), 2)
+        assert abs(exact_norm - dn) <= 50 * n * EPS64 * dn
+        assert r["norm_rel_err"] <= r["norm_bound_rel"] + 50 * n * EPS64
+
+
+def test_sparsity_row_is_exact_and_consistent(result):
+    sp = result["sparsity"]
+    w0, w1, n_changed = bench.make_sparsity_pair(5000, seed=3)
+    differ = int(np.count_nonzero(w0.view(torch.int16).numpy() != w1.view(torch.int16).numpy()))
+    assert differ == n_changed == round(0.3 * 5000)
+    assert sp["sparsity"] == sp["expected_sparsity"] == 1 - n_changed / 5000
+    assert sp["bytes"] == 4 * 5000
+    assert sp["ratio"] == pytest.approx(sp["sparsity_GBps"] / sp["copy_GBps"], rel=4 * EPS64)
+    assert sp["target"] == ("met" if sp["ratio"] >= 0.5 else "MISSED")
+
+
+def test_report_table_structure(result):
+    text = bench.format_report(result)
+    lines = text.splitlines()
+    header_idx = next(i for i, line in enumerate(lines) if line.split()[:2] == ["n", "k"])
+    header = lines[header_idx].split()
+    assert header == [name for name, _ in bench.SPECTRAL_COLUMNS]
+    assert set(lines[header_idx + 1]) == {"-"}
+    data = lines[header_idx + 2: header_idx + 2 + len(result["spectral"])]
+    for line, row in zip(data, result["spectral"]):
+        cells = line.split()
+        assert len(cells) == len(header)
+        assert (int(cells[0]), int(cells[1])) == (row["n"], row["k"])
+        assert float(cells[header.index("angle_err_rad")]) == pytest.approx(row["angle_err_rad"], rel=0.01)
+    assert "copy" in text and "ratio" in text and "Target" in text
+
+
+@pytest.mark.parametrize("n,k,speedup,angle,expected", [
+    (4096, 64, 25.0, 1e-7, "met"), (4096, 16, 19.9, 1e-7, "MISSED"), (4096, 64, 30.0, 2e-6, "MISSED"),
+    (4096, 256, 1.0, 1.0, "n/a"), (2048, 16, 50.0, 0.0, "n/a"),
+])
+def test_target_verdicts(n, k, speedup, angle, expected):
+    assert bench._spectral_target(n, k, speedup, angle) == expected
+
+
+def test_cli_writes_json_and_rejects_bad_options(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--sizes", "40", "--ks", "3", "--sparsity-entries", "1000", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and f"wrote {out}" in printed
+    data = json.loads(out.read_text())
+    assert set(data) == {"meta", "spectral", "sparsity"}
+    assert data["spectral"][0]["n"] == 40 and data["spectral"][0]["k"] == 3
+    assert main(["bench", "--sizes", "40", "--ks", "3", "--repeats", "0"]) == 1
+    assert "--repeats must be >= 1" in capsys.readouterr().err
+    with pytest.raises(InputError, match="--sizes"):
+        bench.run_bench([0], [2], sparsity_entries=0)
