@@ -175,18 +175,27 @@ def render_all(results_dir: str | Path, out_dir: str | Path) -> Report:
 
 
 def _check_jobs(results_dir: Path, path: Path, df: pd.DataFrame, rep: Report):
+    """Scatter + tightness per result id; Thm 3.3 forms side by side. ``threegate verify`` mixes theory
+    campaigns and training-step checks in one table (column ``source``): each source gets its own figures."""
     src = str(path.relative_to(results_dir))
-    try:
-        ids = theory_figs.numeric_result_ids(df)
-    except ThreegateError as e:
-        rep.errors.append((src, str(e)))
-        return []
+    if "source" in df.columns and df["source"].nunique() > 1:
+        parts = [(str(s), df[df["source"] == s].copy()) for s in sorted(df["source"].dropna().unique(), key=str)]
+    else:
+        parts = [("", df)]
     jobs = []
-    if any(rid in ids for rid, _ in theory_figs.THM33_FORMS):
-        jobs.append((src, f"thm3-3-forms-{_slug(path.stem)}", lambda: theory_figs.fig_thm33_forms(df)))
-    for rid in ids:
-        jobs.append((src, f"check-{_slug(rid)}-{_slug(path.stem)}",
-                     lambda rid=rid: theory_figs.fig_theory_vs_empirical(df, rid)))
+    for source, sub in parts:
+        sub.attrs = dict(df.attrs)
+        tag = _slug(path.stem) + (f"-{_slug(source)}" if source else "")
+        try:
+            ids = theory_figs.numeric_result_ids(sub)
+        except ThreegateError as e:
+            rep.errors.append((src, str(e)))
+            continue
+        if any(rid in ids for rid, _ in theory_figs.THM33_FORMS):
+            jobs.append((src, f"thm3-3-forms-{tag}", lambda sub=sub: theory_figs.fig_thm33_forms(sub)))
+        for rid in ids:
+            jobs.append((src, f"check-{_slug(rid)}-{tag}",
+                         lambda rid=rid, sub=sub: theory_figs.fig_theory_vs_empirical(sub, rid)))
     return jobs
 
 

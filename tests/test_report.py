@@ -233,3 +233,16 @@ def test_csv_parquet_twins_are_drawn_once_and_side_tables_are_not_guessed(tmp_pa
     assert [(f.slug, f.source) for f in rep.figures] == [("fig-15-kl-beta0", "kl_beta0.parquet"),
                                                          ("fig-15-kl-beta0-2", "sub/kl_beta0.csv")]
     assert rep.unrecognised == ["jaccard_pairs.csv"]
+
+
+def test_theory_and_simulation_checks_get_separate_figures(tmp_path):
+    d = tmp_path / "res"
+    d.mkdir()
+    rows = [{**make_check("cor3.4-weyl", x, 1.0).as_row(), "d_scale": x, "source": src}
+            for src in ("theory", "sim") for x in (0.2, 0.4)]
+    pd.DataFrame(rows).to_csv(d / "checks.csv", index=False)
+    rep = report.render_all(d, d / "report")
+    assert sorted(f.slug for f in rep.figures) == ["check-cor3-4-weyl-checks-sim", "check-cor3-4-weyl-checks-theory"]
+    by_slug = {f.slug: f.caption for f in rep.figures}
+    assert "source sim" in by_slug["check-cor3-4-weyl-checks-sim"]
+    assert "source theory" in by_slug["check-cor3-4-weyl-checks-theory"]
