@@ -446,6 +446,17 @@ def test_gate2_all_decomposes_once_and_matches_single_checks(monkeypatch):
     assert again["cor3.4-weyl"].holds
 
 
+def test_torch_svd_path_matches_lapack_path():
+    """The path a CUDA device takes (torch float64 SVD), exercised on the CPU through device "cpu:0"."""
+    inst = synthetic_pair(2, "power_law", "gaussian", 12, 9, 3, 0.3)
+    ref = gate2_all(inst["W0"], inst["W1"], 3)
+    got = gate2_all(inst["W0"], inst["W1"], 3, device="cpu:0")
+    for rid in GATE2_IDS:
+        assert got[rid].verdict == ref[rid].verdict
+        assert got[rid].lhs == pytest.approx(ref[rid].lhs, rel=1e-10, abs=1e-13)
+        assert got[rid].rhs == pytest.approx(ref[rid].rhs, rel=1e-10, abs=1e-13)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     inst = synthetic_pair(2, "power_law", "gaussian", 64, 48, 4, 0.3)
