@@ -306,7 +306,8 @@ def fig6_rotate_overlap(df: pd.DataFrame) -> Figure:
         integer_ticks(ax)
         ax.set_ylabel("overlap with untouched rerun")
         ax.set_title(mt if mt is not None else "all matrices")
-        ax.legend(framealpha=0.85, fontsize=7)
+        ax.set_ylim(0, max(1.0, float(sub["overlap"].max()) * 1.05) if len(sub) else 1.0)
+        ax.legend(framealpha=0.85, fontsize=7, loc="upper left", ncols=2)
     _hide_unused(axes, len(shown))
     edited = sorted(pd.unique(d.loc[d["intervention"] != "none", "layer"]).tolist())
     return set_caption(fig, "Paper Fig. 6 at our scale: update overlap after Rotate / Permute",

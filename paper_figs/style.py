@@ -116,13 +116,17 @@ def _style_axes(ax: Any) -> None:
 
 def set_caption(fig: Figure, title: str, caption: str, *, width: int = 120) -> Figure:
     """Title above, caption (wrapped) below the axes; kept on ``fig.threegate_caption`` for the report."""
-    fig.suptitle(title, fontsize=12, fontweight="bold")
-    wrapped = "\n".join(textwrap.wrap(caption, width=width))
+    # Wrap to the figure's width: ~15 characters per inch at 8 pt, ~8 per inch for the 12 pt bold title.
+    w_in = fig.get_figwidth()
+    title_wrapped = "\n".join(textwrap.wrap(title, width=max(30, int(w_in * 8))))
+    fig.suptitle(title_wrapped, fontsize=12, fontweight="bold")
+    wrapped = "\n".join(textwrap.wrap(caption, width=min(width, max(40, int(w_in * 15)))))
     n_lines = wrapped.count("\n") + 1
     fig.text(0.01, 0.005, wrapped, ha="left", va="bottom", fontsize=8, wrap=False, gid="threegate-caption")
     h = fig.get_figheight()
     bottom = min(0.45, (0.62 + 0.14 * n_lines) / h)  # inches: tick labels + axis label + caption lines
-    top = 1 - (0.95 if title_lines(fig) > 1 else 0.6) / h  # room for the suptitle above two-line axes titles
+    extra_title = 0.22 * title_wrapped.count("\n")
+    top = 1 - ((0.95 if title_lines(fig) > 1 else 0.6) + extra_title) / h  # suptitle above two-line axes titles
     pending = getattr(fig, "_threegate_colorbar", None)
     fig.subplots_adjust(bottom=bottom, top=top, hspace=0.55, wspace=0.38, right=0.87 if pending else 0.97)
     if pending is not None:  # a shared colorbar in its own axes, placed after the layout is fixed
