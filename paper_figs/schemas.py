@@ -36,6 +36,7 @@ __all__ = [
     "read_table",
     "describe_run",
     "regime_column",
+    "schemas_markdown",
 ]
 
 
@@ -333,3 +334,14 @@ def describe_run(df: pd.DataFrame, attrs: Mapping | None = None) -> str:
         runs = _uniq(df["run"])
         parts.append(f"{len(runs)} run(s): " + ", ".join(map(str, runs[:8])) + (" ..." if len(runs) > 8 else ""))
     return "Run: " + "; ".join(parts) if parts else "Run: not described (no model/steps/seed columns or metadata)"
+
+
+def schemas_markdown() -> str:
+    """Every schema as a Markdown section (file name, paper reference, one line per column), for READMEs."""
+    out = []
+    for s in SCHEMAS.values():
+        out.append(f"### `{s.name}` ({s.paper_ref}): {s.doc}\n")
+        out.append("| column | type | required | meaning |\n|---|---|---|---|")
+        out += [f"| `{c.name}` | {c.dtype} | {'yes' if c.required else 'no'} | {c.doc} |" for c in s.columns]
+        out.append("")
+    return "\n".join(out)

@@ -620,3 +620,12 @@ def test_statement_mathtext_parses_and_covers_the_registry():
     # an id without one falls back to its name
     fig = tf.fig_theory_vs_empirical(pd.DataFrame([make_check("new-id", 1.0, 2.0).as_row()]), "new-id")
     assert main_axes(fig)[0].get_title().endswith("new-id")
+
+
+def test_schemas_markdown_lists_every_column_once():
+    md = schemas.schemas_markdown()
+    for s in schemas.SCHEMAS.values():
+        assert md.count(f"### `{s.name}` ") == 1
+        section = md.split(f"### `{s.name}` ")[1].split("### ")[0]
+        rows = [ln for ln in section.splitlines() if ln.startswith("| `")]
+        assert [r.split("`")[1] for r in rows] == [c.name for c in s.columns]
