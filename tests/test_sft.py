@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from sims.pretrain import PretrainConfig, pretrain
-from sims.probe import ProbeConfig
+from sims.probe import ProbeConfig, deterministic
 from sims.sft import SFTConfig, demonstration_loss, train_sft
 from sims.tasks import Tokenizer, encode_demonstrations, task_by_name
 from theory.errors import InputError
@@ -18,9 +18,17 @@ from theory.errors import InputError
 RIGOROUS_IDS = ("cor3.4-weyl", "cor3.4-mirsky", "thm3.3-rigorous", "thm3.3-wedin", "cor3.5", "corF.13", "eq7")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is fastest on a shared machine, and reruns stay bit-identical."""
+    with deterministic():
+        yield
+
+
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
-    model, _ = pretrain(PretrainConfig.fast(), cache_dir=tmp_path_factory.mktemp("pretrain"))
+def base_model():
+    # the project's pretraining cache (keyed by config hash): the fast base model is trained once per machine
+    model, _ = pretrain(PretrainConfig.fast())
     return model
 
 

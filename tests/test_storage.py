@@ -11,8 +11,16 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from sims.probe import deterministic
 from sims.storage import MixedPrecisionAdamW, load_snapshot, round_to_bf16, save_snapshot
 from theory.errors import CheckpointError, InputError, NonFiniteError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is fastest on a shared machine, and reruns stay bit-identical."""
+    with deterministic():
+        yield
 
 
 def rne_bf16_bits_oracle(x32: np.ndarray) -> np.ndarray:

@@ -1,0 +1,109 @@
+"""Tests for sims.experiments (``threegate run``) and sims.sim_verify, on fast configs."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from sims.experiments import EXPERIMENTS, config_hash, load_config, run_experiment
+from sims.sim_verify import SIM_COLUMNS, default_simulation_checks
+from sims.storage import load_snapshot
+from theory.errors import InputError
+from threegate.cli import main
+
+RIGOROUS_IDS = ("cor3.4-weyl", "cor3.4-mirsky", "thm3.3-rigorous", "thm3.3-wedin", "cor3.5", "corF.13", "eq7")
+
+
+@pytest.fixture(scope="module")
+def cache():
+    """The project's pretraining cache (keyed by config hash): the fast base model is trained once per machine."""
+    return ".cache/threegate"
+
+
+def _fast_config(cache) -> dict:
+    return {
+        "seed": 0,
+        "pretrain": {"preset": "fast", "cache_dir": str(cache)},
+        "rlvr": {"task": "counting", "steps": 2, "lr": 3e-4, "probe": {"n_eval_prompts": 8, "n_fisher_rollouts": 8}},
+        "sft": {"steps": 2, "lr": 1e-3, "probe": {"n_eval_prompts": 8, "n_fisher_rollouts": 8}},
+    }
+
+
+def test_registry_names():
+    assert {"rlvr", "sft", "rl_vs_sft"} <= set(EXPERIMENTS)
+
+
+def test_load_config_toml_json_and_errors(tmp_path):
+    (tmp_path / "c.toml").write_text('seed = 3\n[rlvr]\nsteps = 4\n[rlvr.probe]\nsteps = [1, 2]\n')
+    assert load_config(tmp_path / "c.toml") == {"seed": 3, "rlvr": {"steps": 4, "probe": {"steps": [1, 2]}}}
+    (tmp_path / "c.json").write_text('{"seed": 3}')
+    assert load_config(tmp_path / "c.json") == {"seed": 3}
+    with pytest.raises(InputError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("seed = = 3")
+    with pytest.raises(InputError, match="not valid TOML"):
+        load_config(tmp_path / "bad.toml")
+    (tmp_path / "c.yaml").write_text("seed: 3")
+    with pytest.raises(InputError, match="unsupported extension"):
+        load_config(tmp_path / "c.yaml")
+    assert config_hash("rlvr", {"a": 1}) != config_hash("sft", {"a": 1})
+
+
+def test_rl_vs_sft_writes_tidy_tables_from_one_checkpoint(tmp_path, cache):
+    out = run_experiment("rl_vs_sft", _fast_config(cache), tmp_path / "out")
+    for name in ("checks", "metrics", "history", "sparsity", "spectrum", "angles", "kl_beta0"):
+        assert (out / f"{name}.csv").is_file() and (out / f"{name}.parquet").is_file(), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["runs"]["rlvr"]["seed"] == 0 and cfg["runs"]["sft"]["task"] == "counting"
+    assert json.loads((out / "run.json").read_text())["seed"] == 0
+    # both runs start from the same stored weights
+    a = load_snapshot(out / "snapshots" / "rlvr_step00000.safetensors")
+    b = load_snapshot(out / "snapshots" / "sft_step00000.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sp = pd.read_parquet(out / "sparsity.parquet")
+    assert set(sp["method"]) == {"RL", "SFT"}
+    assert set(sp["matrix_type"]) == {"q", "k", "v", "o", "up", "gate", "down", "all"}
+    # the pooled row is the count-weighted mean of the per-type rows
+    for run, g in sp.groupby("run"):
+        per = g[g["matrix_type"] != "all"]
+        assert g.loc[g["matrix_type"] == "all", "changed"].item() == per["changed"].sum()
+    chk = pd.read_parquet(out / "checks.parquet")
+    assert {"run", "step", "matrix", "result_id", "lhs", "rhs", "ratio", "holds", "assumptions_hold",
+            "failed_assumption", "fisher_estimator"} <= set(chk.columns)
+    met = chk[chk["result_id"].isin(RIGOROUS_IDS) & chk["assumptions_hold"]]
+    assert len(met) and met["holds"].all()
+    assert not chk.duplicated(["run", "step", "matrix", "reference", "result_id"]).any()  # tidy: one row per key
+
+
+def test_cli_run_and_errors(tmp_path, capsys, cache):
+    cfg = _fast_config(cache)
+    cfg.pop("sft")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["run", "rlvr", "--config", str(path), "--out", str(tmp_path / "o"), "--seed", "1"]) == 0
+    assert "bf16 update sparsity" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["runs"]["rlvr"]["seed"] == 1
+    assert main(["run", "nope", "--config", str(path)]) == 1
+    assert "unknown experiment" in capsys.readouterr().err
+    assert main(["run", "rlvr", "--config", str(tmp_path / "missing.toml")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rlvr": {"stepz": 3}}))
+    assert main(["run", "rlvr", "--config", str(bad), "--out", str(tmp_path / "o2")]) == 1
+    assert "unknown keys ['stepz']" in capsys.readouterr().err
+    assert main(["run", "--list"]) == 0
+
+
+def test_default_simulation_checks_fast_budget(cache):
+    df = default_simulation_checks(seed=0, budget="fast", cache_dir=str(cache))
+    assert list(df.columns[: len(SIM_COLUMNS)]) == SIM_COLUMNS
+    assert set(df["source"]) == {"rlvr", "sft"}
+    met = df[df["result_id"].isin(RIGOROUS_IDS) & df["assumptions_hold"].astype(bool)]
+    assert len(met) and met["holds"].astype(bool).all()
+    failed = df[~df["assumptions_hold"].astype(bool)]
+    assert failed["failed_assumption"].notna().all()  # every failure names its assumption
+    with pytest.raises(InputError, match="budget"):
+        default_simulation_checks(budget="huge")
