@@ -259,7 +259,7 @@ class GGUFCheckpoint(Checkpoint):
         self._tensors = dict(_load_gguf_state_dict(str(path)))
         for name, t in self._tensors.items():
             self._index[name] = (self.path, tuple(t.shape), t.dtype)
-        self.quant_types = _gguf_quant_types(str(path))
+        self.quant_types = dict(_gguf_quant_types(str(path)))
         quantized = {k: v for k, v in self.quant_types.items() if k not in ("F32", "F16", "BF16", "F64")}
         kinds = ", ".join(f"{k} x{v}" for k, v in sorted(self.quant_types.items(), key=lambda kv: -kv[1]))
         self.note = (
@@ -310,6 +310,7 @@ def _load_gguf_state_dict(path: str) -> tuple[tuple[str, torch.Tensor], ...]:
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=2)
 def _gguf_quant_types(path: str) -> dict[str, int]:
     try:
         import gguf

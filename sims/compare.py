@@ -43,7 +43,7 @@ import torch
 from sims.checkpoints import Checkpoint, layer_index, matrix_type, open_checkpoint, select_names
 from theory import metrics
 from theory.errors import InputError, ThreegateError
-from theory.linalg import principal_angles
+from theory.linalg import SVD, principal_angles, svd64
 from theory.spectral import GATE2_IDS, gate2_checks, spectral_pair
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "compare_tables",
     "iter_compare",
     "compare_matrix",
+    "principal_mask_from_svd",
     "MatrixResult",
     "CompareTables",
     "write_tables",
@@ -88,6 +89,23 @@ def _zero_gap(S: np.ndarray, k: int) -> bool:
         return False
     resolution = 8 * EPS64 * max(S.shape[0], 1) * S[0]
     return bool(S[k - 1] - S[k] <= resolution)
+
+
+def principal_mask_from_svd(svd0: SVD, k: int, alpha: float) -> np.ndarray:
+    """``theory.metrics.principal_mask`` from an SVD already computed (saves one SVD of W0 per matrix).
+
+    Same rule, bit for bit: score ``|U_k diag(σ_k) V_kᵀ|`` (the expression of ``metrics.rank_k_reconstruction``),
+    the top ``metrics.selection_count(alpha, n)`` entries, ties broken by lower flat index. ``svd0`` must come
+    from ``numpy.linalg.svd`` of the float64 matrix (``theory.linalg.svd64``), as ``principal_mask`` computes it;
+    ``tests/test_compare.py`` checks the two agree.
+    """
+    U, S, Vh = svd0
+    score = np.abs((U[:, :k] * S[:k]) @ Vh[:k, :])
+    count = metrics.selection_count(alpha, score.size)
+    order = np.argsort(-score.ravel(), kind="stable")
+    mask = np.zeros(score.size, dtype=bool)
+    mask[order[:count]] = True
+    return mask.reshape(score.shape)
 
 
 def _overlap_or_nan(ref: np.ndarray, mask: np.ndarray) -> float:
@@ -131,12 +149,12 @@ def _compare_matrix(name, W0, tuned, runs, *, k, alpha, eta, device, keep_spectr
     layer, mtype = layer_index(name), matrix_type(name)
     meta = {"name": name, "layer": -1 if layer is None else layer, "matrix_type": mtype}
     A = _as_f64(W0)
-    # Reference masks depend on W0 only: one computation shared by every run.
-    M_princ = metrics.principal_mask(A, kk, alpha)
+    # W0's SVD and reference masks depend on W0 only: computed once, shared by every run.
+    svd0 = svd64(A, name)
+    M_princ = principal_mask_from_svd(svd0, kk, alpha)
     M_low = metrics.low_magnitude_mask(A, alpha)
     refs = {"princ": M_princ, "low": M_low, "princ_not_low": M_princ & ~M_low}
     W0_dev = W0.to(device)
-    svd0 = None
     res = MatrixResult(name, [], [])
     masks: list[np.ndarray] = []
     for run, W1 in zip(runs, tuned):
@@ -145,7 +163,6 @@ def _compare_matrix(name, W0, tuned, runs, *, k, alpha, eta, device, keep_spectr
         masks.append(mask)
         changed = int(mask.sum())
         pair = spectral_pair(A, _as_f64(W1), svd0=svd0, device=device)
-        svd0 = pair.svd0
         S0, S1 = pair.svd0.S, pair.svd1.S
         s0n = float(np.linalg.norm(S0))
         row: dict[str, Any] = {
