@@ -271,6 +271,7 @@ class Prober:
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
         self._metrics: list[dict] = []
         self._checks: list[dict] = []
+        self._svd_base: dict[str, Any] = {}
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
     def after_step(self, t: int, stored: dict[str, torch.Tensor], *, token_ratios: list[np.ndarray] | None = None) -> None:
@@ -323,9 +324,8 @@ class Prober:
         if token_ratios is not None:
             self._token_ratio_metrics(t, token_ratios)
         if self.cfg.theory_checks:
-            self._gate2_checks(t, stored, prev)
-            if prev is not None:
-                self._fisher_checks(t, stored)
+            kl_forms = self._fisher_checks(t, stored) if prev is not None else {}
+            self._gate2_checks(t, stored, prev, kl_forms)
 
     def _eval_rewards(self, t: int) -> None:
         prompts = [self.tok.encode(ex.prompt, bos=True) for ex in self.eval_examples]
@@ -359,30 +359,35 @@ class Prober:
             self._metric(t, "token_ratio_out_of_band_frac", float(np.mean((flat < lo) | (flat > hi))))
         if not self.cfg.theory_checks or self.clip_band is None:
             return
-        import theory
+        from theory.kl_leash import lemF9
 
-        if "lemF.9" in theory.RESULTS:
-            eps = max(self.clip_band)
-            self._check(t, theory.RESULTS["lemF.9"].check(ratios=ratios, eps=eps), reference="prev")
+        # Lemma F.9 has one symmetric band [1 - eps, 1 + eps]; with DAPO's clip-higher (eps_low < eps_high) we use
+        # eps = max(eps_low, eps_high): the widest band the run's clipping allows, the most generous reading.
+        self._check(t, lemF9([r for r in ratios if len(r)], max(self.clip_band)), reference="prev")
 
-    def _gate2_checks(self, t: int, stored, prev) -> None:
-        try:
-            from theory.spectral import gate2_all
-        except ModuleNotFoundError:  # Gate II family not in this build
-            return
+    def _gate2_checks(self, t: int, stored, prev, kl_forms: Mapping[str, tuple[float, float]]) -> None:
+        from theory.linalg import svd64
+        from theory.spectral import gate2_all
+
         for m in self.matrices:
+            if m not in self._svd_base:
+                self._svd_base[m] = svd64(self.base[m], m)
             for ref_name, ref in (("base", self.base), ("prev", prev)):
                 if ref is None:
                     continue
-                for rid, chk in gate2_all(ref[m], stored[m], self.cfg.k).items():
+                kw = {}
+                if ref_name == "prev" and m in kl_forms:  # Lemma F.10's sqrt(2 delta_W / mu_W) of this very step
+                    kw = {"delta_W": kl_forms[m][0], "mu_W": kl_forms[m][1]}
+                svd0 = self._svd_base[m] if ref_name == "base" else None
+                for rid, chk in gate2_all(ref[m], stored[m], self.cfg.k, svd0=svd0, **kw).items():
                     self._check(t, chk, matrix=m, reference=ref_name)
 
-    def _fisher_checks(self, t: int, stored) -> None:
-        """Prop 3.2 and Eq 7 on the update pi_{t-1} -> pi_t (see the module docstring for the estimator)."""
-        import theory
+    def _fisher_checks(self, t: int, stored) -> dict[str, tuple[float, float]]:
+        """Prop 3.2 and Eq 7 on the update pi_{t-1} -> pi_t (see the module docstring for the estimator).
 
-        if not ("prop3.2" in theory.RESULTS and "eq7" in theory.RESULTS):
-            return
+        Returns {matrix: (delta_W, mu_W)} for the blocks whose Eq 7 assumptions held (Gate II's KL-form bound)."""
+        from theory.kl_leash import eq7, kl_budget_radius, prop32_from_fisher
+
         states = [s for _, s in self.recent]
         prev = states[-2]
         deltas = [{n: b[n].double() - a[n].double() for n in self.names} for a, b in zip(states[:-1], states[1:])]
@@ -397,9 +402,9 @@ class Prober:
                 col_block.append(b)
                 coords.append(float(Q[:, j] @ vec))
         if not tangents:
-            return
+            return {}
         c = np.array(coords)
-        # prefixes sampled from pi_{t-1}
+        # prefixes: completions sampled from pi_{t-1} on the fixed Fisher prompts
         self.scratch.load_state_dict(template, strict=True)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 104729 * t)
         roll = generate(self.scratch, [self.tok.encode(p, bos=True) for p in self.fisher_prompts], self.max_new, 1.0,
@@ -410,18 +415,26 @@ class Prober:
         K = float(token_kl(logits_now, logits_prev)[pos].sum() / ids.shape[0])
         with torch.enable_grad():
             FB = restricted_fisher(self.scratch, template, ids, attn, pos, tangents).cpu().numpy()
+        half_quad = 0.5 * float(c @ FB @ c)
         self._metric(t, "kl_step_fisher_prefixes", K)
+        self._metric(t, "half_quadratic_form", half_quad)
         self._metric(t, "fisher_subspace_dim", len(tangents))
-        quad = 0.5 * float(c @ FB @ c)
-        self._metric(t, "half_quadratic_form", quad)
-        fisher = f"{FISHER_ESTIMATOR} (N={ids.shape[0]}, r={self.cfg.history}, d={len(tangents)})"
-        total_delta = float(np.linalg.norm(c))
-        self._check(t, theory.RESULTS["prop3.2"].check(F=FB, delta=c, K=K), matrix="(all)", reference="prev",
-                    fisher=fisher, d_delta_norm2=total_delta)
+        fisher = f"{FISHER_ESTIMATOR} (N={ids.shape[0]} rollouts, r={self.cfg.history}, dim={len(tangents)})"
+        # the update subspace is B itself ("full" in B's coordinates): F_B >= mu I there, or the assumption fails
+        self._check(t, prop32_from_fisher(FB, c, K, subspace="full"), matrix="(all)", reference="prev",
+                    fisher=fisher)
         cb = np.array(col_block)
+        kl_forms: dict[str, tuple[float, float]] = {}
         for m in self.matrices:
             idx = np.flatnonzero(cb == m)
             if len(idx) == 0:
                 continue  # the block did not move in the history window (stored bf16 unchanged): nothing to bound
-            self._check(t, theory.RESULTS["eq7"].check(F=FB, idx=idx, delta=c, K=K), matrix=m, reference="prev",
-                        fisher=fisher)
+            chk = eq7(FB, c, idx, K=K, subspace="full")
+            extra = {}
+            mu_W, dW = chk.details.get("mu_W"), chk.details.get("delta_W")
+            if chk.assumptions_hold and mu_W and mu_W > 0 and math.isfinite(mu_W):
+                kl_forms[m] = (float(dW), float(mu_W))
+                rhs_K = kl_budget_radius(K, mu_W)  # the paper's delta_W <= K form: first order only
+                extra = {"rhs_K": rhs_K, "ratio_K": chk.lhs / rhs_K if rhs_K > 0 else math.inf}
+            self._check(t, chk, matrix=m, reference="prev", fisher=fisher, **extra)
+        return kl_forms
