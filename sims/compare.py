@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sims.checkpoints import Checkpoint, layer_index, matrix_type, open_checkpoint, select_names
+from sims.checkpoints import Checkpoint, iter_matched, layer_index, matrix_type, open_checkpoint, select_names
 from theory import metrics
 from theory.errors import InputError, ThreegateError
 from theory.linalg import SVD, principal_angles, svd64
@@ -89,6 +89,14 @@ def _zero_gap(S: np.ndarray, k: int) -> bool:
         return False
     resolution = 8 * EPS64 * max(S.shape[0], 1) * S[0]
     return bool(S[k - 1] - S[k] <= resolution)
+
+
+def _svd_on(A: np.ndarray, name: str, device: str | torch.device) -> SVD:
+    """Thin float64 SVD: LAPACK via ``theory.linalg.svd64`` on the CPU, torch on another device."""
+    if torch.device(device).type == "cpu":
+        return svd64(A, name)
+    U, S, Vh = torch.linalg.svd(torch.from_numpy(A).to(device=device, dtype=torch.float64), full_matrices=False)
+    return SVD(U.cpu().numpy(), S.cpu().numpy(), Vh.cpu().numpy())
 
 
 def principal_mask_from_svd(svd0: SVD, k: int, alpha: float) -> np.ndarray:
@@ -150,7 +158,7 @@ def _compare_matrix(name, W0, tuned, runs, *, k, alpha, eta, device, keep_spectr
     meta = {"name": name, "layer": -1 if layer is None else layer, "matrix_type": mtype}
     A = _as_f64(W0)
     # W0's SVD and reference masks depend on W0 only: computed once, shared by every run.
-    svd0 = svd64(A, name)
+    svd0 = _svd_on(A, name, device)
     M_princ = principal_mask_from_svd(svd0, kk, alpha)
     M_low = metrics.low_magnitude_mask(A, alpha)
     refs = {"princ": M_princ, "low": M_low, "princ_not_low": M_princ & ~M_low}
@@ -275,10 +283,15 @@ def iter_compare(
         raise InputError(f"{cks[0].path}: no 2-d weight matrix matches" + (f" --only {only!r}" if only else ""))
     from tqdm.auto import tqdm
 
-    for name in tqdm(names, desc="compare", unit="matrix", disable=not progress, file=sys.stderr):
-        tensors = [ck.get(name) for ck in cks]
-        yield compare_matrix(name, tensors[0], tensors[1:], runs, k=k, alpha=alpha, eta=eta, device=device,
-                             keep_spectra=keep_spectra)
+    stream = iter_matched(cks, names=names)  # one matrix per checkpoint in memory at a time
+    for name, tensors in tqdm(stream, total=len(names), desc="compare", unit="matrix", disable=not progress,
+                              file=sys.stderr):
+        try:
+            yield compare_matrix(name, tensors[0], tensors[1:], runs, k=k, alpha=alpha, eta=eta, device=device,
+                                 keep_spectra=keep_spectra)
+        except ThreegateError as e:  # name the files too (w0 / W0 = the base, w1 / W1 = the tuned one)
+            files = " vs ".join(str(ck.file_of(name)) for ck in cks)
+            raise type(e)(f"{files}: {e}") from None
 
 
 def _validate_options(k: int, alpha: float, eta: float, device: str | torch.device) -> None:

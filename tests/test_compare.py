@@ -428,3 +428,15 @@ def test_smollm2_full_compare_with_figures(smollm2_perturbed, tmp_path, capsys):
     assert all(got[n] == 0 for n in got if n not in perturbed)
     assert (out / "report" / "index.html").is_file()
     assert "compared" in capsys.readouterr().out
+
+
+def test_weight_that_overflows_bf16_names_files_and_tensor(capsys, tmp_path, pair):
+    sd, base, _ = pair
+    name = list(sd)[1]
+    w = sd[name].float().clone()
+    w[0, 0] = 3.4e38  # finite in float32, Inf once rounded to bf16 for the probe
+    tuned = save_safetensors(dict(sd, **{name: w}), tmp_path / "huge.safetensors")
+    rc, _, err = run_cli(capsys, str(base), str(tuned))
+    assert rc == 1
+    line = error_line(err)
+    assert "huge.safetensors" in line and "base.safetensors" in line and name in line and "non-finite" in line
