@@ -107,3 +107,16 @@ def test_default_simulation_checks_fast_budget(cache):
     assert failed["failed_assumption"].notna().all()  # every failure names its assumption
     with pytest.raises(InputError, match="budget"):
         default_simulation_checks(budget="huge")
+
+
+@pytest.mark.slow
+def test_default_simulation_checks_default_budget_no_exact_violation():
+    """The budget ``threegate verify`` uses: pretrain (cached) + 12 DAPO and 12 SFT steps, probed at 4, 8, 12."""
+    import theory
+
+    df = default_simulation_checks(seed=0, budget="default")
+    exact_ids = {rid for rid, r in theory.RESULTS.items() if r.exact}
+    met = df[df["result_id"].isin(exact_ids) & df["assumptions_hold"].astype(bool)]
+    assert len(met) > 100
+    assert met["holds"].astype(bool).all(), met.loc[~met["holds"].astype(bool), ["result_id", "source", "matrix"]]
+    assert {"eq7", "prop3.2", "lemF.9", "thm3.3-rigorous"} <= set(df["result_id"])

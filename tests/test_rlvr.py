@@ -175,3 +175,14 @@ def test_rigorous_bounds_hold_on_real_rl_steps(base_model):
     assert met["holds"].astype(bool).all(), met.loc[~met["holds"].astype(bool), ["result_id", "matrix", "lhs", "rhs"]]
     assert set(chk["step"]) == {2, 3}
     assert {"base", "prev"} <= set(chk["reference"])
+    # Prop 3.2 and Eq 7 were evaluated on the real steps, each row naming its Fisher estimator
+    fisher_rows = chk[chk["result_id"].isin(["prop3.2", "eq7"])]
+    assert set(fisher_rows["result_id"]) == {"prop3.2", "eq7"}
+    assert fisher_rows["fisher_estimator"].str.contains("next-token Fisher").all()
+    eq7 = fisher_rows[fisher_rows["result_id"] == "eq7"]
+    assert eq7["assumptions_hold"].all() and (eq7["lhs"] > 0).all()
+    # Eq 7's exact chain includes delta_W <= 1/2 dtheta^T F dtheta (variational property of the Schur complement)
+    assert eq7["d_delta_W_le_half_quad"].astype(bool).all()
+    # Gate II's KL-form bound sqrt(2 delta_W / mu_W) of the same step reaches the 'prev' rows
+    prev_weyl = chk[(chk["result_id"] == "cor3.4-weyl") & (chk["reference"] == "prev")]
+    assert prev_weyl.filter(like="kl").notna().any(axis=None)
