@@ -150,6 +150,13 @@ def test_gguf_extension_without_magic_is_refused(tmp_path):
         open_checkpoint(p)
 
 
+def test_corrupt_gguf_is_refused_naming_the_file(tmp_path):
+    p = tmp_path / "broken.gguf"
+    p.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 56)  # magic and version, then garbage counts
+    with pytest.raises(CheckpointError, match=r"broken\.gguf: transformers cannot load this GGUF file"):
+        open_checkpoint(p)
+
+
 def test_empty_folder_says_what_is_missing(tmp_path):
     with pytest.raises(CheckpointError, match="no .safetensors, .gguf or .bin/.pt weights"):
         open_checkpoint(tmp_path)
