@@ -308,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device is not None:
         cfg["device"] = args.device
     out = run_experiment(args.name, cfg, args.out)
-    sp = pd.read_csv(out / "sparsity.csv") if (out / "sparsity.csv").stat().st_size > 1 else pd.DataFrame()
+    sp = pd.read_parquet(out / "sparsity.parquet")
     chk = pd.read_parquet(out / "checks.parquet")
     print(f"threegate run {args.name}: wrote {out}")
     if len(sp):
