@@ -119,6 +119,14 @@ class _Cert(NamedTuple):
     rho: float
 
 
+def _wide_svd(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of a wide ``B (l, n)``, l <= n, through ``Bᵀ = Q R`` and the SVD of the small ``Rᵀ (l, l)``
+    (LAPACK's direct SVD of a wide matrix is many times slower here); returns ``(U (l, l), S, V (n, l))``."""
+    Q2, R2 = torch.linalg.qr(B.T)
+    Us, Ss, Vsh = torch.linalg.svd(R2.T)
+    return Us, Ss, Q2 @ Vsh.T
+
+
 def _missed_direction_probe(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor, seed: int, iters: int = 3,
                             width: int = 4) -> float:
     """Lower estimate of ||(I - UUᵀ) W (I - VVᵀ)||_2 by a few power steps from a fresh Gaussian block."""
@@ -215,8 +223,7 @@ def _randomized(W: torch.Tensor, k: int, *, tol: float, oversample: int | None, 
     history: list[tuple[float, float]] = []
     for it in range(max_iter + 1):
         B = Q.T @ W  # (l, n)
-        Ub, Sb, Vbh = torch.linalg.svd(B, full_matrices=False)
-        Vb = Vbh.T
+        Ub, Sb, Vb = _wide_svd(B)
         Z = W @ Vb  # (m, l): residual source and, orthonormalised, the next basis
         U = Q @ Ub[:, :j]
         V = Vb[:, :j]
@@ -387,9 +394,7 @@ def _randomized_norm(W: torch.Tensor, *, rtol: float, max_iter: int, seed: int) 
     Q, _ = torch.linalg.qr(W @ torch.randn(n, l, dtype=torch.float64, device=W.device, generator=g))
     prev_err = math.inf
     for it in range(max_iter + 1):
-        B = Q.T @ W
-        _, _, Vbh = torch.linalg.svd(B, full_matrices=False)
-        Vb = Vbh.T
+        _, _, Vb = _wide_svd(Q.T @ W)
         res = _norm_from_triplets(W, Vb[:, :2], seed, "randomized")
         if res.err_bound <= rtol * res.value:
             return res
