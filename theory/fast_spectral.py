@@ -50,7 +50,8 @@ class TopK(NamedTuple):
     """Top-k singular triplets (float64 numpy) and their certified errors.
 
     ``angle_err_bound``: bound (radians) on the largest principal angle between span(U) and the exact top-k left
-    subspace, and likewise for V. ``sigma_err_bound``: bound on ``max_i |S_i - σ_i(W)|``.
+    subspace, and likewise for V. ``sigma_err_bound``: bound on ``max_i |S_i - σ_i(W)|``. ``gap_lower``: the
+    certified lower bound on ``σ̃_k - σ_{k+1}(W)`` used by Wedin's bound. ``iterations``: subspace-iteration steps.
     """
 
     U: Float[np.ndarray, "m k"]
@@ -151,8 +152,10 @@ def _missed_direction_probe(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor, s
 
 def _certificate(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, k: int,
                  WV: torch.Tensor | None = None, WtU: torch.Tensor | None = None,
-                 probe_norm: float = 0.0, sigma_next_exact: float | None = None) -> _Cert:
-    """Certificate for the top-k block from j = k+1 (or k when k = r) Ritz triplets (U, S, V)."""
+                 probe_norm: float = 0.0) -> _Cert:
+    """Certificate for the top-k block from j = k+1 (or k when k = r) Ritz triplets (U, S, V).
+
+    ``probe_norm``: a (lower) estimate of ||D||_2 for the deflated D, or its exact value when known."""
     m, n = W.shape
     j = U.shape[1]
     WV = W @ V if WV is None else WV
@@ -166,10 +169,8 @@ def _certificate(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Ten
     if j > k:
         e_next = math.hypot(_norm2(R), _norm2(Sres))
         next_up = max(float(S[k]), probe_norm) + e_next + f
-    else:  # k = r: sigma_{k+1} = 0 (the complement carries no singular value above 0 beyond D)
+    else:  # k = r: σ_{k+1} := 0, and D vanishes up to the residual (its estimate enters through probe_norm)
         next_up = probe_norm + f
-    if sigma_next_exact is not None:
-        next_up = max(next_up, sigma_next_exact + f)
     gap = float(S[k - 1]) - next_up
     if gap <= 0:
         return _Cert(math.pi / 2, sigma_err, gap, rho)

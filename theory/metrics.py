@@ -154,8 +154,14 @@ def _check_eta(eta: float) -> float:
 
 
 def _bits_equal_mod_zero_sign(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    ia, ib = a.view(torch.int16), b.view(torch.int16)
-    both_zero = ((ia & _ABS_MASK) == 0) & ((ib & _ABS_MASK) == 0)
+    ia, ib = a.contiguous().view(torch.int16), b.contiguous().view(torch.int16)
+    if ia.device.type == "cpu":  # numpy's int16 kernels are vectorised, torch's are not (about 4x here)
+        x, y = ia.numpy(), ib.numpy()
+        eq = x == y
+        if x.size and (x.min() == -32768 or y.min() == -32768):  # a -0.0 is present: +0/-0 pairs are equal
+            eq |= ((x | y) & np.int16(_ABS_MASK)) == 0
+        return torch.from_numpy(eq)
+    both_zero = ((ia | ib) & _ABS_MASK) == 0
     return (ia == ib) | both_zero
 
 
