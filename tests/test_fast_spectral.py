@@ -190,3 +190,17 @@ def test_cuda_matches_cpu_within_bounds():
     assert true_angle(U, V, 8, out) <= out.angle_err_bound + reference_slack(W.shape, s, 8)
     res = spectral_norm_fast(W, device="cuda")
     assert abs(res.value - s[0]) <= res.err_bound + 10 * 300 * EPS64
+
+
+def test_certificate_catches_a_missed_top_direction():
+    """Exact triplets 2..k+2 have zero residual but are not the top-k: the fresh probe sees σ_1 in the deflated
+    matrix, so the certificate refuses (bound π/2) instead of certifying the wrong subspace."""
+    s = power_law(60, 1.0)
+    W, U, V = known_matrix(60, 60, s, seed=8)
+    k = 3
+    idx = np.arange(1, k + 2)
+    angle, _, gap_lower = certify_topk(W, U[:, idx], s[idx], V[:, idx], k)
+    assert gap_lower < 0 and angle == pytest.approx(math.pi / 2)
+    # the same call on the true top triplets certifies to rounding level
+    angle_ok, _, _ = certify_topk(W, U[:, : k + 1], s[: k + 1], V[:, : k + 1], k)
+    assert angle_ok < 1e-10
