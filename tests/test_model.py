@@ -28,6 +28,15 @@ from theory.errors import InputError, NonFiniteError, ShapeMismatchError
 V = 23
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny matrices: one intra-op thread (two threads on a busy 2-core box were ~30x slower per step, measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def small_cfg(**kw) -> GPTConfig:
     base = dict(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=24, seed=3)
     base.update(kw)

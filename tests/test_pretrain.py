@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
+from threadpoolctl import threadpool_limits
 
 import sims.pretrain as pretrain_mod
 from sims.model import GPTConfig, matrix_params
@@ -30,6 +31,16 @@ from sims.tasks import Tokenizer
 from theory.errors import CheckpointError, InputError, NonFiniteError
 
 EPS = np.finfo(np.float64).eps
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny matrices: one intra-op thread (two threads on a busy 2-core box were ~30x slower per step, measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):  # and numpy's OpenBLAS (the float64 SVDs)
+        yield
+    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,9 +263,13 @@ def test_cache_info_with_wrong_hash_is_rejected(cached_run, tmp_path):
 
 
 def test_training_restores_global_torch_settings():
-    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    pretrain(PretrainConfig.fast(steps=2, eval_n=2), cache_dir=None)
-    assert torch.get_num_threads() == threads and torch.are_deterministic_algorithms_enabled() == det
+    det = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(2)  # differs from the config's num_threads=1
+    try:
+        pretrain(PretrainConfig.fast(steps=2, eval_n=2), cache_dir=None)
+        assert torch.get_num_threads() == 2 and torch.are_deterministic_algorithms_enabled() == det
+    finally:
+        torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
