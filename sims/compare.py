@@ -195,8 +195,9 @@ def _compare_matrix(name, W0, tuned, runs, *, k, alpha, eta, device, keep_spectr
             row[f"baseline_{key}"] = metrics.random_overlap_baseline(ref)
             row[f"inter_{key}"] = int(np.count_nonzero(ref & mask))
             row[f"size_{key}"] = int(np.count_nonzero(ref))
-            res.overlaps.append({"run": run, **meta, "mask": key, "overlap": row[f"overlap_{key}"],
-                                 "random_baseline": row[f"baseline_{key}"]})
+            if changed:  # an empty update mask has no overlap (NaN in the row; no row in the figure table)
+                res.overlaps.append({"run": run, **meta, "mask": key, "overlap": row[f"overlap_{key}"],
+                                     "random_baseline": row[f"baseline_{key}"]})
         rho, kap = metrics.row_ratios(mask), metrics.col_ratios(mask)
         row.update(row_ratio_std=float(rho.std()), row_ratio_max=float(rho.max()),
                    col_ratio_std=float(kap.std()), col_ratio_max=float(kap.max()),

@@ -113,6 +113,7 @@ def test_identical_checkpoints_give_sparsity_one_and_zero_angles(tmp_path):
     for c in ("angle_U_max_deg", "angle_V_max_deg"):
         assert (df[c] <= angle_tol).all(), df[c]
     assert df["overlap_princ"].isna().all()  # |M| = 0: overlap undefined, not 0
+    assert t.mask_overlap.empty  # and no row for the Fig. 5 table, whose overlap column must be finite
     assert (t.checks["verdict"] == "holds").all()
     assert (t.by_type["sparsity"] == 1.0).all()
 
