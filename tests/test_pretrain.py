@@ -248,6 +248,15 @@ def test_corrupt_or_pickled_cache_is_rejected(cached_run, tmp_path):
     other = replace(cfg, model=replace(cfg.model, d_model=32))
     with pytest.raises(CheckpointError, match="wrong shape"):
         load_pretrained(wpath, other)
+    with pytest.raises(CheckpointError, match="not float64"):
+        load_pretrained(wpath, replace(cfg, dtype="float64"))
+
+
+def test_float64_pretraining_keeps_float64_weights(tmp_path):
+    model, info = pretrain(PretrainConfig.fast(steps=3, eval_n=2, dtype="float64"), cache_dir=tmp_path)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    again, info2 = pretrain(PretrainConfig.fast(steps=3, eval_n=2, dtype="float64"), cache_dir=tmp_path)
+    assert info2["from_cache"] and all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
 
 
 def test_cache_info_with_wrong_hash_is_rejected(cached_run, tmp_path):
