@@ -60,10 +60,11 @@ def _phi_kl(d: np.ndarray) -> np.ndarray:
     """
     d = np.asarray(d, dtype=np.float64)
     out = np.empty_like(d)
-    small = np.abs(d) < 0.05
+    small = np.abs(d) < 0.5
     ds = d[small]
-    # sum_{n>=2} (n-1)/n! d^n, truncated at n = 9 (next term < 1e-17 * d^2 for |d| < 0.05)
-    coef = [(n - 1) / math.factorial(n) for n in range(2, 10)]
+    # sum_{n>=2} (n-1)/n! d^n, truncated at n = 25 (next term < 1e-27 * d^2 for |d| < 0.5); the closed form
+    # e^d (d - 1) + 1 cancels for small |d| and is used only for |d| >= 0.5 (relative error a few eps there)
+    coef = [(n - 1) / math.factorial(n) for n in range(2, 26)]
     acc = np.zeros_like(ds)
     for c in reversed(coef):
         acc = acc * ds + c
@@ -125,8 +126,8 @@ def tilt(q: Any, R: Any, beta: float) -> Float[np.ndarray, "X Y"]:
     with np.errstate(divide="ignore"):
         a = np.log(q2) + R2 / beta
     a_max = np.max(a, axis=1, keepdims=True)
-    log_z = a_max + np.log(np.sum(np.exp(a - a_max), axis=1, keepdims=True))
-    out = np.exp(a - log_z)
+    e = np.exp(a - a_max)  # the largest entry is exactly 1: no overflow, and rows normalise to ~eps
+    out = e / e.sum(axis=1, keepdims=True)
     return out[0] if squeeze else out
 
 
@@ -389,12 +390,14 @@ class LogLinear(Policy):
     def _jacobian_t(self, t: torch.Tensor) -> torch.Tensor:
         return self._Phi_t
 
-    def m_project(self, theta: Any, q: Any, *, tol: float = 0.0, max_iter: int = 100, **kw: Any) -> MProjection:
+    def m_project(self, theta: Any, q: Any, *, tol: float | None = None, max_iter: int = 100, **kw: Any) -> MProjection:
         """Damped Newton on the convex G(theta') = KL(q~ || pi_theta'); the minimiser matches moments
         E_rho E_q~[Phi] = E_rho E_pi+[Phi]. Newton steps are minimum-norm least-squares solutions (F may be singular,
         e.g. when the features contain a constant column), so theta+ - theta stays in range(F)."""
         q = as_distribution(q, self.shape, "q_tilde")
         _require_full_support(q, "m_project (log-linear)")
+        if tol is None:  # the gradient's rounding floor: sum of d * Y terms of size eps * |Phi|
+            tol = 64 * EPS * (1.0 + float(np.abs(self.Phi).max())) * math.sqrt(self.n_params)
         th = self._np(self._t(theta)).copy()
         G = self.kl_from(q, th)
         g = self.cross_entropy_grad(q, th)
@@ -418,7 +421,7 @@ class LogLinear(Policy):
             if np.linalg.norm(g) <= tol:
                 break
         res = float(np.linalg.norm(g))
-        return MProjection(th, res, it, res <= max(tol, 1e3 * EPS * (1 + np.abs(self.Phi).max())), "newton")
+        return MProjection(th, res, it, res <= tol, "newton")
 
 
 class MLPPolicy(Policy):
