@@ -368,3 +368,14 @@ def test_runs_on_cuda_and_matches_cpu():
     assert rel_err(gpu(x.cuda()).cpu(), cpu(x)) < 1e-10
     g = generate(gpu, [[1, 2, 3]], 4, 1.0, torch.Generator(device="cuda").manual_seed(0), eos_id=2, pad_id=0)
     assert g.sequences.device.type == "cuda"
+
+
+def test_generate_accepts_a_padded_tensor_with_mask():
+    m = TinyGPT(small_cfg(), dtype=torch.float64)
+    prompts = [[1, 5, 6], [1, 7]]
+    padded, mask = left_pad(prompts, pad_id=0)
+    a = generate(m, prompts, 4, 1.0, torch.Generator().manual_seed(3), eos_id=2, pad_id=0)
+    b = generate(m, padded, 4, 1.0, torch.Generator().manual_seed(3), eos_id=2, pad_id=0, prompt_mask=mask)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.logprobs, b.logprobs)
+    with pytest.raises(ShapeMismatchError):
+        generate(m, padded, 4, 1.0, None, eos_id=2, pad_id=0, prompt_mask=mask[:, :2])
