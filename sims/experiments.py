@@ -11,6 +11,9 @@ writes into ``--out`` (default ``runs/NAME-<config hash>``):
   base, per run and matrix type (``all`` pools every block matrix);
 * ``spectrum`` / ``angles`` — Fig. 4 at our scale (singular values and top-k principal angles, final vs base);
 * ``kl_beta0`` — Fig. 15: token-wise KL to the base over the probed steps of clip-only (beta = 0) RL runs;
+* ``clip_eps`` — Lemma F.9 per RL step: clip width eps, fraction of token ratios outside [1 - eps, 1 + eps]
+  after the step, the batch KL estimates (k1, k3, the second-order ``small_step``) and the bound
+  E[T] max(-log(1-eps), log(1+eps)) (experiment ``clip_eps`` sweeps eps from one checkpoint);
 * ``config.json`` (the resolved configuration, seed included), ``run.json`` (seed, wall times, versions) and the
   stored-weight snapshots (safetensors) under ``snapshots/``.
 
@@ -26,6 +29,9 @@ Config files are TOML or JSON::
     [rlvr.probe]                   # ProbeConfig fields
     steps = [0, 10, 20, 30]
     [sft]                          # SFTConfig fields
+    [clip_eps]                     # experiment clip_eps only
+    eps = [0.05, 0.1, 0.2, 0.4]    # eps_low of each DAPO run; eps_high = high_over_low * eps_low
+    high_over_low = 1.4
 
 The probed steps always include 0 and the last step (the sparsity / spectrum tables compare those two).
 """
@@ -193,6 +199,32 @@ def exp_rl_vs_sft(cfg: dict) -> list[RunResult]:
             train_sft(copy.deepcopy(model), sft_cfg, run_name="sft")]
 
 
+@experiment("clip_eps")
+def exp_clip_eps(cfg: dict) -> list[RunResult]:
+    """Lemma F.9 on real clip-only (DAPO) runs over a sweep of clip widths eps: band violations and KL vs eps."""
+    from sims.rlvr import train_rlvr
+
+    sweep = dict(cfg.get("clip_eps", {}))
+    eps_list = [float(e) for e in sweep.pop("eps", [0.05, 0.1, 0.2, 0.4])]
+    ratio_high = float(sweep.pop("high_over_low", 1.4))  # DAPO clip-higher: eps_high = ratio * eps_low
+    if sweep:
+        raise InputError(f"[clip_eps] unknown keys {sorted(sweep)}; known: ['eps', 'high_over_low']")
+    if not eps_list or any(not 0 < e < 1 for e in eps_list) or ratio_high <= 1:
+        raise InputError(f"[clip_eps] need eps in (0, 1) and high_over_low > 1, got {eps_list}, {ratio_high}")
+    model, _ = _base_model(cfg)
+    out = []
+    for eps in eps_list:
+        rl = dict(cfg.get("rlvr", {}))
+        rl.update(algorithm="dapo", beta=0.0, eps_low=eps, eps_high=min(ratio_high * eps, 0.99))
+        probe = dict(rl.pop("probe", {}))
+        steps = int(rl.get("steps", 10))
+        probe.update(steps=list(range(0, steps + 1)), checks=["lemF.9"])
+        rl["probe"] = probe
+        rc = _rl_config({**cfg, "rlvr": rl})
+        out.append(train_rlvr(copy.deepcopy(model), rc, run_name=f"dapo_eps{eps:g}"))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tables
 
@@ -242,8 +274,21 @@ def summary_tables(results: list[RunResult], k: int | None = None) -> dict[str, 
             for _, row in m[m["metric"] == "kl_tok_base"].iterrows():
                 klb.append({"run": res.name, "step": int(row["step"]), "kl": row["value"], "beta": 0.0,
                             "seed": seed, "steps": steps, "model": "TinyGPT"})
+    clip = []
+    for res in results:
+        c = res.checks
+        if c.empty or "lemF.9" not in set(c["result_id"]):
+            continue
+        for _, row in c[c["result_id"] == "lemF.9"].iterrows():
+            clip.append({"run": res.name, "step": int(row["step"]), "eps": row["d_eps"],
+                         "eps_low": res.config.get("eps_low"), "eps_high": res.config.get("eps_high"),
+                         "violation_fraction": row["d_violation_fraction"], "k1": row["d_k1"], "k3": row["d_k3"],
+                         "small_step": row["d_small_step"], "mean_len": row["d_mean_len"], "bound": row["rhs"],
+                         "small_step_band_bound": row["d_small_step_band_bound"],
+                         "assumptions_hold": bool(row["assumptions_hold"]), "lr": res.config.get("lr"),
+                         "seed": res.config.get("seed")})
     return {"sparsity": pd.DataFrame(sparsity), "spectrum": pd.DataFrame(spectrum), "angles": pd.DataFrame(angles),
-            "kl_beta0": pd.DataFrame(klb)}
+            "kl_beta0": pd.DataFrame(klb), "clip_eps": pd.DataFrame(clip)}
 
 
 def _write_table(df: pd.DataFrame, out: Path, name: str) -> None:

@@ -66,6 +66,7 @@ __all__ = [
     "RunResult",
     "FISHER_ESTIMATOR",
     "CHECK_COLUMNS",
+    "CHECK_FAMILIES",
     "seed_everything",
     "deterministic",
     "restricted_fisher",
@@ -77,6 +78,7 @@ FISHER_ESTIMATOR = "exact-next-token Fisher on sampled prefixes, restricted to p
 CHECK_COLUMNS = ["run", "kind", "step", "matrix", "reference", "result_id", "lhs", "rhs", "ratio", "slack", "holds",
                  "assumptions_hold", "failed_assumption", "verdict", "fisher_estimator"]
 OTHER_BLOCK = "other"
+CHECK_FAMILIES = ("gate2", "fisher", "lemF.9")  # Gate II per matrix; Prop 3.2 + Eq 7; Lemma F.9
 
 
 def seed_everything(seed: int) -> None:
@@ -116,6 +118,7 @@ class ProbeConfig:
     k: int = 4  # top-k singular subspaces for Gate II
     seed: int = 12345  # eval prompts, Fisher prompts and the probe's sampling (independent of the run's seed)
     theory_checks: bool = True
+    checks: tuple[str, ...] = CHECK_FAMILIES  # which families to evaluate when theory_checks is on
 
     def __post_init__(self) -> None:
         self.steps = tuple(sorted(set(int(s) for s in self.steps)))
@@ -123,6 +126,10 @@ class ProbeConfig:
             raise InputError(f"ProbeConfig.steps must be >= 0, got {self.steps}")
         if self.history < 1 or self.k < 1 or self.n_eval_prompts < 1 or self.n_fisher_rollouts < 1:
             raise InputError("ProbeConfig: history, k, n_eval_prompts and n_fisher_rollouts must be >= 1")
+        self.checks = tuple(self.checks)
+        unknown = sorted(set(self.checks) - set(CHECK_FAMILIES))
+        if unknown:
+            raise InputError(f"ProbeConfig.checks: unknown families {unknown}; known: {list(CHECK_FAMILIES)}")
 
 
 @dataclass
@@ -324,8 +331,10 @@ class Prober:
         if token_ratios is not None:
             self._token_ratio_metrics(t, token_ratios)
         if self.cfg.theory_checks:
-            kl_forms = self._fisher_checks(t, stored) if prev is not None else {}
-            self._gate2_checks(t, stored, prev, kl_forms)
+            fisher = prev is not None and "fisher" in self.cfg.checks
+            kl_forms = self._fisher_checks(t, stored) if fisher else {}
+            if "gate2" in self.cfg.checks:
+                self._gate2_checks(t, stored, prev, kl_forms)
 
     def _eval_rewards(self, t: int) -> None:
         prompts = [self.tok.encode(ex.prompt, bos=True) for ex in self.eval_examples]
@@ -357,7 +366,7 @@ class Prober:
         if self.clip_band is not None and len(flat):
             lo, hi = 1 - self.clip_band[0], 1 + self.clip_band[1]
             self._metric(t, "token_ratio_out_of_band_frac", float(np.mean((flat < lo) | (flat > hi))))
-        if not self.cfg.theory_checks or self.clip_band is None:
+        if not self.cfg.theory_checks or self.clip_band is None or "lemF.9" not in self.cfg.checks:
             return
         from theory.kl_leash import lemF9
 

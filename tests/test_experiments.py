@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -33,7 +34,24 @@ def _fast_config(cache) -> dict:
 
 
 def test_registry_names():
-    assert {"rlvr", "sft", "rl_vs_sft"} <= set(EXPERIMENTS)
+    assert {"rlvr", "sft", "rl_vs_sft", "clip_eps"} <= set(EXPERIMENTS)
+
+
+def test_clip_eps_sweep_reports_lemma_f9_per_step(tmp_path, cache):
+    cfg = _fast_config(cache)
+    cfg["rlvr"].update(steps=2, minibatches=4, lr=2e-3)
+    cfg["clip_eps"] = {"eps": [0.05, 0.4]}
+    out = run_experiment("clip_eps", cfg, tmp_path / "clip")
+    t = pd.read_parquet(out / "clip_eps.parquet")
+    assert sorted(t["eps"].unique()) == [0.05 * 1.4, 0.4 * 1.4]  # Lemma F.9's symmetric band uses max(eps_low, eps_high)
+    assert set(t["step"]) == {1, 2}
+    # a violation fraction > 0 is exactly an assumption failure, and the bound is E[T] max(-log(1-eps), log(1+eps))
+    assert ((t["violation_fraction"] > 0) == ~t["assumptions_hold"]).all()
+    expected = t["mean_len"] * np.maximum(-np.log1p(-t["eps"]), np.log1p(t["eps"]))
+    np.testing.assert_allclose(t["bound"], expected, rtol=1e-12)
+    assert (t["k3"] >= 0).all() and (t["small_step"] >= 0).all()
+    with pytest.raises(InputError, match="clip_eps"):
+        run_experiment("clip_eps", {**cfg, "clip_eps": {"eps": [1.5]}}, tmp_path / "bad")
 
 
 def test_load_config_toml_json_and_errors(tmp_path):
