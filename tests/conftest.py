@@ -10,7 +10,14 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
+from threadpoolctl import threadpool_limits
+
+# One BLAS / torch thread: the matrices in the tests are small, and on a 2-core box threads oversubscribe (a 176x64
+# SVD took ~100x the CPU time with 2 OpenBLAS threads under load). It also keeps reductions bit-reproducible.
+torch.set_num_threads(1)
+threadpool_limits(1)
 
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.register_profile(
