@@ -279,7 +279,10 @@ def prop31(
     if not mp.converged:
         return assumption_failed(rid, f"the M-projection converged (residual {mp.residual:.3e})", lhs=lhs, rhs=rhs,
                                  details=details)
-    tol = 64 * EPS * policy.n_outputs * rhs + mp.residual * step
+    # pi+ and q~ agree to relative rounding eps * |log q~| per entry; that moves a KL by <= eps |log q~| sqrt(2 KL)
+    # (Cauchy-Schwarz), plus the optimizer's residual times the step
+    scale = 1.0 + float(np.abs(np.log(q)).max())
+    tol = 64 * EPS * scale * (math.sqrt(2 * rhs) + rhs) + mp.residual * step
     return make_check(rid, lhs, rhs, tol=tol, details=details)
 
 
@@ -553,7 +556,8 @@ def prop32_from_fisher(F: Any, delta: Any, K: float, *, subspace: Any = None) ->
     if failed:
         return assumption_failed(rid, failed, lhs=lhs, details=details)
     rhs = kl_budget_radius(K, mu)
-    return make_check(rid, lhs, rhs, tol=64 * EPS * A.shape[0] * rhs, details=details)
+    # lhs is a projection: rounding ~ n eps ||D|| even when D is a pure null direction
+    return make_check(rid, lhs, rhs, tol=64 * EPS * A.shape[0] * (rhs + float(np.linalg.norm(d))), details=details)
 
 
 @register(
@@ -616,7 +620,7 @@ def eq7(F: Any, delta: Any, block: Any, *, shape: tuple[int, int] | None = None,
     details: dict[str, Any] = {"delta_W": dW, "half_quad": half_quad, "mu_W": mu, "block_size": int(w.size),
                                "subspace_dim": dim, "frobenius": float(np.linalg.norm(x)),
                                "off_subspace_norm": float(np.linalg.norm(x_off))}
-    scale = 64 * EPS * A.shape[0] * max(float(np.abs(A).max()), 1e-300) * float(d @ d)
+    scale = 64 * EPS * A.shape[0] * max(float(np.abs(A).max()), 1e-300) * float(d @ d) + s_tol * float(x @ x)
     details["delta_W_le_half_quad"] = bool(dW <= half_quad + scale)
     spec_ok = True
     if shape is not None:
@@ -632,7 +636,9 @@ def eq7(F: Any, delta: Any, block: Any, *, shape: tuple[int, int] | None = None,
     if failed:
         return assumption_failed(rid, failed, lhs=lhs, details=details)
     rhs = math.sqrt(2 * max(dW, 0.0) / mu)
-    c = make_check(rid, lhs, rhs, tol=64 * EPS * w.size * max(rhs, lhs), details=details)
+    # S_W carries rounding of size s_tol (see schur_complement_with_tol); it moves rhs by ~ ||x||^2 s_tol / (mu rhs)
+    tol = 64 * EPS * w.size * max(rhs, lhs) + float(x @ x) * s_tol / (mu * max(rhs, 1e-300))
+    c = make_check(rid, lhs, rhs, tol=tol, details=details)
     return dataclasses.replace(c, holds=bool(c.holds and details["delta_W_le_half_quad"] and spec_ok))
 
 
