@@ -96,8 +96,9 @@ def deterministic(num_threads: int = 1) -> Iterator[None]:
     """
     from threadpoolctl import threadpool_limits
 
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at first CUDA use)
     prev, prev_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns
     torch.set_num_threads(num_threads)
     try:
         with threadpool_limits(num_threads):
