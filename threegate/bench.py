@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from typing import Any
 
@@ -125,14 +126,18 @@ def max_angle(Ua, Ub) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def bench_spectral(sizes, ks, *, device="cpu", repeats=1, seed=0, decay=1.0, tol=TARGET_ANGLE) -> list[dict[str, Any]]:
+def bench_spectral(sizes, ks, *, device="cpu", repeats=1, seed=0, decay=1.0, tol=TARGET_ANGLE,
+                   progress=None) -> list[dict[str, Any]]:
     rows = []
+    say = progress or (lambda msg: None)
     for n in sizes:
+        say(f"n={n}: building W0, dW; full SVD ...")
         W0, dW, _, dW_norm = make_matrices(n, seed, decay, device)
         t_full, c_full, (Uf, Sf, Vhf) = timed(lambda: torch.linalg.svd(W0, full_matrices=False), repeats, device)
         Uf, Vf = Uf.cpu().numpy(), Vhf.T.cpu().numpy()
         t_norm, _, norm = timed(lambda: spectral_norm_fast(dW, device=device, rtol=1e-10, seed=seed), repeats, device)
         norm_rel = abs(norm.value - dW_norm) / dW_norm
+        say(f"n={n}: full SVD {t_full:.2f} s")
         for k in ks:
             if not 1 <= k < n:
                 continue
@@ -149,6 +154,7 @@ def bench_spectral(sizes, ks, *, device="cpu", repeats=1, seed=0, decay=1.0, tol
                 "norm_rel_err": norm_rel, "norm_bound_rel": norm.err_bound / dW_norm, "t_norm_s": t_norm,
                 "target": _spectral_target(n, k, t_full / t_fast, angle),
             })
+            say(f"n={n} k={k}: fast {t_fast:.2f} s ({t_full / t_fast:.1f}x), angle error {angle:.2e} rad")
     return rows
 
 
@@ -189,7 +195,7 @@ def bench_sparsity(n_entries: int, *, device="cpu", repeats=1, seed=0) -> dict[s
 
 
 def run_bench(sizes, ks, *, device="cpu", repeats=1, seed=0, decay=1.0, tol=TARGET_ANGLE,
-              sparsity_entries=1 << 26) -> dict[str, Any]:
+              sparsity_entries=1 << 26, progress=None) -> dict[str, Any]:
     """Run both benchmarks; returns ``{"meta", "spectral": [rows], "sparsity": row or None}``."""
     for nm, vals in (("sizes", sizes), ("ks", ks)):
         if not vals or any(int(v) < 1 for v in vals):
@@ -200,7 +206,8 @@ def run_bench(sizes, ks, *, device="cpu", repeats=1, seed=0, decay=1.0, tol=TARG
         "seed": seed, "decay": decay, "tol": tol, "repeats": repeats,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    spectral = bench_spectral(sizes, ks, device=device, repeats=repeats, seed=seed, decay=decay, tol=tol)
+    spectral = bench_spectral(sizes, ks, device=device, repeats=repeats, seed=seed, decay=decay, tol=tol,
+                              progress=progress)
     sparsity = bench_sparsity(sparsity_entries, device=device, repeats=repeats, seed=seed) if sparsity_entries else None
     meta["loadavg_end"] = list(os.getloadavg())
     return {"meta": meta, "spectral": spectral, "sparsity": sparsity}
@@ -247,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise InputError(f"--repeats must be >= 1, got {args.repeats}")
     res = run_bench(args.sizes, args.ks, device=args.device, repeats=args.repeats, seed=args.seed,
-                    decay=args.decay, tol=args.tol, sparsity_entries=args.sparsity_entries)
+                    decay=args.decay, tol=args.tol, sparsity_entries=args.sparsity_entries,
+                    progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     print(format_report(res))
     if args.json:
         with open(args.json, "w") as fh:
