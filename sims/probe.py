@@ -15,7 +15,9 @@ At step t (the number of optimizer *RL/SFT steps* done; t = 0 is the starting mo
   three forms, Cor F.13, Cor 3.4 Weyl / Mirsky, Cor 3.5) on every block matrix against the base and against the
   previous step; Lemma F.9 on the step's token ratios; Prop 3.2 and Eq 7 on the step's update with the Fisher below.
 
-The Fisher (column ``fisher_estimator``, value ``FISHER_ESTIMATOR``) — what is computed, and what approximation it is:
+The Fisher (column ``fisher_estimator`` = ``FISHER_ESTIMATOR`` on Prop 3.2 / Eq 7 rows, empty on rows that use no
+Fisher; columns ``fisher_rollouts`` N, ``fisher_history`` r, ``fisher_dim`` dim B) — what is computed, and what
+approximation it is:
 
 1. Prefixes: ``n_fisher_rollouts`` completions sampled from pi_{t-1} (temperature 1) on a fixed set of task prompts.
    At every completion position the next-token distribution is enumerated exactly over the vocabulary, so
@@ -306,7 +308,8 @@ class Prober:
         self._metrics.append({"run": self.run, "kind": self.kind, "step": t, "matrix": matrix, "metric": metric,
                               "value": float(value)})
 
-    def _check(self, t: int, check, *, matrix: str = "", reference: str = "", fisher: str = "", **extra) -> None:
+    def _check(self, t: int, check, *, matrix: str = "", reference: str = "", fisher: str | None = None,
+               **extra) -> None:
         row = check.as_row()
         self._checks.append({"run": self.run, "kind": self.kind, "step": t, "matrix": matrix, "reference": reference,
                              "fisher_estimator": fisher, **row, **extra})
@@ -429,10 +432,12 @@ class Prober:
         self._metric(t, "kl_step_fisher_prefixes", K)
         self._metric(t, "half_quadratic_form", half_quad)
         self._metric(t, "fisher_subspace_dim", len(tangents))
-        fisher = f"{FISHER_ESTIMATOR} (N={ids.shape[0]} rollouts, r={self.cfg.history}, dim={len(tangents)})"
+        fisher = FISHER_ESTIMATOR
+        sizes = {"fisher_rollouts": int(ids.shape[0]), "fisher_history": len(self.recent) - 1,
+                 "fisher_dim": len(tangents)}
         # the update subspace is B itself ("full" in B's coordinates): F_B >= mu I there, or the assumption fails
         self._check(t, prop32_from_fisher(FB, c, K, subspace="full"), matrix="(all)", reference="prev",
-                    fisher=fisher)
+                    fisher=fisher, **sizes)
         cb = np.array(col_block)
         kl_forms: dict[str, tuple[float, float]] = {}
         for m in self.matrices:
@@ -446,5 +451,5 @@ class Prober:
                 kl_forms[m] = (float(dW), float(mu_W))
                 rhs_K = kl_budget_radius(K, mu_W)  # the paper's delta_W <= K form: first order only
                 extra = {"rhs_K": rhs_K, "ratio_K": chk.lhs / rhs_K if rhs_K > 0 else math.inf}
-            self._check(t, chk, matrix=m, reference="prev", fisher=fisher, **extra)
+            self._check(t, chk, matrix=m, reference="prev", fisher=fisher, **sizes, **extra)
         return kl_forms
