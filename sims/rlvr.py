@@ -179,9 +179,7 @@ def _train_rlvr(model: TinyGPT, cfg: RLConfig, ref_model: TinyGPT | None, run_na
     if cfg.beta > 0 and ref_model is None:
         ref_model = copy.deepcopy(model)  # the policy the run starts from, as it computes (stored weights)
     if ref_model is not None:
-        ref_model.to(device).eval()
-        for p in ref_model.parameters():
-            p.requires_grad_(False)
+        ref_model.to(device).eval()  # its log-probs are computed under no_grad (``_kl_to_ref``)
     clip = None if cfg.algorithm == "reinforce_kl" else (cfg.eps_low, cfg.eps_high)
     prober = Prober(model, task, tok, cfg.probe, run=run_name, kind="rlvr", max_new_tokens=max_new, clip_band=clip,
                     device=device)
@@ -215,7 +213,7 @@ def _train_rlvr(model: TinyGPT, cfg: RLConfig, ref_model: TinyGPT | None, run_na
             if cfg.beta > 0:
                 kl = _kl_to_ref(model, ref_model, ids[mb], attn[mb], cmask[mb], logp, cfg.kl_estimator).sum() / n_tok
                 loss = loss + cfg.beta * kl
-                stats["kl_ref"] += float(kl) / cfg.minibatches
+                stats["kl_ref"] += float(kl.detach()) / cfg.minibatches
             loss.backward()
             stats["grad_norm"] = max(stats["grad_norm"], opt.step())
             stats["clipped_tokens"] += st["clipped_tokens"]
