@@ -219,3 +219,12 @@ def test_bf16_sparsity_disappears_as_the_learning_rate_grows(default_model):
         names = [n for n in base if ".attn." in n or ".mlp." in n]
         sparsity[lr] = np.mean([bf16_sparsity(base[n], final[n]) for n in names])
     assert sparsity[3e-6] > sparsity[1e-4] + 0.3
+
+
+def test_reinforce_kl_has_no_clipping_and_a_growing_reference_kl(base_model):
+    cfg = RLConfig(task="counting", algorithm="reinforce_kl", beta=0.1, kl_estimator="k3", steps=2, lr=1e-3,
+                   minibatches=2, probe=ProbeConfig(steps=(2,), n_eval_prompts=8, theory_checks=False))
+    res = train_rlvr(fresh(base_model), cfg)
+    assert (res.history["clip_frac"] == 0).all()
+    assert res.history["kl_ref"].iloc[1] > 0  # after the first updates the policy has left the reference
+    assert "token_ratio_out_of_band_frac" not in set(res.metrics["metric"])  # no clip band to report against
