@@ -129,6 +129,24 @@ def test_prop31_mlp_factor_converges_to_first_order_prediction(small_mlp):
     assert rel[1] > 0 and 5 < rel[2] / rel[1] < 20
 
 
+def test_prop31_constant_one_fails_on_curved_class_at_finite_beta():
+    """Counterexample (found by a seeded search over small MLPs): at beta = 1 (KL(q~||pi) = 0.145, not small) the
+    converged M-projection moves the policy *further* than the tilt, KL(pi+||pi) = 1.05 KL(q~||pi). Only the
+    (1 + o(1)) form of Prop 3.1 survives on nonlinear classes; tabular and log-linear classes never do this."""
+    pol = MLPPolicy(5, 2, 12, activation="tanh")
+    th = pol.init_theta(7, scale=2.0)
+    R = np.random.default_rng(7).uniform(-1, 1, pol.shape)
+    c = prop31(pol, th, R, 1.0)
+    assert c.assumptions_hold and c.details["residual"] < 1e-11
+    assert c.verdict == "violated" and 1.04 < c.ratio < 1.07
+    q = tilt(pol.probs(th), R, 1.0)
+    tp = m_project(pol, th, q).theta_plus
+    G = pol.kl_from(q, tp)
+    for k in range(4):  # a genuine local minimiser of KL(q~ || pi_theta')
+        v = np.random.default_rng(k).standard_normal(pol.n_params)
+        assert pol.kl_from(q, tp + 1e-4 * v / np.linalg.norm(v)) >= G - 1e-14
+
+
 def test_prop31_log_linear_factor_converges_to_same_prediction(rng):
     pol = LogLinear(rng.standard_normal((3, 10, 4)))
     th, R = rng.standard_normal(4), rng.uniform(-1, 1, (3, 10))

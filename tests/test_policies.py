@@ -173,6 +173,13 @@ def test_phi_kl_matches_high_precision(ds):
         assert abs(g - ref) <= 16 * EPS * abs(ref) + 1e-300
 
 
+def test_kl_rows_underflowed_reference_probability():
+    """q = exp(-800) underflows to 0 while p does not: the term is p (d - 1) + q, finite, not 0 * inf = NaN."""
+    lp = np.log(np.array([[0.5, 0.5]]))
+    lq = np.array([[-800.0, math.log(1 - 1e-300)]])
+    assert kl_rows(lp, lq)[0] == pytest.approx(0.5 * (math.log(0.5) + 800) + 0.5 * math.log(0.5), rel=4 * EPS)
+
+
 def test_kl_rows_zero_probability_conventions():
     lp = np.log(np.array([[0.5, 0.5, 0.0]]))
     lq = np.log(np.array([[0.25, 0.25, 0.5]]))

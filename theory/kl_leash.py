@@ -194,7 +194,7 @@ def _subspace_mu(F: np.ndarray, delta: np.ndarray, subspace: Any, tol: float | N
     if isinstance(subspace, str) and subspace == "full":
         lam = np.linalg.eigvalsh(F)
         mu = float(lam.min())
-        if mu <= psd_rank_tol(lam):
+        if mu <= max(psd_rank_tol(lam), tol or 0.0):
             return delta, 0 * delta, mu, (
                 f"F(theta) >= mu I with mu > 0 on all of R^d (lambda_min(F) = {mu:.3e}: F is singular)"), F.shape[0]
         return delta, 0 * delta, mu, None, F.shape[0]

@@ -82,9 +82,15 @@ def kl_rows(log_p: Float[np.ndarray, "X Y"], log_q: Float[np.ndarray, "X Y"]) ->
     if log_p.shape != log_q.shape:
         raise ShapeMismatchError(f"log_p has shape {log_p.shape} but log_q has shape {log_q.shape}")
     q = np.exp(log_q)
+    p = np.exp(log_p)
     with np.errstate(invalid="ignore"):
         d = log_p - log_q
-    terms = np.where(np.isneginf(log_p), q, q * _phi_kl(np.where(np.isfinite(d), d, 0.0)))
+    d = np.where(np.isfinite(d), d, 0.0)
+    # q phi(d) = p (d - 1) + q: the series form where |d| is small, the closed form (no 0 * inf when q underflows
+    # while p does not) elsewhere
+    small = np.abs(d) < 0.5
+    terms = np.where(small, q * _phi_kl(np.where(small, d, 0.0)), p * (d - 1.0) + q)
+    terms = np.where(np.isneginf(log_p), q, terms)
     terms = np.where(np.isneginf(log_q) & ~np.isneginf(log_p), np.inf, terms)
     return terms.sum(axis=-1)
 
