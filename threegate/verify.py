@@ -141,7 +141,7 @@ def run_simulation_checks(seed: int, budget: str) -> tuple[list[Row], list[dict]
         viol = met[~met["holds"].astype(bool)]
         ratios = pd.to_numeric(met["ratio"], errors="coerce")
         ratios = ratios[ratios.map(math.isfinite)]
-        failed = g.loc[~g["assumptions_hold"].astype(bool), "failed_assumption"].value_counts()
+        failed = g.loc[~g["assumptions_hold"].astype(bool), "failed_assumption"].map(assumption_name).value_counts()
         notes = []
         if not exact:
             notes.append("as stated")
@@ -149,8 +149,9 @@ def run_simulation_checks(seed: int, budget: str) -> tuple[list[Row], list[dict]
             notes.append("EXACT RESULT VIOLATED on a real step")
         if len(failed):
             notes.append("assumption failed: " + ", ".join(f"{k} x{v}" for k, v in failed.head(3).items()))
-        if "fisher_estimator" in g.columns:
-            notes.append("Fisher: " + ", ".join(sorted(map(str, g["fisher_estimator"].dropna().unique()))))
+        estimators = sorted(map(str, g["fisher_estimator"].dropna().unique())) if "fisher_estimator" in g else []
+        if estimators:
+            notes.append("Fisher: " + ", ".join(estimators))
         verdicts.append(Row(
             result_id=rid, gate=res.gate if res else "?", source=f"sim:{source}", instances=len(g),
             assumptions_met=len(met), violations=len(viol),
