@@ -66,19 +66,11 @@ def test_all_gate1_ids_registered_with_campaigns():
     assert all(theory.RESULTS[r].exact for r in ("lemF.5", "lemF.6", "lemF.9", "eq7"))
 
 
-@pytest.mark.parametrize("rid", ["lemF.5", "lemF.9"])
-def test_cheap_campaigns_never_violate(rid):
-    checks = list(theory.RESULTS[rid].campaign(3))
-    assert checks and all(c.verdict in ("holds", "assumption-failed") for c in checks)
-    assert any(c.verdict == "holds" for c in checks)
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("rid", IDS)
 def test_every_campaign_never_violates_an_exact_result(rid):
     for seed in (0, 1):
         checks = list(theory.RESULTS[rid].campaign(seed))
-        assert checks
+        assert checks and any(c.verdict == "holds" for c in checks)
         for c in checks:
             assert c.verdict != "violated" or not theory.RESULTS[rid].exact, (rid, seed, c)
 
@@ -127,6 +119,19 @@ def test_prop31_mlp_factor_converges_to_first_order_prediction(small_mlp):
     # the curved class breaks the Pythagorean identity, but only at third order: defect / KL(q~||pi) = O(1/beta)
     rel = (df["pythagorean_defect"].abs() / df["kl_qtilde_pi"]).to_numpy()
     assert rel[1] > 0 and 5 < rel[2] / rel[1] < 20
+
+
+@pytest.mark.parametrize("n_outputs", [20, pytest.param(200, marks=pytest.mark.slow)])
+def test_prop31_mlp_with_hidden_at_least_contexts_is_the_tabular_equality(n_outputs):
+    """3 contexts, hidden 8: the net reaches every nearby policy (logit table rank <= 9 >= 3), so pi+ = q~ and the
+    factor is exactly 1 up to the optimizer: such an MLP cannot show Prop 3.1's o(1)."""
+    pol = MLPPolicy(3, 8, n_outputs, activation="gelu")
+    th = pol.init_theta(0)
+    R = np.random.default_rng(0).uniform(-1, 1, pol.shape)
+    for beta in (10.0, 1.0):
+        c = prop31(pol, th, R, beta)
+        assert c.holds and c.ratio == pytest.approx(1.0, abs=1e-9)
+        assert c.details["kl_qtilde_plus"] <= 1e-18
 
 
 def test_prop31_constant_one_fails_on_curved_class_at_finite_beta():
