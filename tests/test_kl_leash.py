@@ -297,6 +297,17 @@ def test_lemF9_small_step_quantity_scales_as_eps_squared():
     assert e1["small_step"] / e2["small_step"] == pytest.approx(4.0, rel=2e-3)
 
 
+def test_lemF9_eps_squared_holds_for_k3_per_batch_but_k1_only_in_expectation():
+    """The paper's "O(eps^2) in the small-step regime": under the band, k3 <= E[T](-eps - log(1-eps)) ~ E[T] eps^2/2
+    for every batch, but the per-token log-ratio sum of one batch can be E[T](-log(1-eps)) = O(eps) (all ratios at
+    the band edge): k1 is O(eps^2) only in expectation over samples from pi_theta."""
+    for eps in (1e-2, 1e-3, 1e-4):
+        c = lemF9([np.full(10, 1 - eps)], eps)
+        assert c.holds
+        assert c.details["k3"] / eps**2 == pytest.approx(10 / 2, rel=2 * eps)
+        assert abs(c.details["k1"]) / eps == pytest.approx(10, rel=eps)  # first order, not eps^2
+
+
 def test_lemF9_bad_inputs():
     with pytest.raises(InputError, match="eps"):
         lemF9([np.ones(3)], 1.5)

@@ -189,7 +189,8 @@ def _subspace_mu(F: np.ndarray, delta: np.ndarray, subspace: Any, tol: float | N
     if subspace is None or (isinstance(subspace, str) and subspace == "range"):
         dr, dn, mu, rank = range_split(F, delta, tol)
         if rank == 0:
-            return dr, dn, 0.0, "the curvature matrix has a nonzero eigenvalue (it is numerically 0: no curvature)", 0
+            return dr, dn, 0.0, ("mu > 0: the curvature matrix (F, or S_W for a block) is numerically 0 — no curvature "
+                                 "of its own (for a block: fully absorbed by the other parameters)"), 0
         return dr, dn, mu, None, rank
     if isinstance(subspace, str) and subspace == "full":
         lam = np.linalg.eigvalsh(F)
@@ -291,6 +292,9 @@ def _prop31_campaign(seed: int) -> Iterable[Check]:
     for policy, theta, R in campaign_policies(seed):
         for beta in (30.0, 3.0, 0.5):
             yield prop31(policy, theta, R, beta)
+    # the pinned curved-class instance where the factor exceeds 1 at finite beta (KL(pi+||pi) = 1.05 KL(q~||pi))
+    mlp = MLPPolicy(5, 2, 12, activation="tanh")
+    yield prop31(mlp, mlp.init_theta(7, scale=2.0), np.random.default_rng(7).uniform(-1, 1, mlp.shape), 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
