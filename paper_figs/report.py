@@ -164,6 +164,9 @@ def render_all(results_dir: str | Path, out_dir: str | Path) -> Report:
         except ThreegateError as e:
             rep.errors.append((source, str(e)))
             continue
+        except Exception as e:  # a figure that breaks must not take the rest of the report with it
+            rep.errors.append((source, f"{type(e).__name__}: {e}"))
+            continue
         png, pdf = out_dir / f"{slug}.png", out_dir / f"{slug}.pdf"
         fig.savefig(png)
         fig.savefig(pdf)

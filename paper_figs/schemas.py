@@ -319,7 +319,8 @@ def describe_run(df: pd.DataFrame, attrs: Mapping | None = None) -> str:
     if steps is None and "steps" in df.columns:
         steps = ", ".join(str(int(s)) for s in _uniq(df["steps"]))
     elif steps is None and "step" in df.columns and pd.api.types.is_numeric_dtype(df["step"]):
-        steps = int(df["step"].max())
+        last = df["step"].max()  # NaN max: rows without a step (e.g. theory campaigns beside training steps)
+        steps = int(last) if pd.notna(last) else None
     if steps is not None and steps != "":
         parts.append(f"{steps} steps")
     seeds = attrs.get("seeds", attrs.get("seed"))

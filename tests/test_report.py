@@ -246,3 +246,37 @@ def test_theory_and_simulation_checks_get_separate_figures(tmp_path):
     by_slug = {f.slug: f.caption for f in rep.figures}
     assert "source sim" in by_slug["check-cor3-4-weyl-checks-sim"]
     assert "source theory" in by_slug["check-cor3-4-weyl-checks-theory"]
+
+
+def test_theory_rows_without_a_step_beside_simulation_steps_still_render(tmp_path):
+    # verify writes theory campaigns (no step) and training-step checks (a step) into one checks.csv
+    d = tmp_path / "res"
+    d.mkdir()
+    rows = [{**make_check(rid, x, 1.0).as_row(), "source": "theory", "step": float("nan")}
+            for rid in ("thm3.3", "thm3.3-wedin", "thm3.3-rigorous") for x in (0.2, 0.4)]
+    rows += [{**make_check(rid, x, 1.0).as_row(), "source": "sim:rlvr", "step": 8}
+             for rid in ("thm3.3", "thm3.3-wedin", "thm3.3-rigorous") for x in (0.1, 0.3)]
+    pd.DataFrame(rows).to_csv(d / "checks.csv", index=False)
+    rep = report.render_all(d, d / "report")
+    assert rep.errors == []
+    forms = [f for f in rep.figures if f.slug.startswith("thm3-3-forms")]
+    assert len(forms) == 2
+    assert any("8 steps" in f.caption for f in forms)
+
+
+def test_a_figure_that_raises_is_listed_not_fatal(tmp_path, monkeypatch):
+    from paper_figs import theory_figs
+
+    d = tmp_path / "res"
+    d.mkdir()
+    rows = [{**make_check(rid, 0.5, 1.0).as_row(), "source": "theory"} for rid in ("thm3.3", "cor3.4-weyl")]
+    pd.DataFrame(rows).to_csv(d / "checks.csv", index=False)
+
+    def boom(*a, **k):
+        raise ZeroDivisionError("synthetic failure")
+
+    monkeypatch.setattr(theory_figs, "fig_thm33_forms", boom)
+    rep = report.render_all(d, d / "report")
+    assert any("ZeroDivisionError: synthetic failure" in msg for _, msg in rep.errors)
+    assert rep.figures, "the other figures must still be written"
+    assert "synthetic failure" in rep.page.read_text()
