@@ -441,3 +441,24 @@ def test_weight_that_overflows_bf16_names_files_and_tensor(capsys, tmp_path, pai
     assert rc == 1
     line = error_line(err)
     assert "huge.safetensors" in line and "base.safetensors" in line and name in line and "non-finite" in line
+
+
+def test_interrupt_keeps_the_rows_computed_so_far(capsys, tmp_path, pair, monkeypatch):
+    import sims.compare as cmp
+
+    _, base, tuned = pair
+    real = cmp.compare_matrix
+    calls = []
+
+    def interrupted_on_third(name, *a, **kw):
+        calls.append(name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(cmp, "compare_matrix", interrupted_on_third)
+    out = tmp_path / "out"
+    rc = main(["compare", str(base), str(tuned), "--k", "2", "--out", str(out), "--no-progress", "--no-figures"])
+    assert rc == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert list(pd.read_csv(out / "matrices.csv")["name"]) == calls[:2]
