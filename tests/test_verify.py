@@ -88,3 +88,28 @@ def test_failed_assumptions_group_without_their_measured_numbers():
     b = assumption_failed("fake", "gap > 0 (delta = -3e-2)")
     row, _ = verify.summarize(_result(True), [a, b], source="theory")
     assert "gap > 0 x2" in row.notes
+
+
+def test_measured_bf16_updates_agree_with_the_exact_fp32_rule():
+    """The measured torch updates (fp32 add, bf16 cast) are what the exact Gate III rule predicts, entry by entry."""
+    import numpy as np
+
+    from theory.precision import predict_change_mask
+
+    t = verify.measured_bf16_updates(seed=3, n=3000)
+    assert list(t.columns) == ["w", "delta", "changed"]
+    pred = np.asarray(predict_change_mask(t["w"].to_numpy(), t["delta"].to_numpy(np.float32), "fp32"))
+    assert np.array_equal(pred, t["changed"].to_numpy())
+    # the sample straddles the threshold: both outcomes occur, and some power-of-two downward steps below 1/2 ULP
+    assert 0.2 < t["changed"].mean() < 0.9
+    w, d = t["w"].to_numpy(), t["delta"].to_numpy()
+    pow2 = np.abs(w) == np.exp2(np.floor(np.log2(np.abs(w))))
+    half_ulp = np.exp2(np.floor(np.log2(np.abs(w))) - 8)
+    quirk = pow2 & (np.sign(d) != np.sign(w)) & (np.abs(d) < half_ulp) & t["changed"].to_numpy()
+    assert quirk.any(), "no update shows the power-of-two quarter-ULP threshold"
+
+
+def test_assumption_names_drop_counts_in_parentheses():
+    assert verify.assumption_name("every ratio in band (581 of 706 outside)") == "every ratio in band"
+    assert verify.assumption_name("gap > 0 (delta = -1e-16)") == "gap > 0"
+    assert verify.assumption_name("finite inputs (W0)") == "finite inputs (W0)"

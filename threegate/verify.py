@@ -58,7 +58,7 @@ class Row:
 
 def assumption_name(text: str | None) -> str:
     """The assumption without the measured numbers in its trailing parentheses, so equal failures group."""
-    return re.sub(r"\s*\([^()]*=[^()]*\)\s*$", "", text or "?")
+    return re.sub(r"\s*\([^()]*(?<![A-Za-z_])[-+]?\d[^()]*\)\s*$", "", text or "?")
 
 
 def summarize(result: Result, checks: Iterable[Check], *, source: str, seconds: float = 0.0) -> tuple[Row, list[dict]]:
@@ -202,6 +202,37 @@ def write_outputs(out: Path, verdicts: list[Row], check_rows: list[dict], json_p
         pd.DataFrame(check_rows).to_csv(out / "checks.csv", index=False)
 
 
+def measured_bf16_updates(seed: int = 0, n: int = 4000) -> pd.DataFrame:
+    """Real bf16 updates as training makes them: torch adds an fp32 step to the fp32 copy of a bf16 weight and casts
+    the sum back to bf16. ``changed`` is measured on the stored result (not predicted), so the Gate III figure can
+    overlay it on the exact realization threshold. Weights span four binades and include exact powers of two (where
+    the downward threshold is a quarter ULP); steps are scattered around the half-ULP threshold in both directions.
+    """
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    exps = rng.integers(-3, 1, size=n).astype(np.float64)
+    mant = np.where(rng.random(n) < 0.2, 1.0, 1.0 + rng.integers(0, 128, size=n) / 128.0)  # 20% powers of two
+    w = torch.tensor(np.ldexp(mant, exps.astype(int)) * rng.choice([-1.0, 1.0], size=n), dtype=torch.bfloat16)
+    w32 = w.to(torch.float32)
+    half_ulp = np.ldexp(1.0, (exps - 8).astype(int))  # 1/2 ULP = 2^(e-8) for |w| in [2^e, 2^(e+1))
+    delta = torch.tensor(half_ulp * rng.uniform(0.1, 2.0, size=n) * rng.choice([-1.0, 1.0], size=n),
+                         dtype=torch.float32)
+    stored = (w32 + delta).to(torch.bfloat16)  # the fp32 master step, then the bf16 stored copy
+    changed = (stored.view(torch.int16) != w.view(torch.int16)).numpy()
+    return pd.DataFrame({"w": w32.numpy().astype(np.float64), "delta": delta.numpy().astype(np.float64),
+                         "changed": changed})
+
+
+def write_bf16_updates(out: Path, seed: int) -> None:
+    table = measured_bf16_updates(seed)
+    table.to_csv(out / "bf16_updates.csv", index=False)
+    meta = {"semantics": "fp32", "description": f"{len(table)} torch updates: bf16 weight -> fp32, + fp32 step, "
+            f"-> bf16 (round to nearest even), seed {seed}; 'changed' measured on the stored bits"}
+    (out / "bf16_updates.csv.meta.json").write_text(json.dumps(meta))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", default=None, help="write the verdict rows as JSON to this file")
@@ -219,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
     verdicts, check_rows = run_campaigns(args.seed, args.only)
     out = Path(args.out)
     write_outputs(out, verdicts, check_rows, args.json_path)  # theory part saved before the long simulations
+    write_bf16_updates(out, args.seed)
     if not args.no_sims:
         print("threegate verify: bound checks on real RLVR / SFT steps of the small transformer", file=sys.stderr)
         sv, srows = run_simulation_checks(args.seed, args.sim_budget)
