@@ -367,3 +367,25 @@ def run(args: argparse.Namespace) -> int:
         for rid, w in worst.items():
             print(f"  {rid:18s} worst lhs/rhs {w:.4g}  violations {int(viol.get(rid, 0))}")
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Claim experiments (sims.claims): training runs plus their own tables and computed verdicts. ``threegate run``
+# writes the standard tables of the runs and prints the verdicts; ``sims.claims.run_claims`` writes the claim
+# tables (sparsity by storage, layer_sparsity, lr_sweep, probe_errors, mask_predictor, verdicts) as well.
+
+
+@experiment("sparsity")
+def exp_sparsity(cfg: dict) -> list[RunResult]:
+    """Table 1 + Sec. 2.3: RL vs SFT bf16 sparsity at matched updates, fp32 storage, lr sweep, probes; verdicts."""
+    from sims.claims import as_run_results, sparsity_experiment
+
+    return as_run_results(sparsity_experiment(cfg))
+
+
+@experiment("mask_predictor")
+def exp_mask_predictor(cfg: dict) -> list[RunResult]:
+    """Cor 3.6 on every real AdamW step: which stored bf16 entries change, predicted vs real; verdict."""
+    from sims.claims import as_run_results, mask_predictor_experiment
+
+    return as_run_results(mask_predictor_experiment(cfg))
