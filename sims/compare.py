@@ -131,13 +131,19 @@ def compare_matrix(
     eta: float = metrics.ETA_DEFAULT,
     device: str | torch.device = "cpu",
     keep_spectra: bool = True,
+    fast: bool = False,
 ) -> MatrixResult:
     """All per-matrix metrics and Gate II checks of ``W0 (m, n)`` against each ``tuned[r] (m, n)``.
 
-    ``k`` is clamped to ``min(m, n)`` (the row records the k used). Raises ``InputError`` (and subclasses) naming
-    the tensor.
+    ``k`` is clamped to ``min(m, n)`` (the row records the k used). ``fast=True`` uses ``theory.fast_spectral``
+    (certified randomized top-k and ``‖ΔW‖_2``) instead of full SVDs: NSS, ``γ_k`` and the Gate II checks need
+    full spectra and are then left out (NaN / "not-evaluated"); the certified error bounds are in the row.
+    Raises ``InputError`` (and subclasses) naming the tensor.
     """
     try:
+        if fast:
+            return _compare_matrix_fast(name, W0, tuned, runs, k=k, alpha=alpha, eta=eta, device=device,
+                                        keep_spectra=keep_spectra)
         return _compare_matrix(name, W0, tuned, runs, k=k, alpha=alpha, eta=eta, device=device,
                                keep_spectra=keep_spectra)
     except ThreegateError as e:
@@ -190,24 +196,101 @@ def _compare_matrix(name, W0, tuned, runs, *, k, alpha, eta, device, keep_spectr
                 res.angles += [{"run": run, **meta, "side": side, "i": i, "angle_deg": float(a), "k": kk}
                                for i, a in enumerate(ang)]
         row["angles_note"] = "" if gap_ok else f"sigma_{kk} = sigma_{kk + 1}: top-k subspace not unique"
-        for key, ref in refs.items():
-            row[f"overlap_{key}"] = _overlap_or_nan(ref, mask)
-            row[f"baseline_{key}"] = metrics.random_overlap_baseline(ref)
-            row[f"inter_{key}"] = int(np.count_nonzero(ref & mask))
-            row[f"size_{key}"] = int(np.count_nonzero(ref))
-            if changed:  # an empty update mask has no overlap (NaN in the row; no row in the figure table)
-                res.overlaps.append({"run": run, **meta, "mask": key, "overlap": row[f"overlap_{key}"],
-                                     "random_baseline": row[f"baseline_{key}"]})
-        rho, kap = metrics.row_ratios(mask), metrics.col_ratios(mask)
-        row.update(row_ratio_std=float(rho.std()), row_ratio_max=float(rho.max()),
-                   col_ratio_std=float(kap.std()), col_ratio_max=float(kap.max()),
-                   rows_touched=float(np.mean(rho > 0)), cols_touched=float(np.mean(kap > 0)))
+        _mask_metrics(row, res, refs, mask, run, meta)
         for rid, chk in gate2_checks(pair, kk).items():
             row[f"check_{rid}"] = chk.verdict
             res.checks.append({"run": run, **meta, **chk.as_row()})
         if keep_spectra:
             res.spectrum += [{"run": run, **meta, "i": i, "sigma_base": float(a), "sigma_tuned": float(b)}
                              for i, (a, b) in enumerate(zip(S0, S1))]
+        res.rows.append(row)
+    if len(masks) >= 2:
+        _cross_run(res, masks, runs)
+    return res
+
+
+def _mask_metrics(row: dict, res: MatrixResult, refs: dict, mask: np.ndarray, run: str, meta: dict) -> None:
+    """Overlaps with the reference masks (and their random baselines) and row / column update ratios."""
+    changed = row["changed"]
+    for key, ref in refs.items():
+        row[f"overlap_{key}"] = _overlap_or_nan(ref, mask)
+        row[f"baseline_{key}"] = metrics.random_overlap_baseline(ref)
+        row[f"inter_{key}"] = int(np.count_nonzero(ref & mask))
+        row[f"size_{key}"] = int(np.count_nonzero(ref))
+        if changed:  # an empty update mask has no overlap (NaN in the row; no row in the figure table)
+            res.overlaps.append({"run": run, **meta, "mask": key, "overlap": row[f"overlap_{key}"],
+                                 "random_baseline": row[f"baseline_{key}"]})
+    rho, kap = metrics.row_ratios(mask), metrics.col_ratios(mask)
+    row.update(row_ratio_std=float(rho.std()), row_ratio_max=float(rho.max()),
+               col_ratio_std=float(kap.std()), col_ratio_max=float(kap.max()),
+               rows_touched=float(np.mean(rho > 0)), cols_touched=float(np.mean(kap > 0)))
+
+
+def _compare_matrix_fast(name, W0, tuned, runs, *, k, alpha, eta, device, keep_spectra) -> MatrixResult:
+    """``compare_matrix`` without full SVDs: ``topk_svd`` / ``spectral_norm_fast`` with certified error bounds."""
+    from theory.fast_spectral import spectral_norm_fast, topk_svd
+    from theory.errors import ZeroGapError
+
+    if W0.ndim != 2:
+        raise InputError(f"tensor {name!r}: expected a 2-d matrix, got shape {tuple(W0.shape)}")
+    m, n = W0.shape
+    kk = max(1, min(int(k), min(m, n)))
+    layer, mtype = layer_index(name), matrix_type(name)
+    meta = {"name": name, "layer": -1 if layer is None else layer, "matrix_type": mtype}
+    A = _as_f64(W0)
+    try:
+        top0 = topk_svd(A, kk, device=device, seed=0)
+    except ZeroGapError as e:
+        top0, gap_note = None, str(e)
+    else:
+        gap_note = ""
+    if top0 is not None:
+        M_princ = principal_mask_from_svd(SVD(top0.U, top0.S, top0.V.T), kk, alpha)
+    else:  # no top-k subspace: M_princ undefined, so is its overlap
+        M_princ = np.zeros(A.shape, dtype=bool)
+    M_low = metrics.low_magnitude_mask(A, alpha)
+    refs = {"princ": M_princ, "low": M_low, "princ_not_low": M_princ & ~M_low}
+    W0_dev = W0.to(device)
+    res = MatrixResult(name, [], [])
+    masks: list[np.ndarray] = []
+    for run, W1 in zip(runs, tuned):
+        mask = metrics.update_mask(W0_dev, W1.to(device), eta).cpu().numpy()
+        masks.append(mask)
+        changed = int(mask.sum())
+        B = _as_f64(W1)
+        dW = B - A
+        norm = spectral_norm_fast(dW, device=device, seed=0)
+        row: dict[str, Any] = {
+            "run": run, **meta, "m": m, "n": n, "numel": m * n, "dtype": str(W1.dtype).replace("torch.", ""),
+            "changed": changed, "sparsity": 1.0 - changed / (m * n),
+            "dW_fro": float(np.linalg.norm(dW)), "dW_2": norm.value, "dW_2_err": norm.err_bound,
+            "nss": math.nan, "k": kk, "gamma_k": math.nan, "dW_over_gap": math.nan,
+            "spectral_method": f"fast ({norm.method_used})",
+        }
+        top1 = None
+        if top0 is not None:
+            try:
+                top1 = topk_svd(B, kk, device=device, seed=0)
+            except ZeroGapError as e:
+                gap_note = str(e)
+        for side in ("U", "V"):
+            if top1 is None:
+                ang = np.full(kk, math.nan)
+            else:
+                ang = np.degrees(principal_angles(getattr(top0, side), getattr(top1, side)))
+                if keep_spectra:
+                    res.angles += [{"run": run, **meta, "side": side, "i": i, "angle_deg": float(a), "k": kk}
+                                   for i, a in enumerate(ang)]
+            row[f"angle_{side}_max_deg"] = float(ang.max())
+            row[f"angle_{side}_mean_deg"] = float(ang.mean())
+        row["angle_err_deg"] = (math.degrees(top0.angle_err_bound + top1.angle_err_bound)
+                                if top1 is not None else math.nan)
+        row["angles_note"] = gap_note[:120]
+        _mask_metrics(row, res, refs, mask, run, meta)
+        if top0 is None:
+            row["overlap_princ"] = row["overlap_princ_not_low"] = math.nan
+        for rid in GATE2_IDS:
+            row[f"check_{rid}"] = "not-evaluated"
         res.rows.append(row)
     if len(masks) >= 2:
         _cross_run(res, masks, runs)
@@ -270,6 +353,7 @@ def iter_compare(
     runs: Sequence[str] | None = None,
     keep_spectra: bool = True,
     progress: bool = False,
+    fast: bool = False,
 ) -> Iterator[MatrixResult]:
     """Yield one ``MatrixResult`` per 2-D tensor, streaming (one matrix per checkpoint in memory at a time)."""
     if not tuned_list:
@@ -289,7 +373,7 @@ def iter_compare(
                               file=sys.stderr):
         try:
             yield compare_matrix(name, tensors[0], tensors[1:], runs, k=k, alpha=alpha, eta=eta, device=device,
-                                 keep_spectra=keep_spectra)
+                                 keep_spectra=keep_spectra, fast=fast)
         except ThreegateError as e:  # name the files too (w0 / W0 = the base, w1 / W1 = the tuned one)
             files = " vs ".join(str(ck.file_of(name)) for ck in cks)
             raise type(e)(f"{files}: {e}") from None
@@ -416,12 +500,13 @@ def compare_tables(
     method: str = "tuned",
     keep_spectra: bool = True,
     progress: bool = False,
+    fast: bool = False,
 ) -> CompareTables:
     """Every table of a comparison (see ``CompareTables``). Errors propagate (nothing is written here)."""
     col = _Collector()
     cks_notes = _notes([base, *tuned_list])
     for r in iter_compare(base, tuned_list, k=k, alpha=alpha, eta=eta, device=device, only=only,
-                          max_matrices=max_matrices, keep_spectra=keep_spectra, progress=progress):
+                          max_matrices=max_matrices, keep_spectra=keep_spectra, progress=progress, fast=fast):
         col.add(r)
     return col.tables(method=method, notes=cks_notes)
 
@@ -436,6 +521,7 @@ def compare_checkpoints(
     eta: float = metrics.ETA_DEFAULT,
     only: str | None = None,
     max_matrices: int | None = None,
+    fast: bool = False,
 ) -> pd.DataFrame:
     """One row per (2-D weight matrix, tuned run): sparsity, norms, NSS, angles, overlaps, ratios, check verdicts.
 
@@ -443,7 +529,7 @@ def compare_checkpoints(
     docstring for the columns; ``compare_tables`` returns the aggregated and long-form tables too.
     """
     return compare_tables(base, tuned_list, k=k, alpha=alpha, device=device, eta=eta, only=only,
-                          max_matrices=max_matrices, keep_spectra=False).matrices
+                          max_matrices=max_matrices, keep_spectra=False, fast=fast).matrices
 
 
 def _notes(items: Sequence[str | Path | Checkpoint]) -> list[str]:
@@ -558,6 +644,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default=None, metavar="REGEX", help="compare only tensors whose name matches")
     parser.add_argument("--max-matrices", type=int, default=None, metavar="N", help="stop after N matrices")
     parser.add_argument("--method", default="tuned", help="label for the sparsity table, e.g. RL or SFT")
+    parser.add_argument("--fast", action="store_true",
+                        help="large models: certified randomized top-k and ||dW||_2 (theory.fast_spectral) instead of "
+                             "full SVDs; NSS and the Gate II checks (which need full spectra) are skipped")
     parser.add_argument("--no-figures", action="store_true", help="do not render figures into OUT/report")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -572,7 +661,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         for r in iter_compare(base, tuned, k=args.k, alpha=args.alpha, eta=args.eta, device=args.device,
                               only=args.only, max_matrices=args.max_matrices, runs=runs,
-                              keep_spectra=args.out is not None, progress=not args.no_progress):
+                              keep_spectra=args.out is not None, progress=not args.no_progress,
+                              fast=args.fast):
             col.add(r)
     except (ThreegateError, KeyboardInterrupt) as e:
         if col.results:  # keep what was computed before the failure

@@ -462,3 +462,24 @@ def test_interrupt_keeps_the_rows_computed_so_far(capsys, tmp_path, pair, monkey
     assert rc == 130
     assert "interrupted" in capsys.readouterr().err
     assert list(pd.read_csv(out / "matrices.csv")["name"]) == calls[:2]
+
+
+def test_fast_path_agrees_with_the_exact_path_within_its_certified_bounds():
+    """--fast (theory.fast_spectral) against full SVDs on a 400 x 300 matrix with a decaying spectrum."""
+    rng = np.random.default_rng(8)
+    m, n, k = 400, 300, 6
+    Q1, _ = np.linalg.qr(rng.standard_normal((m, n)))
+    Q2, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    sigma = 10.0 * 0.9 ** np.arange(n)  # gap after every sigma_k: the randomized path converges
+    W0 = torch.from_numpy((Q1 * sigma) @ Q2.T)
+    W1 = W0 + 1e-3 * torch.from_numpy(rng.standard_normal((m, n)))
+    name = "model.layers.0.mlp.down_proj.weight"
+    exact = compare_matrix(name, W0, [W1], ["r"], k=k).rows[0]
+    fast = compare_matrix(name, W0, [W1], ["r"], k=k, fast=True).rows[0]
+    assert fast["changed"] == exact["changed"] and fast["dW_fro"] == pytest.approx(exact["dW_fro"], rel=1e-12)
+    # ||dW||_2 lies in [value, value + err_bound] (plus the exact path's own rounding)
+    assert fast["dW_2"] - 1e-12 <= exact["dW_2"] <= fast["dW_2"] + fast["dW_2_err"] + 1e-12
+    for side in ("U", "V"):
+        assert abs(fast[f"angle_{side}_max_deg"] - exact[f"angle_{side}_max_deg"]) <= fast["angle_err_deg"] + 1e-9
+    assert fast["overlap_princ"] == exact["overlap_princ"]  # same M_princ from the certified top-k
+    assert math.isnan(fast["nss"]) and fast["check_thm3.3"] == "not-evaluated"
