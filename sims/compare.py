@@ -23,6 +23,12 @@ Aggregates per layer and per matrix type pool the counts (sparsity ``1 - Σ chan
 
 Tensors stream one matrix at a time (``sims.checkpoints.iter_matched``). If a tensor fails, every row computed
 before it is written first, then the error is raised (the CLI prints it as one line and exits 1).
+
+Cost: per matrix one full float64 SVD of W0, one of each W+ and the singular values of ΔW (``--device cuda``
+runs them on a GPU). ``--fast`` replaces them by ``theory.fast_spectral`` (certified randomized top-k and
+``‖ΔW‖_2``) and leaves out NSS and the Gate II checks, which need whole spectra; it pays off only for large
+matrices (on SmolLM2's 576-1536 wide matrices it was slower than the full path). On a machine shared by several
+processes, ``OPENBLAS_NUM_THREADS=1`` made each SVD ~9x faster (thread oversubscription).
 """
 
 from __future__ import annotations
