@@ -392,7 +392,10 @@ def _validate_options(k: int, alpha: float, eta: float, device: str | torch.devi
         raise InputError(f"--alpha must be a fraction in (0, 1), got {alpha}")
     if not (math.isfinite(eta) and eta >= 0):
         raise InputError(f"--eta must be a finite number >= 0, got {eta}")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise InputError(f"--device {device!r}: not a torch device ({e})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
 

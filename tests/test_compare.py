@@ -337,6 +337,9 @@ def test_mismatched_shape_names_tensor(capsys, tmp_path, pair):
     (["--alpha", "1.5"], "--alpha must be a fraction"),
     (["--only", "("], "not a valid regular expression"),
     (["--only", "no_such_tensor"], "no 2-d weight matrix matches"),
+    (["--device", "warp-drive"], "not a torch device"),
+    (["--max-matrices", "-1"], "max_matrices must be >= 0"),
+    (["--eta", "-1"], "--eta must be a finite number >= 0"),
 ])
 def test_bad_options_are_one_line_errors(capsys, pair, args, needle):
     _, base, tuned = pair
