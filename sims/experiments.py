@@ -312,6 +312,16 @@ def run_experiment(name: str, cfg: dict, out: str | Path | None = None) -> Path:
     }
     for tname, df in tables.items():
         _write_table(df, out, tname)
+    # claim experiments (sims.claims) attach their own tables and computed verdicts to the runs they return
+    claim_tables = getattr(results[0], "tables", None) if results else None
+    for tname, df in (claim_tables or {}).items():
+        if tname not in tables:
+            _write_table(df, out, tname)
+    verdicts = getattr(results[0], "verdicts", None) if results else None
+    if verdicts:
+        from dataclasses import asdict
+
+        (out / "verdicts.json").write_text(json.dumps([asdict(v) for v in verdicts], indent=2, default=float))
     for r in results:
         for t, sd in r.snapshots.items():
             from sims.storage import save_snapshot

@@ -314,3 +314,16 @@ def test_run_claims_writes_tables_and_verdicts(tmp_path, capsys):
     assert {"sparsity", "mask_predictor"} <= set(EXPERIMENTS)
     with pytest.raises(InputError, match="unknown claim experiment"):
         run_claims("nope", cfg, tmp_path / "x")
+
+
+def test_threegate_run_writes_claim_tables_and_verdicts(tmp_path, capsys):
+    """`threegate run mask_predictor` writes the claim tables and verdicts.json, not only the standard tables."""
+    import json as _json
+
+    from sims.experiments import run_experiment
+
+    cfg = {"pretrain": FAST_PRETRAIN, "mask_predictor": {"preset": "fast", "rl_steps": 1}}
+    out = run_experiment("mask_predictor", cfg, tmp_path / "mp")
+    assert (out / "mask_predictor.csv").is_file()
+    verdicts = _json.loads((out / "verdicts.json").read_text())
+    assert verdicts and all(v["verdict"] in {"reproduced", "not reproduced", "inconclusive"} for v in verdicts)
