@@ -3,7 +3,8 @@
 ``default_simulation_checks(seed, budget)`` pretrains (or loads from ``.cache/threegate``) the base model, runs a
 clip-only DAPO run and an SFT run on the same task from it with probes, and returns every check row: Gate II on each
 block matrix against the base and the previous step, Lemma F.9 on the RL steps' token ratios, Prop 3.2 and Eq 7
-with the restricted next-token Fisher (column ``fisher_estimator``; see ``sims.probe``).
+with the restricted next-token Fisher (column ``fisher_estimator``; see ``sims.probe``), and Prop E.3 (the
+eta = 1e-3 probe against bit equality) on the stored bf16 snapshots.
 
 Budgets: ``"fast"`` uses ``PretrainConfig.fast()`` and 3 steps per run (seconds; for tests);
 ``"default"`` uses ``PretrainConfig.default()`` (cached after the first call) and 12 steps per run probed at 4, 8
@@ -15,10 +16,15 @@ from __future__ import annotations
 import copy
 import time
 
+import numpy as np
 import pandas as pd
+import torch
 
+from sims.model import matrix_params
 from sims.probe import ProbeConfig
+from sims.storage import round_to_bf16
 from theory.errors import InputError
+from theory.precision import probe_unchanged
 
 __all__ = ["default_simulation_checks", "SIM_COLUMNS", "BUDGETS"]
 
@@ -30,6 +36,36 @@ BUDGETS = {
     "fast": ("fast", 3, (2, 3), 8, 8),
     "default": ("default", 12, (4, 8, 12), 32, 32),
 }
+
+
+def gate3_probe_rows(base_stored: dict[str, torch.Tensor], snapshots: dict[int, dict[str, torch.Tensor]],
+                     source: str, eta: float = 1e-3) -> pd.DataFrame:
+    """Prop E.3 on the real stored bf16 weights of a run: the Def 2.1 probe (eta = 1e-3, evaluated exactly by
+    ``theory.precision.probe_unchanged``) against bit equality, per matrix, between consecutive probed snapshots
+    (the first against the bf16-rounded base). lhs = number of entries where the two disagree, rhs = 0.
+    The proposition assumes finite nonzero normal values, so entries where either side is zero or subnormal are
+    left out (and counted in ``n_outside_assumption``)."""
+    rows, prev = [], base_stored
+    for step in sorted(snapshots):
+        cur = snapshots[step]
+        for name, w1 in cur.items():
+            if name not in prev:
+                continue
+            a = prev[name].to(torch.bfloat16)
+            b = w1.to(torch.bfloat16)
+            normal = lambda t: (t.float().abs() >= 2.0**-126) & torch.isfinite(t.float())  # noqa: E731
+            keep = (normal(a) & normal(b)).numpy()
+            same_bits = (a.view(torch.int16) == b.view(torch.int16)).numpy()
+            probe = np.asarray(probe_unchanged(a.float().numpy()[keep], b.float().numpy()[keep], eta))
+            disagree = int(np.count_nonzero(probe != same_bits[keep]))
+            rows.append({"result_id": "propE.3", "lhs": float(disagree), "rhs": 0.0,
+                         "ratio": 0.0 if disagree == 0 else float("inf"), "holds": disagree == 0,
+                         "assumptions_hold": True, "failed_assumption": None, "source": source, "step": step,
+                         "matrix": name, "reference": "prev", "fisher_estimator": None,
+                         "n_entries": int(keep.sum()), "n_changed": int((~same_bits[keep]).sum()),
+                         "n_outside_assumption": int((~keep).sum())})
+        prev = cur
+    return pd.DataFrame(rows)
 
 
 def default_simulation_checks(seed: int = 0, budget: str = "default", *, cache_dir: str | None = ".cache/threegate",
@@ -50,10 +86,12 @@ def default_simulation_checks(seed: int = 0, budget: str = "default", *, cache_d
     sft = train_sft(copy.deepcopy(base), SFTConfig(task="counting", steps=steps, lr=3e-4, seed=seed, device=device,
                                                    probe=probe), run_name="sft")
     frames = []
+    base_stored = {n: round_to_bf16(p.detach().float().cpu()) for n, p in matrix_params(base).items()}
     for res, source in ((rl, "rlvr"), (sft, "sft")):
         df = res.checks.copy()
         df["source"] = source
         frames.append(df)
+        frames.append(gate3_probe_rows(base_stored, res.snapshots, source))
     out = pd.concat(frames, ignore_index=True)
     rest = [c for c in out.columns if c not in SIM_COLUMNS]
     out = out[SIM_COLUMNS + rest]

@@ -127,6 +127,30 @@ def test_default_simulation_checks_fast_budget(cache):
         default_simulation_checks(budget="huge")
 
 
+def test_gate3_rows_on_real_snapshots(cache):
+    """Prop E.3 on the stored bf16 weights of real runs: the probe equals bit equality, and the rows count the
+    entries that really changed (so a run that changed nothing would not pass silently)."""
+    df = default_simulation_checks(seed=0, budget="fast", cache_dir=str(cache))
+    g3 = df[df["result_id"] == "propE.3"]
+    assert set(g3["source"]) == {"rlvr", "sft"}
+    assert (g3["lhs"] == 0).all() and g3["holds"].astype(bool).all()
+    assert g3["n_changed"].sum() > 0 and (g3["n_changed"] <= g3["n_entries"]).all()
+
+
+def test_gate3_rows_catch_a_probe_that_disagrees_with_bits():
+    import torch
+
+    from sims.sim_verify import gate3_probe_rows
+
+    w = torch.tensor([[1.0, 2.0], [3.0, 0.5]], dtype=torch.bfloat16)
+    nudged = w.clone()
+    nudged[0, 0] = torch.tensor(1.0078125, dtype=torch.bfloat16)  # the next bf16 value above 1: a real change
+    rows = gate3_probe_rows({"m": w}, {1: {"m": nudged}}, "x", eta=2**-7)  # eta >= 2^-8: the probe misses it
+    assert rows.loc[0, "lhs"] == 1 and not rows.loc[0, "holds"]
+    rows = gate3_probe_rows({"m": w}, {1: {"m": nudged}}, "x")  # eta = 1e-3 < 2^-8: exact
+    assert rows.loc[0, "lhs"] == 0 and rows.loc[0, "n_changed"] == 1 and rows.loc[0, "n_entries"] == 4
+
+
 @pytest.mark.slow
 def test_default_simulation_checks_default_budget_no_exact_violation():
     """The budget ``threegate verify`` uses: pretrain (cached) + 12 DAPO and 12 SFT steps, probed at 4, 8, 12."""
@@ -137,4 +161,4 @@ def test_default_simulation_checks_default_budget_no_exact_violation():
     met = df[df["result_id"].isin(exact_ids) & df["assumptions_hold"].astype(bool)]
     assert len(met) > 100
     assert met["holds"].astype(bool).all(), met.loc[~met["holds"].astype(bool), ["result_id", "source", "matrix"]]
-    assert {"eq7", "prop3.2", "lemF.9", "thm3.3-rigorous"} <= set(df["result_id"])
+    assert {"eq7", "prop3.2", "lemF.9", "thm3.3-rigorous", "propE.3"} <= set(df["result_id"])
