@@ -33,3 +33,25 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20251111)
+
+
+# Exact results that must never be exceeded on a real training step (where their assumptions hold).
+RIGOROUS_IDS = ("cor3.4-weyl", "cor3.4-mirsky", "thm3.3-rigorous", "thm3.3-wedin", "cor3.5", "corF.13", "eq7")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is fastest on a shared machine, and reruns stay bit-identical."""
+    from sims.probe import deterministic
+
+    with deterministic():
+        yield
+
+
+@pytest.fixture(scope="session")
+def fast_base_model():
+    """The fast pretrained base model (cached by config hash, so trained once per machine)."""
+    from sims.pretrain import PretrainConfig, pretrain
+
+    model, _ = pretrain(PretrainConfig.fast())
+    return model

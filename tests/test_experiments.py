@@ -15,7 +15,7 @@ from sims.storage import load_snapshot
 from theory.errors import InputError
 from threegate.cli import main
 
-RIGOROUS_IDS = ("cor3.4-weyl", "cor3.4-mirsky", "thm3.3-rigorous", "thm3.3-wedin", "cor3.5", "corF.13", "eq7")
+from tests.conftest import RIGOROUS_IDS
 
 
 @pytest.fixture(scope="module")

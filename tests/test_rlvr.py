@@ -17,22 +17,17 @@ from sims.rlvr import RLConfig, _kl_to_ref, group_advantages, policy_loss, train
 from sims.tasks import Tokenizer, task_by_name
 from theory.errors import InputError
 
-# exact results that must never be exceeded on a real step (assumptions met)
-RIGOROUS_IDS = ("cor3.4-weyl", "cor3.4-mirsky", "thm3.3-rigorous", "thm3.3-wedin", "cor3.5", "corF.13", "eq7")
+from tests.conftest import RIGOROUS_IDS
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest on a shared machine, and reruns stay bit-identical."""
-    with deterministic():
-        yield
+def _one_thread(one_thread):
+    yield
 
 
-@pytest.fixture(scope="module")
-def base_model():
-    # the project's pretraining cache (keyed by config hash): the fast base model is trained once per machine
-    model, _ = pretrain(PretrainConfig.fast())
-    return model
+@pytest.fixture
+def base_model(fast_base_model):
+    return fast_base_model
 
 
 def fresh(model):

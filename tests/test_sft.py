@@ -15,21 +15,17 @@ from sims.sft import SFTConfig, demonstration_loss, train_sft
 from sims.tasks import Tokenizer, encode_demonstrations, task_by_name
 from theory.errors import InputError
 
-RIGOROUS_IDS = ("cor3.4-weyl", "cor3.4-mirsky", "thm3.3-rigorous", "thm3.3-wedin", "cor3.5", "corF.13", "eq7")
+from tests.conftest import RIGOROUS_IDS
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest on a shared machine, and reruns stay bit-identical."""
-    with deterministic():
-        yield
+def _one_thread(one_thread):
+    yield
 
 
-@pytest.fixture(scope="module")
-def base_model():
-    # the project's pretraining cache (keyed by config hash): the fast base model is trained once per machine
-    model, _ = pretrain(PretrainConfig.fast())
-    return model
+@pytest.fixture
+def base_model(fast_base_model):
+    return fast_base_model
 
 
 def test_demonstration_loss_is_cross_entropy_on_answer_and_eos_only(base_model):
