@@ -274,13 +274,14 @@ def _steps_needed(rho: float, last: tuple[int, float] | None, it: int, Sb: torch
     """Steps until ρ <= sin(tol)·(Ritz gap)/2, from the geometric decay of ρ; None if it cannot get there."""
     s1 = float(Sb[0])
     ritz_gap = float(Sb[k - 1] - Sb[k]) if k < l else float(Sb[k - 1])
-    if ritz_gap <= 4 * f * s1:  # σ_k ≈ σ_{k+1} to rounding: no iteration can certify a subspace
-        return None
-    target = math.sin(min(tol, 1.0)) * ritz_gap / 2 - f * s1
-    if target <= 0:
-        return None
-    if rho <= target:
-        return 1
+    if rho < ritz_gap / 4:  # residual below the gap: the Ritz gap is resolved and can be trusted
+        target = math.sin(min(tol, 1.0)) * ritz_gap / 2 - f * s1
+        if ritz_gap <= 4 * f * s1 or target <= 0:  # σ_k ≈ σ_{k+1} to rounding: no step can certify
+            return None
+        if rho <= target:
+            return 1
+    else:  # early Ritz values underestimate the gap: first aim for two orders of magnitude of progress
+        target = rho * 1e-2
     if last is None:  # subspace iteration: rate (σ_{l+1} / σ_k)² per step, estimated by the Ritz values
         rate = (float(Sb[l - 1]) / float(Sb[k - 1])) ** 2 if k < l else 0.5
     else:
