@@ -218,3 +218,14 @@ def test_step_prediction_waits_for_an_unresolved_early_ritz_gap():
     Sb = torch.tensor([1.0, 0.5, 0.4, 0.1], dtype=torch.float64)
     assert _steps_needed(rho=1e-9, last=(2, 1e-6), it=5, Sb=Sb, k=2, l=4, tol=1e-6, f=f) == 1  # 1e-3 per step
     assert _steps_needed(rho=1e-6, last=(2, 1e-6), it=5, Sb=Sb, k=2, l=4, tol=1e-6, f=f) is None  # stalled
+
+
+@pytest.mark.parametrize("method", ["randomized", "lanczos", "exact"])
+def test_spectral_norm_every_method_encloses_the_known_value(method):
+    s = 2.0 * power_law(100, 1.0)
+    W, _, _ = known_matrix(120, 100, s, seed=6)
+    res = spectral_norm_fast(W, method=method, rtol=1e-7)
+    assert res.method_used == method
+    slack = 4 * 120 * EPS64 * s[0]  # the construction's own rounding
+    assert res.value - slack <= s[0] <= res.value + res.err_bound + slack
+    assert res.err_bound <= 1e-7 * res.value
