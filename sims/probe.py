@@ -47,14 +47,13 @@ import math
 import os
 import random
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, jvp
 
 from sims.model import TinyGPT, generate, matrix_params
@@ -453,3 +452,21 @@ class Prober:
                 extra = {"rhs_K": rhs_K, "ratio_K": chk.lhs / rhs_K if rhs_K > 0 else math.inf}
             self._check(t, chk, matrix=m, reference="prev", fisher=fisher, **sizes, **extra)
         return kl_forms
+
+
+def start_run(model, cfg):
+    """Common start of a training run (RLVR or SFT): seed everything, move the model to ``cfg.device``, and build
+    the tokenizer, task, completion length and the mixed-precision AdamW from ``cfg``.
+
+    Returns ``(device, tokenizer, task, max_new_tokens, optimizer)``."""
+    from sims.storage import MixedPrecisionAdamW
+    from sims.tasks import Tokenizer, task_by_name
+
+    seed_everything(cfg.seed)
+    device = torch.device(cfg.device)
+    model.to(device)
+    task = task_by_name(cfg.task)
+    max_new = cfg.max_new_tokens or task.max_answer_len + 1
+    opt = MixedPrecisionAdamW(model, precision=cfg.precision, lr=cfg.lr, betas=cfg.betas,
+                              weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    return device, Tokenizer(), task, max_new, opt

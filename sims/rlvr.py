@@ -38,9 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from sims.model import TinyGPT, generate, sequence_logprobs
-from sims.probe import ProbeConfig, Prober, RunResult, deterministic, seed_everything
-from sims.storage import MixedPrecisionAdamW, check_precision
-from sims.tasks import Tokenizer, task_by_name
+from sims.probe import ProbeConfig, Prober, RunResult, deterministic, start_run
+from sims.storage import check_precision
 from theory.errors import InputError
 
 __all__ = ["ALGORITHMS", "RLConfig", "train_rlvr", "group_advantages", "policy_loss"]
@@ -168,14 +167,7 @@ def train_rlvr(model: TinyGPT, cfg: RLConfig, ref_model: TinyGPT | None = None, 
 
 def _train_rlvr(model: TinyGPT, cfg: RLConfig, ref_model: TinyGPT | None, run_name: str) -> RunResult:
     t_start = time.perf_counter()
-    seed_everything(cfg.seed)
-    device = torch.device(cfg.device)
-    model.to(device)
-    tok = Tokenizer()
-    task = task_by_name(cfg.task)
-    max_new = cfg.max_new_tokens or task.max_answer_len + 1
-    opt = MixedPrecisionAdamW(model, precision=cfg.precision, lr=cfg.lr, betas=cfg.betas,
-                              weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    device, tok, task, max_new, opt = start_run(model, cfg)
     if cfg.beta > 0 and ref_model is None:
         ref_model = copy.deepcopy(model)  # the policy the run starts from, as it computes (stored weights)
     if ref_model is not None:

@@ -17,9 +17,9 @@ import pandas as pd
 import torch
 
 from sims.model import TinyGPT, sequence_logprobs
-from sims.probe import ProbeConfig, Prober, RunResult, deterministic, seed_everything
-from sims.storage import MixedPrecisionAdamW, check_precision
-from sims.tasks import Tokenizer, encode_demonstrations, task_by_name
+from sims.probe import ProbeConfig, Prober, RunResult, deterministic, start_run
+from sims.storage import check_precision
+from sims.tasks import encode_demonstrations
 from theory.errors import InputError
 
 __all__ = ["SFTConfig", "train_sft", "demonstration_loss"]
@@ -70,14 +70,7 @@ def train_sft(model: TinyGPT, cfg: SFTConfig, *, run_name: str = "sft") -> RunRe
 
 def _train_sft(model: TinyGPT, cfg: SFTConfig, run_name: str) -> RunResult:
     t_start = time.perf_counter()
-    seed_everything(cfg.seed)
-    device = torch.device(cfg.device)
-    model.to(device)
-    tok = Tokenizer()
-    task = task_by_name(cfg.task)
-    max_new = cfg.max_new_tokens or task.max_answer_len + 1
-    opt = MixedPrecisionAdamW(model, precision=cfg.precision, lr=cfg.lr, betas=cfg.betas,
-                              weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    device, tok, task, max_new, opt = start_run(model, cfg)
     prober = Prober(model, task, tok, cfg.probe, run=run_name, kind="sft", max_new_tokens=max_new, clip_band=None,
                     device=device)
     rng = np.random.default_rng(cfg.seed)

@@ -19,15 +19,7 @@ from theory.errors import InputError
 
 from tests.conftest import RIGOROUS_IDS
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    yield
-
-
-@pytest.fixture
-def base_model(fast_base_model):
-    return fast_base_model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fresh(model):
@@ -67,8 +59,8 @@ def test_clipped_surrogate_stops_gradient_outside_the_band_only():
     torch.testing.assert_close(logp3.grad, torch.tensor([[0.0, -3.0, -1.0, -2.2]], dtype=torch.float64))
 
 
-def test_kl_to_reference_is_zero_against_itself_and_positive_after_a_change(base_model):
-    model = fresh(base_model)
+def test_kl_to_reference_is_zero_against_itself_and_positive_after_a_change(fast_base_model):
+    model = fresh(fast_base_model)
     tok = Tokenizer()
     g = generate(model, [tok.encode("12+34=", bos=True)] * 4, 4, 1.0, torch.Generator().manual_seed(0),
                  eos_id=tok.eos_id, pad_id=tok.pad_id)
@@ -104,11 +96,11 @@ def test_config_validation_names_the_problem():
         RLConfig(prompts_per_step=3, group_size=3, minibatches=2)
 
 
-def test_rl_raises_reward_on_counting(base_model):
+def test_rl_raises_reward_on_counting(fast_base_model):
     # measured on this seed: sampled eval accuracy 0.17 -> 0.38, rollout reward -0.63 -> -0.53 (first/last 5 steps)
     cfg = RLConfig(task="counting", steps=20, lr=3e-4, seed=0,
                    probe=ProbeConfig(steps=(0, 20), n_eval_prompts=64, theory_checks=False))
-    res = train_rlvr(fresh(base_model), cfg)
+    res = train_rlvr(fresh(fast_base_model), cfg)
     h = res.history
     assert h["reward_mean"].iloc[-5:].mean() > h["reward_mean"].iloc[:5].mean()
     acc = res.metrics.query("metric == 'accuracy_sampled'").set_index("step")["value"]
@@ -117,24 +109,24 @@ def test_rl_raises_reward_on_counting(base_model):
     assert (kl > 0).all()
 
 
-def test_same_seed_gives_bit_identical_weights_and_tables(base_model):
+def test_same_seed_gives_bit_identical_weights_and_tables(fast_base_model):
     cfg = RLConfig(task="counting", steps=2, lr=3e-4, seed=5, probe=ProbeConfig(steps=(0, 2), n_eval_prompts=8,
                                                                                  n_fisher_rollouts=8))
-    a, b = train_rlvr(fresh(base_model), cfg), train_rlvr(fresh(base_model), cfg)
+    a, b = train_rlvr(fresh(fast_base_model), cfg), train_rlvr(fresh(fast_base_model), cfg)
     assert all(torch.equal(a.master[k], b.master[k]) for k in a.master)
     assert all(torch.equal(a.snapshots[2][k], b.snapshots[2][k]) for k in a.snapshots[2])
     assert a.history.equals(b.history) and a.metrics.equals(b.metrics)
     assert a.checks.drop(columns=[]).equals(b.checks)
-    c = train_rlvr(fresh(base_model), RLConfig(**{**cfg.to_dict(), "seed": 6}))
+    c = train_rlvr(fresh(fast_base_model), RLConfig(**{**cfg.to_dict(), "seed": 6}))
     assert any(not torch.equal(a.master[k], c.master[k]) for k in a.master)
 
 
-def test_clip_only_run_reports_band_violations_honestly(base_model):
+def test_clip_only_run_reports_band_violations_honestly(fast_base_model):
     """Clipping stops gradients; it does not keep the post-update ratios in the band. Recount them independently."""
     cfg = RLConfig(task="counting", algorithm="dapo", steps=1, lr=2e-3, minibatches=4, seed=1,
                    probe=ProbeConfig(steps=(1,), n_eval_prompts=8, n_fisher_rollouts=8))
-    start = fresh(base_model)
-    res = train_rlvr(fresh(base_model), cfg)
+    start = fresh(fast_base_model)
+    res = train_rlvr(fresh(fast_base_model), cfg)
     # replay the step's rollouts: same prompts (numpy rng), same sampler seed, the starting stored bf16 weights
     with deterministic(), torch.no_grad():
         for p in start.parameters():
@@ -159,10 +151,10 @@ def test_clip_only_run_reports_band_violations_honestly(base_model):
         assert not lem["holds"].any()
 
 
-def test_rigorous_bounds_hold_on_real_rl_steps(base_model):
+def test_rigorous_bounds_hold_on_real_rl_steps(fast_base_model):
     cfg = RLConfig(task="counting", algorithm="grpo", beta=0.05, kl_estimator="exact", eps_low=0.2, eps_high=0.2,
                    steps=3, lr=3e-4, seed=2, probe=ProbeConfig(steps=(0, 2, 3), n_eval_prompts=8, n_fisher_rollouts=16))
-    res = train_rlvr(fresh(base_model), cfg)
+    res = train_rlvr(fresh(fast_base_model), cfg)
     assert (res.history["kl_ref"].iloc[1:] > 0).all()
     chk = res.checks
     met = chk[chk["result_id"].isin(RIGOROUS_IDS) & chk["assumptions_hold"].astype(bool)]
@@ -216,10 +208,10 @@ def test_bf16_sparsity_disappears_as_the_learning_rate_grows(default_model):
     assert sparsity[3e-6] > sparsity[1e-4] + 0.3
 
 
-def test_reinforce_kl_has_no_clipping_and_a_growing_reference_kl(base_model):
+def test_reinforce_kl_has_no_clipping_and_a_growing_reference_kl(fast_base_model):
     cfg = RLConfig(task="counting", algorithm="reinforce_kl", beta=0.1, kl_estimator="k3", steps=2, lr=1e-3,
                    minibatches=2, probe=ProbeConfig(steps=(2,), n_eval_prompts=8, theory_checks=False))
-    res = train_rlvr(fresh(base_model), cfg)
+    res = train_rlvr(fresh(fast_base_model), cfg)
     assert (res.history["clip_frac"] == 0).all()
     assert res.history["kl_ref"].iloc[1] > 0  # after the first updates the policy has left the reference
     assert "token_ratio_out_of_band_frac" not in set(res.metrics["metric"])  # no clip band to report against

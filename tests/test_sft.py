@@ -10,31 +10,23 @@ import torch
 import torch.nn.functional as F
 
 from sims.pretrain import PretrainConfig, pretrain
-from sims.probe import ProbeConfig, deterministic
+from sims.probe import ProbeConfig
 from sims.sft import SFTConfig, demonstration_loss, train_sft
 from sims.tasks import Tokenizer, encode_demonstrations, task_by_name
 from theory.errors import InputError
 
 from tests.conftest import RIGOROUS_IDS
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def base_model(fast_base_model):
-    return fast_base_model
-
-
-def test_demonstration_loss_is_cross_entropy_on_answer_and_eos_only(base_model):
+def test_demonstration_loss_is_cross_entropy_on_answer_and_eos_only(fast_base_model):
     tok = Tokenizer()
     examples = task_by_name("addition").sample(np.random.default_rng(0), 5)
     ids, attn, cmask = encode_demonstrations(tok, examples)
     with torch.no_grad():
-        got = float(demonstration_loss(base_model, ids, attn, cmask))
-        logits = base_model(ids, attn)
+        got = float(demonstration_loss(fast_base_model, ids, attn, cmask))
+        logits = fast_base_model(ids, attn)
     # oracle: F.cross_entropy with every non-completion target ignored
     targets = torch.where(cmask[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], -100))
     expected = float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -44,16 +36,16 @@ def test_demonstration_loss_is_cross_entropy_on_answer_and_eos_only(base_model):
     assert int(cmask.sum()) == n_answer_tokens
 
 
-def test_sft_lowers_the_demonstration_loss(base_model):
-    res = train_sft(copy.deepcopy(base_model), SFTConfig(task="addition", steps=15, lr=1e-3, seed=0))
+def test_sft_lowers_the_demonstration_loss(fast_base_model):
+    res = train_sft(copy.deepcopy(fast_base_model), SFTConfig(task="addition", steps=15, lr=1e-3, seed=0))
     h = res.history
     assert h["eval_loss"].iloc[-1] < h["eval_loss"].iloc[0] - 0.05
     assert h["loss"].iloc[-5:].mean() < h["loss"].iloc[1:6].mean()
 
 
 @pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
-def test_snapshots_hold_the_stored_weights_of_the_mode(base_model, precision, dtype):
-    res = train_sft(copy.deepcopy(base_model), SFTConfig(task="modular", steps=2, lr=1e-3, precision=precision,
+def test_snapshots_hold_the_stored_weights_of_the_mode(fast_base_model, precision, dtype):
+    res = train_sft(copy.deepcopy(fast_base_model), SFTConfig(task="modular", steps=2, lr=1e-3, precision=precision,
                                                          probe=ProbeConfig(steps=(0, 2), theory_checks=False,
                                                                            n_eval_prompts=8)))
     snap = res.snapshots[2]
@@ -64,16 +56,16 @@ def test_snapshots_hold_the_stored_weights_of_the_mode(base_model, precision, dt
         assert all(torch.equal(snap[k], res.master[k]) for k in snap)
 
 
-def test_same_seed_bit_identical(base_model):
+def test_same_seed_bit_identical(fast_base_model):
     cfg = SFTConfig(task="sorting", steps=3, lr=1e-3, seed=4, probe=ProbeConfig(steps=(0, 3), n_eval_prompts=8,
                                                                                 n_fisher_rollouts=8))
-    a, b = train_sft(copy.deepcopy(base_model), cfg), train_sft(copy.deepcopy(base_model), cfg)
+    a, b = train_sft(copy.deepcopy(fast_base_model), cfg), train_sft(copy.deepcopy(fast_base_model), cfg)
     assert all(torch.equal(a.master[k], b.master[k]) for k in a.master)
     assert a.history.equals(b.history) and a.metrics.equals(b.metrics) and a.checks.equals(b.checks)
 
 
-def test_rigorous_bounds_hold_on_real_sft_steps(base_model):
-    res = train_sft(copy.deepcopy(base_model), SFTConfig(task="addition", steps=3, lr=1e-3, seed=1,
+def test_rigorous_bounds_hold_on_real_sft_steps(fast_base_model):
+    res = train_sft(copy.deepcopy(fast_base_model), SFTConfig(task="addition", steps=3, lr=1e-3, seed=1,
                                                          probe=ProbeConfig(steps=(2, 3), n_eval_prompts=8,
                                                                            n_fisher_rollouts=16)))
     chk = res.checks

@@ -782,6 +782,18 @@ def _normal_value(x: Any, name: str, rid: str) -> tuple[Fraction | None, Check |
     return v, None
 
 
+def _distinct_normal_pair(x: Any, y: Any, rid: str) -> tuple[Fraction | None, Fraction | None, Check | None]:
+    """Both inputs finite normal bf16 and distinct (the hypotheses of Lemma E.1), else the failed-assumption check."""
+    xv, bad = _normal_value(x, "x", rid)
+    if bad is None:
+        yv, bad = _normal_value(y, "y", rid)
+    if bad is not None:
+        return None, None, bad
+    if xv == yv:
+        return None, None, assumption_failed(rid, "x != y")
+    return xv, yv, None
+
+
 def _binade(v: Fraction) -> int:
     return _floor_log2(abs(v))
 
@@ -869,14 +881,9 @@ def check_lemE1(x: Any, y: Any) -> Check:
     (the binade is of the signed value), so they fail the assumption.
     """
     rid = "lemE.1"
-    xv, bad = _normal_value(x, "x", rid)
+    xv, yv, bad = _distinct_normal_pair(x, y, rid)
     if bad:
         return bad
-    yv, bad = _normal_value(y, "y", rid)
-    if bad:
-        return bad
-    if xv == yv:
-        return assumption_failed(rid, "x != y")
     if (xv > 0) != (yv > 0) or _binade(xv) != _binade(yv):
         return assumption_failed(rid, "x and y in the same binade [2^e, 2^(e+1)) (same sign)")
     e = _binade(xv)
@@ -903,14 +910,9 @@ def check_lemE1_across(x: Any, y: Any) -> Check:
     ``details['corrected_holds']`` is the corrected statement (lhs <= rhs, equality only at such a pair).
     """
     rid = "lemE.1-across"
-    xv, bad = _normal_value(x, "x", rid)
+    xv, yv, bad = _distinct_normal_pair(x, y, rid)
     if bad:
         return bad
-    yv, bad = _normal_value(y, "y", rid)
-    if bad:
-        return bad
-    if xv == yv:
-        return assumption_failed(rid, "x != y")
     big, small = (xv, yv) if abs(xv) >= abs(yv) else (yv, xv)
     rel = abs(xv - yv) / abs(big)
     pow2_pair = (abs(big) == Fraction(2) ** _binade(big) and (big > 0) == (small > 0)
