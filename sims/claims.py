@@ -66,7 +66,8 @@ __all__ = [
     "VERDICTS", "MIN_SEEDS", "SPREAD_FACTOR", "MIN_SPARSITY_GAP", "VANISH_FRACTION", "MIN_BASE_SPARSITY",
     "ABS_TOL", "Verdict", "effect_verdict", "sparsity_rl_gt_sft", "sparsity_vanishes_at_high_lr", "mask_predictor",
     "SparsityConfig", "MaskPredictorConfig", "ClaimRun", "sparsity_experiment", "mask_predictor_experiment",
-    "verdicts_frame", "write_claim_run", "run_claims", "print_verdicts", "CLAIM_EXPERIMENTS", "StepRecorder",
+    "verdicts_frame", "write_claim_run", "run_claims", "print_verdicts", "CLAIM_EXPERIMENTS", "CLAIM_MODULES",
+    "claim_experiments", "StepRecorder",
     "PREDICTORS", "as_run_results",
 ]
 
@@ -669,6 +670,29 @@ def mask_predictor_experiment(cfg: Mapping) -> ClaimRun:
 
 CLAIM_EXPERIMENTS = {"sparsity": sparsity_experiment, "mask_predictor": mask_predictor_experiment}
 
+#: Further claim experiments live in their own modules; each defines ``CLAIM_EXPERIMENTS = {name: fn}`` with
+#: ``fn(cfg) -> ClaimRun`` reading its config section ``[name]`` (``preset = "fast"`` must run in seconds).
+CLAIM_MODULES = ("sims.claims_consistency", "sims.claims_geometry", "sims.claims_peft")
+
+
+def claim_experiments() -> dict:
+    """Every claim experiment by name: the ones above plus those of ``CLAIM_MODULES`` that are present."""
+    import importlib
+
+    found = dict(CLAIM_EXPERIMENTS)
+    for mod in CLAIM_MODULES:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:  # the module exists but something it imports is missing: say so
+                raise
+            continue
+        for name, fn in getattr(m, "CLAIM_EXPERIMENTS", {}).items():
+            if name in found and found[name] is not fn:
+                raise InputError(f"claim experiment {name!r} is defined twice ({mod})")
+            found[name] = fn
+    return found
+
 
 def write_claim_run(run: ClaimRun, out: str | Path) -> Path:
     """Write the run's tables (``<name>.csv`` and ``.parquet``), the training history / probe metrics of its runs,
@@ -694,9 +718,10 @@ def run_claims(name: str, cfg: Mapping, out: str | Path | None = None) -> tuple[
     """Run claim experiment ``name`` and write it (default ``runs/NAME-<config hash>``); prints the verdicts."""
     from sims.experiments import config_hash
 
-    if name not in CLAIM_EXPERIMENTS:
-        raise InputError(f"unknown claim experiment {name!r}; known: {sorted(CLAIM_EXPERIMENTS)}")
-    run = CLAIM_EXPERIMENTS[name](cfg)
+    known = claim_experiments()
+    if name not in known:
+        raise InputError(f"unknown claim experiment {name!r}; known: {sorted(known)}")
+    run = known[name](cfg)
     path = write_claim_run(run, Path(out) if out is not None else Path("runs") / f"{name}-{config_hash(name, cfg)}")
     print(f"{name}: verdicts (tables in {path})")
     print_verdicts(run.verdicts)

@@ -291,6 +291,11 @@ def summary_tables(results: list[RunResult], k: int | None = None) -> dict[str, 
             "kl_beta0": pd.DataFrame(klb), "clip_eps": pd.DataFrame(clip)}
 
 
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    frames = [f for f in frames if f is not None and len(f.columns)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 def _write_table(df: pd.DataFrame, out: Path, name: str) -> None:
     df.to_csv(out / f"{name}.csv", index=False)
     df.to_parquet(out / f"{name}.parquet", index=False)
@@ -305,9 +310,9 @@ def run_experiment(name: str, cfg: dict, out: str | Path | None = None) -> Path:
     t0 = time.perf_counter()
     results = EXPERIMENTS[name].fn(cfg)
     tables = {
-        "checks": pd.concat([r.checks for r in results], ignore_index=True),
-        "metrics": pd.concat([r.metrics for r in results], ignore_index=True),
-        "history": pd.concat([r.history for r in results], ignore_index=True),
+        "checks": _concat([r.checks for r in results]),
+        "metrics": _concat([r.metrics for r in results]),
+        "history": _concat([r.history for r in results]),
         **summary_tables(results),
     }
     for tname, df in tables.items():
@@ -385,17 +390,15 @@ def run(args: argparse.Namespace) -> int:
 # tables (sparsity by storage, layer_sparsity, lr_sweep, probe_errors, mask_predictor, verdicts) as well.
 
 
-@experiment("sparsity")
-def exp_sparsity(cfg: dict) -> list[RunResult]:
-    """Table 1 + Sec. 2.3: RL vs SFT bf16 sparsity at matched updates, fp32 storage, lr sweep, probes; verdicts."""
-    from sims.claims import as_run_results, sparsity_experiment
+def _register_claim_experiments() -> None:
+    """Every claim experiment of ``sims.claims`` (built in or from ``CLAIM_MODULES``) is a ``threegate run`` name."""
+    from sims.claims import as_run_results, claim_experiments
 
-    return as_run_results(sparsity_experiment(cfg))
+    for cname, fn in claim_experiments().items():
+        if cname in EXPERIMENTS:
+            continue
+        doc = (fn.__doc__ or cname).strip().splitlines()[0]
+        EXPERIMENTS[cname] = Experiment(cname, doc, lambda cfg, fn=fn: as_run_results(fn(cfg)))
 
 
-@experiment("mask_predictor")
-def exp_mask_predictor(cfg: dict) -> list[RunResult]:
-    """Cor 3.6 on every real AdamW step: which stored bf16 entries change, predicted vs real; verdict."""
-    from sims.claims import as_run_results, mask_predictor_experiment
-
-    return as_run_results(mask_predictor_experiment(cfg))
+_register_claim_experiments()
