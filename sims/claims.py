@@ -672,7 +672,7 @@ CLAIM_EXPERIMENTS = {"sparsity": sparsity_experiment, "mask_predictor": mask_pre
 
 #: Further claim experiments live in their own modules; each defines ``CLAIM_EXPERIMENTS = {name: fn}`` with
 #: ``fn(cfg) -> ClaimRun`` reading its config section ``[name]`` (``preset = "fast"`` must run in seconds).
-CLAIM_MODULES = ("sims.claims_consistency", "sims.claims_geometry", "sims.claims_peft")
+CLAIM_MODULES = ("sims.claims_consistency", "sims.claims_geometry", "sims.claims_interventions", "sims.claims_peft")
 
 
 def claim_experiments() -> dict:
