@@ -64,7 +64,7 @@ from theory.errors import InputError
 
 __all__ = [
     "VERDICTS", "MIN_SEEDS", "SPREAD_FACTOR", "MIN_SPARSITY_GAP", "VANISH_FRACTION", "MIN_BASE_SPARSITY",
-    "ABS_TOL", "Verdict", "effect_verdict", "sparsity_rl_gt_sft", "sparsity_vanishes_at_high_lr", "mask_predictor",
+    "ABS_TOL", "STATEMENTS", "Verdict", "effect_verdict", "sparsity_rl_gt_sft", "sparsity_vanishes_at_high_lr", "mask_predictor",
     "SparsityConfig", "MaskPredictorConfig", "ClaimRun", "sparsity_experiment", "mask_predictor_experiment",
     "verdicts_frame", "write_claim_run", "run_claims", "print_verdicts", "CLAIM_EXPERIMENTS", "CLAIM_MODULES",
     "claim_experiments", "StepRecorder",
@@ -72,6 +72,12 @@ __all__ = [
 ]
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
+#: The claim each verdict id of this module judges (``Verdict.claim`` is the id).
+STATEMENTS = {
+    "sparsity_rl_gt_sft": "Table 1: bf16 update sparsity RL > SFT (matched optimizer updates)",
+    "sparsity_vanishes_at_high_lr": "Sec. 2.3: bf16 update sparsity largely vanishes at high learning rate",
+    "mask_predictor": "Cor 3.6 (exact rule): a step's fp32 master update predicts which stored bf16 entries change",
+}
 #: Fewest seeds that give a seed-to-seed spread; with fewer, every effect claim is inconclusive.
 MIN_SEEDS = 2
 #: The mean effect must exceed this multiple of the seed-to-seed spread (max - min of the per-seed effects).
@@ -158,7 +164,7 @@ def sparsity_rl_gt_sft(table: pd.DataFrame) -> Verdict:
     Needs columns method ('RL' / 'SFT'), sparsity, seed, updates; uses rows with matrix_type 'all' and storage
     'bf16' when those columns exist. Per seed, the largest update count (and lr) both methods share is compared.
     """
-    claim = "Table 1: bf16 update sparsity RL > SFT (matched optimizer updates)"
+    claim = "sparsity_rl_gt_sft"
     _require(table, ("method", "sparsity", "seed", "updates"), claim)
     t = _only(table, matrix_type="all", storage="bf16")
     keys = ["seed", "updates"] + (["lr"] if "lr" in t.columns else [])
@@ -182,7 +188,7 @@ def sparsity_vanishes_at_high_lr(table: pd.DataFrame) -> Verdict:
     Needs columns lr, sparsity, seed; uses rows with matrix_type 'all', storage 'bf16' and method 'RL' when those
     columns exist. Per seed: vanished fraction 1 - s(lr_max) / s(lr_min).
     """
-    claim = "Sec. 2.3: bf16 update sparsity largely vanishes at high learning rate"
+    claim = "sparsity_vanishes_at_high_lr"
     _require(table, ("lr", "sparsity", "seed"), claim)
     t = _only(table, matrix_type="all", storage="bf16")
     if "method" in t.columns and (t["method"] == "RL").any():
@@ -219,7 +225,7 @@ def mask_predictor(table: pd.DataFrame) -> Verdict:
     Needs columns predictor, form, tp, fp, fn, tn; uses rows with matrix_type 'all', scope 'all' and (for the
     exact rule) semantics 'fp32' when those columns exist. Counts are summed over seeds and runs (exact, no noise).
     """
-    claim = "Cor 3.6 (exact rule): a step's fp32 master update predicts which stored bf16 entries change"
+    claim = "mask_predictor"
     _require(table, ("predictor", "form", "tp", "fp", "fn", "tn"), claim)
     t = _only(table, matrix_type="all", scope="all")
 

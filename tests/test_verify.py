@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pandas as pd
 import pytest
 
 import theory
@@ -65,7 +66,7 @@ def test_run_writes_json_with_one_row_per_selected_id(tmp_path):
         pytest.fail("no Gate II result with a campaign is registered")
     out, js = tmp_path / "v", tmp_path / "v.json"
     args = verify.argparse.Namespace(seed=0, json_path=str(js), out=str(out), only=ids, no_sims=True,
-                                     sim_budget="fast", no_report=True)
+                                     sim_budget="fast", no_report=True, claims="none")
     rc = verify.run(args)
     rows = json.loads(js.read_text())
     assert [r["result_id"] for r in rows] == ids
@@ -113,3 +114,50 @@ def test_assumption_names_drop_counts_in_parentheses():
     assert verify.assumption_name("every ratio in band (581 of 706 outside)") == "every ratio in band"
     assert verify.assumption_name("gap > 0 (delta = -1e-16)") == "gap > 0"
     assert verify.assumption_name("finite inputs (W0)") == "finite inputs (W0)"
+
+
+def _claim_run(verdict: str):
+    from sims.claims import ClaimRun, Verdict
+
+    v = Verdict("toy_claim", verdict, "measured on a toy table", {"seeds": ["0", "1"], "effects": [0.3, 0.4]})
+    table = pd.DataFrame({"seed": [0, 1], "effect": [0.3, 0.4]})
+    return ClaimRun([], {"toy": table}, [v], {"preset": "fast"})
+
+
+def test_claim_verdicts_are_rows_and_a_broken_experiment_is_an_error_row(tmp_path, monkeypatch):
+    import sims.claims
+
+    seen = {}
+
+    def ok(cfg):
+        seen["cfg"] = cfg
+        return _claim_run("reproduced")
+
+    def broken(cfg):
+        raise RuntimeError("diverged at step 3")
+
+    monkeypatch.setattr(sims.claims, "claim_experiments", lambda: {"toy": ok, "zz_broken": broken})
+    rows = verify.run_claim_experiments(7, "fast", tmp_path)
+    assert seen["cfg"] == {"toy": {"preset": "fast"}, "seed": 7}  # the preset reaches the experiment's section
+    by_id = {r.result_id: r for r in rows}
+    assert by_id["toy_claim"].verdict == "reproduced" and by_id["toy_claim"].source == "claim:toy"
+    assert by_id["toy_claim"].instances == 2 and "[fast preset]" in by_id["toy_claim"].notes
+    assert by_id["zz_broken"].verdict == "error" and "RuntimeError: diverged at step 3" in by_id["zz_broken"].notes
+    written = pd.read_csv(tmp_path / "claims" / "toy" / "toy.csv")  # the finished experiment's tables are kept
+    assert written["effect"].tolist() == [0.3, 0.4]
+    assert not (tmp_path / "claims" / "zz_broken").exists()
+
+
+def test_verify_exits_nonzero_when_a_claim_experiment_fails(tmp_path, monkeypatch):
+    import sims.claims
+
+    def broken(cfg):
+        raise ValueError("bad config")
+
+    monkeypatch.setattr(sims.claims, "claim_experiments", lambda: {"broken": broken, "toy": lambda c: _claim_run("inconclusive")})
+    ids = sorted(rid for rid, r in theory.RESULTS.items() if r.campaign is not None and r.gate == "III")[:1]
+    args = verify.argparse.Namespace(seed=0, json_path=None, out=str(tmp_path / "v"), only=ids, no_sims=True,
+                                     sim_budget="fast", no_report=True, claims="fast")
+    assert verify.run(args) == 1
+    table = pd.read_csv(tmp_path / "v" / "verify.csv")
+    assert set(table["verdict"]) >= {"error", "inconclusive"}  # both claim rows are in the saved table

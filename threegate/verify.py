@@ -10,7 +10,12 @@ how many met the assumptions, the worst ratio lhs/rhs among those, and the verdi
                  is saved to ``counterexamples.json``.
 
 Then the simulation checks (the same results on real RLVR/SFT training steps of the small transformer) are
-appended, and the HTML report is written.
+appended, then one row per **claim** of the paper's experiments at small scale (``sims.claims``: every claim
+experiment run at its ``fast`` preset by default, ``--claims default`` for the full runs, ``--claims none`` to skip;
+source ``claim:<experiment>``, verdict ``reproduced`` / ``not reproduced`` / ``inconclusive``, the reason in the
+notes; the experiment's tables go to ``<out>/claims/<experiment>/``), and the HTML report is written.
+A fast-preset verdict is computed from a run of seconds with one or two seeds: it is usually ``inconclusive`` and
+says so; the claim's real verdict comes from ``--claims default`` or ``threegate run <experiment>``.
 """
 
 from __future__ import annotations
@@ -164,13 +169,48 @@ def run_simulation_checks(seed: int, budget: str) -> tuple[list[Row], list[dict]
     return verdicts, rows
 
 
+def run_claim_experiments(seed: int, budget: str, out: Path) -> list[Row]:
+    """One Row per claim verdict of every claim experiment (``sims.claims.claim_experiments``) at ``budget``.
+
+    An experiment that raises gets a row with verdict ``error`` naming the exception; the others still run, and
+    every finished experiment's tables are written before the next starts."""
+    try:
+        claims = importlib.import_module("sims.claims")
+    except ModuleNotFoundError as e:
+        if e.name and "sims" in e.name:
+            return []
+        raise
+    rows = []
+    for name, fn in sorted(claims.claim_experiments().items()):
+        t0 = time.perf_counter()
+        print(f"  claim experiment {name} ({budget})", file=sys.stderr)
+        try:
+            run = fn({name: {"preset": budget}, "seed": seed})
+        except Exception as e:  # noqa: BLE001 - one broken experiment must not hide the others' verdicts
+            rows.append(Row(name, "", f"claim:{name}", 0, 0, 0, math.nan, "error", False,
+                            f"{type(e).__name__}: {e}", time.perf_counter() - t0))
+            continue
+        claims.write_claim_run(run, out / "claims" / name)
+        for i, v in enumerate(run.verdicts):
+            seeds = v.numbers.get("seeds") if isinstance(v.numbers, dict) else None
+            short = v.claim if re.fullmatch(r"[\w.:-]+", v.claim) else f"{name}#{i + 1}"
+            statement = getattr(claims, "STATEMENTS", {}).get(v.claim, "" if short == v.claim else v.claim)
+            what = f"{statement}: " if statement else ""
+            rows.append(Row(short, "", f"claim:{name}", len(seeds) if isinstance(seeds, list) else 0, 0, 0,
+                            math.nan, v.verdict, False, f"[{budget} preset] {what}{v.reason}",
+                            time.perf_counter() - t0))
+    return rows
+
+
 def format_table(rows: list[Row]) -> str:
-    head = f"{'result':18s} {'gate':4s} {'source':10s} {'inst':>6s} {'met':>6s} {'viol':>5s} {'worst lhs/rhs':>13s}  verdict / notes"
+    w = max([18, *(len(r.result_id) for r in rows)])
+    ws = max([10, *(len(r.source) for r in rows)])
+    head = f"{'result':{w}s} {'gate':4s} {'source':{ws}s} {'inst':>6s} {'met':>6s} {'viol':>5s} {'worst lhs/rhs':>13s}  verdict / notes"
     lines = [head, "-" * len(head)]
     for r in rows:
         wr = "—" if not math.isfinite(r.worst_ratio) else f"{r.worst_ratio:.4g}"
         lines.append(
-            f"{r.result_id:18s} {r.gate:4s} {r.source:10s} {r.instances:6d} {r.assumptions_met:6d} {r.violations:5d} "
+            f"{r.result_id:{w}s} {r.gate:4s} {r.source:{ws}s} {r.instances:6d} {r.assumptions_met:6d} {r.violations:5d} "
             f"{wr:>13s}  {r.verdict}{' — ' + r.notes if r.notes else ''}"
         )
     return "\n".join(lines)
@@ -241,6 +281,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sims", action="store_true", help="skip the checks on real training steps")
     p.add_argument("--sim-budget", default="default", choices=["fast", "default"])
     p.add_argument("--no-report", action="store_true", help="do not write the HTML report")
+    p.add_argument("--claims", default="fast", choices=["none", "fast", "default"],
+                   help="run the paper's claim experiments at this preset and list their verdicts (default fast)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -257,6 +299,10 @@ def run(args: argparse.Namespace) -> int:
         verdicts += sv
         check_rows += srows
         write_outputs(out, verdicts, check_rows, args.json_path)
+    if args.claims != "none":
+        print(f"threegate verify: the paper's claims at small scale ({args.claims} preset)", file=sys.stderr)
+        verdicts += run_claim_experiments(args.seed, args.claims, out)
+        write_outputs(out, verdicts, check_rows, args.json_path)
     print(format_table(verdicts))
     if not args.no_report:
         try:
@@ -267,6 +313,8 @@ def run(args: argparse.Namespace) -> int:
             page = report.write_report(out, out / "report")
             print(f"report: {page}")
     bad_exact = [v for v in verdicts if v.exact and v.verdict == "violated"]
+    errors = [v for v in verdicts if v.verdict == "error"]
     print(f"\n{len(verdicts)} rows in {time.perf_counter() - t0:.0f}s; tables in {out}/"
-          + (f"; {len(bad_exact)} EXACT results violated" if bad_exact else ""))
-    return 1 if bad_exact else 0
+          + (f"; {len(bad_exact)} EXACT results violated" if bad_exact else "")
+          + (f"; {len(errors)} claim experiments FAILED to run" if errors else ""))
+    return 1 if bad_exact or errors else 0
