@@ -80,14 +80,22 @@ def encode_table(df: pd.DataFrame) -> tuple[str, bytes]:
         df.to_parquet(buf, index=False)
         return "parquet", buf.getvalue()
     except Exception:  # pyarrow raises several types (ArrowTypeError, ArrowInvalid, ...) for mixed object columns
-        return "json", df.to_json(orient="records", double_precision=17).encode()
+        split = df.to_dict(orient="split")  # stdlib json writes floats by repr: they round-trip exactly
+        return "json", json.dumps({"columns": split["columns"], "data": split["data"]}, default=_json_scalar).encode()
+
+
+def _json_scalar(x: Any) -> Any:
+    if hasattr(x, "item"):  # numpy scalars
+        return x.item()
+    return str(x)
 
 
 def decode_table(fmt: str, payload: bytes) -> pd.DataFrame:
     if fmt == "parquet":
         return pd.read_parquet(io.BytesIO(payload))
     if fmt == "json":
-        return pd.DataFrame(json.loads(payload.decode()))
+        split = json.loads(payload.decode())
+        return pd.DataFrame(split["data"], columns=split["columns"])
     raise InputError(f"sweep store: unknown table format {fmt!r}")
 
 
