@@ -240,7 +240,8 @@ def pick_accuracy_match(acc_rl: float, sft_acc: Mapping[int, float]) -> tuple[in
     cands = sorted(s for s in sft_acc if s >= 1)
     if not cands:
         raise InputError("accuracy match: the SFT run has no probed step >= 1")
-    best = min(cands, key=lambda s: (abs(sft_acc[s] - acc_rl), s))
+    # accuracies are fractions c / n: round the gaps so that equal distances tie exactly (0.64 and 0.56 from 0.6)
+    best = min(cands, key=lambda s: (round(abs(sft_acc[s] - acc_rl), 12), s))
     return best, abs(sft_acc[best] - acc_rl)
 
 
