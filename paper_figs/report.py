@@ -354,6 +354,9 @@ def _threegate_perturb(x):
         return x + "?"
     if isinstance(x, (tuple, list)) and len(x):
         return type(x)([_threegate_perturb(x[0]), *x[1:]])
+    if isinstance(x, dict) and x:
+        first = next(iter(x))
+        return {**x, first: _threegate_perturb(x[first])}
     if isinstance(x, (set, frozenset)):
         return type(x)(x ^ {"?"})
     if isinstance(x, np.ndarray) and x.size:
