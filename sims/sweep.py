@@ -32,8 +32,10 @@ same cell has the same id in every spec and every store. Cell kinds:
   Table ``checks``: one row per (instance, result id), the columns of ``Check.as_row()`` plus the regime.
 * every ``threegate run`` experiment (``sims.experiments.EXPERIMENTS``: ``rlvr``, ``sft``, ``rl_vs_sft``, ...):
   ``run_experiment`` into a temporary directory; the cell's tables are its ``*.parquet`` tables (and ``verdicts``).
-* ``"hf_rlvr"`` / ``"hf_sft"`` — ``sims.hf_backend.run_cell(config)`` on a real Hugging Face model (imported when the
-  cell runs; if that module is missing the cell fails with the import error recorded).
+* ``"hf_rlvr"`` / ``"hf_sft"`` — ``sims.hf_backend.run_cell(config)`` on a real Hugging Face model, with its *flat*
+  config (``model``, ``algorithm``, ``lr``, ``beta``, ``eps``, ``precision``, ``steps``, ``seed``, ``device``,
+  ``preset``, ...; ``hf_sft`` sets ``algorithm = "sft"``). The module is imported when the cell runs; if it is
+  missing the cell fails with the import error recorded.
 * ``"package.module:function"`` — any importable ``function(config: dict) -> dict[str, DataFrame]``.
 
 **Store and resume** (``sims.sweep_store``): only this (parent) process writes the store, one transaction per
@@ -375,8 +377,17 @@ def _experiment_cell(name: str, cfg: Mapping) -> dict[str, pd.DataFrame]:
 
 
 def _hf_cell(kind: str, cfg: Mapping) -> Mapping[str, pd.DataFrame]:
+    """``sims.hf_backend.run_cell`` with a flat config; ``hf_sft`` is its ``algorithm = "sft"``."""
+    cell = copy.deepcopy(dict(cfg))
+    algorithm = cell.get("algorithm")
+    if kind == "hf_sft":
+        if algorithm not in (None, "sft"):
+            raise InputError(f"an hf_sft cell trains SFT; it cannot take algorithm={algorithm!r} (use hf_rlvr)")
+        cell["algorithm"] = "sft"
+    elif algorithm == "sft":
+        raise InputError("an hf_rlvr cell cannot take algorithm='sft' (use experiment hf_sft)")
     hf_backend = importlib.import_module("sims.hf_backend")  # the cell fails (recorded) if it is missing
-    return hf_backend.run_cell({"kind": kind, **copy.deepcopy(dict(cfg))})
+    return hf_backend.run_cell(cell)
 
 
 def run_cell_tables(experiment: str, cfg: Mapping) -> dict[str, pd.DataFrame]:
@@ -594,7 +605,8 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: Any = N
 
     ``workers``: overrides ``spec.workers`` (0 = in this process). ``scheduler``: a Dask scheduler address or
     ``dask.distributed.Client`` (then ``workers`` is only used for the ETA). Finished cells are committed to the store
-    one by one as they arrive, so an interruption loses at most the cells that were running.
+    one by one as they arrive, so an interruption loses at most the cells that were running. The local pool spawns
+    its workers: a script that calls this needs the ``if __name__ == "__main__":`` guard.
     """
     t0 = time.perf_counter()
     cells = spec.cells()

@@ -334,9 +334,8 @@ def test_cli_exit_status_and_list(tmp_path, capsys):
     assert out.count(" done ") == 2 and out.count("failed") == 1
 
 
-def test_missing_hf_backend_fails_the_cell_not_the_sweep(tmp_path):
-    if importlib.util.find_spec("sims.hf_backend") is not None:
-        pytest.skip("sims.hf_backend exists: its cells would train a real model")
+def test_missing_hf_backend_fails_the_cell_not_the_sweep(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sims.hf_backend", None)  # as if the module were not installed
     spec = parse_spec({"sweep": {"experiment": "hf_rlvr", "store": str(tmp_path / "s.sqlite"), "workers": 0},
                        "grid": {"seed": [0]},
                        "cells": [{"experiment": "theory", "seed": 1}]})
@@ -345,6 +344,22 @@ def test_missing_hf_backend_fails_the_cell_not_the_sweep(tmp_path):
     cells = store_cells(spec.store).set_index("experiment")
     assert cells.loc["hf_rlvr", "error"].startswith("ModuleNotFoundError") and "sims.hf_backend" in cells.loc[
         "hf_rlvr", "error"]
+    assert cells.loc["theory", "status"] == "done"
+
+
+def test_hf_kinds_call_run_cell_with_a_flat_config(monkeypatch):
+    import types
+
+    seen = []
+    fake = types.SimpleNamespace(run_cell=lambda cfg: seen.append(cfg) or {"history": pd.DataFrame({"step": [0]})})
+    monkeypatch.setitem(sys.modules, "sims.hf_backend", fake)
+    assert run_cell_tables("hf_sft", {"lr": 1e-5, "seed": 2})["history"]["step"].tolist() == [0]
+    run_cell_tables("hf_rlvr", {"algorithm": "dapo", "eps": 0.2})
+    assert seen == [{"lr": 1e-5, "seed": 2, "algorithm": "sft"}, {"algorithm": "dapo", "eps": 0.2}]
+    with pytest.raises(InputError, match="hf_sft"):
+        run_cell_tables("hf_rlvr", {"algorithm": "sft"})
+    with pytest.raises(InputError, match="hf_rlvr"):
+        run_cell_tables("hf_sft", {"algorithm": "grpo"})
 
 
 def test_cuda_cells_are_refused_without_cuda(tmp_path):
