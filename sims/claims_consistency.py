@@ -64,8 +64,9 @@ Claims judged (pure functions of the tables; thresholds are the constants below)
 
 Margins. The paper's Table 2 (5 runs, DS-R1-Distill-Qwen-1.5B, block 13) has J / baseline from 1.28 (V) to 1.48
 (O) and J - baseline from 0.13 to 0.18: ``REL_MARGIN`` = 1.2 sits below the weakest ratio it reports, and
-``ABS_MARGIN`` = 0.02 is about ten standard deviations of J for independent masks of our size (~9e4 entries at
-density ~0.4, sd(J) ~ 2e-3), so a pair passing both is not independent noise and not a rounding-level excess.
+``ABS_MARGIN`` = 0.02 is about twelve standard deviations of J for independent masks of our size (sd(J) = 1.7e-3
+simulated for two Bernoulli(0.4) masks of 92160 entries, the default model's block matrices), so a pair passing
+both is neither independent noise nor a rounding-level excess.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ __all__ = [
 MIN_RUNS = {"seed": 5, "task": 3, "algorithm": 3}
 #: Every pair must have J >= REL_MARGIN * baseline (the paper's weakest Table 2 ratio is 1.28).
 REL_MARGIN = 1.2
-#: ... and J - baseline >= ABS_MARGIN (about 10 sd of J for independent masks of ~9e4 entries).
+#: ... and J - baseline >= ABS_MARGIN (about 12 sd of J for independent masks of ~9e4 entries).
 ABS_MARGIN = 0.02
 #: Mask densities outside [MIN_DENSITY, MAX_DENSITY] make Jaccard uninformative: inconclusive.
 MIN_DENSITY = 0.001
@@ -448,10 +449,12 @@ def consistency_above_baseline(table: pd.DataFrame, group: str = "seed", baselin
                        f"{summary}: every pair has J >= {REL_MARGIN:g} x baseline and J - baseline >= "
                        f"{ABS_MARGIN:g}", nums)
     spread_e, spread_r = float(e.max() - e.min()), float(r.max() - r.min())
-    if e.mean() + SPREAD_FACTOR * spread_e < ABS_MARGIN or r.mean() + SPREAD_FACTOR * spread_r < REL_MARGIN:
-        return Verdict(claim, "not reproduced",
-                       f"{summary}: even mean + spread of the pairs stays below the margin (J - b >= "
-                       f"{ABS_MARGIN:g} and J / b >= {REL_MARGIN:g})", nums)
+    hi_e, hi_r = float(e.mean() + SPREAD_FACTOR * spread_e), float(r.mean() + SPREAD_FACTOR * spread_r)
+    short = ([f"mean + spread of J - b = {hi_e:+.4f} < {ABS_MARGIN:g}"] if hi_e < ABS_MARGIN else []) + \
+            ([f"mean + spread of J / b = {hi_r:.3f} < {REL_MARGIN:g}"] if hi_r < REL_MARGIN else [])
+    if short:
+        return Verdict(claim, "not reproduced", f"{summary}: even the optimistic reading falls short: "
+                       + "; ".join(short), nums)
     return Verdict(claim, "inconclusive",
                    f"{summary}: some pairs clear the margins (J / b >= {REL_MARGIN:g}, J - b >= {ABS_MARGIN:g}) "
                    f"and some do not", nums)
