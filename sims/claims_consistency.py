@@ -473,8 +473,12 @@ def stripes_above_binomial(stripes: pd.DataFrame) -> Verdict:
                 for d in t.loc[t["matrix_type"] == mt, f"{axis}_dispersion"].tolist()]
         vals = [v for v in vals if np.isfinite(v)]
         effects[str(run)] = float(np.mean(vals)) - 1.0 if vals else math.nan
-    return effect_verdict(claim, effects, min_effect=STRIPE_MIN_EXCESS,
-                          what="stripe dispersion - 1 (q, k, v rows; o columns)")
+    v = effect_verdict(claim, effects, min_effect=STRIPE_MIN_EXCESS,
+                       what="stripe dispersion - 1 (q, k, v rows; o columns)")
+    both = stripes.groupby("matrix_type")[["row_dispersion", "col_dispersion"]].mean()
+    return replace(v, numbers={**v.numbers, "mean_dispersion": {str(mt): {"row": float(r["row_dispersion"]),
+                                                                          "col": float(r["col_dispersion"])}
+                                                                for mt, r in both.iterrows()}})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -253,7 +253,9 @@ def _stripe_table(dispersions: dict[str, float]) -> pd.DataFrame:
 
 
 def test_stripes_verdict_on_constructed_tables():
-    assert stripes_above_binomial(_stripe_table({"a": 4.0, "b": 4.2, "c": 3.9})).verdict == "reproduced"
+    v = stripes_above_binomial(_stripe_table({"a": 4.0, "b": 4.2, "c": 3.9}))
+    assert v.verdict == "reproduced" and v.numbers["mean_dispersion"]["o"] == pytest.approx({"row": 1.0,
+                                                                                             "col": 12.1 / 3})
     assert stripes_above_binomial(_stripe_table({"a": 1.01, "b": 0.99})).verdict == "not reproduced"
     assert stripes_above_binomial(_stripe_table({"a": 4.0})).verdict == "inconclusive"
 
