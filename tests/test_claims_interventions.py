@@ -400,6 +400,18 @@ def test_kl_beta0_fast_tables(kl_run):
     assert all(v.verdict in VERDICTS for v in kl_run.verdicts) and len(kl_run.verdicts) == 2
 
 
+def test_paper_figures_draw_the_fast_tables(interventions_run, kl_run):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from paper_figs.paper_figs import fig6_rotate_overlap, fig15_kl_beta0
+
+    assert isinstance(fig6_rotate_overlap(interventions_run.tables["rotate_overlap"]), Figure)
+    assert isinstance(fig15_kl_beta0(kl_run.tables["kl_beta0"]), Figure)
+
+
 def test_config_errors_name_the_problem():
     with pytest.raises(InputError, match="unknown keys"):
         interventions_experiment({"pretrain": FAST_PRETRAIN, "interventions": {"preset": "fast", "layerz": [1]}})
