@@ -9,7 +9,9 @@ From one bf16-rounded base model, RL runs that differ in exactly one factor:
 * the **task group**: ``seeds[0]`` and the algorithm fixed, one run per task in ``tasks``;
 * the **algorithm group**: ``seeds[0]`` and the task fixed, one run per algorithm in ``algorithms`` (``dapo``:
   clip-only, beta = 0; ``grpo``: symmetric clip eps = 0.2 with a k3 KL penalty ``kl_beta``; ``reinforce_kl``: no
-  clip, KL penalty ``kl_beta``).
+  clip, KL penalty ``kl_beta``). At one seed the algorithms share the prompt stream and the sampling generator, and
+  their first update starts on-policy (ratio 1: the clip is inactive and the k3 KL term has zero gradient), so
+  this group measures how far the algorithm alone moves the mask, with the data held fixed.
 
 The run (seeds[0], task, algorithm) belongs to all three groups. Every pair of distinct runs is compared; the pair's
 ``group`` is the one factor in which the two runs differ (``seed``, ``task`` or ``algorithm``), or ``mixed``.
