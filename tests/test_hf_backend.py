@@ -370,3 +370,17 @@ def test_smollm2_cpu_smoke_rlvr_run_goes_through_threegate_compare(tmp_path, cap
     assert sorted(m["name"]) == sorted(two_d)  # every 2-D block matrix (and the embedding)
     print("\nSmolLM2 cpu_smoke history:\n" + res.history.to_string())
     print(res.tables["hf_sparsity"].to_string())
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("examples/hf/*.toml")),
+                         ids=lambda p: p.name)
+def test_example_configs_build_valid_run_configs(path):
+    from sims.experiments import load_config
+
+    cfg = load_config(path)
+    section = "hf_rlvr" if "hf_rlvr" in cfg else "hf_sft"
+    c = hb._experiment_config(cfg, section, HFRLConfig if section == "hf_rlvr" else HFSFTConfig)
+    assert c.snapshot_steps[0] == 0 and c.snapshot_steps[-1] == c.steps
+    assert c.device == cfg["device"]
+    if "paper" in path.name:
+        assert c.lr == 1e-6 and c.steps == 320
