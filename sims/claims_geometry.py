@@ -27,6 +27,8 @@ Measurements, per checkpoint, layer and block matrix (q, k, v, o, up, gate, down
   on its rows: it has no k) and ``princ_not_low`` (M_princ and not M_low, same alpha), for k in ``ks`` and alpha in
   ``alphas``; column ``structural_mask`` (not ``mask``, so the figure code does not average this sweep as if it
   were one Fig. 5);
+  each row also has ``binade_baseline``: the overlap expected if every entry changed with the probability measured
+  in its bf16 binade (the exponent of w0, which fixes its ULP) -- what magnitude alone predicts (Gate III);
 * ``mask_overlap`` (schema ``mask_overlap``, Fig. 5): the RL rows of the sweep at the paper's setting
   (``k = PAPER_K``, ``alpha = PAPER_ALPHA``).
 
@@ -40,7 +42,9 @@ Verdicts (pure functions of the tables; the seed rule of ``sims.claims.effect_ve
     threshold would judge the scale of the learning rate, not the contrast. Minimum effect ``MIN_DRIFT_REDUCTION``
     (RL drifts at most 3/4 as much). Each metric gets its own seed-rule verdict; the claim is **reproduced** iff
     both are, **not reproduced** iff either is not, else inconclusive. The accuracy-matched verdict is inconclusive
-    when some seed's best SFT checkpoint misses RL's accuracy by more than ``ACC_MATCH_TOL``.
+    when some seed's best SFT checkpoint misses RL's accuracy by more than ``ACC_MATCH_TOL``, and when RL's final
+    accuracy is within ``ACC_MATCH_TOL`` of the base's on some seed (RL did not move the accuracy: the "matching"
+    SFT checkpoint would be chosen by eval noise).
 ``rl_overlap_princ_below_random`` (Fig. 5)
     Per seed, pooled over the block matrices: overlap = sum |M_princ and M| / sum |M| and the baseline a random mask
     with the same per-matrix sizes would get, sum density_m |M_m| / sum |M_m|; effect = baseline - overlap at
@@ -219,20 +223,36 @@ class StructuralMasks:
 def overlap_rows(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], masks: StructuralMasks,
                  **common) -> list[dict]:
     """One row per (layer, matrix_type, structural mask, k, alpha): overlap |M_s and M| / |M| of the checkpoint's
-    bf16 update mask M (NaN when M is empty), random baseline = density of M_s, and the counts behind them."""
+    bf16 update mask M (NaN when M is empty), random baseline = density of M_s, and the counts behind them.
+
+    ``binade_baseline`` = E|M_s and M'| / |M| for a mask M' that changes each entry with the probability measured
+    in its binade (the bf16 exponent of w0, which fixes its ULP): sum_b P(change | b) |M_s and b| / |M|. It is the
+    overlap that magnitude alone (Gate III: a small |w| has a small ULP) predicts; ``binade_expected`` is the
+    numerator, for pooling."""
     from theory.metrics import update_mask
 
     rows = []
     for name, (layer, mt) in _block_matrices(base).items():
         M = update_mask(base[name], tuned[name]).cpu().numpy()
         changed = int(M.sum())
+        binade = _binade(base[name])
+        n_b = np.bincount(binade, minlength=256)
+        p_change = np.bincount(binade, weights=M.ravel(), minlength=256) / np.maximum(n_b, 1)
         for kind, k, a, S in masks.masks[name]:
             inter, size = int((S & M).sum()), int(S.sum())
+            expected = float(np.bincount(binade, weights=S.ravel(), minlength=256) @ p_change)
             rows.append({**common, "layer": layer, "matrix_type": mt, "structural_mask": kind, "k": k, "alpha": a,
                          "overlap": inter / changed if changed else float("nan"),
                          "random_baseline": size / S.size, "intersection": inter, "changed": changed,
-                         "mask_size": size, "total": int(S.size)})
+                         "mask_size": size, "total": int(S.size), "binade_expected": expected,
+                         "binade_baseline": expected / changed if changed else float("nan")})
     return rows
+
+
+def _binade(w: torch.Tensor) -> np.ndarray:
+    """The bf16 exponent field (0..255) of every stored base value, flat: entries in one binade share one ULP."""
+    bits = w.to(torch.bfloat16).contiguous().reshape(-1).view(torch.int16).cpu().numpy().astype(np.int32)
+    return (bits >> 7) & 0xFF
 
 
 def pick_accuracy_match(acc_rl: float, sft_acc: Mapping[int, float]) -> tuple[int, float]:
@@ -285,6 +305,16 @@ def rl_drift_below_sft(drift: pd.DataFrame, match: str, *, k: int = VERDICT_K) -
             return Verdict(claim, "inconclusive",
                            f"no SFT checkpoint matches RL's final accuracy within {ACC_MATCH_TOL:g} on seed(s) {far} "
                            f"(gaps {[round(float(gaps[s]), 4) for s in far]})", nums)
+        if "accuracy" in drift.columns and "base_accuracy" in drift.columns:
+            acc = t[t["method"] == "RL"].groupby("seed")[["accuracy", "base_accuracy"]].first()
+            moved = {int(s): float(acc.loc[s, "accuracy"] - acc.loc[s, "base_accuracy"]) for s in seeds}
+            nums["rl_accuracy_change"] = [moved[int(s)] for s in seeds]
+            still = [s for s, m in moved.items() if not abs(m) > ACC_MATCH_TOL]
+            if still:
+                return Verdict(claim, "inconclusive",
+                               f"RL's final accuracy is within {ACC_MATCH_TOL:g} of the base's on seed(s) {still} "
+                               f"(changes {[round(moved[s], 4) for s in still]}): RL did not move the accuracy, so "
+                               f"'the SFT checkpoint of the same accuracy' is picked by eval noise", nums)
     subs = {}
     for col, what in (("nss", "NSS"), ("mean_angle_deg", f"mean principal angle (k={k})")):
         effects = {int(s): (1 - rl.loc[s, col] / sft.loc[s, col]) if sft.loc[s, col] > 0 else float("nan")
@@ -307,10 +337,13 @@ _OVERLAP_CLAIM = {
 
 def _pooled_overlap(t: pd.DataFrame) -> pd.DataFrame:
     """Per seed: overlap = sum intersection / sum changed; baseline = sum density * changed / sum changed."""
-    g = t.assign(expected=t["random_baseline"] * t["changed"]).groupby("seed")[["intersection", "changed",
-                                                                               "expected"]].sum()
+    t = t.assign(expected=t["random_baseline"] * t["changed"])
+    if "binade_expected" not in t.columns:
+        t = t.assign(binade_expected=np.nan)
+    g = t.groupby("seed")[["intersection", "changed", "expected", "binade_expected"]].sum(min_count=1)
     g = g[g["changed"] > 0]
-    return pd.DataFrame({"overlap": g["intersection"] / g["changed"], "baseline": g["expected"] / g["changed"]})
+    return pd.DataFrame({"overlap": g["intersection"] / g["changed"], "baseline": g["expected"] / g["changed"],
+                         "binade_baseline": g["binade_expected"] / g["changed"]})
 
 
 def rl_overlap_vs_random(table: pd.DataFrame, mask: str, *, k: int = PAPER_K, alpha: float = PAPER_ALPHA) -> Verdict:
@@ -338,14 +371,17 @@ def rl_overlap_vs_random(table: pd.DataFrame, mask: str, *, k: int = PAPER_K, al
 
     rl = rows(mask, "RL")
     nums: dict[str, Any] = {"k": k if mask != "low" else None, "alpha": alpha, "seeds": [int(s) for s in rl.index],
-                            "rl_overlap": rl["overlap"].tolist(), "rl_baseline": rl["baseline"].tolist()}
+                            "rl_overlap": rl["overlap"].tolist(), "rl_baseline": rl["baseline"].tolist(),
+                            "rl_binade_baseline": rl["binade_baseline"].tolist()}
     for method, match in (("SFT", "steps"), ("SFT", "accuracy")):
         s = rows(mask, method, match)
         nums[f"sft_{match}_overlap"], nums[f"sft_{match}_baseline"] = s["overlap"].tolist(), s["baseline"].tolist()
+        nums[f"sft_{match}_binade_baseline"] = s["binade_baseline"].tolist()
     if mask == "princ":
         pnl = rows("princ_not_low", "RL")
         nums["rl_princ_not_low_overlap"] = pnl["overlap"].tolist()
         nums["rl_princ_not_low_baseline"] = pnl["baseline"].tolist()
+        nums["rl_princ_not_low_binade_baseline"] = pnl["binade_baseline"].tolist()
     if rl.empty:
         return Verdict(claim, "inconclusive", f"no RL rows with a nonempty update mask at k={k}, alpha={alpha:g}",
                        nums)
@@ -421,7 +457,8 @@ def _geometry(cfg: Mapping, c: GeometryConfig, model, device: str) -> ClaimRun:
             common = {"run": label, "method": method, "match": match, "seed": seed, "steps": step,
                       "updates": updates, "model": "TinyGPT"}
             d, s, a = drift_rows(base, res.snapshots[step], c.ks, **common)
-            drift += [{**r, "accuracy": acc, "accuracy_gap": acc_gap} for r in d]
+            drift += [{**r, "accuracy": acc, "accuracy_gap": acc_gap, "base_accuracy": matches[-1]["base_accuracy"]}
+                      for r in d]
             spectrum += s
             angles += a
             overlaps += overlap_rows(base, res.snapshots[step], masks, **common)

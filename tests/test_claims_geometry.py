@@ -123,6 +123,20 @@ def test_an_update_of_exactly_the_low_magnitude_entries_overlaps_m_low_fully(rng
         assert rows[("princ", k)]["mask_size"] == selection_count(alpha, n)
 
 
+def test_binade_baseline_equals_the_overlap_when_the_update_is_a_function_of_the_binade(rng):
+    """Every entry with |w0| >= 0.5 changes and no other: P(change | binade) is 0 or 1, so the magnitude-only
+    prediction is exact and binade_baseline == overlap on every structural mask."""
+    W0 = _bf16_base(rng, (24, 32))
+    big = W0.abs() >= 0.5  # 0.5 = 2**-1 is a binade boundary
+    W1 = torch.where(big, W0 * 2, W0)
+    masks = StructuralMasks({NAME: W0}, (1, 4), (0.2, 0.5))
+    rows = overlap_rows({NAME: W0}, {NAME: W1}, masks)
+    assert rows and all(r["changed"] == int(big.sum()) for r in rows)
+    for r in rows:
+        assert r["binade_baseline"] == pytest.approx(r["overlap"], abs=1e-12)
+        assert r["binade_expected"] == pytest.approx(r["intersection"], abs=1e-9)
+
+
 def test_overlap_is_nan_when_nothing_changed(rng):
     W0 = _bf16_base(rng)
     masks = StructuralMasks({NAME: W0}, (2,), (0.5,))
@@ -188,6 +202,17 @@ def test_drift_verdict_at_accuracy_is_inconclusive_when_no_checkpoint_matches():
     v = rl_drift_below_sft(t, "accuracy")
     assert v.verdict == "inconclusive" and "no SFT checkpoint matches" in v.reason
     assert rl_drift_below_sft(t, "steps").verdict == "inconclusive"  # no steps-matched rows at all
+
+
+def test_drift_verdict_at_accuracy_needs_rl_to_have_moved_the_accuracy():
+    t = _drift_table([(1e-4, 0.1)] * 3, [(4e-4, 0.4)] * 3, match="accuracy", gap=0.0)
+    moved = t.assign(accuracy=0.80, base_accuracy=0.60)
+    assert rl_drift_below_sft(moved, "accuracy").verdict == "reproduced"
+    still = t.assign(accuracy=0.62, base_accuracy=0.60)  # |0.02| <= ACC_MATCH_TOL: RL did not move the accuracy
+    v = rl_drift_below_sft(still, "accuracy")
+    assert v.verdict == "inconclusive" and "did not move the accuracy" in v.reason
+    assert rl_drift_below_sft(still.assign(match=still["match"].replace("accuracy", "steps")), "steps").verdict \
+        == "reproduced"  # the steps-matched comparison does not depend on accuracy
 
 
 def test_drift_verdict_zero_sft_drift_is_inconclusive_and_bad_input_is_named():
@@ -336,6 +361,8 @@ def test_fast_overlap_sweep_obeys_set_inclusions(fast_run):
     p = sw[sw["structural_mask"] == "princ"].set_index(key)
     pnl = sw[sw["structural_mask"] == "princ_not_low"].set_index(key)
     assert (pnl["intersection"] <= p.loc[pnl.index, "intersection"]).all()  # a subset never overlaps more
+    nz = sw[sw["changed"] > 0]
+    assert ((nz["binade_expected"] >= -1e-9) & (nz["binade_expected"] <= nz["mask_size"] + 1e-9)).all()
     d = fast_run.tables["drift"]
     angles = d["max_angle_deg"].dropna()
     assert ((angles >= 0) & (angles <= 90)).all()
