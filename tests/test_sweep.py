@@ -458,3 +458,14 @@ def test_dask_local_cluster_gives_the_same_store_as_the_local_pool(tmp_path):
     assert_same_store(pool_spec.store, dask_spec.store)
     hosts = set(store_cells(dask_spec.store)["host"])
     assert len(hosts) == 1 and hosts.pop()  # recorded by the worker that ran the cell
+
+
+def test_example_specs_parse_and_the_yaml_twin_gives_the_same_cells():
+    examples = sorted((REPO / "examples" / "sweeps").glob("*.*"))
+    assert {p.name for p in examples} >= {"theory_gate2.toml", "theory_gate2.yaml", "rlvr_lr_seed.toml"}
+    specs = {p.name: load_spec(p) for p in examples}
+    assert all(s.cells() for s in specs.values())
+    assert [c.cell_id for c in specs["theory_gate2.toml"].cells()] == [
+        c.cell_id for c in specs["theory_gate2.yaml"].cells()]
+    rl = specs["rlvr_lr_seed.toml"].cells()
+    assert len(rl) == 9 and {c.config["rlvr"]["lr"] for c in rl} == {1e-4, 1e-3, 1e-2}
