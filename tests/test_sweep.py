@@ -454,6 +454,10 @@ def test_dask_local_cluster_gives_the_same_store_as_the_local_pool(tmp_path):
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
                                   dashboard_address=None) as cluster:
         s = run_sweep(dask_spec, scheduler=cluster.scheduler_address, progress=False)
+        # cuda cells need a worker with a GPU resource: without one they are refused, not queued forever
+        with pytest.raises(InputError, match="no Dask worker .* GPU resource.*--resources GPU=1"):
+            run_sweep(theory_spec(tmp_path / "gpu.sqlite", device="cuda"), scheduler=cluster.scheduler_address,
+                      progress=False)
     assert (s.done, s.failed) == (4, 0)
     assert_same_store(pool_spec.store, dask_spec.store)
     hosts = set(store_cells(dask_spec.store)["host"])
@@ -469,3 +473,23 @@ def test_example_specs_parse_and_the_yaml_twin_gives_the_same_cells():
         c.cell_id for c in specs["theory_gate2.yaml"].cells()]
     rl = specs["rlvr_lr_seed.toml"].cells()
     assert len(rl) == 9 and {c.config["rlvr"]["lr"] for c in rl} == {1e-4, 1e-3, 1e-2}
+
+
+def test_cuda_cells_run_on_gpu_dask_workers(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    distributed = pytest.importorskip("dask.distributed")
+    cpu = theory_spec(tmp_path / "cpu.sqlite")
+    gpu = theory_spec(tmp_path / "gpu.sqlite", device="cuda")
+    run_sweep(cpu, progress=False)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None, resources={"GPU": 1}) as cluster:
+        s = run_sweep(gpu, scheduler=cluster.scheduler_address, progress=False)
+    assert (s.done, s.failed) == (4, 0)
+    assert set(store_cells(gpu.store)["device"]) == {"cuda"}
+    a, b = load_store(cpu.store)["checks"], load_store(gpu.store)["checks"]
+    key = ["perturbation", "target_ratio", "instance", "result_id"]
+    a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
+    assert (a["verdict"] == b["verdict"]).all()
