@@ -7,7 +7,6 @@ functions defined here (``"tests.test_sweep:echo_cell"``), which the spawned wor
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -17,8 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from sims.experiments import config_hash
 from sims.sweep import Progress, SweepSpec, load_spec, parse_spec, run_cell_tables, run_sweep, theory_cell
@@ -107,6 +110,46 @@ def test_grid_is_the_cartesian_product_in_file_order_with_dotted_paths():
     # the base is not shared between cells (deep copies)
     cells[0].config["rlvr"]["steps"] = 99
     assert cells[1].config["rlvr"]["steps"] == 2
+
+
+_keys = st.sampled_from(["seed", "rlvr.lr", "rlvr.beta", "sft.steps", "pretrain.preset", "device"])
+
+
+@given(st.dictionaries(_keys, st.lists(st.integers(-5, 5), min_size=1, max_size=3, unique=True), min_size=1,
+                       max_size=4))
+def test_grid_expansion_covers_the_product_exactly_once(grid):
+    spec = parse_spec({"sweep": {"experiment": "rlvr"}, "base": {"rlvr": {"steps": 1}}, "grid": grid})
+    cells = spec.cells()
+    assert len(cells) == np.prod([len(v) for v in grid.values()])
+    assert len({c.cell_id for c in cells}) == len(cells)
+    seen = set()
+    for c in cells:
+        for key, value in c.grid.items():
+            node = c.config
+            for part in key.split("."):
+                node = node[part]
+            assert node == value  # the grid value sits at its dotted path
+        assert c.config["rlvr"]["steps"] == 1
+        seen.add(tuple(c.grid[k] for k in grid))
+    assert len(seen) == len(cells)
+
+
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64), min_size=2, max_size=20))
+@example([0.1, -0.0, 5e-324, float("nan"), float("inf"), -float("inf"), 1.7976931348623157e308])
+@example([0.0, np.uint64(0x7FF8000000000001).view(np.float64)])  # a NaN with a payload
+def test_tables_round_trip_bit_exactly_in_both_formats(values):
+    from sims.sweep_store import decode_table
+
+    df = pd.DataFrame({"v": values, "s": [str(i) for i in range(len(values))]})
+    mixed = df.assign(o=pd.Series(([1, "a"] * len(values))[:len(values)], dtype=object))
+    fmt_p, payload_p = encode_table(df)
+    fmt_j, payload_j = encode_table(mixed)  # a mixed object column forces the JSON fallback
+    assert (fmt_p, fmt_j) == ("parquet", "json")
+    for fmt, payload in ((fmt_p, payload_p), (fmt_j, payload_j)):
+        back, want = decode_table(fmt, payload)["v"].to_numpy(np.float64), np.asarray(values, np.float64)
+        nan = np.isnan(want)  # NaN payload bits are not kept (JSON has one NaN); every other value is bit-exact
+        np.testing.assert_array_equal(np.isnan(back), nan)
+        np.testing.assert_array_equal(back[~nan].view(np.uint64), want[~nan].view(np.uint64))
 
 
 def test_nested_grid_table_equals_quoted_dotted_key():
