@@ -265,6 +265,23 @@ def test_overlap_verdict_pools_by_update_mask_size():
     assert v.numbers["effects"] == pytest.approx([0.1, 0.1]) and 0.1 > MIN_OVERLAP_GAP
 
 
+@pytest.mark.parametrize("binade, expected", [
+    (0.30, "not reproduced"),   # magnitude alone predicts the low overlap: nothing left for the principal reading
+    (0.45, "reproduced"),       # overlap 0.30 well below what magnitude predicts
+])
+def test_overlap_verdict_against_the_binade_baseline(binade, expected):
+    t = _overlap_table([0.30, 0.305, 0.30])
+    t = t.assign(binade_expected=binade * t["changed"])
+    v = rl_overlap_vs_random(t, "princ", baseline="binade")
+    assert v.verdict == expected, v.reason
+    assert v.numbers["rl_binade_baseline"] == pytest.approx([binade] * 3)
+    assert rl_overlap_vs_random(t, "princ").verdict == "reproduced"  # against the random 0.5 it is below
+    with pytest.raises(InputError, match="lacks column"):
+        rl_overlap_vs_random(t.drop(columns="binade_expected"), "princ", baseline="binade")
+    with pytest.raises(InputError, match="'random' or 'binade'"):
+        rl_overlap_vs_random(t, "princ", baseline="magnitude")
+
+
 def test_overlap_verdict_ignores_other_k_and_alpha():
     t = _overlap_table([0.3, 0.31])
     other = t.assign(k=PAPER_K * 2, intersection=t["changed"])  # overlap 1 at another k: must not count
@@ -328,7 +345,8 @@ def test_fast_verdicts_are_computed_from_the_tables(fast_run):
     assert [v.verdict for v in fast_run.verdicts] == list(t["verdicts"]["verdict"])
     assert all(v.verdict in VERDICTS for v in fast_run.verdicts)
     expected = [rl_drift_below_sft(t["drift"], "steps"), rl_drift_below_sft(t["drift"], "accuracy"),
-                rl_overlap_vs_random(t["overlap_sweep"], "princ"), rl_overlap_vs_random(t["overlap_sweep"], "low")]
+                rl_overlap_vs_random(t["overlap_sweep"], "princ"), rl_overlap_vs_random(t["overlap_sweep"], "low"),
+                rl_overlap_vs_random(t["overlap_sweep"], "princ", baseline="binade")]
     assert [v.as_row() for v in expected] == [v.as_row() for v in fast_run.verdicts]
     for n in t["verdicts"]["numbers"]:
         json.loads(n)
@@ -385,10 +403,10 @@ def test_default_preset_runs_and_its_tables_are_valid(tmp_path):
     from sims.claims import run_claims
 
     run, out = run_claims("geometry", {"pretrain": {"cache_dir": ".cache/threegate"}}, tmp_path / "geometry")
-    assert len(run.verdicts) == 4 and all(v.verdict in VERDICTS for v in run.verdicts)
+    assert len(run.verdicts) == 5 and all(v.verdict in VERDICTS for v in run.verdicts)
     for name in ("spectrum", "angles", "mask_overlap"):
         validate(run.tables[name], name)
     d = run.tables["drift"]
     assert np.isfinite(d["nss"]).all() and (d["nss"] >= 0).all()
     assert d["seed"].nunique() >= 3
-    assert len(json.loads((out / "verdicts.json").read_text())) == 4
+    assert len(json.loads((out / "verdicts.json").read_text())) == 5
