@@ -563,10 +563,17 @@ def _run_pool(todo: Sequence[Cell], workers: int, threads: int,
 
 
 def _run_dask(todo: Sequence[Cell], scheduler: Any, threads: int,
-              finish: Callable[[Cell, CellOutcome], None]) -> None:
+              finish: Callable[[Cell, CellOutcome], None], connect_timeout: float) -> None:
     from dask.distributed import Client, as_completed
 
-    client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
+    if isinstance(scheduler, Client):
+        client = scheduler
+    else:
+        try:
+            client = Client(scheduler, timeout=connect_timeout)
+        except (OSError, TimeoutError, ValueError) as e:
+            raise InputError(f"cannot reach the Dask scheduler {scheduler!r} within {connect_timeout:g}s: "
+                             f"{type(e).__name__}: {e}") from None
     try:
         if any(c.device.startswith("cuda") for c in todo):
             workers = client.scheduler_info().get("workers", {})
@@ -600,7 +607,7 @@ def _cuda_available() -> bool:
 
 
 def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: Any = None, retry_failed: bool = False,
-              progress: bool = True, stream: TextIO | None = None) -> SweepSummary:
+              progress: bool = True, stream: TextIO | None = None, connect_timeout: float = 30.0) -> SweepSummary:
     """Run every cell of ``spec`` not yet done in its store; returns what was done.
 
     ``workers``: overrides ``spec.workers`` (0 = in this process). ``scheduler``: a Dask scheduler address or
@@ -637,7 +644,7 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: Any = N
             if not todo:
                 pass
             elif scheduler is not None:
-                _run_dask(todo, scheduler, spec.threads, finish)
+                _run_dask(todo, scheduler, spec.threads, finish, connect_timeout)
             elif n_workers == 0:
                 _run_inprocess(todo, spec.threads, finish)
             else:

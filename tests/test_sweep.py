@@ -536,3 +536,16 @@ def test_cuda_cells_run_on_gpu_dask_workers(tmp_path):
     key = ["perturbation", "target_ratio", "instance", "result_id"]
     a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
     assert (a["verdict"] == b["verdict"]).all()
+
+
+def test_unreachable_dask_scheduler_is_a_clear_error(tmp_path):
+    pytest.importorskip("dask.distributed")
+    import socket
+
+    with socket.socket() as sock:  # a loopback port with nothing listening
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(InputError, match=f"cannot reach the Dask scheduler 'tcp://127.0.0.1:{port}'"):
+        run_sweep(theory_spec(tmp_path / "s.sqlite"), scheduler=f"tcp://127.0.0.1:{port}", progress=False,
+                  connect_timeout=1.0)
+    assert store_cells(tmp_path / "s.sqlite").empty  # nothing recorded
