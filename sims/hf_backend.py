@@ -77,6 +77,7 @@ __all__ = [
     "run_cell",
 ]
 
+SHORT_SYSTEM_PROMPT = "You are a careful math tutor."  # shorter than SmolLM2's default system turn
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -251,12 +252,14 @@ class HFRLConfig:
 
     @classmethod
     def cpu_smoke(cls, **overrides) -> "HFRLConfig":
-        """SmolLM2-135M on a CPU in a few minutes: 20 GRPO steps of 2 prompts x 4 rollouts, 32 new tokens.
+        """SmolLM2-135M on a 2-core CPU in a few minutes: 20 GRPO steps of 2 prompts x 4 rollouts, 24 new tokens,
+        one mini-batch, a short system prompt (shorter sequences), 2 threads.
 
         lr 1e-5 (10x the paper's) so that tens of steps move a visible fraction of the stored weights."""
         steps = int(overrides.get("steps", 20))
         base = dict(algorithm="grpo", steps=steps, prompts_per_step=2, group_size=4, minibatches=1, micro_batch=8,
-                    max_new_tokens=32, lr=1e-5, difficulty=1, snapshot_steps=(steps // 2,), kl_to_base=True)
+                    max_new_tokens=24, lr=1e-5, difficulty=1, snapshot_steps=(steps // 2,), kl_to_base=True,
+                    threads=2, system_prompt=SHORT_SYSTEM_PROMPT)
         return cls(**{**base, **overrides})
 
     @classmethod
@@ -677,10 +680,13 @@ def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note:
         rewards = torch.tensor([reward(t, a) for t, a in zip(texts, answers)], dtype=torch.float32, device=device)
         adv = group_advantages(rewards, cfg.group_size, normalise=cfg.algorithm != "reinforce_kl")
         cmask = roll.completion_mask
-        old_logp = _chunked_logprobs(model, roll, cfg.micro_batch)
+        # one mini-batch: the behaviour log-probs are the training forward's own (same weights, detached), which
+        # saves a forward pass; several: recomputed up front, before the first update
+        on_policy = cfg.minibatches == 1
+        old_logp = torch.zeros_like(cmask, dtype=torch.float32) if on_policy else \
+            _chunked_logprobs(model, roll, cfg.micro_batch)
         ref_logp = _chunked_logprobs(ref, roll, cfg.micro_batch) if ref is not None else None
         n_tok_total = int(cmask.sum())
-        kl_est = float(_k3(ref_logp, old_logp, cmask).sum()) / max(n_tok_total, 1) if ref_logp is not None else math.nan
         order = torch.randperm(len(answers), generator=shuffle_gen).to(device)
         stats = {"clipped": 0, "loss": 0.0, "grad_norm": 0.0}
         model.train()
@@ -691,6 +697,8 @@ def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note:
             for micro in mb.split(cfg.micro_batch):
                 sub = _select(roll, micro)
                 logp = completion_logprobs(model, sub.sequences, sub.attention_mask, sub.completion_mask)
+                if on_policy:
+                    old_logp[micro] = logp.detach()
                 pg, st = policy_loss(logp, old_logp[micro], adv[micro], sub.completion_mask, clip=clip)
                 loss = pg / n_tok
                 if cfg.beta > 0:
@@ -700,6 +708,7 @@ def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note:
                 stats["clipped"] += st["clipped_tokens"]
             stats["grad_norm"] = max(stats["grad_norm"], opt.step())
             stats["loss"] += mb_loss / cfg.minibatches
+        kl_est = float(_k3(ref_logp, old_logp, cmask).sum()) / max(n_tok_total, 1) if ref_logp is not None else math.nan
         model.eval()
         stored = opt.stored_state_dict()
         so_far = rec.after_step(step, stored)

@@ -70,7 +70,7 @@ def even_length_reward(monkeypatch):
 
 def tiny_rl(tiny_dir, **kw) -> HFRLConfig:
     base = dict(model=str(tiny_dir), steps=3, prompts_per_step=2, group_size=4, max_new_tokens=8, lr=1e-3,
-                snapshot_steps=(1,), k=2, micro_batch=3)
+                minibatches=2, snapshot_steps=(1,), k=2, micro_batch=3)
     return HFRLConfig(**{**base, **kw})
 
 
@@ -286,6 +286,21 @@ def test_sft_lowers_the_demonstration_loss_and_keeps_bf16_storage(tiny_dir):
     for n, w in res.snapshots[6].items():
         assert torch.equal(w, res.master[n].to(torch.bfloat16)), n
     assert res.kind == "sft" and (res.tables["hf_sparsity"]["method"] == "SFT").all()
+
+
+def test_one_minibatch_is_on_policy_with_ratio_exactly_one(tiny_dir, even_length_reward):
+    """With one mini-batch the behaviour log-probs are the training forward's own: no token can be clipped even by
+    a tiny band; with two mini-batches the second one sees the updated policy and the tiny band clips."""
+    def clip_fracs(minibatches):
+        lm = load_causal_lm(tiny_dir)
+        cfg = tiny_rl(tiny_dir, algorithm="dapo", eps_low=1e-4, eps_high=2e-4, minibatches=minibatches,
+                      snapshot_steps=())
+        h = train_hf_rlvr(lm.model, lm.tokenizer, cfg).history
+        assert h["grad_norm"].max() > 0
+        return h["clip_frac"]
+
+    assert (clip_fracs(1) == 0).all()
+    assert (clip_fracs(2) > 0).any()
 
 
 def test_fp32_precision_stores_the_master(tiny_dir, even_length_reward):
