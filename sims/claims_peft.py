@@ -397,7 +397,7 @@ def masked_runs_experiment(cfg: Mapping) -> ClaimRun:
         raise InputError(f"[masked_runs] masks must be a non-empty subset of {list(MASK_NAMES)}, got {c.masks}")
     device = cfg.get("device", "cpu")
     model = _start_model(cfg, c.bf16_checkpoint)
-    results, curves, finals = [], [], []
+    results, curves = [], []
     for seed in c.seeds:
         masks = structural_masks(model, k=c.k, alpha=c.alpha, seed=seed, names=tuple(c.masks))
         for name in c.masks:
