@@ -15,7 +15,8 @@ Every comparison uses the **stored** weights (bf16) of the checkpoint against th
 
 Measurements, per checkpoint, layer and block matrix (q, k, v, o, up, gate, down):
 
-* ``spectrum``: sigma_i(W0) and sigma_i(W+) (schema ``spectrum``, Fig. 4 a, c);
+* ``spectrum``: sigma_i(W0) and sigma_i(W+) (schema ``spectrum``, Fig. 4 a, c; this and ``angles`` hold the
+  first seed's checkpoints only, so that the figure shows three runs; ``drift`` holds every seed);
 * ``angles``: the principal angles between the top-k left (U) and right (V) singular subspaces of W0 and W+ at
   ``k = VERDICT_K`` (schema ``angles``, Fig. 4 b, d); NaN where sigma_k = sigma_{k+1} makes the subspace undefined;
 * ``drift``: per k of the sweep ``ks`` (k <= min(m, n) / 2): NSS = ||sigma(W+) - sigma(W0)||_2 / ||sigma(W0)||_2,
@@ -479,8 +480,9 @@ def _geometry(cfg: Mapping, c: GeometryConfig, model, device: str) -> ClaimRun:
             d, s, a = drift_rows(base, res.snapshots[step], c.ks, **common)
             drift += [{**r, "accuracy": acc, "accuracy_gap": acc_gap, "base_accuracy": matches[-1]["base_accuracy"]}
                       for r in d]
-            spectrum += s
-            angles += a
+            if seed == c.seeds[0]:  # the figure tables: one seed (nine curves per panel are unreadable)
+                spectrum += s
+                angles += a
             overlaps += overlap_rows(base, res.snapshots[step], masks, **common)
     sweep = pd.DataFrame(overlaps)
     fig5 = sweep[(sweep["method"] == "RL") & np.isclose(sweep["alpha"], PAPER_ALPHA)
