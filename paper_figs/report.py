@@ -473,7 +473,6 @@ def _one_thread_env():
         old = {k: os.environ.get(k) for k in keys}
         for k in keys:
             os.environ.setdefault(k, "1")
-        os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
         try:
             yield
         finally:
