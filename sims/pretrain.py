@@ -115,9 +115,24 @@ class PretrainConfig:
         return _DTYPES[self.dtype]
 
 
+#: The modules whose code decides the pretrained weights: a change to any of them is a different model, so their
+#: bytes are part of the cache key (a cache written by older code once silently served a different model).
+_CODE_FILES = ("pretrain.py", "model.py", "tasks.py")
+
+
+def code_digest() -> str:
+    """SHA-256 (first 16 hex digits) of the source of the modules that produce the pretrained weights."""
+    h = hashlib.sha256()
+    for name in _CODE_FILES:
+        h.update(name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def config_hash(cfg: PretrainConfig, device: str | torch.device = "cpu") -> str:
-    """SHA-256 of the canonical JSON of the config, the cache format version and the device type."""
-    payload = {"config": cfg.to_dict(), "cache_version": CACHE_VERSION, "device": torch.device(device).type}
+    """SHA-256 of the canonical JSON of the config, the cache format version, the device type and the digest of
+    the code that trains the model (``code_digest``)."""
+    payload = {"config": cfg.to_dict(), "cache_version": CACHE_VERSION, "device": torch.device(device).type,
+               "code": code_digest()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -123,6 +123,15 @@ def test_config_validation():
         PretrainConfig.fast(model=GPTConfig(vocab_size=10))
 
 
+def test_config_hash_changes_with_the_code_that_trains_the_model(monkeypatch):
+    import sims.pretrain as sp
+
+    cfg = PretrainConfig.fast()
+    before = config_hash(cfg)
+    monkeypatch.setattr(sp, "code_digest", lambda: "0" * 16)  # as if model.py / pretrain.py / tasks.py changed
+    assert config_hash(cfg) != before
+
+
 def test_config_hash_is_stable_and_sensitive():
     cfg = PretrainConfig.fast()
     assert config_hash(cfg) == config_hash(PretrainConfig.fast())
