@@ -91,8 +91,8 @@ def _as_tensor64(W: Any, device: str | torch.device, name: str = "W") -> torch.T
     if t.ndim != 2:
         raise InputError(f"{name}: expected a 2-d matrix, got shape {tuple(t.shape)}")
     t = t.to(device=device, dtype=torch.float64)
-    bad = int((~torch.isfinite(t)).sum())
-    if bad:
+    if t.numel() and not math.isfinite(float(t.abs().max())):  # one pass; NaN and Inf both propagate to the max
+        bad = int((~torch.isfinite(t)).sum())
         raise NonFiniteError(f"{name}: {bad} non-finite entries (NaN or Inf)")
     return t
 
@@ -258,34 +258,56 @@ class _BlockKrylov:
     block, against ``(σ_{b+1}/σ_k)^(2q)`` for subspace iteration (Musco & Musco 2015)."""
 
     def __init__(self, W: torch.Tensor, V1: torch.Tensor):
-        self.W, self.Vs, self.Us, self.WV, self.WtU = W, [V1], [], [], []
+        m, n = W.shape
+        self.W, self.b = W, V1.shape[1]
+        cap = 4 * self.b
+        new = lambda rows: torch.empty(rows, cap, dtype=W.dtype, device=W.device)  # noqa: E731
+        # column buffers: U (m, D), V (n, D + b: the next block is kept), W V (m, D), Wᵀ U (n, D); B (D, D)
+        self._U, self._V, self._WV, self._WtU = new(m), new(n), new(m), new(n)
+        self._V[:, : self.b] = V1
+        self._B = torch.zeros(0, 0, dtype=W.dtype, device=W.device)
+        self.dim = 0
 
-    @property
-    def dim(self) -> int:
-        return sum(U.shape[1] for U in self.Us)
+    def _reserve(self, cols: int) -> None:
+        if cols <= self._V.shape[1]:
+            return
+        cap = max(cols, 2 * self._V.shape[1])
+        for name in ("_U", "_V", "_WV", "_WtU"):
+            old = getattr(self, name)
+            buf = torch.empty(old.shape[0], cap, dtype=old.dtype, device=old.device)
+            buf[:, : old.shape[1]] = old
+            setattr(self, name, buf)
 
     def step(self) -> None:
-        W = self.W
-        P = _mul(W, self.Vs[-1])
-        self.WV.append(P)
-        U = _orth_against(P, torch.cat(self.Us, 1) if self.Us else None)
-        self.Us.append(U)
-        Z = _tmul(W, U)
-        self.WtU.append(Z)
-        self.Vs.append(_orth_against(Z, torch.cat(self.Vs, 1)))
+        W, b, d = self.W, self.b, self.dim
+        self._reserve(d + 2 * b)
+        U, V, WV, WtU = self._U, self._V, self._WV, self._WtU
+        P = _mul(W, V[:, d : d + b])
+        WV[:, d : d + b] = P
+        U[:, d : d + b] = _orth_against(P, U[:, :d] if d else None)
+        Z = _tmul(W, U[:, d : d + b])
+        WtU[:, d : d + b] = Z
+        V[:, d + b : d + 2 * b] = _orth_against(Z, V[:, : d + b])
+        # B = Uᵀ W V grows by a block row U_newᵀ (W V) and a block column U_oldᵀ (W V_new): m·b·D work per step
+        Bn = torch.zeros(d + b, d + b, dtype=W.dtype, device=W.device)
+        Bn[:d, :d] = self._B
+        Bn[d:, : d + b] = U[:, d : d + b].T @ WV[:, : d + b]
+        Bn[:d, d:] = U[:, :d].T @ P
+        self._B, self.dim = Bn, d + b
 
-    def ritz(self, j: int):
-        """Rayleigh-Ritz on (span U, span V): ``B = Uᵀ W V = X Σ Yᵀ``; returns ``Σ`` (all, float64 numpy), the top-j
-        ``Ũ = U X_j``, ``Ṽ = V Y_j``, ``W Ṽ`` and ``Wᵀ Ũ`` (from the stored products), and all right Ritz vectors
-        ``V Y`` when asked (the next phase's start)."""
-        U, V = torch.cat(self.Us, 1), torch.cat(self.Vs[:-1], 1)
-        WV, WtU = torch.cat(self.WV, 1), torch.cat(self.WtU, 1)
-        B = (U.T @ WV).double()
+    def ritz(self, j: int, start: int = 0):
+        """Rayleigh-Ritz on (span U, span V): ``B = Uᵀ W V = X Σ Yᵀ``. Returns ``Σ`` (all of them), the top-j
+        ``Ũ = U X_j``, ``Ṽ = V Y_j``, ``W Ṽ`` and ``Wᵀ Ũ`` (from the stored products), and the top-``start`` right
+        Ritz vectors (the next phase's start) when ``start > 0``."""
+        d = self.dim
+        U, V, WV, WtU = self._U[:, :d], self._V[:, :d], self._WV[:, :d], self._WtU[:, :d]
         # the small SVD runs in numpy on the CPU: faster than torch's at these sizes, on any device
-        X, S, Yh = (torch.from_numpy(a) for a in np.linalg.svd(_np(B)))
-        X, Y = X.to(W_dev := WV.device, WV.dtype), Yh.T.contiguous().to(W_dev, WV.dtype)
-        Xj, Yj = X[:, :j], Y[:, :j]
-        return S, U @ Xj, V @ Yj, WV @ Yj, WtU @ Xj, V @ Y
+        X, S, Yh = (torch.from_numpy(a) for a in np.linalg.svd(_np(self._B.double())))
+        Xj = X[:, :j].to(WV.device, WV.dtype)
+        Yh = Yh.to(WV.device, WV.dtype)
+        Yj = Yh[:j].T
+        Vstart = V @ Yh[:start].T if start else None
+        return S, U @ Xj, V @ Yj, WV @ Yj, WtU @ Xj, Vstart
 
 
 def _orth_defect(A: torch.Tensor) -> float:
@@ -325,15 +347,15 @@ def _randomized(W: torch.Tensor, k: int, *, tol: float, oversample: int | None, 
         while steps < max_iter - 1 and kr.dim + b <= max_dim:
             kr.step()
             steps += 1
-            if len(kr.Us) < 2:
+            if kr.dim < 2 * b:
                 continue
-            S, _, V, _, WtU, Vall = kr.ritz(j)
+            S, _, V, _, WtU, Vall = kr.ritz(j, start=b)
             rho = _norm2((WtU - V * S[:j].to(V)).double()[:, :k])
             if rho <= 16 * eps32 * float(S[0]) or rho > prev / 2:  # at the float32 floor, or no longer falling fast
                 break
             prev = rho
         if Vall is not None:
-            V1 = torch.linalg.qr(Vall[:, :b].double()).Q
+            V1 = torch.linalg.qr(Vall.double()).Q
     # ---- phase 2: float64, certified -----------------------------------------------------------------------
     kr = _BlockKrylov(W, V1)
     f0 = max(m, n) * EPS64
