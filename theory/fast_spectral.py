@@ -79,6 +79,11 @@ class SpectralNorm(NamedTuple):
 
 
 def _as_tensor64(W: Any, device: str | torch.device, name: str = "W") -> torch.Tensor:
+    return _checked64(W, device, name)[0]
+
+
+def _checked64(W: Any, device: str | torch.device, name: str = "W") -> tuple[torch.Tensor, float]:
+    """``W`` as a float64 tensor on ``device`` and ``max |W_ij|`` (0.0 when empty), or an error naming the problem."""
     if isinstance(W, torch.Tensor):
         t = W.detach()
     else:
@@ -91,10 +96,11 @@ def _as_tensor64(W: Any, device: str | torch.device, name: str = "W") -> torch.T
     if t.ndim != 2:
         raise InputError(f"{name}: expected a 2-d matrix, got shape {tuple(t.shape)}")
     t = t.to(device=device, dtype=torch.float64)
-    if t.numel() and not math.isfinite(float(t.abs().max())):  # one pass; NaN and Inf both propagate to the max
+    amax = float(t.abs().max()) if t.numel() else 0.0
+    if not math.isfinite(amax):  # one pass over W: NaN and Inf both propagate to the max
         bad = int((~torch.isfinite(t)).sum())
         raise NonFiniteError(f"{name}: {bad} non-finite entries (NaN or Inf)")
-    return t
+    return t, amax
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -428,7 +434,7 @@ def topk_svd(W: Any, k: int, *, method: str = "auto", device: str | torch.device
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
-    Wt = _as_tensor64(W, device)
+    Wt, amax = _checked64(W, device)
     m, n = Wt.shape
     r = min(m, n)
     if not 1 <= int(k) <= r:
@@ -436,7 +442,7 @@ def topk_svd(W: Any, k: int, *, method: str = "auto", device: str | torch.device
     k = int(k)
     if not tol > 0:
         raise InputError(f"tol must be > 0, got {tol}")
-    if float(Wt.abs().max()) == 0.0:
+    if amax == 0.0:
         raise ZeroGapError("W is the zero matrix: every singular value is 0, no top-k subspace")
     if method == "auto":
         method = _auto_method(m, n, k)
@@ -462,10 +468,10 @@ def spectral_norm_fast(M: Any, *, device: str | torch.device = "cpu", rtol: floa
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
-    Wt = _as_tensor64(M, device, "M")
+    Wt, amax = _checked64(M, device, "M")
     m, n = Wt.shape
     r = min(m, n)
-    if Wt.numel() == 0 or float(Wt.abs().max()) == 0.0:
+    if amax == 0.0:
         return SpectralNorm(0.0, 0.0, "zero")
     if method == "auto":
         method = "exact" if r < 64 else "randomized"
