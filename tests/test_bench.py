@@ -106,3 +106,24 @@ def test_cli_writes_json_and_rejects_bad_options(tmp_path, capsys):
     assert "--repeats must be >= 1" in capsys.readouterr().err
     with pytest.raises(InputError, match="--sizes"):
         bench.run_bench([0], [2], sparsity_entries=0)
+
+
+@pytest.mark.parametrize("reference", ["torch", "scipy"])
+def test_each_reference_gives_the_same_errors(reference):
+    """Both exact references (torch and scipy gesdd) see the same subspaces: the reported errors agree to rounding."""
+    a = bench.run_bench([48], [3], seed=2, reference=reference, sparsity_entries=0)["spectral"][0]
+    b = bench.run_bench([48], [3], seed=2, reference="fastest", sparsity_entries=0)["spectral"][0]
+    assert a["full"] == reference and b["full"] in ("torch", "scipy")
+    slack = 50 * 48 * EPS64 / (1 / 3 - 1 / 4)  # rounding of two float64 references over the gap at k = 3
+    assert abs(a["angle_err_rad"] - b["angle_err_rad"]) <= slack
+    assert a["sigma_err"] == pytest.approx(b["sigma_err"], abs=50 * 48 * EPS64)
+
+
+def test_threads_are_applied_recorded_and_restored():
+    before = torch.get_num_threads()
+    res = bench.run_bench([40], [2], threads=1, sparsity_entries=0)
+    assert res["meta"]["threads"] == 1 and torch.get_num_threads() == before
+    with pytest.raises(InputError, match="--threads"):
+        bench.run_bench([40], [2], threads=0, sparsity_entries=0)
+    with pytest.raises(InputError, match="--reference"):
+        bench.run_bench([40], [2], reference="lapack", sparsity_entries=0)
