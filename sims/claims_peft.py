@@ -135,18 +135,18 @@ class MaskedRunsConfig:
 class LoraPissaConfig:
     """``[lora_pissa]``: LoRA vs PiSSA adapters over ranks x learning rates (Fig. 10)."""
 
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = ("LoRA", "PiSSA")
     ranks: tuple[int, ...] = (1, 4, 16)
     lrs: tuple[float, ...] = (1e-3, 1e-2)  # a normal and a high adapter learning rate
     alpha: float | None = None  # None: alpha = rank (scale s = 1) for every rank
     task: str = "counting"
     algorithm: str = "dapo"
-    rl_steps: int = 24
+    rl_steps: int = 16
     minibatches: int = 2
     prompts_per_step: int = 8
     group_size: int = 8
-    probe_every: int = 6
+    probe_every: int = 4
     n_eval_prompts: int = 128
     precision: str = "bf16"
     bf16_checkpoint: bool = True

@@ -306,4 +306,4 @@ def test_masked_runs_default_preset():
 @pytest.mark.slow
 def test_lora_pissa_default_preset():
     run = lora_pissa_experiment({})
-    _check_default(run, "lora_pissa", 2 * 2 * 3 * 2)
+    _check_default(run, "lora_pissa", 3 * 2 * 3 * 2)
