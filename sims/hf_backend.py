@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import math
 import os
 import re
@@ -77,6 +78,7 @@ __all__ = [
     "run_cell",
 ]
 
+log = logging.getLogger(__name__)  # one INFO line per step (enable with logging.basicConfig(level=logging.INFO))
 SHORT_SYSTEM_PROMPT = "You are a careful math tutor."  # shorter than SmolLM2's default system turn
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -726,6 +728,8 @@ def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note:
             "completion_tokens": n_tok_total, "bf16_sparsity_so_far": so_far,
             "wall_seconds": time.perf_counter() - t0,
         })
+        log.info("%s step %d/%d: reward %.3f, kl_ref %.3g, bf16 sparsity so far %.6f, %.1f s", run_name, step,
+                 cfg.steps, history[-1]["reward_mean"], kl_est, so_far, history[-1]["wall_seconds"])
     return _result("rlvr", run_name, cfg, model_note, history, rec, opt, t_start)
 
 
