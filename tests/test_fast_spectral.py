@@ -230,3 +230,64 @@ def test_spectral_norm_every_method_encloses_the_known_value(method):
     slack = 4 * 120 * EPS64 * s[0]  # the construction's own rounding
     assert res.value - slack <= s[0] <= res.value + res.err_bound + slack
     assert res.err_bound <= 1e-7 * res.value
+
+
+def test_float32_phase_cannot_spoil_the_certificate_on_a_wide_dynamic_range():
+    """σ spans 1 .. 1e-12, far beyond float32: phase 1 sees the small singular values as noise, yet what comes back
+    is either certified in float64 (and the bound holds against the known subspaces) or the exact answer."""
+    s = np.logspace(0, -12, 160)
+    k = 40  # σ_40 ≈ 3e-3 sits well above float32 noise; the tail below it does not
+    W, U, V = known_matrix(220, 160, s, seed=21)
+    out = topk_svd(W, k, method="randomized", tol=1e-6)
+    assert out.method_used in ("randomized", "randomized->exact")
+    assert true_angle(U, V, k, out) <= out.angle_err_bound + reference_slack(W.shape, s, k)
+    assert np.max(np.abs(out.S - s[:k])) <= out.sigma_err_bound + 10 * 220 * EPS64
+
+
+def test_backends_agree_within_their_bounds():
+    """randomized, lanczos and exact on one matrix: pairwise principal angles within the sum of their bounds."""
+    s = power_law(180, 0.9)
+    W, _, _ = known_matrix(200, 180, s, seed=13)
+    k = 10
+    outs = {m: topk_svd(W, k, method=m, tol=1e-7) for m in ("randomized", "lanczos", "exact")}
+    assert outs["randomized"].method_used == "randomized" and outs["exact"].method_used == "exact"
+    slack = reference_slack(W.shape, s, k)
+    for a in outs:
+        for b in outs:
+            ang = max(principal_angles(outs[a].U, outs[b].U).max(), principal_angles(outs[a].V, outs[b].V).max())
+            assert ang <= outs[a].angle_err_bound + outs[b].angle_err_bound + 2 * slack
+            assert np.max(np.abs(outs[a].S - outs[b].S)) <= outs[a].sigma_err_bound + outs[b].sigma_err_bound
+
+
+def test_thin_products_equal_the_plain_ones():
+    """_mul / _tmul (computed through the transposes for speed) are the same products up to float64 rounding."""
+    from theory.fast_spectral import _mul, _tmul
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(70, 50, dtype=torch.float64, generator=g)
+    X, Y = torch.randn(50, 7, dtype=torch.float64, generator=g), torch.randn(70, 7, dtype=torch.float64, generator=g)
+    tol = 70 * EPS64 * float(W.abs().sum(1).max()) * float(X.abs().max() + Y.abs().max())
+    assert torch.allclose(_mul(W, X), W @ X, rtol=0, atol=tol)
+    assert torch.allclose(_tmul(W, Y), W.T @ Y, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("k", [1, 5, 30])
+def test_krylov_basis_stays_orthonormal_and_projection_is_exact(k):
+    """The block Golub-Kahan-Lanczos bases are orthonormal to rounding and the incrementally built projection equals
+    Uᵀ W V computed directly, so the Rayleigh-Ritz step is the exact projection the certificate assumes."""
+    from theory.fast_spectral import _BlockKrylov, _block_size
+
+    s = power_law(120, 1.0)
+    W, _, _ = known_matrix(150, 120, s, seed=k)
+    Wt = torch.from_numpy(W)
+    b = _block_size(k, 120, None)
+    V1 = torch.linalg.qr(torch.randn(120, b, dtype=torch.float64, generator=torch.Generator().manual_seed(1))).Q
+    kr = _BlockKrylov(Wt, V1)
+    for _ in range(3):
+        if kr.dim + b <= 120:
+            kr.step()
+    d = kr.dim
+    U, V = kr._U[:, :d], kr._V[:, :d]
+    assert torch.linalg.matrix_norm(U.T @ U - torch.eye(d, dtype=torch.float64)) <= 100 * d * EPS64
+    assert torch.linalg.matrix_norm(V.T @ V - torch.eye(d, dtype=torch.float64)) <= 100 * d * EPS64
+    assert torch.allclose(kr._B, U.T @ Wt @ V, rtol=0, atol=100 * 150 * EPS64 * s[0])
