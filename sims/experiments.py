@@ -402,3 +402,17 @@ def _register_claim_experiments() -> None:
 
 
 _register_claim_experiments()
+
+
+def _register_real_model_experiments() -> None:
+    """``hf_rlvr`` / ``hf_sft`` (``sims.hf_backend``, transformers imported lazily there) as ``threegate run`` names."""
+    import importlib
+
+    try:
+        importlib.import_module("sims.hf_backend")
+    except ModuleNotFoundError as e:
+        if e.name != "sims.hf_backend":
+            raise
+
+
+_register_real_model_experiments()
