@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -289,18 +289,13 @@ def print_verdicts(verdicts: Iterable[Verdict]) -> None:
 
 def _from_section(cls, cfg: Mapping, section: str):
     """``cls.fast()`` / ``cls.default()`` (key ``preset``) with the section's other keys overriding fields."""
+    from sims.experiments import section_config
+
     sec = dict(cfg.get(section, {}))
-    preset = sec.pop("preset", "default")
-    if preset not in ("fast", "default"):
-        raise InputError(f"[{section}] preset must be 'fast' or 'default', got {preset!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(sec) - known)
-    if unknown:
-        raise InputError(f"[{section}] unknown keys {unknown}; known: {sorted(known)}")
     for k in ("seeds", "lrs", "methods"):
         if k in sec:
             sec[k] = tuple(sec[k])
-    c = getattr(cls, preset)(**sec)
+    c = section_config(cls, sec, where=section, presets=("fast", "default"), default="default")
     if "seed" in cfg:  # ``threegate run --seed S``: the seed list starts at S
         c = replace(c, seeds=tuple(int(cfg["seed"]) + i for i in range(len(c.seeds))))
     if not c.seeds or len(set(c.seeds)) != len(c.seeds):

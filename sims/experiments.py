@@ -42,12 +42,11 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import platform
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -56,7 +55,7 @@ import torch
 from sims.probe import ProbeConfig, RunResult
 from theory.errors import InputError
 
-__all__ = ["EXPERIMENTS", "Experiment", "experiment", "load_config", "config_hash", "run_experiment",
+__all__ = ["EXPERIMENTS", "Experiment", "experiment", "load_config", "config_hash", "section_config", "run_experiment",
            "summary_tables", "add_arguments", "run"]
 
 
@@ -109,29 +108,33 @@ def config_hash(name: str, cfg: Mapping) -> str:
     return hashlib.sha256(json.dumps({"experiment": name, "config": cfg}, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _dataclass_from(cls, section: Mapping | None, *, where: str, **forced):
-    section = dict(section or {})
-    section.update({k: v for k, v in forced.items() if v is not None})
+def section_config(cls, section: Mapping | None, *, where: str, presets: tuple[str, ...] | None = None,
+                   default: str | None = None, **forced):
+    """A config dataclass ``cls`` from the config-file section ``[where]``.
+
+    With ``presets``, the key ``preset`` (default ``default``) picks a named constructor: the classmethod of that
+    name, or plain ``cls(...)`` when the class has none; the section's other keys override fields. ``forced`` keys
+    (e.g. ``seed`` from the command line) override the section when not None. An unknown key or preset is an
+    InputError naming the section."""
+    sec = dict(section or {})
+    sec.update({k: v for k, v in forced.items() if v is not None})
+    preset = sec.pop("preset", default) if presets is not None else None
+    if presets is not None and preset not in presets:
+        raise InputError(f"[{where}] preset must be one of {list(presets)}, got {preset!r}")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(section) - known)
+    unknown = sorted(set(sec) - known)
     if unknown:
         raise InputError(f"[{where}] unknown keys {unknown}; known: {sorted(known)}")
-    return cls(**section)
+    make = getattr(cls, preset, None) if preset is not None else None
+    return make(**sec) if callable(make) else cls(**sec)
 
 
 def _pretrain_config(cfg: Mapping):
     from sims.pretrain import PretrainConfig
 
     sec = dict(cfg.get("pretrain", {}))
-    preset = sec.pop("preset", "default")
-    sec.pop("cache_dir", None)
-    if preset not in ("fast", "default"):
-        raise InputError(f"[pretrain] preset must be 'fast' or 'default', got {preset!r}")
-    known = {f.name for f in fields(PretrainConfig)}
-    unknown = sorted(set(sec) - known)
-    if unknown:
-        raise InputError(f"[pretrain] unknown keys {unknown}")
-    return getattr(PretrainConfig, preset)(**sec)
+    sec.pop("cache_dir", None)  # where the cache lives, not what is trained
+    return section_config(PretrainConfig, sec, where="pretrain", presets=("fast", "default"), default="default")
 
 
 def _base_model(cfg: Mapping):
@@ -150,7 +153,7 @@ def _with_endpoints(probe: ProbeConfig, steps: int) -> ProbeConfig:
 def _rl_config(cfg: Mapping):
     from sims.rlvr import RLConfig
 
-    rc = _dataclass_from(RLConfig, cfg.get("rlvr"), where="rlvr", seed=cfg.get("seed"), device=cfg.get("device"))
+    rc = section_config(RLConfig, cfg.get("rlvr"), where="rlvr", seed=cfg.get("seed"), device=cfg.get("device"))
     rc.probe = _with_endpoints(rc.probe, rc.steps)
     return rc
 
@@ -158,7 +161,7 @@ def _rl_config(cfg: Mapping):
 def _sft_config(cfg: Mapping):
     from sims.sft import SFTConfig
 
-    sc = _dataclass_from(SFTConfig, cfg.get("sft"), where="sft", seed=cfg.get("seed"), device=cfg.get("device"))
+    sc = section_config(SFTConfig, cfg.get("sft"), where="sft", seed=cfg.get("seed"), device=cfg.get("device"))
     sc.probe = _with_endpoints(sc.probe, sc.steps)
     return sc
 
@@ -231,7 +234,7 @@ def exp_clip_eps(cfg: dict) -> list[RunResult]:
 
 def summary_tables(results: list[RunResult], k: int | None = None) -> dict[str, pd.DataFrame]:
     """sparsity / spectrum / angles (final probed step vs step 0) and kl_beta0 from probed runs."""
-    from sims.model import layer_index, matrix_type
+    from sims.checkpoints import layer_index, matrix_type  # TinyGPT and HF names alike
     from theory.linalg import singular_values
     from theory.metrics import bf16_changed_count, principal_angles_topk
 
@@ -246,10 +249,10 @@ def summary_tables(results: list[RunResult], k: int | None = None) -> dict[str, 
         last = max(res.snapshots)
         base, final = res.snapshots[0], res.snapshots[last]
         pooled: dict[str, list[int]] = {}
+        model = res.config.get("model") or "TinyGPT"
         for name in base:
-            try:
-                mt, layer = matrix_type(name), layer_index(name)
-            except InputError:
+            mt, layer = matrix_type(name), layer_index(name)
+            if mt == "other" or layer is None or base[name].ndim != 2:
                 continue
             changed, n = bf16_changed_count(base[name], final[name]), base[name].numel()
             for key in (mt, "all"):
@@ -268,12 +271,12 @@ def summary_tables(results: list[RunResult], k: int | None = None) -> dict[str, 
         for mt, (c, n) in pooled.items():
             sparsity.append({"run": res.name, "method": method, "matrix_type": mt, "sparsity": 1 - c / n,
                              "changed": c, "total": n, "precision": res.config.get("precision"), "seed": seed,
-                             "steps": steps, "model": "TinyGPT"})
+                             "steps": steps, "model": model})
         if res.kind == "rlvr" and res.config.get("beta", 0) == 0:
             m = res.metrics
             for _, row in m[m["metric"] == "kl_tok_base"].iterrows():
                 klb.append({"run": res.name, "step": int(row["step"]), "kl": row["value"], "beta": 0.0,
-                            "seed": seed, "steps": steps, "model": "TinyGPT"})
+                            "seed": seed, "steps": steps, "model": model})
     clip = []
     for res in results:
         c = res.checks

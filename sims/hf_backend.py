@@ -47,7 +47,7 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -59,7 +59,7 @@ from torch import Tensor
 
 from sims.checkpoints import layer_index, matrix_type, smollm2_gguf_path
 from sims.probe import RunResult, deterministic, seed_everything
-from sims.rlvr import ALGORITHMS, group_advantages, policy_loss
+from sims.rlvr import ALGORITHMS, group_advantages, k3_kl, policy_loss
 from sims.storage import MixedPrecisionAdamW, check_precision
 from sims.word_problems import WordProblem, format_prompt, reward, sample_problems
 from theory.errors import CheckpointError, InputError
@@ -649,12 +649,6 @@ def _chunked_logprobs(model, r: Rollout, micro: int) -> Tensor:
                           for i in range(0, r.sequences.shape[0], micro)])
 
 
-def _k3(ref_logp: Tensor, logp: Tensor, cmask: Tensor) -> Tensor:
-    """Schulman's k3 = exp(l_ref - l) - (l_ref - l) - 1 per sampled token (unbiased for KL(pi || pi_ref))."""
-    d = ref_logp - logp
-    return (torch.exp(d) - d - 1) * cmask.to(d.dtype)
-
-
 def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note: str) -> HFRunResult:
     t_start = time.perf_counter()
     device, opt = _start(model, tokenizer, cfg)
@@ -704,13 +698,13 @@ def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note:
                 pg, st = policy_loss(logp, old_logp[micro], adv[micro], sub.completion_mask, clip=clip)
                 loss = pg / n_tok
                 if cfg.beta > 0:
-                    loss = loss + cfg.beta * _k3(ref_logp[micro], logp, sub.completion_mask).sum() / n_tok
+                    loss = loss + cfg.beta * k3_kl(ref_logp[micro], logp, sub.completion_mask).sum() / n_tok
                 loss.backward()
                 mb_loss += float(loss.detach())
                 stats["clipped"] += st["clipped_tokens"]
             stats["grad_norm"] = max(stats["grad_norm"], opt.step())
             stats["loss"] += mb_loss / cfg.minibatches
-        kl_est = float(_k3(ref_logp, old_logp, cmask).sum()) / max(n_tok_total, 1) if ref_logp is not None else math.nan
+        kl_est = float(k3_kl(ref_logp, old_logp, cmask).sum()) / max(n_tok_total, 1) if ref_logp is not None else math.nan
         model.eval()
         stored = opt.stored_state_dict()
         so_far = rec.after_step(step, stored)
@@ -735,7 +729,7 @@ def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note:
 
 def _result(kind, run_name, cfg, model_note, history, rec: _Recorder, opt, t_start) -> HFRunResult:
     metrics, checks, sparsity = rec.frames()
-    config = {**cfg.to_dict(), "model_note": model_note}
+    config = {**cfg.to_dict(), "model": cfg.model or "SmolLM2-135M-Instruct (GGUF)", "model_note": model_note}
     return HFRunResult(kind=kind, name=run_name, config=config, history=pd.DataFrame(history), metrics=metrics,
                        checks=checks, snapshots=rec.snapshots, master=opt.master_state_dict(),
                        wall_seconds=time.perf_counter() - t_start, tables={"hf_sparsity": sparsity})
@@ -795,15 +789,10 @@ def _train_hf_sft(model, tokenizer, cfg: HFSFTConfig, run_name: str, model_note:
 
 
 def _build_config(cls, section: Mapping[str, Any], *, where: str):
-    section = dict(section)
-    preset = section.pop("preset", "cpu_smoke")
-    if preset not in ("cpu_smoke", "paper", "default"):
-        raise InputError(f"[{where}] preset must be 'cpu_smoke', 'paper' or 'default', got {preset!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise InputError(f"[{where}] unknown keys {unknown}; known: {sorted(known)}")
-    return cls(**section) if preset == "default" else getattr(cls, preset)(**section)
+    """``preset`` = ``cpu_smoke`` (default) | ``paper`` | ``default`` (the dataclass defaults)."""
+    from sims.experiments import section_config
+
+    return section_config(cls, section, where=where, presets=("cpu_smoke", "paper", "default"), default="cpu_smoke")
 
 
 def _load_for(cfg) -> LoadedLM:

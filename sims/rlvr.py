@@ -42,7 +42,7 @@ from sims.probe import ProbeConfig, Prober, RunResult, deterministic, start_run
 from sims.storage import check_precision
 from theory.errors import InputError
 
-__all__ = ["ALGORITHMS", "RLConfig", "train_rlvr", "group_advantages", "policy_loss"]
+__all__ = ["ALGORITHMS", "RLConfig", "train_rlvr", "group_advantages", "policy_loss", "k3_kl"]
 
 ALGORITHMS = ("grpo", "dapo", "reinforce_kl")
 
@@ -140,6 +140,13 @@ def policy_loss(
     return (per_tok * m).sum(), {"clipped_tokens": int(clipped.sum())}
 
 
+def k3_kl(ref_logp: torch.Tensor, logp: torch.Tensor, cmask: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 = exp(l_ref - l) - (l_ref - l) - 1 per sampled token, zero off ``cmask``: non-negative and
+    unbiased for KL(pi || pi_ref) when the tokens are sampled from pi."""
+    d = ref_logp - logp
+    return (torch.exp(d) - d - 1) * cmask.to(d.dtype)
+
+
 def _kl_to_ref(model, ref_model, ids, attn, cmask, logp, estimator: str) -> torch.Tensor:
     """Per-token KL(pi_theta || pi_ref) at completion tokens, (B, T), zero elsewhere."""
     with torch.no_grad():
@@ -148,11 +155,9 @@ def _kl_to_ref(model, ref_model, ids, attn, cmask, logp, estimator: str) -> torc
         else:
             ref_logits = ref_model(ids, attn)[:, :-1].float().log_softmax(-1)
     if estimator == "k3":
-        d = ref_logp - logp
-        kl = torch.exp(d) - d - 1
-    else:
-        lq = model(ids, attn)[:, :-1].float().log_softmax(-1)
-        kl = F.pad((lq.exp() * (lq - ref_logits)).sum(-1), (1, 0))
+        return k3_kl(ref_logp, logp, cmask)
+    lq = model(ids, attn)[:, :-1].float().log_softmax(-1)
+    kl = F.pad((lq.exp() * (lq - ref_logits)).sum(-1), (1, 0))
     return kl * cmask.to(kl.dtype)
 
 

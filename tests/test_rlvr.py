@@ -215,3 +215,16 @@ def test_reinforce_kl_has_no_clipping_and_a_growing_reference_kl(fast_base_model
     assert (res.history["clip_frac"] == 0).all()
     assert res.history["kl_ref"].iloc[1] > 0  # after the first updates the policy has left the reference
     assert "token_ratio_out_of_band_frac" not in set(res.metrics["metric"])  # no clip band to report against
+
+
+def test_k3_kl_is_the_exact_per_token_estimator_and_zero_off_the_mask():
+    from sims.rlvr import k3_kl
+
+    ref = torch.log(torch.tensor([[0.5, 0.5, 0.2]], dtype=torch.float64))
+    cur = torch.log(torch.tensor([[0.25, 0.5, 0.4]], dtype=torch.float64))
+    mask = torch.tensor([[True, True, False]])
+    k3 = k3_kl(ref, cur, mask)
+    # d = log(pi_ref / pi): exp(d) - d - 1 = 2 - ln 2 - 1 at the first token, 0 where pi = pi_ref, 0 off the mask
+    want = torch.tensor([[1 - math.log(2), 0.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(k3, want, rtol=0, atol=4 * torch.finfo(torch.float64).eps)
+    assert k3[0, 1] == 0 and k3[0, 2] == 0  # exactly zero where the policies agree and off the mask
