@@ -8,6 +8,8 @@ import json
 import math
 from dataclasses import replace
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -130,6 +132,25 @@ def test_config_hash_changes_with_the_code_that_trains_the_model(monkeypatch):
     before = config_hash(cfg)
     monkeypatch.setattr(sp, "code_digest", lambda: "0" * 16)  # as if model.py / pretrain.py / tasks.py changed
     assert config_hash(cfg) != before
+
+
+def test_code_digest_covers_the_bytes_of_the_training_modules(tmp_path, monkeypatch):
+    import hashlib
+    import shutil
+
+    import sims.pretrain as sp
+
+    src = Path(sp.__file__).parent
+    h = hashlib.sha256()
+    for name in ("pretrain.py", "model.py", "tasks.py"):
+        h.update(name.encode() + b"\0" + (src / name).read_bytes() + b"\0")
+    assert sp.code_digest() == h.hexdigest()[:16]
+    for name in ("pretrain.py", "model.py", "tasks.py"):  # one changed byte in any of them changes the digest
+        for f in ("pretrain.py", "model.py", "tasks.py"):
+            shutil.copy(src / f, tmp_path / f)
+        (tmp_path / name).write_bytes((src / name).read_bytes() + b"#")
+        monkeypatch.setattr(sp, "__file__", str(tmp_path / "pretrain.py"))
+        assert sp.code_digest() != h.hexdigest()[:16], name
 
 
 def test_config_hash_is_stable_and_sensitive():
