@@ -355,9 +355,6 @@ def test_cuda_run_keeps_bf16_storage(tiny_dir, even_length_reward):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(__import__("os").environ.get("THREEGATE_SMOLLM2_RL") != "1",
-                    reason="not yet seen to finish inside pytest on the shared 2-core machine (issue 7 open); "
-                           "run with THREEGATE_SMOLLM2_RL=1 python -m pytest -m slow tests/test_hf_backend.py")
 def test_smollm2_cpu_smoke_rlvr_run_goes_through_threegate_compare(tmp_path, capsys):
     from sims.checkpoints import smollm2_gguf_path
     from theory.errors import CheckpointError
