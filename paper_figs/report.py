@@ -463,22 +463,27 @@ def load_tutorial(path: str | Path):
 
 def _one_thread_env():
     """Tutorial kernels inherit the environment: one BLAS / OpenMP thread unless the caller chose otherwise
-    (tiny matrices; threads only oversubscribe a shared CPU)."""
+    (tiny matrices; threads only oversubscribe a shared CPU), and always the inline matplotlib backend: a kernel
+    that inherits ``MPLBACKEND=Agg`` (CI sets it for the figure code) would draw every tutorial figure to nowhere,
+    and the report would show none of them."""
     import contextlib
     import os
 
     @contextlib.contextmanager
     def env():
-        keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+        keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "MPLBACKEND")
         old = {k: os.environ.get(k) for k in keys}
-        for k in keys:
+        for k in keys[:3]:
             os.environ.setdefault(k, "1")
+        os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
         try:
             yield
         finally:
             for k, v in old.items():
                 if v is None:
                     os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     return env()
 

@@ -180,7 +180,9 @@ class Page(HTMLParser):
             self.summaries[-1] += data
 
 
-def test_executed_tutorials_are_rendered_into_the_report(tmp_path):
+def test_executed_tutorials_are_rendered_into_the_report(tmp_path, monkeypatch):
+    # CI exports MPLBACKEND=Agg; the kernel must still display figures inline (this failed CI once)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
     docs = tmp_path / "docs"
     docs.mkdir()
     write_md(docs / "00_demo.md", PLOT, EXERCISE, SOLUTION, CHECKER, title="Demo tutorial")
@@ -201,6 +203,8 @@ def test_executed_tutorials_are_rendered_into_the_report(tmp_path):
     tutorial_imgs = [s for s in parsed.imgs if s.startswith("tutorials/")]
     assert tutorial_imgs and all((tmp_path / "out" / s).stat().st_size > 1000 for s in tutorial_imgs)
     assert rep.errors == []
+    import os
+    assert os.environ["MPLBACKEND"] == "Agg"  # the kernel's backend did not leak into this process
 
 
 def test_report_without_executed_tutorials_says_how_to_make_them(tmp_path):
