@@ -251,8 +251,15 @@ def fig4_spectrum(spectrum: pd.DataFrame, angles: pd.DataFrame | None = None, *,
 
 # --------------------------------------------------------------------------------------------- Fig. 5
 def fig5_mask_overlap(df: pd.DataFrame) -> Figure:
-    """Fig. 5: overlap |M_mask and M| / |M| per layer for each structural mask, its random baseline dashed."""
+    """Fig. 5: overlap |M_mask and M| / |M| per layer for each structural mask, its random baseline dashed.
+
+    With a ``binade_baseline`` column (``sims.claims_geometry``) each mask also gets a dotted line: the overlap that
+    weight magnitude alone predicts under bf16 (entries change with their binade's measured probability). The paper
+    plots only the random baseline; at our scale the measured overlap sits on the magnitude line.
+    """
     d = schemas.validate(df, "mask_overlap", source="mask overlap table")
+    has_binade = "binade_baseline" in d.columns and d["binade_baseline"].notna().any()
+    cols = ["overlap", "random_baseline", *(["binade_baseline"] if has_binade else [])]
     mts = _matrix_sorted(d["matrix_type"]) if "matrix_type" in d.columns else [None]
     shown = mts[:MAX_PANELS]
     nr, nc = _grid(len(shown))
@@ -262,12 +269,15 @@ def fig5_mask_overlap(df: pd.DataFrame) -> Figure:
     for ax, mt in zip(axes.flat, shown):
         sub = d if mt is None else d[d["matrix_type"] == mt]
         for m in masks:
-            g = sub[sub["mask"] == m].groupby("layer")[["overlap", "random_baseline"]].mean().sort_index()
+            g = sub[sub["mask"] == m].groupby("layer")[cols].mean().sort_index()
             if g.empty:
                 continue
             ax.plot(g.index, g["overlap"], marker="o", ms=4, color=cmap[m], label=f"{m}", gid=f"overlap-{m}")
             ax.plot(g.index, g["random_baseline"], ls="--", color=cmap[m], lw=1.0, label=f"{m}: random",
                     gid=f"baseline-{m}")
+            if has_binade and g["binade_baseline"].notna().any():
+                ax.plot(g.index, g["binade_baseline"], ls=":", color=cmap[m], lw=1.4, label=f"{m}: magnitude only",
+                        gid=f"binade-{m}")
         ax.set_xlabel("layer")
         integer_ticks(ax)
         ax.set_ylabel("overlap with RL update mask")
@@ -276,11 +286,17 @@ def fig5_mask_overlap(df: pd.DataFrame) -> Figure:
     _hide_unused(axes, len(shown))
     below = (d["overlap"] < d["random_baseline"])[d["overlap"].notna()].groupby(d["mask"]).mean()
     summ = "; ".join(f"{m}: below random in {100 * v:.0f}% of layers" for m, v in below.items())
+    magnitude = ""
+    if has_binade:
+        ok = d["overlap"].notna() & d["binade_baseline"].notna()
+        gap = (d["overlap"] - d["binade_baseline"])[ok].groupby(d["mask"][ok]).mean()
+        magnitude = (" Dotted = magnitude-only baseline (bf16 binade change rates); mean overlap minus it: "
+                     + "; ".join(f"{m} {v:+.3f}" for m, v in gap.items()) + ".")
     n_runs = d["run"].nunique() if "run" in d.columns else 1
     nruns = f", mean over {n_runs} runs" if n_runs > 1 else ""
     return set_caption(fig, "Paper Fig. 5 at our scale: update overlap with principal / low-magnitude masks",
                        _caption(f"Paper Fig. 5: solid = measured overlap, dashed = random baseline (mask density)"
-                                f"{nruns}. {summ}.", d))
+                                f"{nruns}. {summ}.{magnitude}", d))
 
 
 # --------------------------------------------------------------------------------------------- Fig. 6

@@ -147,6 +147,8 @@ SCHEMAS: dict[str, Schema] = {
             _c("mask", "str", "'princ', 'low', 'princ_not_low' (M_princ and not M_low), ..."),
             _c("overlap", "float?", "|M_mask and M| / |M| (NaN when M is empty)"),
             _c("random_baseline", "float", "density of M_mask (overlap of a random mask)"),
+            _c("binade_baseline", "float?", "overlap predicted by weight magnitude alone: each entry changes with the "
+                                            "probability measured in its bf16 binade, optional", False),
             _c("matrix_type", "str", "matrix type (panels), optional", False),
             *RUN_COLUMNS,
         )),

@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 from itertools import combinations
 from typing import Mapping, Sequence
@@ -421,7 +422,9 @@ def consistency_above_baseline(table: pd.DataFrame, group: str = "seed", baselin
     Needs columns run_a, run_b, group, matrix_type, jaccard, density_a, density_b and ``baseline``; uses the rows
     of ``group`` and ``matrix_type``. Rule: see the module docstring."""
     what = "magnitude-stratified Bernoulli baseline" if baseline == "baseline_exponent" else "Bernoulli baseline"
-    claim = (f"Table 2: cross-run Jaccard of RL update masks exceeds the {what} ({group} group, "
+    short = (f"jaccard_above_{'magnitude' if baseline == 'baseline_exponent' else 'bernoulli'}_{group}"
+             + ("" if matrix_type == "all" else f"_{re.sub(r'[^a-z0-9]+', '_', matrix_type.lower())}"))
+    claim = (f"Table 2 ({short}): cross-run Jaccard of RL update masks exceeds the {what} ({group} group, "
              f"matrix type {matrix_type})")
     _require(table, ("run_a", "run_b", "group", "matrix_type", "jaccard", "density_a", "density_b", baseline), claim)
     t = table[(table["group"] == group) & (table["matrix_type"] == matrix_type)]
@@ -467,7 +470,7 @@ def stripes_above_binomial(stripes: pd.DataFrame) -> Verdict:
 
     Needs the per-run stripe statistics (columns run, seed, matrix_type, row_dispersion, col_dispersion); per run
     (seed), effect = mean over layers and q, k, v (rows) and o (columns) of the dispersion, minus 1."""
-    claim = "Fig. 3: RL updates form row stripes in Q/K/V and column stripes in O"
+    claim = "Fig. 3 (stripes_above_binomial): RL updates form row stripes in Q/K/V and column stripes in O"
     _require(stripes, ("run", "seed", "matrix_type", "row_dispersion", "col_dispersion"), claim)
     effects = {}
     for run, t in stripes.groupby("run", sort=False):

@@ -340,7 +340,7 @@ def intervention_collapses_overlap(table: pd.DataFrame) -> Verdict:
     Needs columns seed, layer, matrix_type, intervention, overlap, random_baseline (``rotate_overlap``). Rows with a
     zero baseline (the rerun changed nothing: ratio undefined) are left out. See the module docstring for the rule.
     """
-    claim = "Fig. 6: Rotate/Permute make the update overlap with a rerun collapse to random where applied"
+    claim = "Fig. 6 (intervention_collapses_overlap): Rotate/Permute make the update overlap with a rerun collapse to random where applied"
     _require(table, ("seed", "layer", "matrix_type", "intervention", "overlap", "random_baseline"), claim)
     t = table[table["random_baseline"] > 0].copy()
     unknown = sorted(set(t["intervention"]) - set(SCRAMBLED))
@@ -397,7 +397,7 @@ def bounded_kl_at_beta0(table: pd.DataFrame) -> Verdict:
     """Fig. 15: with beta = 0 the token-wise KL to the base grows slowly and boundedly (module docstring).
 
     Needs columns run, seed, step, kl, eps_low, eps_high (the ``kl_beta0`` table of ``kl_beta0_experiment``)."""
-    claim = "Fig. 15: with beta = 0 (clip only) the token-wise KL to the base stays bounded and its growth flattens"
+    claim = "Fig. 15 (bounded_kl_at_beta0): with beta = 0 (clip only) the token-wise KL to the base stays bounded and its growth flattens"
     _require(table, ("run", "seed", "step", "kl", "eps_low", "eps_high"), claim)
     effects, nums = {}, {"kl_budget_multiple": KL_BUDGET_MULTIPLE, "per_run": {}}
     over = []
@@ -445,7 +445,7 @@ def bounded_kl_at_beta0(table: pd.DataFrame) -> Verdict:
 def lemma_f9_band_hypothesis(table: pd.DataFrame) -> Verdict:
     """Lemma F.9's hypothesis on real clip-only steps: every token ratio pi_t / pi_{t-1} of the step's sampled
     tokens lies in [1 - eps_low, 1 + eps_high]. Needs columns run, step, out_of_band_frac (``band_violations``)."""
-    claim = "Lemma F.9 hypothesis: after each clip-only update every token ratio lies in the clip band"
+    claim = "Lemma F.9 hypothesis (lemma_f9_band_hypothesis): after each clip-only update every token ratio lies in the clip band"
     _require(table, ("run", "step", "out_of_band_frac"), claim)
     t = table.dropna(subset=["out_of_band_frac"])
     if t.empty:

@@ -248,7 +248,7 @@ def _masked_final(table: pd.DataFrame) -> pd.DataFrame:
 
 def safe_mask_tracks_dense(table: pd.DataFrame) -> Verdict:
     """Fig. 9 / Tables 4-5: the safe mask's final reward is within TRACK_DELTA of dense and above M_princ's."""
-    claim = "Fig. 9: RL on the safe mask (M_princ^c or M_low) tracks dense RL and beats the principal-only mask"
+    claim = "Fig. 9 (safe_mask_tracks_dense): RL on the safe mask (M_princ^c or M_low) tracks dense RL and beats the principal-only mask"
     t = _masked_final(table)
     per, why = _per_seed_masks(t, claim, ("safe", "dense", "princ"))
     if per is None:
@@ -263,7 +263,7 @@ def safe_mask_tracks_dense(table: pd.DataFrame) -> Verdict:
 
 def safe_mask_kl_tracks_dense(table: pd.DataFrame) -> Verdict:
     """Fig. 9 (left): the safe mask's final KL to the base is within KL_TRACK_RATIO * KL_dense of dense's."""
-    claim = "Fig. 9: the KL-to-base curve of the safe-mask run tracks dense"
+    claim = "Fig. 9 (safe_mask_kl_tracks_dense): the KL-to-base curve of the safe-mask run tracks dense"
     t = _masked_final(table)
     per, why = _per_seed_masks(t, claim, ("safe", "dense"), col="final_kl")
     if per is None:
@@ -279,7 +279,7 @@ def safe_mask_kl_tracks_dense(table: pd.DataFrame) -> Verdict:
 
 def princ_mask_worst(table: pd.DataFrame) -> Verdict:
     """Table 4: RL restricted to M_princ ends with the lowest reward of all masks (dense included)."""
-    claim = "Table 4: updating only the principal mask M_princ is worst"
+    claim = "Table 4 (princ_mask_worst): updating only the principal mask M_princ is worst"
     t = _masked_final(table)
     per, why = _per_seed_masks(t, claim, ("princ",))
     if per is None:
@@ -295,7 +295,7 @@ def princ_mask_worst(table: pd.DataFrame) -> Verdict:
 
 def safe_mask_beats_random(table: pd.DataFrame) -> Verdict:
     """Table 5: a random mask of the safe mask's density ends below the safe mask."""
-    claim = "Table 5: a random mask of the same density is below the safe mask"
+    claim = "Table 5 (safe_mask_beats_random): a random mask of the same density is below the safe mask"
     t = _masked_final(table)
     per, why = _per_seed_masks(t, claim, ("safe", "random"))
     if per is None:
@@ -333,7 +333,7 @@ def _adapter_final(table: pd.DataFrame) -> pd.DataFrame:
 
 def pissa_no_better_than_lora(table: pd.DataFrame) -> Verdict:
     """Fig. 10: PiSSA gives no gain over LoRA: per seed, mean over the grid of R_LoRA - R_PiSSA > -NO_GAIN_MARGIN."""
-    claim = "Fig. 10: PiSSA (principal-initialised adapters) gives no gain over LoRA"
+    claim = "Fig. 10 (pissa_no_better_than_lora): PiSSA (principal-initialised adapters) gives no gain over LoRA"
     t = _adapter_final(table)
     _require(t, ("method", "rank", "lr", "seed", "final_reward"), claim)
     all_cells = t.groupby(["rank", "lr", "method"])["final_reward"].mean().unstack("method")
@@ -360,7 +360,7 @@ def pissa_no_better_than_lora(table: pd.DataFrame) -> Verdict:
 
 def pissa_collapses_at_high_lr(table: pd.DataFrame) -> Verdict:
     """Fig. 10: at the highest learning rate PiSSA runs collapse more often than LoRA runs (per seed)."""
-    claim = "Fig. 10: PiSSA collapses at the high learning rate (LoRA does not)"
+    claim = "Fig. 10 (pissa_collapses_at_high_lr): PiSSA collapses at the high learning rate (LoRA does not)"
     t = _adapter_final(table)
     _require(t, ("method", "lr", "seed", "collapsed"), claim)
     if t.empty:

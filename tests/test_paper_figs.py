@@ -513,6 +513,23 @@ def test_fig5_overlap_lines_and_baselines():
     assert "low: below random in 0% of layers" in full_text(fig)
 
 
+def test_fig5_draws_the_magnitude_only_baseline_when_the_table_has_it():
+    rows = [dict(layer=l, mask=m, overlap=o, random_baseline=0.5, binade_baseline=bb + 0.01 * l, **RUN_COLS)
+            for l in range(3) for m, o, bb in (("princ", 0.30, 0.32), ("low", 0.70, 0.66))]
+    fig = pf.fig5_mask_overlap(pd.DataFrame(rows))
+    (ax,) = main_axes(fig)
+    assert {"binade-princ", "binade-low"} <= {l.get_gid() for l in ax.lines}
+    np.testing.assert_allclose(by_gid(ax, "binade-princ")[0].get_ydata(), [0.32, 0.33, 0.34])
+    assert by_gid(ax, "binade-low")[0].get_linestyle() == ":"
+    # mean(overlap - binade) per mask: princ 0.30 - 0.33 = -0.030, low 0.70 - 0.67 = +0.030
+    assert "princ -0.030" in full_text(fig) and "low +0.030" in full_text(fig)
+    # an all-NaN binade column (an older table) draws no magnitude line and says nothing about it
+    plain = pd.DataFrame(rows).assign(binade_baseline=np.nan)
+    (ax2,) = main_axes(pf.fig5_mask_overlap(plain))
+    assert not [l for l in ax2.lines if str(l.get_gid()).startswith("binade-")]
+    assert "magnitude-only" not in full_text(pf.fig5_mask_overlap(plain))
+
+
 def test_fig6_bars_per_layer_coloured_by_intervention():
     iv = {1: "rotate", 3: "rotate+permute"}
     rows = [dict(layer=l, overlap=0.3 if l in iv else 0.6, random_baseline=0.3, intervention=iv.get(l, "none"),

@@ -161,3 +161,50 @@ def test_verify_exits_nonzero_when_a_claim_experiment_fails(tmp_path, monkeypatc
     assert verify.run(args) == 1
     table = pd.read_csv(tmp_path / "v" / "verify.csv")
     assert set(table["verdict"]) >= {"error", "inconclusive"}  # both claim rows are in the saved table
+
+
+@pytest.mark.parametrize("claim, expected", [
+    ("sparsity_rl_gt_sft", "sparsity_rl_gt_sft"),  # already an id (sims.claims)
+    ("Fig. 9 (safe_mask_tracks_dense): RL on the safe mask (M_princ^c or M_low) tracks", "safe_mask_tracks_dense"),
+    ("Table 2 (jaccard_above_bernoulli_seed): ... (seed group, matrix type all)", "jaccard_above_bernoulli_seed"),
+    ("Fig. 10: PiSSA (principal-initialised adapters) gives no gain", "toy#3"),  # names no id: positional
+    ("Fig. 1: a claim (lowercase) with a one-word parenthesis", "toy#3"),
+])
+def test_claim_id_is_the_sentences_snake_case_id(claim, expected):
+    assert verify.claim_id(claim, "toy", 2) == expected
+
+
+def _helper_claim_sentences() -> list[str]:
+    """Every literal claim sentence of the helper claim modules: ``claim = "..."`` and the ``_*CLAIM`` dicts."""
+    import ast
+    import importlib
+    import inspect
+
+    from sims.claims import CLAIM_MODULES
+
+    out = []
+    for mod in CLAIM_MODULES:
+        for node in ast.walk(ast.parse(inspect.getsource(importlib.import_module(mod)))):
+            if not isinstance(node, ast.Assign) or not isinstance(node.targets[0], ast.Name):
+                continue
+            name, value = node.targets[0].id, node.value
+            if name == "claim" and isinstance(value, ast.Constant):
+                out.append(value.value)
+            elif name.endswith("_CLAIM") and isinstance(value, ast.Dict):
+                out += [v.value for v in value.values if isinstance(v, ast.Constant)]
+    return out
+
+
+def test_every_helper_claim_has_its_own_stable_id():
+    import sims.claims_consistency as cc
+
+    sentences = _helper_claim_sentences()
+    empty = pd.DataFrame(columns=["run_a", "run_b", "group", "matrix_type", "jaccard", "density_a", "density_b",
+                                  "baseline", "baseline_exponent"])
+    sentences += [cc.consistency_above_baseline(empty, g, b).claim
+                  for g in ("seed", "task", "algorithm") for b in ("baseline", "baseline_exponent")]
+    assert len(sentences) >= 20
+    ids = [verify.claim_id(s, "x", i) for i, s in enumerate(sentences)]
+    assert not [s for s, i in zip(sentences, ids) if "#" in i], "a helper claim names no (snake_case_id)"
+    assert len(set(ids)) == len(ids), sorted(ids)
+    assert "jaccard_above_magnitude_task" in ids and "rl_overlap_princ_below_binade" in ids

@@ -169,6 +169,16 @@ def run_simulation_checks(seed: int, budget: str) -> tuple[list[Row], list[dict]
     return verdicts, rows
 
 
+def claim_id(claim: str, experiment: str, index: int) -> str:
+    """The short, stable id of a claim verdict: the claim itself when it is already an id (``sims.claims``), else the
+    first ``(snake_case_id)`` in its sentence ("Fig. 9 (safe_mask_tracks_dense): ..."), else ``experiment#index``
+    (1-based; a fallback for a plug-in module that names none: it moves if the module reorders its verdicts)."""
+    if re.fullmatch(r"[\w.:-]+", claim):
+        return claim
+    m = re.search(r"\(([a-z][a-z0-9]*(?:_[a-z0-9]+)+)\)", claim)
+    return m.group(1) if m else f"{experiment}#{index + 1}"
+
+
 def run_claim_experiments(seed: int, budget: str, out: Path) -> list[Row]:
     """One Row per claim verdict of every claim experiment (``sims.claims.claim_experiments``) at ``budget``.
 
@@ -193,7 +203,7 @@ def run_claim_experiments(seed: int, budget: str, out: Path) -> list[Row]:
         claims.write_claim_run(run, out / "claims" / name)
         for i, v in enumerate(run.verdicts):
             seeds = v.numbers.get("seeds") if isinstance(v.numbers, dict) else None
-            short = v.claim if re.fullmatch(r"[\w.:-]+", v.claim) else f"{name}#{i + 1}"
+            short = claim_id(v.claim, name, i)
             statement = getattr(claims, "STATEMENTS", {}).get(v.claim, "" if short == v.claim else v.claim)
             what = f"{statement}: " if statement else ""
             rows.append(Row(short, "", f"claim:{name}", len(seeds) if isinstance(seeds, list) else 0, 0, 0,
