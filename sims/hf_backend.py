@@ -29,8 +29,9 @@ Recorded:
   ``checks``: the Gate II results (``theory.spectral.gate2_all``: Thm 3.3 in its three forms, Cor F.13, Cor 3.4
   Weyl / Mirsky, Cor 3.5) on the probed matrices against the base, and Lemma F.9 on the step's token ratios
   (clipped algorithms); a ``sparsity`` table per matrix type (``all`` pools every 2-D block matrix).
-  The Fisher-based checks of ``sims.probe`` (Prop 3.2, Eq 7) are not run here: their restricted Fisher costs one
-  JVP per basis direction through the whole model.
+  The Fisher-based checks of ``sims.probe`` (Prop 3.2 on a subspace, Eq 7) are not run here: their restricted
+  Fisher costs one JVP per basis direction through the whole model. Prop 3.2 along the realized update
+  (U = span(D): one directional derivative) is ``sims.hf_fisher.prop32_along_update``.
 
 ``cpu_smoke()`` is a short run for SmolLM2-135M on a CPU; ``paper()`` is the App. C recipe (DAPO, no KL, lr 1e-6,
 batch 256 prompts x 16 rollouts, 4 mini-batches, 320 steps) for a GPU. SmolLM2 here is the GGUF of the
