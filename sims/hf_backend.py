@@ -7,8 +7,10 @@ problems, exact integer checker, reward +1 / -1).
 
 Precision (``sims.storage.MixedPrecisionAdamW``): in ``precision="bf16"`` AdamW updates fp32 **master** weights
 and the model computes with the **stored** copy bf16(master) (held as float32 values that are exactly bf16);
-rollouts, log-probs and gradients all use the stored weights. The forward pass itself runs in float32 (the paper's
-FSDP runs bf16 matmuls; here only the *storage* is bf16, which is what Gate III is about).
+rollouts, log-probs and gradients all use the stored weights. ``compute_dtype="fp32"`` (default) runs the forward
+passes in float32, so only the *storage* is bf16 (what Gate III is about); ``"bf16"`` runs them under
+``torch.autocast(dtype=bfloat16)`` (matmuls in bf16, as in the paper's FSDP runs; log-softmax in float32 from bf16
+logits), the ``paper()`` presets' setting. Then the sampler's and the learner's log-probs carry bf16 rounding.
 
 One RL step: ``prompts_per_step`` problems x ``group_size`` completions sampled at ``temperature`` from the stored
 policy (own sampling loop with a KV cache and a seeded ``torch.Generator``: the full softmax, no top-k/top-p, so
@@ -178,8 +180,13 @@ def _cached_base(path: str | None, gguf_file: str | None) -> LoadedLM:
 # Configuration
 
 
+COMPUTE_DTYPES = ("fp32", "bf16")
+
+
 def _check_common(cfg) -> None:
     check_precision(cfg.precision)
+    if cfg.compute_dtype not in COMPUTE_DTYPES:
+        raise InputError(f"{type(cfg).__name__}.compute_dtype must be one of {COMPUTE_DTYPES}, got {cfg.compute_dtype!r}")
     for name in ("steps", "micro_batch"):
         if int(getattr(cfg, name)) <= 0:
             raise InputError(f"{type(cfg).__name__}.{name} must be positive, got {getattr(cfg, name)}")
@@ -228,6 +235,7 @@ class HFRLConfig:
     probe_matrices: str | tuple[str, ...] | None = None  # regex, names, or None (see probe_matrix_names)
     k: int = 8  # top-k singular subspaces of the Gate II checks
     kl_to_base: bool = True  # the k3 KL estimate of every step (one extra forward when beta = 0)
+    compute_dtype: str = "fp32"  # "fp32" | "bf16" (forward passes under torch.autocast; see the module docstring)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -268,11 +276,13 @@ class HFRLConfig:
     @classmethod
     def paper(cls, **overrides) -> "HFRLConfig":
         """App. C: DAPO without a KL term, AdamW lr 1e-6 betas (0.9, 0.999), reward +/-1, 256 prompts x 16 rollouts
-        per step in 4 mini-batches, clip (0.2, 0.28), 320 steps; bf16 stored weights with fp32 master (for a GPU)."""
+        per step in 4 mini-batches, clip (0.2, 0.28), 320 steps; bf16 stored weights with fp32 master, forward passes
+        under bf16 autocast (for a GPU)."""
         steps = int(overrides.get("steps", 320))
         base = dict(algorithm="dapo", steps=steps, prompts_per_step=256, group_size=16, minibatches=4, micro_batch=32,
                     rollout_batch=512, max_new_tokens=1024, lr=1e-6, beta=0.0, eps_low=0.2, eps_high=0.28,
-                    difficulty=3, device="cuda", snapshot_steps=tuple(range(50, steps, 50)), kl_to_base=False)
+                    difficulty=3, device="cuda", snapshot_steps=tuple(range(50, steps, 50)), kl_to_base=False,
+                    compute_dtype="bf16")
         return cls(**{**base, **overrides})
 
     def to_dict(self) -> dict:
@@ -302,6 +312,7 @@ class HFSFTConfig:
     snapshot_steps: tuple[int, ...] = ()
     probe_matrices: str | tuple[str, ...] | None = None
     k: int = 8
+    compute_dtype: str = "fp32"  # "fp32" | "bf16" (forward passes under torch.autocast)
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -317,10 +328,11 @@ class HFSFTConfig:
 
     @classmethod
     def paper(cls, **overrides) -> "HFSFTConfig":
-        """The RL recipe's optimizer (AdamW 1e-6, betas (0.9, 0.999)) with a batch of 256 demonstrations (GPU)."""
+        """The RL recipe's optimizer (AdamW 1e-6, betas (0.9, 0.999)) with a batch of 256 demonstrations, bf16
+        autocast (GPU)."""
         steps = int(overrides.get("steps", 320))
         base = dict(steps=steps, batch_size=256, micro_batch=32, lr=1e-6, difficulty=3, device="cuda",
-                    snapshot_steps=tuple(range(50, steps, 50)))
+                    snapshot_steps=tuple(range(50, steps, 50)), compute_dtype="bf16")
         return cls(**{**base, **overrides})
 
     def to_dict(self) -> dict:
@@ -612,6 +624,11 @@ class _Recorder:
 # Training loops
 
 
+def _compute(cfg, device: torch.device):
+    """The forward-pass precision: a no-op for fp32, bf16 autocast on the run's device type otherwise."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.compute_dtype == "bf16")
+
+
 def _start(model, tokenizer, cfg):
     if model is None or tokenizer is None:
         raise InputError("train_hf_*: pass the model and tokenizer (see load_causal_lm)")
@@ -671,7 +688,8 @@ def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note:
         prompt_ids = [ids for ids in _prompt_ids(tokenizer, problems, cfg.system_prompt) for _ in range(cfg.group_size)]
         answers = [p.answer for p in problems for _ in range(cfg.group_size)]
         model.eval()
-        roll = _rollouts(model, tokenizer, cfg, prompt_ids, gen, device)
+        with _compute(cfg, device):
+            roll = _rollouts(model, tokenizer, cfg, prompt_ids, gen, device)
         texts = [_decode(tokenizer, roll.sequences[i, roll.prompt_len:], roll.completion_mask[i])
                  for i in range(len(answers))]
         rewards = torch.tensor([reward(t, a) for t, a in zip(texts, answers)], dtype=torch.float32, device=device)
@@ -680,9 +698,10 @@ def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note:
         # one mini-batch: the behaviour log-probs are the training forward's own (same weights, detached), which
         # saves a forward pass; several: recomputed up front, before the first update
         on_policy = cfg.minibatches == 1
-        old_logp = torch.zeros_like(cmask, dtype=torch.float32) if on_policy else \
-            _chunked_logprobs(model, roll, cfg.micro_batch)
-        ref_logp = _chunked_logprobs(ref, roll, cfg.micro_batch) if ref is not None else None
+        with _compute(cfg, device):
+            old_logp = torch.zeros_like(cmask, dtype=torch.float32) if on_policy else \
+                _chunked_logprobs(model, roll, cfg.micro_batch)
+            ref_logp = _chunked_logprobs(ref, roll, cfg.micro_batch) if ref is not None else None
         n_tok_total = int(cmask.sum())
         order = torch.randperm(len(answers), generator=shuffle_gen).to(device)
         stats = {"clipped": 0, "loss": 0.0, "grad_norm": 0.0}
@@ -693,7 +712,8 @@ def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note:
             mb_loss = 0.0
             for micro in mb.split(cfg.micro_batch):
                 sub = _select(roll, micro)
-                logp = completion_logprobs(model, sub.sequences, sub.attention_mask, sub.completion_mask)
+                with _compute(cfg, device):
+                    logp = completion_logprobs(model, sub.sequences, sub.attention_mask, sub.completion_mask)
                 if on_policy:
                     old_logp[micro] = logp.detach()
                 pg, st = policy_loss(logp, old_logp[micro], adv[micro], sub.completion_mask, clip=clip)
@@ -712,7 +732,8 @@ def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note:
         if step in cfg.snapshot_steps and clip is not None:
             from theory.kl_leash import lemF9
 
-            new_logp = _chunked_logprobs(model, roll, cfg.micro_batch)
+            with _compute(cfg, device):
+                new_logp = _chunked_logprobs(model, roll, cfg.micro_batch)
             r = torch.exp((new_logp - old_logp).double())
             ratios = [r[i][cmask[i]].cpu().numpy() for i in range(r.shape[0]) if bool(cmask[i].any())]
             rec.add_check(step, lemF9(ratios, max(clip)))
@@ -743,13 +764,17 @@ def train_hf_sft(model: torch.nn.Module, tokenizer, cfg: HFSFTConfig, *, run_nam
         return _train_hf_sft(model, tokenizer, cfg, run_name, model_note)
 
 
-def _demo_loss(model, demo: Rollout, micro: int, *, backward: bool) -> float:
-    """Mean NLL per completion token over ``demo`` (gradients accumulated when ``backward``)."""
+def _demo_loss(model, demo: Rollout, micro: int, *, backward: bool, autocast=None) -> float:
+    """Mean NLL per completion token over ``demo`` (gradients accumulated when ``backward``); forwards under
+    ``autocast()`` when given (``_compute``)."""
+    import contextlib
+
+    autocast = autocast or contextlib.nullcontext
     n_tok = max(int(demo.completion_mask.sum()), 1)
     total = 0.0
     for i in range(0, demo.sequences.shape[0], micro):
         sl = slice(i, i + micro)
-        with torch.set_grad_enabled(backward):
+        with torch.set_grad_enabled(backward), autocast():
             logp = completion_logprobs(model, demo.sequences[sl], demo.attention_mask[sl], demo.completion_mask[sl])
             loss = -logp.sum() / n_tok
         if backward:
@@ -762,12 +787,14 @@ def _train_hf_sft(model, tokenizer, cfg: HFSFTConfig, run_name: str, model_note:
     t_start = time.perf_counter()
     device, opt = _start(model, tokenizer, cfg)
     rec = _Recorder(model, cfg, run_name, "sft", device)
+    amp = functools.partial(_compute, cfg, device)
     rng = np.random.default_rng(cfg.seed)
     eval_demo = _demonstrations(tokenizer, sample_problems(np.random.default_rng([cfg.seed, 99]), cfg.n_eval,
                                                            difficulty=cfg.difficulty), cfg.system_prompt, device)
     model.eval()
     history = [{"run": run_name, "step": 0, "loss": math.nan,
-                "eval_loss": _demo_loss(model, eval_demo, cfg.micro_batch, backward=False), "grad_norm": 0.0,
+                "eval_loss": _demo_loss(model, eval_demo, cfg.micro_batch, backward=False, autocast=amp),
+                "grad_norm": 0.0,
                 "bf16_sparsity_so_far": rec.after_step(0, opt.stored_state_dict()), "wall_seconds": 0.0}]
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()
@@ -775,11 +802,12 @@ def _train_hf_sft(model, tokenizer, cfg: HFSFTConfig, run_name: str, model_note:
                                cfg.system_prompt, device)
         model.train()
         opt.zero_grad()
-        loss = _demo_loss(model, demo, cfg.micro_batch, backward=True)
+        loss = _demo_loss(model, demo, cfg.micro_batch, backward=True, autocast=amp)
         gnorm = opt.step()
         model.eval()
         so_far = rec.after_step(step, opt.stored_state_dict())
-        ev = _demo_loss(model, eval_demo, cfg.micro_batch, backward=False) if step in cfg.snapshot_steps else math.nan
+        ev = (_demo_loss(model, eval_demo, cfg.micro_batch, backward=False, autocast=amp)
+              if step in cfg.snapshot_steps else math.nan)
         history.append({"run": run_name, "step": step, "loss": loss, "eval_loss": ev, "grad_norm": gnorm,
                         "bf16_sparsity_so_far": so_far, "wall_seconds": time.perf_counter() - t0})
     return _result("sft", run_name, cfg, model_note, history, rec, opt, t_start)

@@ -310,6 +310,38 @@ def test_fp32_precision_stores_the_master(tiny_dir, even_length_reward):
         assert w.dtype == torch.float32 and torch.equal(w, res.master[n])
 
 
+def test_bf16_compute_rounds_the_log_probs_and_keeps_storage_and_determinism(tiny_dir, even_length_reward):
+    """compute_dtype="bf16": forwards under autocast. The log-probs of the same weights on the same tokens move by
+    bf16 rounding (nonzero, far below a nat), the stored weights are still exactly bf16 of the master, and the run
+    is bit-identical to itself."""
+    lm = load_causal_lm(tiny_dir)
+    cfg = tiny_rl(tiny_dir, steps=2, snapshot_steps=(), compute_dtype="bf16")
+    r = sample_completions(lm.model, [[5, 6, 7, 8], [9, 10]], 6, temperature=1.0,
+                           generator=torch.Generator().manual_seed(0), eos_id=2, pad_id=0, device="cpu")
+    with torch.no_grad():
+        lp32 = completion_logprobs(lm.model, r.sequences, r.attention_mask, r.completion_mask)
+        with hb._compute(cfg, torch.device("cpu")):
+            lp16 = completion_logprobs(lm.model, r.sequences, r.attention_mask, r.completion_mask)
+    assert lp16.dtype == torch.float32  # log-softmax in fp32 from bf16 logits
+    gap = (lp16 - lp32).abs()[r.completion_mask]
+    assert 0 < float(gap.max()) < 0.1
+    runs = []
+    for _ in range(2):
+        lm = load_causal_lm(tiny_dir)
+        runs.append(train_hf_rlvr(lm.model, lm.tokenizer, cfg))
+    a, b = runs
+    for n, w in a.snapshots[2].items():
+        assert torch.equal(w, a.master[n].to(torch.bfloat16)) and torch.equal(w, b.snapshots[2][n]), n
+    assert a.history.drop(columns="wall_seconds").equals(b.history.drop(columns="wall_seconds"))
+    lm = load_causal_lm(tiny_dir)
+    sft = train_hf_sft(lm.model, lm.tokenizer, HFSFTConfig(model=str(tiny_dir), steps=2, batch_size=2, micro_batch=2,
+                                                           lr=1e-3, k=2, n_eval=2, compute_dtype="bf16"))
+    assert np.isfinite(sft.history["eval_loss"].iloc[[0, -1]]).all()
+    with pytest.raises(InputError, match="compute_dtype"):
+        HFRLConfig(compute_dtype="fp16")
+    assert HFRLConfig.paper().compute_dtype == "bf16" and HFSFTConfig.paper().compute_dtype == "bf16"
+
+
 # ----------------------------------------------------------------------------------------------- sweep / CLI
 
 
