@@ -383,6 +383,10 @@ def fig10_lora_pissa(df: pd.DataFrame) -> Figure:
 
 
 # --------------------------------------------------------------------------------------------- Fig. 12
+#: Fig. 12 writes each cell's value up to this many runs; beyond, the colour scale alone (the caption has the means).
+JACCARD_VALUES_UP_TO = 14
+
+
 def fig12_jaccard(df: pd.DataFrame) -> Figure:
     """Fig. 12: the pairwise Jaccard matrix J(A, B) of update masks across runs, one heatmap per matrix type."""
     d = schemas.validate(df, "jaccard", source="jaccard table")
@@ -391,7 +395,10 @@ def fig12_jaccard(df: pd.DataFrame) -> Figure:
     mts = _matrix_sorted(d["matrix_type"]) if "matrix_type" in d.columns else [None]
     shown = mts[:MAX_PANELS]
     nr, nc = _grid(len(shown))
-    fig, axes = new_figure(nr, nc, width=3.8 * nc + 1.2, height=3.6 * nr + 1.2)
+    n_max = len(set(d["run_a"]) | set(d["run_b"]))
+    cell = max(3.8, 0.34 * n_max + 1.0)  # panel side (inches): run labels and values need room beyond ~8 runs
+    fig, axes = new_figure(nr, nc, width=cell * nc + 1.2, height=cell * 0.95 * nr + 1.2)
+    value_size = 7 if n_max <= 8 else (5.5 if n_max <= JACCARD_VALUES_UP_TO else 0)  # 0: colours only
     im = None
     parts = []
     for ax, mt in zip(axes.flat, shown):
@@ -402,12 +409,13 @@ def fig12_jaccard(df: pd.DataFrame) -> Figure:
         for a, b, j in zip(sub["run_a"], sub["run_b"], sub["jaccard"]):
             J[idx[a], idx[b]] = J[idx[b], idx[a]] = j  # symmetric: either argument order fills both cells
         im = ax.imshow(J, vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
-        for i in range(len(runs)):
+        for i in range(len(runs) if value_size else 0):
             for k in range(len(runs)):
-                ax.text(k, i, f"{J[i, k]:.2f}", ha="center", va="center", fontsize=7,
+                ax.text(k, i, f"{J[i, k]:.2f}", ha="center", va="center", fontsize=value_size,
                         color="white" if J[i, k] < 0.6 else "black", gid="jaccard-value")
-        ax.set_xticks(range(len(runs)), runs, rotation=45, ha="right")
-        ax.set_yticks(range(len(runs)), runs)
+        label_size = 8 if len(runs) <= 8 else 6.5
+        ax.set_xticks(range(len(runs)), runs, rotation=60 if len(runs) > 8 else 45, ha="right", fontsize=label_size)
+        ax.set_yticks(range(len(runs)), runs, fontsize=label_size)
         ax.grid(False)
         off = J[~np.eye(len(runs), dtype=bool)]
         mean_off = float(off.mean()) if off.size else float("nan")

@@ -584,6 +584,24 @@ def test_fig12_jaccard_matrix_is_symmetric_in_either_argument_order(swap):
     caption_has(fig, "Fig. 12")
 
 
+def test_fig12_grows_with_the_number_of_runs_and_drops_cell_values_when_crowded():
+    def table(n):
+        runs = [f"seed-{i}" for i in range(n)]
+        return pd.DataFrame([dict(run_a=a, run_b=b, jaccard=0.5, **RUN_COLS)
+                             for i, a in enumerate(runs) for b in runs[i + 1:]])
+
+    small, ten, many = (pf.fig12_jaccard(table(n)) for n in (3, 10, pf.JACCARD_VALUES_UP_TO + 2))
+    assert len(by_gid(main_axes(ten)[0], "jaccard-value")) == 100
+    assert {t.get_fontsize() for t in by_gid(main_axes(ten)[0], "jaccard-value")} == {5.5}
+    assert by_gid(main_axes(many)[0], "jaccard-value") == []  # colours only
+    widths = [f.get_size_inches()[0] for f in (small, ten, many)]
+    assert widths[0] < widths[1] < widths[2]
+    # at 10 runs no two x tick labels overlap once drawn
+    ten.canvas.draw()
+    boxes = [t.get_window_extent() for t in main_axes(ten)[0].get_xticklabels()]
+    assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:]))
+
+
 def test_fig15_kl_lines_and_beta_must_be_zero():
     rows = [dict(run=r, step=s, kl=0.001 * s * (i + 1), beta=0.0, **RUN_COLS)
             for i, r in enumerate(("dapo-0", "dapo-1")) for s in (0, 10, 20)]
