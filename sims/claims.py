@@ -69,6 +69,8 @@ __all__ = [
     "verdicts_frame", "write_claim_run", "run_claims", "print_verdicts", "CLAIM_EXPERIMENTS", "CLAIM_MODULES",
     "claim_experiments", "StepRecorder",
     "PREDICTORS", "as_run_results",
+    # shared with the claim plug-in modules (sims.claims_*)
+    "require_columns", "config_from_section", "start_model", "block_matrix_index", "run_rl", "run_sft",
 ]
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
@@ -142,7 +144,7 @@ def effect_verdict(claim: str, effects: Mapping[Any, float], *, min_effect: floa
                    f"separated from {min_effect:g} by more than the seed-to-seed spread {spread:.4f}", nums)
 
 
-def _require(table: pd.DataFrame, cols: Iterable[str], claim: str) -> None:
+def require_columns(table: pd.DataFrame, cols: Iterable[str], claim: str) -> None:
     if not isinstance(table, pd.DataFrame):
         raise InputError(f"{claim}: expected a pandas DataFrame, got {type(table).__name__}")
     missing = [c for c in cols if c not in table.columns]
@@ -165,7 +167,7 @@ def sparsity_rl_gt_sft(table: pd.DataFrame) -> Verdict:
     'bf16' when those columns exist. Per seed, the largest update count (and lr) both methods share is compared.
     """
     claim = "sparsity_rl_gt_sft"
-    _require(table, ("method", "sparsity", "seed", "updates"), claim)
+    require_columns(table, ("method", "sparsity", "seed", "updates"), claim)
     t = _only(table, matrix_type="all", storage="bf16")
     keys = ["seed", "updates"] + (["lr"] if "lr" in t.columns else [])
     per = t.groupby(keys + ["method"])["sparsity"].mean().unstack("method")
@@ -189,7 +191,7 @@ def sparsity_vanishes_at_high_lr(table: pd.DataFrame) -> Verdict:
     columns exist. Per seed: vanished fraction 1 - s(lr_max) / s(lr_min).
     """
     claim = "sparsity_vanishes_at_high_lr"
-    _require(table, ("lr", "sparsity", "seed"), claim)
+    require_columns(table, ("lr", "sparsity", "seed"), claim)
     t = _only(table, matrix_type="all", storage="bf16")
     if "method" in t.columns and (t["method"] == "RL").any():
         t = t[t["method"] == "RL"]
@@ -226,7 +228,7 @@ def mask_predictor(table: pd.DataFrame) -> Verdict:
     exact rule) semantics 'fp32' when those columns exist. Counts are summed over seeds and runs (exact, no noise).
     """
     claim = "mask_predictor"
-    _require(table, ("predictor", "form", "tp", "fp", "fn", "tn"), claim)
+    require_columns(table, ("predictor", "form", "tp", "fp", "fn", "tn"), claim)
     t = _only(table, matrix_type="all", scope="all")
 
     def totals(predictor: str, form: str, semantics: str | None = None) -> tuple[int, int, int, int] | None:
@@ -287,15 +289,11 @@ def print_verdicts(verdicts: Iterable[Verdict]) -> None:
 # Experiment configurations
 
 
-def _from_section(cls, cfg: Mapping, section: str):
+def config_from_section(cls, cfg: Mapping, section: str):
     """``cls.fast()`` / ``cls.default()`` (key ``preset``) with the section's other keys overriding fields."""
     from sims.experiments import section_config
 
-    sec = dict(cfg.get(section, {}))
-    for k in ("seeds", "lrs", "methods"):
-        if k in sec:
-            sec[k] = tuple(sec[k])
-    c = section_config(cls, sec, where=section, presets=("fast", "default"), default="default")
+    c = section_config(cls, cfg.get(section, {}), where=section, presets=("fast", "default"), default="default")
     if "seed" in cfg:  # ``threegate run --seed S``: the seed list starts at S
         c = replace(c, seeds=tuple(int(cfg["seed"]) + i for i in range(len(c.seeds))))
     if not c.seeds or len(set(c.seeds)) != len(c.seeds):
@@ -382,7 +380,7 @@ def _probe(steps: int, n_eval: int):
     return ProbeConfig(steps=(0, steps), n_eval_prompts=n_eval, theory_checks=False)
 
 
-def _train_rl(model, c, *, seed: int, lr: float, precision: str, device: str, name: str):
+def run_rl(model, c, *, seed: int, lr: float, precision: str, device: str, name: str):
     from sims.rlvr import RLConfig, train_rlvr
 
     rc = RLConfig(task=c.task, algorithm=c.algorithm, steps=c.rl_steps, prompts_per_step=c.prompts_per_step,
@@ -391,7 +389,7 @@ def _train_rl(model, c, *, seed: int, lr: float, precision: str, device: str, na
     return train_rlvr(model, rc, run_name=name)
 
 
-def _train_sft(model, c, *, seed: int, lr: float, precision: str, device: str, name: str):
+def run_sft(model, c, *, seed: int, lr: float, precision: str, device: str, name: str):
     from sims.sft import SFTConfig, train_sft
 
     steps = c.rl_steps * c.minibatches  # the same number of AdamW updates as the RL run
@@ -400,7 +398,7 @@ def _train_sft(model, c, *, seed: int, lr: float, precision: str, device: str, n
     return train_sft(model, sc, run_name=name)
 
 
-def _start_model(cfg: Mapping, bf16_checkpoint: bool) -> torch.nn.Module:
+def start_model(cfg: Mapping, bf16_checkpoint: bool) -> torch.nn.Module:
     """The cached pretrained model; with ``bf16_checkpoint`` its weights rounded to bf16 (kept as float32), as when
     a bf16 checkpoint is loaded into an fp32 master: the master then starts exactly on the stored values."""
     from sims.experiments import _base_model
@@ -414,7 +412,7 @@ def _start_model(cfg: Mapping, bf16_checkpoint: bool) -> torch.nn.Module:
     return model
 
 
-def _block_matrices(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, str]]:
+def block_matrix_index(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, str]]:
     """{name: (layer, matrix_type)} of the transformer-block matrices."""
     from sims.model import layer_index, matrix_type
 
@@ -447,7 +445,7 @@ def _sparsity_rows(res, *, method: str, lr: float, updates: int, storage: str) -
               "model": "TinyGPT"}
     pooled: dict[str, list[int]] = {}
     layer_rows = []
-    for name, (layer, mt) in _block_matrices(base).items():
+    for name, (layer, mt) in block_matrix_index(base).items():
         ch, n = _changed(base[name], final[name]), base[name].numel()
         layer_rows.append({**common, "layer": layer, "matrix_type": mt, "sparsity": 1 - ch / n, "changed": ch,
                            "total": n})
@@ -467,7 +465,7 @@ def _probe_error_rows(res, base_master: Mapping[str, torch.Tensor], *, method: s
 
     base, final = res.snapshots[0], res.snapshots[max(res.snapshots)]
     acc: dict[tuple[str, str], np.ndarray] = {}
-    for name in _block_matrices(base):
+    for name in block_matrix_index(base):
         truth = (base[name].float() != final[name].float()).numpy()
         said = {
             ("def2.1 eta=1e-3", "stored bf16"): ~probe_unchanged(base[name], final[name], 1e-3),
@@ -486,9 +484,9 @@ def _probe_error_rows(res, base_master: Mapping[str, torch.Tensor], *, method: s
 def sparsity_experiment(cfg: Mapping) -> ClaimRun:
     """Table 1 + Sec. 2.3 at our scale: RL vs SFT at matched updates, bf16 vs fp32 storage, an RL lr sweep, the
     Def 2.1 probe and a fixed 1e-5 tolerance against bit equality; verdicts on both sparsity claims."""
-    c = _from_section(SparsityConfig, cfg, "sparsity")
+    c = config_from_section(SparsityConfig, cfg, "sparsity")
     device = cfg.get("device", "cpu")
-    model = _start_model(cfg, c.bf16_checkpoint)
+    model = start_model(cfg, c.bf16_checkpoint)
     base_master = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in model.named_parameters()}
     results, sp, layer, sweep, probes = [], [], [], [], []
 
@@ -503,16 +501,16 @@ def sparsity_experiment(cfg: Mapping) -> ClaimRun:
 
     for seed in c.seeds:
         kw = dict(seed=seed, device=device)
-        rl = _train_rl(copy.deepcopy(model), c, lr=c.lr, precision="bf16", name=f"RL-bf16-s{seed}", **kw)
+        rl = run_rl(copy.deepcopy(model), c, lr=c.lr, precision="bf16", name=f"RL-bf16-s{seed}", **kw)
         record(rl, "RL", c.lr, ("bf16",))
-        record(_train_sft(copy.deepcopy(model), c, lr=c.lr, precision="bf16", name=f"SFT-bf16-s{seed}", **kw),
+        record(run_sft(copy.deepcopy(model), c, lr=c.lr, precision="bf16", name=f"SFT-bf16-s{seed}", **kw),
                "SFT", c.lr, ("bf16",))
         if c.fp32_runs:
-            for method, train in (("RL", _train_rl), ("SFT", _train_sft)):
+            for method, train in (("RL", run_rl), ("SFT", run_sft)):
                 res = train(copy.deepcopy(model), c, lr=c.lr, precision="fp32", name=f"{method}-fp32-s{seed}", **kw)
                 record(res, method, c.lr, ("fp32", "fp32 rounded to bf16"))
         for lr in c.lrs:
-            res = rl if lr == c.lr else _train_rl(copy.deepcopy(model), c, lr=lr, precision="bf16",
+            res = rl if lr == c.lr else run_rl(copy.deepcopy(model), c, lr=lr, precision="bf16",
                                                  name=f"RL-bf16-lr{lr:g}-s{seed}", **kw)
             if res is not rl:
                 results.append(res)
@@ -644,17 +642,17 @@ class StepRecorder:
 def mask_predictor_experiment(cfg: Mapping) -> ClaimRun:
     """Cor. 3.6 on real steps: predict from each AdamW step's fp32 master update which stored bf16 entries
     change (exact rule, rule of thumb, half ULP); precision / recall against the stored copy; a verdict."""
-    c = _from_section(MaskPredictorConfig, cfg, "mask_predictor")
+    c = config_from_section(MaskPredictorConfig, cfg, "mask_predictor")
     bad = sorted(set(c.methods) - {"RL", "SFT"})
     if bad or not c.methods:
         raise InputError(f"[mask_predictor] methods must be a non-empty subset of ['RL', 'SFT'], got {c.methods}")
     device = cfg.get("device", "cpu")
-    model = _start_model(cfg, c.bf16_checkpoint)
+    model = start_model(cfg, c.bf16_checkpoint)
     results, rows = [], []
     for seed in c.seeds:
         for method in c.methods:
             m = copy.deepcopy(model)
-            train = _train_rl if method == "RL" else _train_sft
+            train = run_rl if method == "RL" else run_sft
             with StepRecorder(m) as rec:
                 res = train(m, c, seed=seed, lr=c.lr, precision="bf16", device=device, name=f"{method}-s{seed}")
             if rec.steps == 0:

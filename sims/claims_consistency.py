@@ -88,10 +88,10 @@ from sims.claims import (
     SPREAD_FACTOR,
     ClaimRun,
     Verdict,
-    _block_matrices,
-    _from_section,
-    _require,
-    _start_model,
+    block_matrix_index,
+    config_from_section,
+    require_columns,
+    start_model,
     effect_verdict,
     verdicts_frame,
 )
@@ -251,7 +251,7 @@ def final_masks(res, step: int | None = None, eta: float = 1e-3) -> dict[str, np
     if step not in snaps:
         raise InputError(f"run {res.name}: no snapshot at step {step}; probed steps {sorted(snaps)}")
     return {n: np.asarray(update_mask(snaps[0][n], snaps[step][n], eta).cpu().numpy())
-            for n in _block_matrices(snaps[0])}
+            for n in block_matrix_index(snaps[0])}
 
 
 def exponent_strata(base: Mapping[str, torch.Tensor], names: Sequence[str]) -> np.ndarray:
@@ -286,7 +286,7 @@ def _pooled(masks: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndarray
 def _type_names(base: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
     """{matrix type or 'all': block matrix names}, in state-dict order."""
     out: dict[str, list[str]] = {}
-    for n, (_, mt) in _block_matrices(base).items():
+    for n, (_, mt) in block_matrix_index(base).items():
         out.setdefault(mt, []).append(n)
         out.setdefault("all", []).append(n)
     return out
@@ -322,7 +322,7 @@ def consensus_rows(masks: Sequence[Mapping[str, np.ndarray]], base: Mapping[str,
     from theory.metrics import consensus
 
     frames = []
-    for n, (layer, mt) in _block_matrices(base).items():
+    for n, (layer, mt) in block_matrix_index(base).items():
         if mt not in types:
             continue
         C = consensus([m[n] for m in masks])
@@ -341,7 +341,7 @@ def stripe_rows(res, spec: RunSpec, eta: float, steps: int) -> list[pd.DataFrame
     frames = []
     for step in sorted(s for s in res.snapshots if s > 0):
         masks = final_masks(res, step, eta)
-        for n, (layer, mt) in _block_matrices(base).items():
+        for n, (layer, mt) in block_matrix_index(base).items():
             for axis, ratios in (("row", row_ratios(masks[n])), ("col", col_ratios(masks[n]))):
                 frames.append(pd.DataFrame({"run": spec.name, "seed": spec.seed, "step": step, "layer": layer,
                                             "matrix_type": mt, "axis": axis, "index": np.arange(ratios.size),
@@ -370,7 +370,7 @@ def stripe_stats(M: np.ndarray, axis: str) -> tuple[float, float]:
 
 def _run_stripe_stats(spec: RunSpec, masks: Mapping[str, np.ndarray], base: Mapping[str, torch.Tensor]) -> list[dict]:
     rows = []
-    for n, (layer, mt) in _block_matrices(base).items():
+    for n, (layer, mt) in block_matrix_index(base).items():
         r_top, r_disp = stripe_stats(masks[n], "row")
         c_top, c_disp = stripe_stats(masks[n], "col")
         rows.append({"run": spec.name, "seed": spec.seed, "layer": layer, "matrix_type": mt, "row_top_share": r_top,
@@ -426,7 +426,7 @@ def consistency_above_baseline(table: pd.DataFrame, group: str = "seed", baselin
              + ("" if matrix_type == "all" else f"_{re.sub(r'[^a-z0-9]+', '_', matrix_type.lower())}"))
     claim = (f"Table 2 ({short}): cross-run Jaccard of RL update masks exceeds the {what} ({group} group, "
              f"matrix type {matrix_type})")
-    _require(table, ("run_a", "run_b", "group", "matrix_type", "jaccard", "density_a", "density_b", baseline), claim)
+    require_columns(table, ("run_a", "run_b", "group", "matrix_type", "jaccard", "density_a", "density_b", baseline), claim)
     t = table[(table["group"] == group) & (table["matrix_type"] == matrix_type)]
     if t.empty:
         return Verdict(claim, "inconclusive", f"no pairs of the {group} group in the table", {})
@@ -471,7 +471,7 @@ def stripes_above_binomial(stripes: pd.DataFrame) -> Verdict:
     Needs the per-run stripe statistics (columns run, seed, matrix_type, row_dispersion, col_dispersion); per run
     (seed), effect = mean over layers and q, k, v (rows) and o (columns) of the dispersion, minus 1."""
     claim = "Fig. 3 (stripes_above_binomial): RL updates form row stripes in Q/K/V and column stripes in O"
-    _require(stripes, ("run", "seed", "matrix_type", "row_dispersion", "col_dispersion"), claim)
+    require_columns(stripes, ("run", "seed", "matrix_type", "row_dispersion", "col_dispersion"), claim)
     effects = {}
     for run, t in stripes.groupby("run", sort=False):
         vals = [d for mt, axis in STRIPE_AXIS.items()
@@ -493,9 +493,9 @@ def stripes_above_binomial(stripes: pd.DataFrame) -> Verdict:
 def consistency_experiment(cfg: Mapping) -> ClaimRun:
     """Cross-run consistency (Table 2, Figs. 2, 3, 12): Jaccard of RL update masks across seeds, tasks and
     algorithms against the Bernoulli and magnitude-stratified baselines, consensus, stripes; verdicts."""
-    c = _from_section(ConsistencyConfig, cfg, "consistency")
+    c = config_from_section(ConsistencyConfig, cfg, "consistency")
     device = cfg.get("device", "cpu")
-    model = _start_model(cfg, c.bf16_checkpoint)
+    model = start_model(cfg, c.bf16_checkpoint)
     specs = run_specs(c)
     results, masks = [], []
     for spec in specs:
@@ -504,7 +504,7 @@ def consistency_experiment(cfg: Mapping) -> ClaimRun:
         masks.append(final_masks(res, eta=c.eta))
     base = results[0].snapshots[0]
     for res in results[1:]:  # every run must start from the same stored values, or the masks are not comparable
-        if any(not torch.equal(base[n], res.snapshots[0][n]) for n in _block_matrices(base)):
+        if any(not torch.equal(base[n], res.snapshots[0][n]) for n in block_matrix_index(base)):
             raise InputError(f"consistency: run {res.name} did not start from the same base weights")
     members = {g: group_members(specs, c, g) for g in GROUPS}
     seed_idx = [specs.index(s) for s in members["seed"]]

@@ -80,10 +80,10 @@ import torch
 from sims.claims import (
     ClaimRun,
     Verdict,
-    _block_matrices,
-    _from_section,
-    _require,
-    _start_model,
+    block_matrix_index,
+    config_from_section,
+    require_columns,
+    start_model,
     effect_verdict,
     verdicts_frame,
 )
@@ -187,7 +187,7 @@ def drift_rows(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tenso
     from theory.metrics import nss
 
     drift, spectrum, angles = [], [], []
-    for name, (layer, mt) in _block_matrices(base).items():
+    for name, (layer, mt) in block_matrix_index(base).items():
         W0, W1 = base[name].double().cpu().numpy(), tuned[name].double().cpu().numpy()
         s0, s1 = np.linalg.svd(W0, compute_uv=False), np.linalg.svd(W1, compute_uv=False)
         where = {**common, "layer": layer, "matrix_type": mt}
@@ -214,7 +214,7 @@ class StructuralMasks:
         from theory.metrics import low_magnitude_mask, principal_mask
 
         self.masks: dict[str, list[tuple[str, int, float, np.ndarray]]] = {}
-        for name in _block_matrices(base):
+        for name in block_matrix_index(base):
             W0 = base[name].double().cpu().numpy()
             out = []
             for a in alphas:
@@ -238,7 +238,7 @@ def overlap_rows(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Ten
     from theory.metrics import update_mask
 
     rows = []
-    for name, (layer, mt) in _block_matrices(base).items():
+    for name, (layer, mt) in block_matrix_index(base).items():
         M = update_mask(base[name], tuned[name]).cpu().numpy()
         changed = int(M.sum())
         binade = _binade(base[name])
@@ -289,7 +289,7 @@ def rl_drift_below_sft(drift: pd.DataFrame, match: str, *, k: int = VERDICT_K) -
     if match not in _MATCH_CLAIM:
         raise InputError(f"match must be one of {sorted(_MATCH_CLAIM)}, got {match!r}")
     claim = _MATCH_CLAIM[match]
-    _require(drift, ("method", "match", "seed", "k", "nss", "mean_angle_deg"), claim)
+    require_columns(drift, ("method", "match", "seed", "k", "nss", "mean_angle_deg"), claim)
     t = drift[drift["k"] == k]
     rl = t[t["method"] == "RL"].groupby("seed")[["nss", "mean_angle_deg"]].mean()
     sft_rows = t[(t["method"] == "SFT") & (t["match"] == match)]
@@ -303,7 +303,7 @@ def rl_drift_below_sft(drift: pd.DataFrame, match: str, *, k: int = VERDICT_K) -
         nums[f"sft_{col}"] = [float(sft.loc[s, col]) for s in seeds]
         nums[f"sft_minus_rl_{col}"] = [float(sft.loc[s, col] - rl.loc[s, col]) for s in seeds]
     if match == "accuracy":
-        _require(drift, ("accuracy_gap",), claim)
+        require_columns(drift, ("accuracy_gap",), claim)
         gaps = sft_rows.groupby("seed")["accuracy_gap"].max()
         nums["accuracy_gap"] = [float(gaps[s]) for s in seeds]
         far = [int(s) for s in seeds if not gaps[s] <= ACC_MATCH_TOL]
@@ -375,7 +375,7 @@ def rl_overlap_vs_random(table: pd.DataFrame, mask: str, *, k: int = PAPER_K, al
     if baseline not in ("random", "binade"):
         raise InputError(f"baseline must be 'random' or 'binade', got {baseline!r}")
     claim = _OVERLAP_CLAIM[mask] if baseline == "random" else _BINADE_CLAIM[mask]
-    _require(table, ("method", "seed", "structural_mask", "k", "alpha", "intersection", "changed",
+    require_columns(table, ("method", "seed", "structural_mask", "k", "alpha", "intersection", "changed",
                      "random_baseline") + (("binade_expected",) if baseline == "binade" else ()), claim)
     sign = -1.0 if mask == "princ" else 1.0
     at = table[np.isclose(table["alpha"].astype(float), alpha)]
@@ -447,9 +447,9 @@ def geometry_experiment(cfg: Mapping) -> ClaimRun:
     bf16 base; spectrum / angles / drift / overlap tables and five verdicts (see the module docstring)."""
     from sims.probe import deterministic
 
-    c = _checked(_from_section(GeometryConfig, cfg, "geometry"))
+    c = _checked(config_from_section(GeometryConfig, cfg, "geometry"))
     device = cfg.get("device", "cpu")
-    model = _start_model(cfg, c.bf16_checkpoint)
+    model = start_model(cfg, c.bf16_checkpoint)
     with deterministic():  # one BLAS thread: the small float64 SVDs are ~50x slower multithreaded on a busy machine
         return _geometry(cfg, c, model, device)
 

@@ -25,7 +25,7 @@ weights leave the bf16 grid, so rounding them moves every entry by up to 2^-9 re
 u -- and breaks exact preservation (measured: ``preserved`` False, the ratio to tol in the table); permuted
 weights are bf16 values moved, not changed, so Permute stays preserved in bf16 storage.
 
-**Runs.** Per seed s, the same RL recipe (``sims.claims._train_rl``, bf16 precision, stored-weight snapshots) on
+**Runs.** Per seed s, the same RL recipe (``sims.claims.run_rl``, bf16 precision, stored-weight snapshots) on
   the untouched base with seed s (``reference``), on the edited base with seed s (``intervened``: the same prompts
   and the same sampling seed as the reference), and on the untouched base with seed s + ``rerun_seed_offset``
   (``rerun``: an independent rerun -- with seed s it would be bit-identical to the reference on this machine).
@@ -87,11 +87,11 @@ import torch
 from sims.claims import (
     ClaimRun,
     Verdict,
-    _block_matrices,
-    _from_section,
-    _require,
-    _start_model,
-    _train_rl,
+    block_matrix_index,
+    config_from_section,
+    require_columns,
+    start_model,
+    run_rl,
     effect_verdict,
     verdicts_frame,
 )
@@ -341,7 +341,7 @@ def intervention_collapses_overlap(table: pd.DataFrame) -> Verdict:
     zero baseline (the rerun changed nothing: ratio undefined) are left out. See the module docstring for the rule.
     """
     claim = "Fig. 6 (intervention_collapses_overlap): Rotate/Permute make the update overlap with a rerun collapse to random where applied"
-    _require(table, ("seed", "layer", "matrix_type", "intervention", "overlap", "random_baseline"), claim)
+    require_columns(table, ("seed", "layer", "matrix_type", "intervention", "overlap", "random_baseline"), claim)
     t = table[table["random_baseline"] > 0].copy()
     unknown = sorted(set(t["intervention"]) - set(SCRAMBLED))
     if unknown:
@@ -398,7 +398,7 @@ def bounded_kl_at_beta0(table: pd.DataFrame) -> Verdict:
 
     Needs columns run, seed, step, kl, eps_low, eps_high (the ``kl_beta0`` table of ``kl_beta0_experiment``)."""
     claim = "Fig. 15 (bounded_kl_at_beta0): with beta = 0 (clip only) the token-wise KL to the base stays bounded and its growth flattens"
-    _require(table, ("run", "seed", "step", "kl", "eps_low", "eps_high"), claim)
+    require_columns(table, ("run", "seed", "step", "kl", "eps_low", "eps_high"), claim)
     effects, nums = {}, {"kl_budget_multiple": KL_BUDGET_MULTIPLE, "per_run": {}}
     over = []
     for run, g in table.groupby("run", sort=True):
@@ -446,7 +446,7 @@ def lemma_f9_band_hypothesis(table: pd.DataFrame) -> Verdict:
     """Lemma F.9's hypothesis on real clip-only steps: every token ratio pi_t / pi_{t-1} of the step's sampled
     tokens lies in [1 - eps_low, 1 + eps_high]. Needs columns run, step, out_of_band_frac (``band_violations``)."""
     claim = "Lemma F.9 hypothesis (lemma_f9_band_hypothesis): after each clip-only update every token ratio lies in the clip band"
-    _require(table, ("run", "step", "out_of_band_frac"), claim)
+    require_columns(table, ("run", "step", "out_of_band_frac"), claim)
     t = table.dropna(subset=["out_of_band_frac"])
     if t.empty:
         return Verdict(claim, "inconclusive", "no step has recorded token ratios", {})
@@ -471,14 +471,14 @@ def _masks(res) -> dict[str, np.ndarray]:
     from theory.metrics import update_mask
 
     base, final = res.snapshots[0], res.snapshots[max(res.snapshots)]
-    return {n: np.asarray(update_mask(base[n], final[n]).cpu().numpy(), dtype=bool) for n in _block_matrices(base)}
+    return {n: np.asarray(update_mask(base[n], final[n]).cpu().numpy(), dtype=bool) for n in block_matrix_index(base)}
 
 
 def _overlap_rows(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], *, layer_edit: Mapping[int, str],
                   **common) -> list[dict]:
     """Per block matrix: overlap(M_b, M_a) = |M_b & M_a| / |M_a|, baseline density(M_b); empty M_a is skipped."""
     rows = []
-    for name, (layer, mt) in _block_matrices(a).items():
+    for name, (layer, mt) in block_matrix_index(a).items():
         ma, mb = a[name], b[name]
         na, nb = int(ma.sum()), int(mb.sum())
         if na == 0:
@@ -493,7 +493,7 @@ def _overlap_rows(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], *, l
 def _map_back(masks: Mapping[str, np.ndarray], record: Mapping[int, dict], cfg) -> dict[str, np.ndarray]:
     """The intervened run's masks with every permutation undone (original coordinates where they exist)."""
     out = dict(masks)
-    for name, (layer, mt) in _block_matrices(masks).items():
+    for name, (layer, mt) in block_matrix_index(masks).items():
         rec = record.get(layer)
         if rec is not None and rec["perm"] is not None and mt in PERMUTED[rec["kind"]]:
             out[name] = to_original_coordinates(masks[name], cfg, rec["perm"], mt)
@@ -503,9 +503,9 @@ def _map_back(masks: Mapping[str, np.ndarray], record: Mapping[int, dict], cfg) 
 def interventions_experiment(cfg: Mapping) -> ClaimRun:
     """App. D / Fig. 6: Rotate / Permute on chosen layers (function preserved?), the same RL recipe on the edited
     model, an untouched reference and an independent rerun; per-layer update-mask overlap and a verdict."""
-    c = _from_section(InterventionsConfig, cfg, "interventions")
+    c = config_from_section(InterventionsConfig, cfg, "interventions")
     device = cfg.get("device", "cpu")
-    base = _start_model(cfg, c.bf16_checkpoint)
+    base = start_model(cfg, c.bf16_checkpoint)
     mcfg = base.cfg
     edits = c.edits or ((mcfg.n_layer // 2, "rotate+permute"),)
     for layer, _ in edits:
@@ -527,10 +527,10 @@ def interventions_experiment(cfg: Mapping) -> ClaimRun:
     results, pairs = [], []
     for seed in c.seeds:
         kw = dict(lr=c.lr, precision="bf16", device=device)
-        ref = _train_rl(copy.deepcopy(base), c, seed=seed, name=f"reference-s{seed}", **kw)
-        inter = _train_rl(copy.deepcopy(edited), c, seed=seed, name=f"intervened-s{seed}", **kw)
+        ref = run_rl(copy.deepcopy(base), c, seed=seed, name=f"reference-s{seed}", **kw)
+        inter = run_rl(copy.deepcopy(edited), c, seed=seed, name=f"intervened-s{seed}", **kw)
         rerun_seed = seed + c.rerun_seed_offset
-        rerun = _train_rl(copy.deepcopy(base), c, seed=rerun_seed, name=f"rerun-s{rerun_seed}", **kw)
+        rerun = run_rl(copy.deepcopy(base), c, seed=rerun_seed, name=f"rerun-s{rerun_seed}", **kw)
         results += [ref, inter, rerun]
         m_ref, m_re, m_raw = _masks(ref), _masks(rerun), _masks(inter)
         m_int = _map_back(m_raw, record, mcfg)
@@ -561,9 +561,9 @@ def kl_beta0_experiment(cfg: Mapping) -> ClaimRun:
     from sims.probe import ProbeConfig
     from sims.rlvr import RLConfig, train_rlvr
 
-    c = _from_section(KLBeta0Config, cfg, "kl_beta0")
+    c = config_from_section(KLBeta0Config, cfg, "kl_beta0")
     device = cfg.get("device", "cpu")
-    base = _start_model(cfg, c.bf16_checkpoint)
+    base = start_model(cfg, c.bf16_checkpoint)
     probe_steps = tuple(sorted(set(range(0, c.rl_steps + 1, c.probe_every)) | {c.rl_steps}))
     results = []
     for seed in c.seeds:

@@ -71,7 +71,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sims.claims import ClaimRun, Verdict, _from_section, _require, _start_model, effect_verdict, verdicts_frame
+from sims.claims import ClaimRun, Verdict, config_from_section, require_columns, start_model, effect_verdict, verdicts_frame
 from theory.errors import InputError, NonFiniteError
 
 __all__ = [
@@ -161,15 +161,6 @@ class LoraPissaConfig:
         return replace(cls(), **kw)
 
 
-def _tuple_keys(cfg: Mapping, section: str, keys: tuple[str, ...]) -> Mapping:
-    """``_from_section`` turns only seeds / lrs / methods into tuples; do the same for this module's list keys."""
-    sec = dict(cfg.get(section, {}))
-    for k in keys:
-        if k in sec:
-            sec[k] = tuple(sec[k])
-    return {**cfg, section: sec}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Runs and their curves
 
@@ -206,7 +197,7 @@ def _curve(res) -> pd.DataFrame:
 def final_values(curves: pd.DataFrame, keys: list[str], cols: tuple[str, ...] = ("reward", "kl")) -> pd.DataFrame:
     """Per group of ``keys``: the mean of ``cols`` over probed steps >= FINAL_FRACTION * the group's last step,
     and the value of ``reward`` at step 0 (``initial_reward``)."""
-    _require(curves, tuple(keys) + ("step",) + tuple(cols), "final_values")
+    require_columns(curves, tuple(keys) + ("step",) + tuple(cols), "final_values")
     rows = []
     for key, g in curves.groupby(keys, sort=True):
         key = key if isinstance(key, tuple) else (key,)
@@ -228,7 +219,7 @@ def final_values(curves: pd.DataFrame, keys: list[str], cols: tuple[str, ...] = 
 
 def _per_seed_masks(table: pd.DataFrame, claim: str, need: tuple[str, ...], col: str = "final_reward"):
     """{seed: {mask: value}} from a final table (columns seed, mask, ``col``), seeds that have every mask in ``need``."""
-    _require(table, ("seed", "mask", col), claim)
+    require_columns(table, ("seed", "mask", col), claim)
     per = table.groupby(["seed", "mask"])[col].mean().unstack("mask")
     missing = [m for m in need if m not in per.columns]
     if missing:
@@ -335,7 +326,7 @@ def pissa_no_better_than_lora(table: pd.DataFrame) -> Verdict:
     """Fig. 10: PiSSA gives no gain over LoRA: per seed, mean over the grid of R_LoRA - R_PiSSA > -NO_GAIN_MARGIN."""
     claim = "Fig. 10 (pissa_no_better_than_lora): PiSSA (principal-initialised adapters) gives no gain over LoRA"
     t = _adapter_final(table)
-    _require(t, ("method", "rank", "lr", "seed", "final_reward"), claim)
+    require_columns(t, ("method", "rank", "lr", "seed", "final_reward"), claim)
     all_cells = t.groupby(["rank", "lr", "method"])["final_reward"].mean().unstack("method")
     if t["lr"].nunique() > 1:
         t = t[t["lr"] < t["lr"].max()]
@@ -362,7 +353,7 @@ def pissa_collapses_at_high_lr(table: pd.DataFrame) -> Verdict:
     """Fig. 10: at the highest learning rate PiSSA runs collapse more often than LoRA runs (per seed)."""
     claim = "Fig. 10 (pissa_collapses_at_high_lr): PiSSA collapses at the high learning rate (LoRA does not)"
     t = _adapter_final(table)
-    _require(t, ("method", "lr", "seed", "collapsed"), claim)
+    require_columns(t, ("method", "lr", "seed", "collapsed"), claim)
     if t.empty:
         return Verdict(claim, "inconclusive", "empty table", {})
     hi = float(t["lr"].max())
@@ -391,12 +382,12 @@ def masked_runs_experiment(cfg: Mapping) -> ClaimRun:
     density, against dense RL; reward and KL-to-base trajectories; verdicts."""
     from sims.peft import MASK_NAMES, mask_density, structural_masks, train_rlvr_masked
 
-    c = _from_section(MaskedRunsConfig, _tuple_keys(cfg, "masked_runs", ("masks",)), "masked_runs")
+    c = config_from_section(MaskedRunsConfig, cfg, "masked_runs")
     bad = sorted(set(c.masks) - set(MASK_NAMES))
     if bad or not c.masks:
         raise InputError(f"[masked_runs] masks must be a non-empty subset of {list(MASK_NAMES)}, got {c.masks}")
     device = cfg.get("device", "cpu")
-    model = _start_model(cfg, c.bf16_checkpoint)
+    model = start_model(cfg, c.bf16_checkpoint)
     results, curves = [], []
     for seed in c.seeds:
         masks = structural_masks(model, k=c.k, alpha=c.alpha, seed=seed, names=tuple(c.masks))
@@ -427,13 +418,13 @@ def lora_pissa_experiment(cfg: Mapping) -> ClaimRun:
     from sims.peft import ADAPTER_METHODS, adapter_parameter_count, add_adapters
     from sims.rlvr import train_rlvr
 
-    c = _from_section(LoraPissaConfig, _tuple_keys(cfg, "lora_pissa", ("ranks",)), "lora_pissa")
+    c = config_from_section(LoraPissaConfig, cfg, "lora_pissa")
     bad = sorted(set(c.methods) - set(ADAPTER_METHODS))
     if bad or not c.methods or not c.ranks or not c.lrs:
         raise InputError(f"[lora_pissa] needs methods within {list(ADAPTER_METHODS)} and non-empty ranks and lrs; "
                          f"got {c.methods}, {c.ranks}, {c.lrs}")
     device = cfg.get("device", "cpu")
-    model = _start_model(cfg, c.bf16_checkpoint)
+    model = start_model(cfg, c.bf16_checkpoint)
     results, curves, nonfinite = [], [], []
     for seed in c.seeds:
         for lr in c.lrs:

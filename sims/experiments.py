@@ -115,8 +115,9 @@ def section_config(cls, section: Mapping | None, *, where: str, presets: tuple[s
     With ``presets``, the key ``preset`` (default ``default``) picks a named constructor: the classmethod of that
     name, or plain ``cls(...)`` when the class has none; the section's other keys override fields. ``forced`` keys
     (e.g. ``seed`` from the command line) override the section when not None. An unknown key or preset is an
-    InputError naming the section."""
-    sec = dict(section or {})
+    InputError naming the section. Lists (all a TOML / YAML file can give) become tuples: config dataclasses are
+    frozen and hash into cache keys."""
+    sec = {k: tuple(v) if isinstance(v, list) else v for k, v in (section or {}).items()}
     sec.update({k: v for k, v in forced.items() if v is not None})
     preset = sec.pop("preset", default) if presets is not None else None
     if presets is not None and preset not in presets:

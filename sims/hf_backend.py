@@ -77,6 +77,7 @@ __all__ = [
     "train_hf_sft",
     "sample_completions",
     "completion_logprobs",
+    "completion_log_softmax",
     "probe_matrix_names",
     "run_cell",
 ]
@@ -425,6 +426,22 @@ def sample_completions(
     return Rollout(seq, full_attn, cmask, ids.shape[1])
 
 
+def completion_log_softmax(
+    model: torch.nn.Module,
+    sequences: Int[Tensor, "B T"],
+    attention_mask: Bool[Tensor, "B T"],
+    completion_mask: Bool[Tensor, "B N"],
+) -> Float[Tensor, "B N V"]:
+    """log pi(. | prefix) over the whole vocabulary at each of the last N positions. The vocabulary projection is
+    computed for those positions only; the log-softmax runs in float32 at least (bf16 logits under autocast are
+    upcast, a float64 model stays float64). Differentiable."""
+    N = completion_mask.shape[1]
+    out = model(input_ids=sequences, attention_mask=attention_mask.long(), position_ids=_positions(attention_mask),
+                use_cache=False, logits_to_keep=N + 1)
+    logits = out.logits[:, :-1]  # positions P-1 .. P+N-2 predict tokens P .. P+N-1
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+
+
 def completion_logprobs(
     model: torch.nn.Module,
     sequences: Int[Tensor, "B T"],
@@ -432,12 +449,10 @@ def completion_logprobs(
     completion_mask: Bool[Tensor, "B N"],
 ) -> Float[Tensor, "B N"]:
     """log pi(token | prefix) of each completion token (the last N positions), 0 where ``completion_mask`` is
-    False. Differentiable; the vocabulary projection is computed for the completion positions only."""
+    False. Differentiable."""
     N = completion_mask.shape[1]
-    out = model(input_ids=sequences, attention_mask=attention_mask.long(), position_ids=_positions(attention_mask),
-                use_cache=False, logits_to_keep=N + 1)
-    logits = out.logits[:, :-1].float()  # positions P-1 .. P+N-2 predict tokens P .. P+N-1
-    logp = logits.log_softmax(-1).gather(-1, sequences[:, -N:, None]).squeeze(-1)
+    logp = completion_log_softmax(model, sequences, attention_mask, completion_mask)
+    logp = logp.gather(-1, sequences[:, -N:, None]).squeeze(-1)
     return logp * completion_mask.to(logp.dtype)
 
 
@@ -764,12 +779,9 @@ def train_hf_sft(model: torch.nn.Module, tokenizer, cfg: HFSFTConfig, *, run_nam
         return _train_hf_sft(model, tokenizer, cfg, run_name, model_note)
 
 
-def _demo_loss(model, demo: Rollout, micro: int, *, backward: bool, autocast=None) -> float:
-    """Mean NLL per completion token over ``demo`` (gradients accumulated when ``backward``); forwards under
-    ``autocast()`` when given (``_compute``)."""
-    import contextlib
-
-    autocast = autocast or contextlib.nullcontext
+def _demo_loss(model, demo: Rollout, micro: int, autocast, *, backward: bool) -> float:
+    """Mean NLL per completion token over ``demo`` (gradients accumulated when ``backward``), forwards under
+    ``autocast()`` (the run's ``_compute``)."""
     n_tok = max(int(demo.completion_mask.sum()), 1)
     total = 0.0
     for i in range(0, demo.sequences.shape[0], micro):
@@ -793,7 +805,7 @@ def _train_hf_sft(model, tokenizer, cfg: HFSFTConfig, run_name: str, model_note:
                                                            difficulty=cfg.difficulty), cfg.system_prompt, device)
     model.eval()
     history = [{"run": run_name, "step": 0, "loss": math.nan,
-                "eval_loss": _demo_loss(model, eval_demo, cfg.micro_batch, backward=False, autocast=amp),
+                "eval_loss": _demo_loss(model, eval_demo, cfg.micro_batch, amp, backward=False),
                 "grad_norm": 0.0,
                 "bf16_sparsity_so_far": rec.after_step(0, opt.stored_state_dict()), "wall_seconds": 0.0}]
     for step in range(1, cfg.steps + 1):
@@ -802,11 +814,11 @@ def _train_hf_sft(model, tokenizer, cfg: HFSFTConfig, run_name: str, model_note:
                                cfg.system_prompt, device)
         model.train()
         opt.zero_grad()
-        loss = _demo_loss(model, demo, cfg.micro_batch, backward=True, autocast=amp)
+        loss = _demo_loss(model, demo, cfg.micro_batch, amp, backward=True)
         gnorm = opt.step()
         model.eval()
         so_far = rec.after_step(step, opt.stored_state_dict())
-        ev = (_demo_loss(model, eval_demo, cfg.micro_batch, backward=False, autocast=amp)
+        ev = (_demo_loss(model, eval_demo, cfg.micro_batch, amp, backward=False)
               if step in cfg.snapshot_steps else math.nan)
         history.append({"run": run_name, "step": step, "loss": loss, "eval_loss": ev, "grad_norm": gnorm,
                         "bf16_sparsity_so_far": so_far, "wall_seconds": time.perf_counter() - t0})

@@ -33,14 +33,15 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 
+from sims.hf_backend import completion_log_softmax
 from theory.check import Check
 from theory.errors import InputError, NonFiniteError, ShapeMismatchError
 from theory.kl_leash import prop32_from_fisher
 
-__all__ = ["update_direction", "completion_log_softmax", "prop32_along_update"]
+__all__ = ["update_direction", "prop32_along_update"]
 
 DEFAULT_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -73,21 +74,6 @@ def _named(x: torch.nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
     raise InputError(f"expected a torch module or a name -> tensor mapping, got {type(x).__name__}")
 
 
-def completion_log_softmax(
-    model: torch.nn.Module,
-    sequences: Int[Tensor, "B T"],
-    attention_mask: Bool[Tensor, "B T"],
-    completion_mask: Bool[Tensor, "B N"],
-) -> Float[Tensor, "B N V"]:
-    """log pi(. | prefix) over the whole vocabulary at each of the last N positions, in the model's dtype."""
-    from sims.hf_backend import _positions
-
-    N = completion_mask.shape[1]
-    out = model(input_ids=sequences, attention_mask=attention_mask.long(), position_ids=_positions(attention_mask),
-                use_cache=False, logits_to_keep=N + 1)
-    return out.logits[:, :-1].log_softmax(-1)
-
-
 @torch.no_grad()
 def prop32_along_update(
     base: torch.nn.Module,
@@ -118,6 +104,7 @@ def prop32_along_update(
                                  f"{tuple(sequences.shape)}")
     D = update_direction(base, tuned)
     norm = math.sqrt(sum(float((d * d).sum()) for d in D.values()))
+    changed = sum(int((d != 0).sum()) for d in D.values())
     model = copy.deepcopy(base).to(device=device, dtype=torch.float64).eval()
     params = dict(model.named_parameters())
     theta0 = {n: p.detach().clone() for n, p in params.items()}
@@ -136,18 +123,17 @@ def prop32_along_update(
     dlog = (logp_at(h) - logp_at(-h)) / (2 * h)  # (B, N, V): d/ds log pi_{theta0 + sD}(v | prefix) at s = 0
     q = float(((p0 * dlog.square()).sum(-1) * w).sum()) / n_seq
     score_mean = float(((p0 * dlog).sum(-1) * w).abs().max()) if bool(cmask.any()) else 0.0
+    mu = q / norm**2 if norm > 0 else 0.0  # Rayleigh quotient of F along D: its lambda_min on span(D)
     rows, checks = [], []
     for s in scales:
         lps = logp_at(s)
         kl = float(((lps.exp() * (lps - lp0)).sum(-1) * w).sum()) / n_seq
-        mu = q / norm**2 if norm > 0 else 0.0
         chk = prop32_from_fisher(np.array([[mu]]), np.array([s * norm]), max(kl, 0.0))
         half_q = 0.5 * s * s * q
         rows.append({"scale": s, "delta_norm": s * norm, "kl": kl, "half_quadratic": half_q,
                      "kl_over_quadratic": kl / half_q if half_q > 0 else math.nan, "rayleigh_mu": mu,
                      "lhs": chk.lhs, "rhs": chk.rhs, "holds": chk.holds, "assumptions_hold": chk.assumptions_hold,
                      "score_mean": score_mean, "sequences": n_seq, "completion_tokens": int(cmask.sum()),
-                     "changed_params": int(sum(int((d != 0).sum()) for d in D.values())), "h": h})
+                     "changed_params": changed, "h": h})
         checks.append(chk)
-    del model, params, theta0
     return pd.DataFrame(rows), checks

@@ -338,11 +338,11 @@ def test_fast_summary_means_match_the_pairs(fast_run):
 def test_a_rerun_reproduces_the_mask_bit_for_bit(fast_run):
     """Same seed, task and algorithm from the same base: the update mask is identical (J = 1), so every J < 1
     between seeds is a real difference, not run-to-run nondeterminism."""
-    from sims.claims import _start_model
+    from sims.claims import start_model
 
     c = ConsistencyConfig.fast()
     spec = RunSpec(2, "counting", "dapo")
-    again = final_masks(_train(copy.deepcopy(_start_model({"pretrain": FAST_PRETRAIN}, True)), c, spec, "cpu"))
+    again = final_masks(_train(copy.deepcopy(start_model({"pretrain": FAST_PRETRAIN}, True)), c, spec, "cpu"))
     first = final_masks(next(r for r in fast_run.results if r.name == spec.name))
     for n in first:
         assert jaccard_matrix([first[n], again[n]])[0, 1] == 1.0 and np.array_equal(first[n], again[n])

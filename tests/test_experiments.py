@@ -191,3 +191,18 @@ def test_summary_tables_read_hf_names_with_exact_sparsity():
     assert sp.loc["down", "changed"] == 0 and sp.loc["all", "total"] == 64
     assert sp.loc["all", "sparsity"] == 1 - 3 / 64 and set(sp["model"]) == {"some/hf-dir"}
     assert set(t["spectrum"]["matrix_type"]) == {"q", "down"} and set(t["angles"]["layer"]) == {0}
+
+
+def test_section_config_turns_every_list_of_a_config_file_into_a_tuple():
+    """TOML / YAML give lists; config dataclasses are frozen and hashed into cache keys, so every list becomes a
+    tuple in the one parser (no module converts its own keys)."""
+    from sims.claims import config_from_section
+    from sims.claims_peft import LoraPissaConfig, MaskedRunsConfig
+
+    c = config_from_section(MaskedRunsConfig, {"masked_runs": {"masks": ["dense", "princ"], "seeds": [3, 4]}},
+                            "masked_runs")
+    assert c.masks == ("dense", "princ") and c.seeds == (3, 4)
+    hash(c)
+    lp = config_from_section(LoraPissaConfig, {"lora_pissa": {"ranks": [2, 4], "lrs": [1e-3]}}, "lora_pissa")
+    assert lp.ranks == (2, 4) and lp.lrs == (1e-3,)
+    hash(lp)

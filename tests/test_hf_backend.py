@@ -333,10 +333,13 @@ def test_bf16_compute_rounds_the_log_probs_and_keeps_storage_and_determinism(tin
     for n, w in a.snapshots[2].items():
         assert torch.equal(w, a.master[n].to(torch.bfloat16)) and torch.equal(w, b.snapshots[2][n]), n
     assert a.history.drop(columns="wall_seconds").equals(b.history.drop(columns="wall_seconds"))
-    lm = load_causal_lm(tiny_dir)
-    sft = train_hf_sft(lm.model, lm.tokenizer, HFSFTConfig(model=str(tiny_dir), steps=2, batch_size=2, micro_batch=2,
-                                                           lr=1e-3, k=2, n_eval=2, compute_dtype="bf16"))
-    assert np.isfinite(sft.history["eval_loss"].iloc[[0, -1]]).all()
+    eval0 = {}  # the SFT loop's step-0 held-out loss: same weights and demonstrations, only the compute differs
+    for dt in ("fp32", "bf16"):
+        lm = load_causal_lm(tiny_dir)
+        sft = train_hf_sft(lm.model, lm.tokenizer, HFSFTConfig(model=str(tiny_dir), steps=1, batch_size=2,
+                                                               micro_batch=2, lr=1e-3, k=2, n_eval=2, compute_dtype=dt))
+        eval0[dt] = float(sft.history["eval_loss"].iloc[0])
+    assert 0 < abs(eval0["bf16"] - eval0["fp32"]) < 0.1
     with pytest.raises(InputError, match="compute_dtype"):
         HFRLConfig(compute_dtype="fp16")
     assert HFRLConfig.paper().compute_dtype == "bf16" and HFSFTConfig.paper().compute_dtype == "bf16"

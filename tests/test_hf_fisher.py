@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from sims.hf_fisher import completion_log_softmax, prop32_along_update, update_direction
+from sims.hf_backend import completion_log_softmax
+from sims.hf_fisher import prop32_along_update, update_direction
 from theory.errors import InputError, NonFiniteError, ShapeMismatchError
 
 
