@@ -253,7 +253,7 @@ def fig4_spectrum(spectrum: pd.DataFrame, angles: pd.DataFrame | None = None, *,
 def fig5_mask_overlap(df: pd.DataFrame) -> Figure:
     """Fig. 5: overlap |M_mask and M| / |M| per layer for each structural mask, its random baseline dashed.
 
-    With a ``binade_baseline`` column (``sims.claims_geometry``) each mask also gets a dotted line: the overlap that
+    With a ``binade_baseline`` column (``sims.claims.geometry``) each mask also gets a dotted line: the overlap that
     weight magnitude alone predicts under bf16 (entries change with their binade's measured probability). The paper
     plots only the random baseline; at our scale the measured overlap sits on the magnitude line.
     """

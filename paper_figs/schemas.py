@@ -70,7 +70,7 @@ RUN_COLUMNS = (
     _c("steps", "int", "total optimizer steps of the run", False),
 )
 
-# Tables written next to the figure tables that no figure draws (sims.compare, threegate verify): never guessed
+# Tables written next to the figure tables that no figure draws (threegate.compare, threegate verify): never guessed
 # to be a figure table from their name (``jaccard_pairs`` is per-matrix, not the pooled ``jaccard``).
 OTHER_TABLES = ("jaccard_pairs", "matrices", "by_layer", "by_type", "verify", "counterexamples")
 

@@ -1,6 +1,6 @@
 """Figures from a ``threegate sweep`` store: bounds against the regime across cells, claims across learning rates.
 
-Both functions take ``sims.sweep_store.load_store(path)`` (a dict of tables, each concatenated over the done cells
+Both functions take ``sims.sweep.store.load_store(path)`` (a dict of tables, each concatenated over the done cells
 with the grid values as columns and ``cell_id``; ``"_cells"`` is the cells table) and return a matplotlib
 ``Figure`` in the project style; neither reruns a cell.
 
@@ -273,7 +273,7 @@ def sweep_claims(tables: Mapping[str, pd.DataFrame], *, metric: str | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sims.sweep_store import load_store
+    from sims.sweep.store import load_store
 
     p = argparse.ArgumentParser(prog="python -m paper_figs.sweep_figs", description="figures from a sweep store")
     p.add_argument("store", type=Path)

@@ -42,7 +42,7 @@ RIGOROUS_IDS = ("cor3.4-weyl", "cor3.4-mirsky", "thm3.3-rigorous", "thm3.3-wedin
 @pytest.fixture
 def one_thread():
     """Tiny tensors: one thread is fastest on a shared machine, and reruns stay bit-identical."""
-    from sims.probe import deterministic
+    from sims.tinygpt.probe import deterministic
 
     with deterministic():
         yield
@@ -51,7 +51,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def fast_base_model():
     """The fast pretrained base model (cached by config hash, so trained once per machine)."""
-    from sims.pretrain import PretrainConfig, pretrain
+    from sims.tinygpt.pretrain import PretrainConfig, pretrain
 
     model, _ = pretrain(PretrainConfig.fast())
     return model

@@ -1,4 +1,4 @@
-"""Tests for sims.checkpoints: formats, lazy streaming, name helpers, and one clear error per bad input."""
+"""Tests for threegate.checkpoints: formats, lazy streaming, name helpers, and one clear error per bad input."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from sims.checkpoints import (
+from threegate.checkpoints import (
     iter_matched,
     layer_index,
     match_names,

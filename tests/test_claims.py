@@ -1,4 +1,4 @@
-"""Tests for sims.claims: verdict logic on constructed tables, and the fast configs of the claim experiments."""
+"""Tests for sims.claims.base: verdict logic on constructed tables, and the fast configs of the claim experiments."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from paper_figs.schemas import validate
-from sims.claims import (
+from sims.claims.base import (
     MIN_SPARSITY_GAP,
     VANISH_FRACTION,
     VERDICTS,
@@ -24,7 +24,7 @@ from sims.claims import (
     sparsity_rl_gt_sft,
     sparsity_vanishes_at_high_lr,
 )
-from sims.experiments import EXPERIMENTS
+from sims.experiments.registry import EXPERIMENTS
 from theory.errors import InputError
 
 FAST_PRETRAIN = {"preset": "fast", "cache_dir": ".cache/threegate"}
@@ -320,7 +320,7 @@ def test_threegate_run_writes_claim_tables_and_verdicts(tmp_path, capsys):
     """`threegate run mask_predictor` writes the claim tables and verdicts.json, not only the standard tables."""
     import json as _json
 
-    from sims.experiments import run_experiment
+    from sims.experiments.registry import run_experiment
 
     cfg = {"pretrain": FAST_PRETRAIN, "mask_predictor": {"preset": "fast", "rl_steps": 1}}
     out = run_experiment("mask_predictor", cfg, tmp_path / "mp")

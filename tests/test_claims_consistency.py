@@ -1,4 +1,4 @@
-"""Tests for sims.claims_consistency: verdict logic on constructed tables and masks, the stratified baseline and
+"""Tests for sims.claims.consistency: verdict logic on constructed tables and masks, the stratified baseline and
 stripe statistics against exact oracles, and the fast preset's tables against the paper's figure schemas."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from paper_figs.schemas import validate
-from sims.claims import VERDICTS, claim_experiments
-from sims.claims_consistency import (
+from sims.claims.base import VERDICTS, claim_experiments
+from sims.claims.consistency import (
     ABS_MARGIN,
     MIN_RUNS,
     REL_MARGIN,
@@ -338,7 +338,7 @@ def test_fast_summary_means_match_the_pairs(fast_run):
 def test_a_rerun_reproduces_the_mask_bit_for_bit(fast_run):
     """Same seed, task and algorithm from the same base: the update mask is identical (J = 1), so every J < 1
     between seeds is a real difference, not run-to-run nondeterminism."""
-    from sims.claims import start_model
+    from sims.claims.base import start_model
 
     c = ConsistencyConfig.fast()
     spec = RunSpec(2, "counting", "dapo")

@@ -1,4 +1,4 @@
-"""Tests for sims.claims_geometry: exact structured oracles for the drift and overlap measurements, the verdict
+"""Tests for sims.claims.geometry: exact structured oracles for the drift and overlap measurements, the verdict
 logic on constructed tables, and the fast (default tier) and default (slow tier) presets of ``geometry``."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from paper_figs.schemas import validate
-from sims.claims import VERDICTS, claim_experiments
-from sims.claims_geometry import (
+from sims.claims.base import VERDICTS, claim_experiments
+from sims.claims.geometry import (
     ACC_MATCH_TOL,
     MIN_DRIFT_REDUCTION,
     MIN_OVERLAP_GAP,
@@ -400,7 +400,7 @@ def test_fast_accuracy_match_is_consistent(fast_run):
 
 @pytest.mark.slow
 def test_default_preset_runs_and_its_tables_are_valid(tmp_path):
-    from sims.claims import run_claims
+    from sims.claims.base import run_claims
 
     run, out = run_claims("geometry", {"pretrain": {"cache_dir": ".cache/threegate"}}, tmp_path / "geometry")
     assert len(run.verdicts) == 5 and all(v.verdict in VERDICTS for v in run.verdicts)

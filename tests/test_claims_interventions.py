@@ -1,4 +1,4 @@
-"""Tests for sims.claims_interventions: App. D coordinates and conventions (exact), the verdict logic on constructed
+"""Tests for sims.claims.interventions: App. D coordinates and conventions (exact), the verdict logic on constructed
 tables, and the fast configurations of ``interventions`` and ``kl_beta0`` on the cached pretrained model."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from paper_figs.schemas import validate
-from sims.claims import VERDICTS, claim_experiments
-from sims.claims_interventions import (
+from sims.claims.base import VERDICTS, claim_experiments
+from sims.claims.interventions import (
     KL_BUDGET_MULTIPLE,
     MIN_KL_POINTS,
     MIN_RATIO_DROP,
@@ -34,7 +34,7 @@ from sims.claims_interventions import (
     permutation_index,
     to_original_coordinates,
 )
-from sims.model import GPTConfig, TinyGPT, permute_kv_heads, random_orthogonal
+from sims.tinygpt.model import GPTConfig, TinyGPT, permute_kv_heads, random_orthogonal
 from theory.errors import InputError, ShapeMismatchError
 
 FAST_PRETRAIN = {"preset": "fast", "cache_dir": ".cache/threegate"}
@@ -429,7 +429,7 @@ def test_config_errors_name_the_problem():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["interventions", "kl_beta0"])
 def test_default_preset_runs_and_gives_valid_tables(name, tmp_path):
-    from sims.claims import run_claims
+    from sims.claims.base import run_claims
 
     run, path = run_claims(name, {}, tmp_path / name)
     schema = {"interventions": "rotate_overlap", "kl_beta0": "kl_beta0"}[name]

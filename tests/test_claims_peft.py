@@ -1,4 +1,4 @@
-"""Tests for sims.claims_peft: verdict logic on constructed tables, the fast presets (columns, schema, properties),
+"""Tests for sims.claims.peft: verdict logic on constructed tables, the fast presets (columns, schema, properties),
 and the default presets in the slow tier (structural facts only: their numbers are measured, not asserted)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from paper_figs.schemas import validate
-from sims.claims import VERDICTS, run_claims
-from sims.claims_peft import (
+from sims.claims.base import VERDICTS, run_claims
+from sims.claims.peft import (
     COLLAPSE_MARGIN,
     MIN_COLLAPSE_GAP,
     FINAL_FRACTION,
@@ -29,7 +29,7 @@ from sims.claims_peft import (
     safe_mask_tracks_dense,
     summarize_adapter_runs,
 )
-from sims.experiments import EXPERIMENTS
+from sims.experiments.registry import EXPERIMENTS
 from theory.errors import InputError
 
 FAST_PRETRAIN = {"preset": "fast", "cache_dir": ".cache/threegate"}

@@ -1,4 +1,4 @@
-"""Tests for sims.compare: known-answer checkpoint pairs, cross-run Jaccard, the CLI's errors and partial output,
+"""Tests for threegate.compare: known-answer checkpoint pairs, cross-run Jaccard, the CLI's errors and partial output,
 and SmolLM2 (GGUF, Q4_1) against a perturbed copy of itself."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from sims.checkpoints import matrix_type, open_checkpoint, save_safetensors, smollm2_gguf_path
-from sims.compare import compare_checkpoints, compare_matrix, compare_tables, principal_mask_from_svd
+from threegate.checkpoints import matrix_type, open_checkpoint, save_safetensors, smollm2_gguf_path
+from threegate.compare import compare_checkpoints, compare_matrix, compare_tables, principal_mask_from_svd
 from theory import metrics
 from theory.errors import CheckpointError
 from theory.linalg import svd64
@@ -447,7 +447,7 @@ def test_weight_that_overflows_bf16_names_files_and_tensor(capsys, tmp_path, pai
 
 
 def test_interrupt_keeps_the_rows_computed_so_far(capsys, tmp_path, pair, monkeypatch):
-    import sims.compare as cmp
+    import threegate.compare as cmp
 
     _, base, tuned = pair
     real = cmp.compare_matrix

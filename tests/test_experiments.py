@@ -1,4 +1,4 @@
-"""Tests for sims.experiments (``threegate run``) and sims.sim_verify, on fast configs."""
+"""Tests for sims.experiments.registry (``threegate run``) and sims.experiments.sim_verify, on fast configs."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from sims.experiments import EXPERIMENTS, config_hash, load_config, run_experiment
-from sims.sim_verify import SIM_COLUMNS, default_simulation_checks
-from sims.storage import load_snapshot
+from sims.experiments.registry import EXPERIMENTS, config_hash, load_config, run_experiment
+from sims.experiments.sim_verify import SIM_COLUMNS, default_simulation_checks
+from sims.tinygpt.storage import load_snapshot
 from theory.errors import InputError
 from threegate.cli import main
 
@@ -140,7 +140,7 @@ def test_gate3_rows_on_real_snapshots(cache):
 def test_gate3_rows_catch_a_probe_that_disagrees_with_bits():
     import torch
 
-    from sims.sim_verify import gate3_probe_rows
+    from sims.experiments.sim_verify import gate3_probe_rows
 
     w = torch.tensor([[1.0, 2.0], [3.0, 0.5]], dtype=torch.bfloat16)
     nudged = w.clone()
@@ -170,8 +170,8 @@ def test_summary_tables_read_hf_names_with_exact_sparsity():
     import pandas as pd
     import torch
 
-    from sims.experiments import summary_tables
-    from sims.probe import RunResult
+    from sims.experiments.registry import summary_tables
+    from sims.tinygpt.probe import RunResult
 
     g = torch.Generator().manual_seed(0)
     base = {"model.layers.0.self_attn.q_proj.weight": torch.randn(4, 8, generator=g).to(torch.bfloat16),
@@ -196,8 +196,8 @@ def test_summary_tables_read_hf_names_with_exact_sparsity():
 def test_section_config_turns_every_list_of_a_config_file_into_a_tuple():
     """TOML / YAML give lists; config dataclasses are frozen and hashed into cache keys, so every list becomes a
     tuple in the one parser (no module converts its own keys)."""
-    from sims.claims import config_from_section
-    from sims.claims_peft import LoraPissaConfig, MaskedRunsConfig
+    from sims.claims.base import config_from_section
+    from sims.claims.peft import LoraPissaConfig, MaskedRunsConfig
 
     c = config_from_section(MaskedRunsConfig, {"masked_runs": {"masks": ["dense", "princ"], "seeds": [3, 4]}},
                             "masked_runs")

@@ -1,4 +1,4 @@
-"""Tests for sims.hf_backend: RLVR / SFT loops on a tiny random Llama built offline from a config (default tier),
+"""Tests for sims.hf.backend: RLVR / SFT loops on a tiny random Llama built offline from a config (default tier),
 and on SmolLM2-135M (GGUF, offline) in the slow tier.
 
 The tiny model (hidden 32, 2 layers, a character-level tokenizer built with ``tokenizers``) never answers a word
@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-import sims.hf_backend as hb
-from sims.hf_backend import (
+import sims.hf.backend as hb
+from sims.hf.backend import (
     HFRLConfig,
     HFSFTConfig,
     completion_logprobs,
@@ -27,7 +27,7 @@ from sims.hf_backend import (
     train_hf_rlvr,
     train_hf_sft,
 )
-from sims.storage import save_snapshot
+from sims.tinygpt.storage import save_snapshot
 from theory.errors import InputError
 
 RIGOROUS = ("cor3.4-weyl", "cor3.4-mirsky", "thm3.3-rigorous", "thm3.3-wedin", "cor3.5", "corF.13")
@@ -208,7 +208,7 @@ def test_same_seed_is_bit_identical(tiny_rl_runs):
 
 
 def test_snapshots_load_back_with_hf_names_and_go_through_compare(tiny_rl_runs, tiny_dir, tmp_path, capsys):
-    from sims.compare import compare_checkpoints
+    from threegate.compare import compare_checkpoints
     from threegate.cli import main
 
     res = tiny_rl_runs[0]
@@ -391,7 +391,7 @@ def test_cuda_run_keeps_bf16_storage(tiny_dir, even_length_reward):
 
 @pytest.mark.slow
 def test_smollm2_cpu_smoke_rlvr_run_goes_through_threegate_compare(tmp_path, capsys):
-    from sims.checkpoints import smollm2_gguf_path
+    from threegate.checkpoints import smollm2_gguf_path
     from theory.errors import CheckpointError
     from threegate.cli import main
 
@@ -425,7 +425,7 @@ def test_smollm2_cpu_smoke_rlvr_run_goes_through_threegate_compare(tmp_path, cap
 @pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("examples/hf/*.toml")),
                          ids=lambda p: p.name)
 def test_example_configs_build_valid_run_configs(path):
-    from sims.experiments import load_config
+    from sims.experiments.registry import load_config
 
     cfg = load_config(path)
     section = "hf_rlvr" if "hf_rlvr" in cfg else "hf_sft"

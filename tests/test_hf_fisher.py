@@ -1,4 +1,4 @@
-"""Tests for sims.hf_fisher: Prop. 3.2 along the realized update of a HF causal LM.
+"""Tests for sims.hf.fisher: Prop. 3.2 along the realized update of a HF causal LM.
 
 Default tier: a tiny random Llama (float64 copy inside), where the directional Fisher q = D^T F D is checked
 against forward-mode AD (eager attention: the SDPA kernel has no forward derivative), K(s) / (s^2 q / 2) -> 1 as
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from sims.hf_backend import completion_log_softmax
-from sims.hf_fisher import prop32_along_update, update_direction
+from sims.hf.backend import completion_log_softmax
+from sims.hf.fisher import prop32_along_update, update_direction
 from theory.errors import InputError, NonFiniteError, ShapeMismatchError
 
 
@@ -39,7 +39,7 @@ def _forward_mode_q(base, tuned, seq, attn, cmask) -> float:
     """q = E sum_t sum_v pi_0(v) (J_v D)^2 with J D from torch.func.jvp (exact up to float64 rounding)."""
     from torch.func import functional_call, jvp
 
-    from sims.hf_backend import _positions
+    from sims.hf.backend import _positions
 
     m = copy.deepcopy(base).double()
     m.config._attn_implementation = "eager"
@@ -129,10 +129,10 @@ def test_completion_log_softmax_is_normalised_at_each_completion_position(tiny):
 def test_smollm2_two_sft_steps_are_in_the_quadratic_kl_regime():
     """SmolLM2-135M, two real SFT steps (bf16 storage): along the stored update the Fisher quadratic predicts the
     KL to within a few percent at scale 1, and the error shrinks with the scale (Prop. 3.2's (1 + o(1)))."""
-    from sims.checkpoints import smollm2_gguf_path
-    from sims.hf_backend import HFSFTConfig, load_causal_lm, sample_completions, train_hf_sft, _eos_id, _pad_id
-    from sims.hf_backend import _prompt_ids, SHORT_SYSTEM_PROMPT
-    from sims.word_problems import sample_problems
+    from threegate.checkpoints import smollm2_gguf_path
+    from sims.hf.backend import HFSFTConfig, load_causal_lm, sample_completions, train_hf_sft, _eos_id, _pad_id
+    from sims.hf.backend import _prompt_ids, SHORT_SYSTEM_PROMPT
+    from sims.hf.word_problems import sample_problems
     from theory.errors import CheckpointError
 
     try:

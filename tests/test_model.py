@@ -1,4 +1,4 @@
-"""Tests for sims.model: shapes, causality, GQA = MHA with repeated kv, App. D interventions, seeded sampling."""
+"""Tests for sims.tinygpt.model: shapes, causality, GQA = MHA with repeated kv, App. D interventions, seeded sampling."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sims.model import (
+from sims.tinygpt.model import (
     MATRIX_TYPES,
     GPTConfig,
     TinyGPT,

@@ -1,4 +1,4 @@
-"""Tests for sims.peft: structural masks, masked RL (bit-exact freezing), LoRA / PiSSA adapters and merging."""
+"""Tests for sims.tinygpt.peft: structural masks, masked RL (bit-exact freezing), LoRA / PiSSA adapters and merging."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sims.peft import (
+from sims.tinygpt.peft import (
     AdaptedLinear,
     add_adapters,
     adapter_parameter_count,
@@ -23,8 +23,8 @@ from sims.peft import (
     structural_masks,
     train_rlvr_masked,
 )
-from sims.probe import ProbeConfig
-from sims.rlvr import RLConfig, train_rlvr
+from sims.tinygpt.probe import ProbeConfig
+from sims.tinygpt.rlvr import RLConfig, train_rlvr
 from theory.errors import InputError, ShapeMismatchError
 from theory.metrics import low_magnitude_mask, principal_mask, selection_count
 

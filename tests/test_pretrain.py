@@ -1,4 +1,4 @@
-"""Tests for sims.pretrain: spectral-decay fits on exact spectra, pretraining on the fast config, the config-hash
+"""Tests for sims.tinygpt.pretrain: spectral-decay fits on exact spectra, pretraining on the fast config, the config-hash
 cache (bit-identical reload, no retraining, corrupt files rejected), bit-identical reruns. The default config's
 reported numbers are checked in the slow tier."""
 
@@ -17,9 +17,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from threadpoolctl import threadpool_limits
 
-import sims.pretrain as pretrain_mod
-from sims.model import GPTConfig, matrix_params
-from sims.pretrain import (
+import sims.tinygpt.pretrain as pretrain_mod
+from sims.tinygpt.model import GPTConfig, matrix_params
+from sims.tinygpt.pretrain import (
     PretrainConfig,
     _lr_at,
     config_hash,
@@ -29,7 +29,7 @@ from sims.pretrain import (
     spectral_summary,
     stable_rank,
 )
-from sims.tasks import Tokenizer
+from sims.tinygpt.tasks import Tokenizer
 from theory.errors import CheckpointError, InputError, NonFiniteError
 
 EPS = np.finfo(np.float64).eps
@@ -126,7 +126,7 @@ def test_config_validation():
 
 
 def test_config_hash_changes_with_the_code_that_trains_the_model(monkeypatch):
-    import sims.pretrain as sp
+    import sims.tinygpt.pretrain as sp
 
     cfg = PretrainConfig.fast()
     before = config_hash(cfg)
@@ -138,7 +138,7 @@ def test_code_digest_covers_the_bytes_of_the_training_modules(tmp_path, monkeypa
     import hashlib
     import shutil
 
-    import sims.pretrain as sp
+    import sims.tinygpt.pretrain as sp
 
     src = Path(sp.__file__).parent
     h = hashlib.sha256()
@@ -214,7 +214,7 @@ def test_info_has_the_reported_fields(cached_run):
 
 
 def test_init_spectra_in_info_match_a_fresh_model(cached_run):
-    from sims.model import TinyGPT
+    from sims.tinygpt.model import TinyGPT
 
     _, _, info = cached_run
     fresh = TinyGPT(PretrainConfig.fast().model)

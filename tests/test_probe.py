@@ -1,4 +1,4 @@
-"""Tests for sims.probe: exact token KL, update-history bases, the restricted Fisher against a brute-force Jacobian,
+"""Tests for sims.tinygpt.probe: exact token KL, update-history bases, the restricted Fisher against a brute-force Jacobian,
 the second-order link K ~ 1/2 d^T F d, and the RunResult files."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from sims.model import GPTConfig, TinyGPT
-from sims.probe import (
+from sims.tinygpt.model import GPTConfig, TinyGPT
+from sims.tinygpt.probe import (
     CHECK_COLUMNS,
     deterministic,
     ProbeConfig,
@@ -22,8 +22,8 @@ from sims.probe import (
     restricted_fisher,
     token_kl,
 )
-from sims.storage import load_snapshot
-from sims.tasks import Tokenizer
+from sims.tinygpt.storage import load_snapshot
+from sims.tinygpt.tasks import Tokenizer
 from theory.errors import InputError
 
 EPS64 = torch.finfo(torch.float64).eps

@@ -226,7 +226,7 @@ def test_csv_parquet_twins_are_drawn_once_and_side_tables_are_not_guessed(tmp_pa
     kl.to_parquet(d / "kl_beta0.parquet", index=False)
     (d / "sub").mkdir()
     kl.to_csv(d / "sub" / "kl_beta0.csv", index=False)  # same stem elsewhere: its own figure, not an overwrite
-    # sims.compare writes per-matrix pairs next to the pooled table; only the pooled one is Fig. 12
+    # threegate.compare writes per-matrix pairs next to the pooled table; only the pooled one is Fig. 12
     pd.DataFrame({"run_a": ["a"], "run_b": ["b"], "jaccard": [0.5], "layer": [0]}).to_csv(d / "jaccard_pairs.csv",
                                                                                         index=False)
     rep = report.render_all(d, d / "report")

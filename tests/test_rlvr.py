@@ -1,4 +1,4 @@
-"""Tests for sims.rlvr: advantages and the clipped surrogate by hand, RL raising reward on a real task, bit-identical
+"""Tests for sims.tinygpt.rlvr: advantages and the clipped surrogate by hand, RL raising reward on a real task, bit-identical
 reruns, honest Lemma F.9 band reporting on a clip-only run, rigorous bounds never exceeded on real steps."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from sims.model import generate, sequence_logprobs
-from sims.pretrain import PretrainConfig, pretrain
-from sims.probe import ProbeConfig, deterministic
-from sims.rlvr import RLConfig, _kl_to_ref, group_advantages, policy_loss, train_rlvr
-from sims.tasks import Tokenizer, task_by_name
+from sims.tinygpt.model import generate, sequence_logprobs
+from sims.tinygpt.pretrain import PretrainConfig, pretrain
+from sims.tinygpt.probe import ProbeConfig, deterministic
+from sims.tinygpt.rlvr import RLConfig, _kl_to_ref, group_advantages, policy_loss, train_rlvr
+from sims.tinygpt.tasks import Tokenizer, task_by_name
 from theory.errors import InputError
 
 from tests.conftest import RIGOROUS_IDS
@@ -218,7 +218,7 @@ def test_reinforce_kl_has_no_clipping_and_a_growing_reference_kl(fast_base_model
 
 
 def test_k3_kl_is_the_exact_per_token_estimator_and_zero_off_the_mask():
-    from sims.rlvr import k3_kl
+    from sims.tinygpt.rlvr import k3_kl
 
     ref = torch.log(torch.tensor([[0.5, 0.5, 0.2]], dtype=torch.float64))
     cur = torch.log(torch.tensor([[0.25, 0.5, 0.4]], dtype=torch.float64))

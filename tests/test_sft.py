@@ -1,4 +1,4 @@
-"""Tests for sims.sft: the loss is the completion-token cross-entropy, SFT lowers it, precision modes, reruns."""
+"""Tests for sims.tinygpt.sft: the loss is the completion-token cross-entropy, SFT lowers it, precision modes, reruns."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sims.pretrain import PretrainConfig, pretrain
-from sims.probe import ProbeConfig
-from sims.sft import SFTConfig, demonstration_loss, train_sft
-from sims.tasks import Tokenizer, encode_demonstrations, task_by_name
+from sims.tinygpt.pretrain import PretrainConfig, pretrain
+from sims.tinygpt.probe import ProbeConfig
+from sims.tinygpt.sft import SFTConfig, demonstration_loss, train_sft
+from sims.tinygpt.tasks import Tokenizer, encode_demonstrations, task_by_name
 from theory.errors import InputError
 
 from tests.conftest import RIGOROUS_IDS

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, example, find, given, settings
 from hypothesis import strategies as st
 
 import theory
-from sims.synthetic import PERTURBATION_FAMILIES, SPECTRUM_FAMILIES, synthetic_pair
+from theory.synthetic import PERTURBATION_FAMILIES, SPECTRUM_FAMILIES, synthetic_pair
 from theory import spectral
 from theory.spectral import (
     GATE2_IDS,

@@ -1,4 +1,4 @@
-"""Tests for sims.storage: the bf16 stored copy is exactly RNE(fp32 master), bit for bit; snapshots are safe."""
+"""Tests for sims.tinygpt.storage: the bf16 stored copy is exactly RNE(fp32 master), bit for bit; snapshots are safe."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sims.probe import deterministic
-from sims.storage import MixedPrecisionAdamW, load_snapshot, round_to_bf16, save_snapshot
+from sims.tinygpt.probe import deterministic
+from sims.tinygpt.storage import MixedPrecisionAdamW, load_snapshot, round_to_bf16, save_snapshot
 from theory.errors import CheckpointError, InputError, NonFiniteError
 
 

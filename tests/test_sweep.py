@@ -1,4 +1,4 @@
-"""Tests for sims.sweep and sims.sweep_store (``threegate sweep``): spec parsing, resume, atomicity, failures,
+"""Tests for sims.sweep.runner and sims.sweep.store (``threegate sweep``): spec parsing, resume, atomicity, failures,
 kill-and-restart with a real subprocess, the local pool and a Dask LocalCluster giving the same store.
 
 Cells are of the cheap ``"theory"`` kind (Gate II checks on small synthetic pairs, milliseconds each) or small
@@ -23,9 +23,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sims.experiments import config_hash
-from sims.sweep import Progress, SweepSpec, load_spec, parse_spec, run_cell_tables, run_sweep, theory_cell
-from sims.sweep_store import CellOutcome, SweepStore, encode_table, load_store, store_cells, store_tables_by_cell
+from sims.experiments.registry import config_hash
+from sims.sweep.runner import Progress, SweepSpec, load_spec, parse_spec, run_cell_tables, run_sweep, theory_cell
+from sims.sweep.store import CellOutcome, SweepStore, encode_table, load_store, store_cells, store_tables_by_cell
 from theory.errors import InputError
 from threegate.cli import main
 
@@ -138,7 +138,7 @@ def test_grid_expansion_covers_the_product_exactly_once(grid):
 @example([0.1, -0.0, 5e-324, float("nan"), float("inf"), -float("inf"), 1.7976931348623157e308])
 @example([0.0, np.uint64(0x7FF8000000000001).view(np.float64)])  # a NaN with a payload
 def test_tables_round_trip_bit_exactly_in_both_formats(values):
-    from sims.sweep_store import decode_table
+    from sims.sweep.store import decode_table
 
     df = pd.DataFrame({"v": values, "s": [str(i) for i in range(len(values))]})
     mixed = df.assign(o=pd.Series(([1, "a"] * len(values))[:len(values)], dtype=object))
@@ -295,7 +295,7 @@ def test_store_json_fallback_and_bad_files(tmp_path):
     mixed = pd.DataFrame({"m": [1, "a", 2.5]})  # pyarrow cannot encode a mixed int/str/float object column
     fmt, payload = encode_table(mixed)
     assert fmt == "json"
-    from sims.sweep_store import decode_table
+    from sims.sweep.store import decode_table
 
     assert decode_table(fmt, payload)["m"].tolist() == [1, "a", 2.5]
     with pytest.raises(InputError, match="does not exist"):
@@ -378,14 +378,14 @@ def test_cli_exit_status_and_list(tmp_path, capsys):
 
 
 def test_missing_hf_backend_fails_the_cell_not_the_sweep(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "sims.hf_backend", None)  # as if the module were not installed
+    monkeypatch.setitem(sys.modules, "sims.hf.backend", None)  # as if the module were not installed
     spec = parse_spec({"sweep": {"experiment": "hf_rlvr", "store": str(tmp_path / "s.sqlite"), "workers": 0},
                        "grid": {"seed": [0]},
                        "cells": [{"experiment": "theory", "seed": 1}]})
     s = run_sweep(spec, progress=False)
     assert (s.done, s.failed) == (1, 1)
     cells = store_cells(spec.store).set_index("experiment")
-    assert cells.loc["hf_rlvr", "error"].startswith("ModuleNotFoundError") and "sims.hf_backend" in cells.loc[
+    assert cells.loc["hf_rlvr", "error"].startswith("ModuleNotFoundError") and "sims.hf.backend" in cells.loc[
         "hf_rlvr", "error"]
     assert cells.loc["theory", "status"] == "done"
 
@@ -395,7 +395,7 @@ def test_hf_kinds_call_run_cell_with_a_flat_config(monkeypatch):
 
     seen = []
     fake = types.SimpleNamespace(run_cell=lambda cfg: seen.append(cfg) or {"history": pd.DataFrame({"step": [0]})})
-    monkeypatch.setitem(sys.modules, "sims.hf_backend", fake)
+    monkeypatch.setitem(sys.modules, "sims.hf.backend", fake)
     assert run_cell_tables("hf_sft", {"lr": 1e-5, "seed": 2})["history"]["step"].tolist() == [0]
     run_cell_tables("hf_rlvr", {"algorithm": "dapo", "eps": 0.2})
     assert seen == [{"lr": 1e-5, "seed": 2, "algorithm": "sft"}, {"algorithm": "dapo", "eps": 0.2}]
@@ -416,7 +416,7 @@ def test_cuda_cells_are_refused_without_cuda(tmp_path):
 
 
 def test_progress_eta_is_mean_cell_time_times_remaining_over_workers(capsys):
-    from sims.sweep import Cell
+    from sims.sweep.runner import Cell
 
     p = Progress("p", total=10, workers=2, stream=sys.stderr)
     cell = Cell("theory", {}, {"k": 1})

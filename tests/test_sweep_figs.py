@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from paper_figs.sweep_figs import bounds_by_cell, claims_by_lr, grid_keys, main, sweep_bounds, sweep_claims
-from sims.sweep import parse_spec, run_sweep
-from sims.sweep_store import load_store
+from sims.sweep.runner import parse_spec, run_sweep
+from sims.sweep.store import load_store
 from theory.errors import InputError
 
 RATIOS = [0.05, 0.3, 0.7, 2.0]

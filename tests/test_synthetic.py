@@ -1,4 +1,4 @@
-"""Tests of sims.synthetic: prescribed spectra are what they say, perturbation families have their structure,
+"""Tests of theory.synthetic: prescribed spectra are what they say, perturbation families have their structure,
 the sweep is reproducible and keeps every row."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sims.synthetic import (
+from theory.synthetic import (
     PERTURBATION_FAMILIES,
     SPECTRUM_FAMILIES,
     haar_orthonormal,

@@ -1,4 +1,4 @@
-"""Tests for sims.tasks: tokenizer round trips, exact checkers against Python's own arithmetic, the noisy corpus."""
+"""Tests for sims.tinygpt.tasks: tokenizer round trips, exact checkers against Python's own arithmetic, the noisy corpus."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sims.tasks import (
+from sims.tinygpt.tasks import (
     AdditionTask,
     CountTask,
     Example,

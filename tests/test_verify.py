@@ -117,7 +117,7 @@ def test_assumption_names_drop_counts_in_parentheses():
 
 
 def _claim_run(verdict: str):
-    from sims.claims import ClaimRun, Verdict
+    from sims.claims.base import ClaimRun, Verdict
 
     v = Verdict("toy_claim", verdict, "measured on a toy table", {"seeds": ["0", "1"], "effects": [0.3, 0.4]})
     table = pd.DataFrame({"seed": [0, 1], "effect": [0.3, 0.4]})
@@ -125,7 +125,7 @@ def _claim_run(verdict: str):
 
 
 def test_claim_verdicts_are_rows_and_a_broken_experiment_is_an_error_row(tmp_path, monkeypatch):
-    import sims.claims
+    import sims.claims.base
 
     seen = {}
 
@@ -136,7 +136,7 @@ def test_claim_verdicts_are_rows_and_a_broken_experiment_is_an_error_row(tmp_pat
     def broken(cfg):
         raise RuntimeError("diverged at step 3")
 
-    monkeypatch.setattr(sims.claims, "claim_experiments", lambda: {"toy": ok, "zz_broken": broken})
+    monkeypatch.setattr(sims.claims.base, "claim_experiments", lambda: {"toy": ok, "zz_broken": broken})
     rows = verify.run_claim_experiments(7, "fast", tmp_path)
     assert seen["cfg"] == {"toy": {"preset": "fast"}, "seed": 7}  # the preset reaches the experiment's section
     by_id = {r.result_id: r for r in rows}
@@ -149,12 +149,12 @@ def test_claim_verdicts_are_rows_and_a_broken_experiment_is_an_error_row(tmp_pat
 
 
 def test_verify_exits_nonzero_when_a_claim_experiment_fails(tmp_path, monkeypatch):
-    import sims.claims
+    import sims.claims.base
 
     def broken(cfg):
         raise ValueError("bad config")
 
-    monkeypatch.setattr(sims.claims, "claim_experiments", lambda: {"broken": broken, "toy": lambda c: _claim_run("inconclusive")})
+    monkeypatch.setattr(sims.claims.base, "claim_experiments", lambda: {"broken": broken, "toy": lambda c: _claim_run("inconclusive")})
     ids = sorted(rid for rid, r in theory.RESULTS.items() if r.campaign is not None and r.gate == "III")[:1]
     args = verify.argparse.Namespace(seed=0, json_path=None, out=str(tmp_path / "v"), only=ids, no_sims=True,
                                      sim_budget="fast", no_report=True, claims="fast")
@@ -164,7 +164,7 @@ def test_verify_exits_nonzero_when_a_claim_experiment_fails(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("claim, expected", [
-    ("sparsity_rl_gt_sft", "sparsity_rl_gt_sft"),  # already an id (sims.claims)
+    ("sparsity_rl_gt_sft", "sparsity_rl_gt_sft"),  # already an id (sims.claims.base)
     ("Fig. 9 (safe_mask_tracks_dense): RL on the safe mask (M_princ^c or M_low) tracks", "safe_mask_tracks_dense"),
     ("Table 2 (jaccard_above_bernoulli_seed): ... (seed group, matrix type all)", "jaccard_above_bernoulli_seed"),
     ("Fig. 10: PiSSA (principal-initialised adapters) gives no gain", "toy#3"),  # names no id: positional
@@ -180,7 +180,7 @@ def _helper_claim_sentences() -> list[str]:
     import importlib
     import inspect
 
-    from sims.claims import CLAIM_MODULES
+    from sims.claims.base import CLAIM_MODULES
 
     out = []
     for mod in CLAIM_MODULES:
@@ -196,7 +196,7 @@ def _helper_claim_sentences() -> list[str]:
 
 
 def test_every_helper_claim_has_its_own_stable_id():
-    import sims.claims_consistency as cc
+    import sims.claims.consistency as cc
 
     sentences = _helper_claim_sentences()
     empty = pd.DataFrame(columns=["run_a", "run_b", "group", "matrix_type", "jaccard", "density_a", "density_b",

@@ -1,4 +1,4 @@
-"""Tests for sims.word_problems: seeded generation, exact answers, the prompt formatter and the answer checker."""
+"""Tests for sims.hf.word_problems: seeded generation, exact answers, the prompt formatter and the answer checker."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sims.word_problems import (
+from sims.hf.word_problems import (
     DIFFICULTIES,
     INSTRUCTION,
     TEMPLATES,

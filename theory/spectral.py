@@ -537,7 +537,7 @@ def _campaign_checks(seed: int) -> tuple[dict[str, Check], ...]:
 
 
 def _campaign_instances(seed: int) -> tuple[dict[str, Check], ...]:
-    from sims.synthetic import PERTURBATION_FAMILIES, SPECTRUM_FAMILIES, synthetic_pair
+    from theory.synthetic import PERTURBATION_FAMILIES, SPECTRUM_FAMILIES, synthetic_pair
 
     out = [gate2_all(*counterexample_as_stated())]
     ss = np.random.SeedSequence(seed)

@@ -14,11 +14,11 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("threegate.verify", "evaluate every result of the paper on seeded instances and print a verdict table"),
     "prove": ("proofs_check.run_all", "run the symbolic (sympy) and exhaustive bf16 proof checks"),
-    "run": ("sims.experiments", "run a named experiment and write its results table"),
-    "compare": ("sims.compare", "compare a base checkpoint with one or more tuned checkpoints"),
+    "run": ("sims.experiments.registry", "run a named experiment and write its results table"),
+    "compare": ("threegate.compare", "compare a base checkpoint with one or more tuned checkpoints"),
     "bench": ("threegate.bench", "benchmark the fast spectral path and bf16 sparsity throughput"),
     "figs": ("paper_figs.report", "render figures and the HTML report from a results directory"),
-    "sweep": ("sims.sweep", "run a resumable sweep defined in a TOML/YAML file"),
+    "sweep": ("sims.sweep.runner", "run a resumable sweep defined in a TOML/YAML file"),
     "explain": ("threegate.explain", "explain one result id: statement, code, tests, a live example"),
 }
 

@@ -10,7 +10,7 @@ how many met the assumptions, the worst ratio lhs/rhs among those, and the verdi
                  is saved to ``counterexamples.json``.
 
 Then the simulation checks (the same results on real RLVR/SFT training steps of the small transformer) are
-appended, then one row per **claim** of the paper's experiments at small scale (``sims.claims``: every claim
+appended, then one row per **claim** of the paper's experiments at small scale (``sims.claims.base``: every claim
 experiment run at its ``fast`` preset by default, ``--claims default`` for the full runs, ``--claims none`` to skip;
 source ``claim:<experiment>``, verdict ``reproduced`` / ``not reproduced`` / ``inconclusive``, the reason in the
 notes; the experiment's tables go to ``<out>/claims/<experiment>/``), and the HTML report is written.
@@ -130,9 +130,9 @@ def run_campaigns(seed: int = 0, ids: list[str] | None = None, progress: bool = 
 
 
 def run_simulation_checks(seed: int, budget: str) -> tuple[list[Row], list[dict]]:
-    """Bound checks on real RLVR / SFT steps of the small transformer (``sims.sim_verify``)."""
+    """Bound checks on real RLVR / SFT steps of the small transformer (``sims.experiments.sim_verify``)."""
     try:
-        sim_verify = importlib.import_module("sims.sim_verify")
+        sim_verify = importlib.import_module("sims.experiments.sim_verify")
     except ModuleNotFoundError as e:
         if e.name and "sims" in e.name:
             return [], []
@@ -170,7 +170,7 @@ def run_simulation_checks(seed: int, budget: str) -> tuple[list[Row], list[dict]
 
 
 def claim_id(claim: str, experiment: str, index: int) -> str:
-    """The short, stable id of a claim verdict: the claim itself when it is already an id (``sims.claims``), else the
+    """The short, stable id of a claim verdict: the claim itself when it is already an id (``sims.claims.base``), else the
     first ``(snake_case_id)`` in its sentence ("Fig. 9 (safe_mask_tracks_dense): ..."), else ``experiment#index``
     (1-based; a fallback for a plug-in module that names none: it moves if the module reorders its verdicts)."""
     if re.fullmatch(r"[\w.:-]+", claim):
@@ -180,12 +180,12 @@ def claim_id(claim: str, experiment: str, index: int) -> str:
 
 
 def run_claim_experiments(seed: int, budget: str, out: Path) -> list[Row]:
-    """One Row per claim verdict of every claim experiment (``sims.claims.claim_experiments``) at ``budget``.
+    """One Row per claim verdict of every claim experiment (``sims.claims.base.claim_experiments``) at ``budget``.
 
     An experiment that raises gets a row with verdict ``error`` naming the exception; the others still run, and
     every finished experiment's tables are written before the next starts."""
     try:
-        claims = importlib.import_module("sims.claims")
+        claims = importlib.import_module("sims.claims.base")
     except ModuleNotFoundError as e:
         if e.name and "sims" in e.name:
             return []

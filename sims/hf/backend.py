@@ -1,11 +1,11 @@
 """RLVR and SFT on a real Hugging Face causal LM (offline): the simulation loops, on SmolLM2 or any local HF model.
 
-The same algorithms as ``sims.rlvr`` / ``sims.sft`` (group advantages and the clipped token-level surrogate are
-``sims.rlvr.group_advantages`` and ``sims.rlvr.policy_loss``, reused as they are), on a
-``transformers.AutoModelForCausalLM`` with the verifiable task of ``sims.word_problems`` (arithmetic word
+The same algorithms as ``sims.tinygpt.rlvr`` / ``sims.tinygpt.sft`` (group advantages and the clipped token-level surrogate are
+``sims.tinygpt.rlvr.group_advantages`` and ``sims.tinygpt.rlvr.policy_loss``, reused as they are), on a
+``transformers.AutoModelForCausalLM`` with the verifiable task of ``sims.hf.word_problems`` (arithmetic word
 problems, exact integer checker, reward +1 / -1).
 
-Precision (``sims.storage.MixedPrecisionAdamW``): in ``precision="bf16"`` AdamW updates fp32 **master** weights
+Precision (``sims.tinygpt.storage.MixedPrecisionAdamW``): in ``precision="bf16"`` AdamW updates fp32 **master** weights
 and the model computes with the **stored** copy bf16(master) (held as float32 values that are exactly bf16);
 rollouts, log-probs and gradients all use the stored weights. ``compute_dtype="fp32"`` (default) runs the forward
 passes in float32, so only the *storage* is bf16 (what Gate III is about); ``"bf16"`` runs them under
@@ -31,9 +31,9 @@ Recorded:
   ``checks``: the Gate II results (``theory.spectral.gate2_all``: Thm 3.3 in its three forms, Cor F.13, Cor 3.4
   Weyl / Mirsky, Cor 3.5) on the probed matrices against the base, and Lemma F.9 on the step's token ratios
   (clipped algorithms); a ``sparsity`` table per matrix type (``all`` pools every 2-D block matrix).
-  The Fisher-based checks of ``sims.probe`` (Prop 3.2 on a subspace, Eq 7) are not run here: their restricted
+  The Fisher-based checks of ``sims.tinygpt.probe`` (Prop 3.2 on a subspace, Eq 7) are not run here: their restricted
   Fisher costs one JVP per basis direction through the whole model. Prop 3.2 along the realized update
-  (U = span(D): one directional derivative) is ``sims.hf_fisher.prop32_along_update``.
+  (U = span(D): one directional derivative) is ``sims.hf.fisher.prop32_along_update``.
 
 ``cpu_smoke()`` is a short run for SmolLM2-135M on a CPU; ``paper()`` is the App. C recipe (DAPO, no KL, lr 1e-6,
 batch 256 prompts x 16 rollouts, 4 mini-batches, 320 steps) for a GPU. SmolLM2 here is the GGUF of the
@@ -60,11 +60,11 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from sims.checkpoints import layer_index, matrix_type, smollm2_gguf_path
-from sims.probe import RunResult, deterministic, seed_everything
-from sims.rlvr import ALGORITHMS, group_advantages, k3_kl, policy_loss
-from sims.storage import MixedPrecisionAdamW, check_precision
-from sims.word_problems import WordProblem, format_prompt, reward, sample_problems
+from threegate.checkpoints import layer_index, matrix_type, smollm2_gguf_path
+from sims.tinygpt.probe import RunResult, deterministic, seed_everything
+from sims.tinygpt.rlvr import ALGORITHMS, group_advantages, k3_kl, policy_loss
+from sims.tinygpt.storage import MixedPrecisionAdamW, check_precision
+from sims.hf.word_problems import WordProblem, format_prompt, reward, sample_problems
 from theory.errors import CheckpointError, InputError
 
 __all__ = [
@@ -162,7 +162,7 @@ def load_causal_lm(
 
 
 def _gguf_note(path: Path) -> str:
-    from sims.checkpoints import _gguf_quant_types
+    from threegate.checkpoints import _gguf_quant_types
 
     kinds = _gguf_quant_types(str(path))
     quant = sorted(k for k in kinds if k not in ("F32", "F16", "BF16", "F64"))
@@ -342,7 +342,7 @@ class HFSFTConfig:
 
 @dataclass
 class HFRunResult(RunResult):
-    """``sims.probe.RunResult`` plus the run's own tables (``sparsity`` per matrix type and snapshot step)."""
+    """``sims.tinygpt.probe.RunResult`` plus the run's own tables (``sparsity`` per matrix type and snapshot step)."""
 
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
@@ -624,7 +624,7 @@ class _Recorder:
                             "fisher_estimator": None, **chk.as_row()})
 
     def frames(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-        from sims.probe import CHECK_COLUMNS
+        from sims.tinygpt.probe import CHECK_COLUMNS
 
         checks = pd.DataFrame(self.checks)
         if checks.empty:
@@ -831,7 +831,7 @@ def _train_hf_sft(model, tokenizer, cfg: HFSFTConfig, run_name: str, model_note:
 
 def _build_config(cls, section: Mapping[str, Any], *, where: str):
     """``preset`` = ``cpu_smoke`` (default) | ``paper`` | ``default`` (the dataclass defaults)."""
-    from sims.experiments import section_config
+    from sims.experiments.registry import section_config
 
     return section_config(cls, section, where=where, presets=("cpu_smoke", "paper", "default"), default="cpu_smoke")
 
@@ -878,7 +878,7 @@ def _experiment_config(cfg: Mapping[str, Any], section: str, cls):
 
 
 def _register() -> None:
-    from sims.experiments import experiment
+    from sims.experiments.registry import experiment
 
     @experiment("hf_rlvr")
     def exp_hf_rlvr(cfg: dict) -> list[RunResult]:

@@ -2,9 +2,9 @@
 
 Each step draws ``batch_size`` fresh examples of the task (seeded numpy rng), encodes ``BOS prompt answer EOS`` and
 minimises the mean negative log-likelihood of the completion tokens (answer + EOS; prompt tokens carry no loss),
-with the same optimizer and precision modes as RLVR (``sims.storage.MixedPrecisionAdamW``). The demonstration loss
+with the same optimizer and precision modes as RLVR (``sims.tinygpt.storage.MixedPrecisionAdamW``). The demonstration loss
 on a fixed held-out set is recorded at step 0 and after every step (``history['eval_loss']``). Probes as in RLVR
-(``sims.probe``); there is no clip band, so Lemma F.9 is not evaluated on SFT steps.
+(``sims.tinygpt.probe``); there is no clip band, so Lemma F.9 is not evaluated on SFT steps.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sims.model import TinyGPT, sequence_logprobs
-from sims.probe import ProbeConfig, Prober, RunResult, deterministic, start_run
-from sims.storage import check_precision
-from sims.tasks import encode_demonstrations
+from sims.tinygpt.model import TinyGPT, sequence_logprobs
+from sims.tinygpt.probe import ProbeConfig, Prober, RunResult, deterministic, start_run
+from sims.tinygpt.storage import check_precision
+from sims.tinygpt.tasks import encode_demonstrations
 from theory.errors import InputError
 
 __all__ = ["SFTConfig", "train_sft", "demonstration_loss"]
@@ -63,7 +63,7 @@ def demonstration_loss(model: TinyGPT, ids: torch.Tensor, attn: torch.Tensor, cm
 
 
 def train_sft(model: TinyGPT, cfg: SFTConfig, *, run_name: str = "sft") -> RunResult:
-    """Train ``model`` in place by SFT; deterministic (see ``sims.probe.deterministic``)."""
+    """Train ``model`` in place by SFT; deterministic (see ``sims.tinygpt.probe.deterministic``)."""
     with deterministic():
         return _train_sft(model, cfg, run_name)
 

@@ -3,7 +3,7 @@
 ``default_simulation_checks(seed, budget)`` pretrains (or loads from ``.cache/threegate``) the base model, runs a
 clip-only DAPO run and an SFT run on the same task from it with probes, and returns every check row: Gate II on each
 block matrix against the base and the previous step, Lemma F.9 on the RL steps' token ratios, Prop 3.2 and Eq 7
-with the restricted next-token Fisher (column ``fisher_estimator``; see ``sims.probe``), and Prop E.3 (the
+with the restricted next-token Fisher (column ``fisher_estimator``; see ``sims.tinygpt.probe``), and Prop E.3 (the
 eta = 1e-3 probe against bit equality) on the stored bf16 snapshots.
 
 Budgets: ``"fast"`` uses ``PretrainConfig.fast()`` and 3 steps per run (seconds; for tests);
@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sims.model import matrix_params
-from sims.probe import ProbeConfig
-from sims.storage import round_to_bf16
+from sims.tinygpt.model import matrix_params
+from sims.tinygpt.probe import ProbeConfig
+from sims.tinygpt.storage import round_to_bf16
 from theory.errors import InputError
 from theory.precision import probe_unchanged
 
@@ -71,9 +71,9 @@ def gate3_probe_rows(base_stored: dict[str, torch.Tensor], snapshots: dict[int, 
 def default_simulation_checks(seed: int = 0, budget: str = "default", *, cache_dir: str | None = ".cache/threegate",
                               device: str = "cpu") -> pd.DataFrame:
     """Check rows from a seeded DAPO run and a seeded SFT run from the same pretrained model (see module doc)."""
-    from sims.pretrain import PretrainConfig, pretrain
-    from sims.rlvr import RLConfig, train_rlvr
-    from sims.sft import SFTConfig, train_sft
+    from sims.tinygpt.pretrain import PretrainConfig, pretrain
+    from sims.tinygpt.rlvr import RLConfig, train_rlvr
+    from sims.tinygpt.sft import SFTConfig, train_sft
 
     if budget not in BUDGETS:
         raise InputError(f"budget must be one of {sorted(BUDGETS)}, got {budget!r}")

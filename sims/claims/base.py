@@ -291,7 +291,7 @@ def print_verdicts(verdicts: Iterable[Verdict]) -> None:
 
 def config_from_section(cls, cfg: Mapping, section: str):
     """``cls.fast()`` / ``cls.default()`` (key ``preset``) with the section's other keys overriding fields."""
-    from sims.experiments import section_config
+    from sims.experiments.registry import section_config
 
     c = section_config(cls, cfg.get(section, {}), where=section, presets=("fast", "default"), default="default")
     if "seed" in cfg:  # ``threegate run --seed S``: the seed list starts at S
@@ -375,13 +375,13 @@ class ClaimRun:
 
 
 def _probe(steps: int, n_eval: int):
-    from sims.probe import ProbeConfig
+    from sims.tinygpt.probe import ProbeConfig
 
     return ProbeConfig(steps=(0, steps), n_eval_prompts=n_eval, theory_checks=False)
 
 
 def run_rl(model, c, *, seed: int, lr: float, precision: str, device: str, name: str):
-    from sims.rlvr import RLConfig, train_rlvr
+    from sims.tinygpt.rlvr import RLConfig, train_rlvr
 
     rc = RLConfig(task=c.task, algorithm=c.algorithm, steps=c.rl_steps, prompts_per_step=c.prompts_per_step,
                   group_size=c.group_size, minibatches=c.minibatches, lr=lr, precision=precision, seed=seed,
@@ -390,7 +390,7 @@ def run_rl(model, c, *, seed: int, lr: float, precision: str, device: str, name:
 
 
 def run_sft(model, c, *, seed: int, lr: float, precision: str, device: str, name: str):
-    from sims.sft import SFTConfig, train_sft
+    from sims.tinygpt.sft import SFTConfig, train_sft
 
     steps = c.rl_steps * c.minibatches  # the same number of AdamW updates as the RL run
     sc = SFTConfig(task=c.task, steps=steps, batch_size=c.sft_batch_size, lr=lr, precision=precision, seed=seed,
@@ -401,7 +401,7 @@ def run_sft(model, c, *, seed: int, lr: float, precision: str, device: str, name
 def start_model(cfg: Mapping, bf16_checkpoint: bool) -> torch.nn.Module:
     """The cached pretrained model; with ``bf16_checkpoint`` its weights rounded to bf16 (kept as float32), as when
     a bf16 checkpoint is loaded into an fp32 master: the master then starts exactly on the stored values."""
-    from sims.experiments import _base_model
+    from sims.experiments.registry import _base_model
 
     model, _ = _base_model(cfg)
     if bf16_checkpoint:
@@ -414,7 +414,7 @@ def start_model(cfg: Mapping, bf16_checkpoint: bool) -> torch.nn.Module:
 
 def block_matrix_index(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, str]]:
     """{name: (layer, matrix_type)} of the transformer-block matrices."""
-    from sims.model import layer_index, matrix_type
+    from sims.tinygpt.model import layer_index, matrix_type
 
     out = {}
     for n in state:
@@ -550,7 +550,7 @@ class StepRecorder:
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        from sims.model import matrix_type
+        from sims.tinygpt.model import matrix_type
 
         self.model = model
         self.names = [n for n, _ in model.named_parameters()]
@@ -671,7 +671,7 @@ CLAIM_EXPERIMENTS = {"sparsity": sparsity_experiment, "mask_predictor": mask_pre
 
 #: Further claim experiments live in their own modules; each defines ``CLAIM_EXPERIMENTS = {name: fn}`` with
 #: ``fn(cfg) -> ClaimRun`` reading its config section ``[name]`` (``preset = "fast"`` must run in seconds).
-CLAIM_MODULES = ("sims.claims_consistency", "sims.claims_geometry", "sims.claims_interventions", "sims.claims_peft")
+CLAIM_MODULES = ("sims.claims.consistency", "sims.claims.geometry", "sims.claims.interventions", "sims.claims.peft")
 
 
 def claim_experiments() -> dict:
@@ -715,7 +715,7 @@ def write_claim_run(run: ClaimRun, out: str | Path) -> Path:
 
 def run_claims(name: str, cfg: Mapping, out: str | Path | None = None) -> tuple[ClaimRun, Path]:
     """Run claim experiment ``name`` and write it (default ``runs/NAME-<config hash>``); prints the verdicts."""
-    from sims.experiments import config_hash
+    from sims.experiments.registry import config_hash
 
     known = claim_experiments()
     if name not in known:

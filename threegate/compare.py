@@ -21,7 +21,7 @@ Bernoulli baseline ``pq / (p + q - pq)``, and the consensus ``C = mean_r M^(r)``
 Aggregates per layer and per matrix type pool the counts (sparsity ``1 - Σ changed / Σ n``, overlaps
 ``Σ |M• ∩ M| / Σ |M|``) rather than averaging ratios.
 
-Tensors stream one matrix at a time (``sims.checkpoints.iter_matched``). If a tensor fails, every row computed
+Tensors stream one matrix at a time (``threegate.checkpoints.iter_matched``). If a tensor fails, every row computed
 before it is written first, then the error is raised (the CLI prints it as one line and exits 1).
 
 Cost: per matrix one full float64 SVD of W0, one of each W+ and the singular values of ΔW (``--device cuda``
@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sims.checkpoints import Checkpoint, iter_matched, layer_index, matrix_type, open_checkpoint, select_names
+from threegate.checkpoints import Checkpoint, iter_matched, layer_index, matrix_type, open_checkpoint, select_names
 from theory import metrics
 from theory.errors import InputError, ThreegateError
 from theory.linalg import SVD, principal_angles, svd64

@@ -21,7 +21,7 @@ One RL step (``steps`` of them):
 
 Algorithms: ``"grpo"`` (symmetric clip eps_low = eps_high allowed, beta >= 0), ``"dapo"`` (clip-only: beta must be 0
 and eps_high > eps_low, "clip-higher"), ``"reinforce_kl"`` (no clipping; beta > 0 required).
-Optimizer and precision modes: ``sims.storage.MixedPrecisionAdamW``. Probes (``sims.probe``) run after the steps
+Optimizer and precision modes: ``sims.tinygpt.storage.MixedPrecisionAdamW``. Probes (``sims.tinygpt.probe``) run after the steps
 named in ``probe.steps`` and evaluate the theory checks on the real update of that step.
 """
 
@@ -37,9 +37,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from sims.model import TinyGPT, generate, sequence_logprobs
-from sims.probe import ProbeConfig, Prober, RunResult, deterministic, start_run
-from sims.storage import check_precision
+from sims.tinygpt.model import TinyGPT, generate, sequence_logprobs
+from sims.tinygpt.probe import ProbeConfig, Prober, RunResult, deterministic, start_run
+from sims.tinygpt.storage import check_precision
 from theory.errors import InputError
 
 __all__ = ["ALGORITHMS", "RLConfig", "train_rlvr", "group_advantages", "policy_loss", "k3_kl"]
@@ -164,7 +164,7 @@ def _kl_to_ref(model, ref_model, ids, attn, cmask, logp, estimator: str) -> torc
 def train_rlvr(model: TinyGPT, cfg: RLConfig, ref_model: TinyGPT | None = None, *, run_name: str = "rlvr") -> RunResult:
     """Train ``model`` in place by RLVR; returns the run's history, probe metrics, theory checks and snapshots.
 
-    Runs under ``sims.probe.deterministic()`` (deterministic kernels, one thread): the same config and starting
+    Runs under ``sims.tinygpt.probe.deterministic()`` (deterministic kernels, one thread): the same config and starting
     weights give bit-identical weights and tables on the same machine."""
     with deterministic():
         return _train_rlvr(model, cfg, ref_model, run_name)

@@ -2,7 +2,7 @@
 
 Schema (SQLite, WAL journal, ``synchronous = FULL``)::
 
-    cells(cell_id TEXT PRIMARY KEY,   -- sims.experiments.config_hash(experiment, config)
+    cells(cell_id TEXT PRIMARY KEY,   -- sims.experiments.registry.config_hash(experiment, config)
           experiment TEXT, config_json TEXT, grid_json TEXT,   -- the resolved config and this cell's grid values
           status TEXT,                -- 'done' | 'failed'
           error TEXT, traceback TEXT, -- 'ExceptionType: message' of a failed cell (NULL when done)

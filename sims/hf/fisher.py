@@ -36,7 +36,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from sims.hf_backend import completion_log_softmax
+from sims.hf.backend import completion_log_softmax
 from theory.check import Check
 from theory.errors import InputError, NonFiniteError, ShapeMismatchError
 from theory.kl_leash import prop32_from_fisher

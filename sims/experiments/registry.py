@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sims.probe import ProbeConfig, RunResult
+from sims.tinygpt.probe import ProbeConfig, RunResult
 from theory.errors import InputError
 
 __all__ = ["EXPERIMENTS", "Experiment", "experiment", "load_config", "config_hash", "section_config", "run_experiment",
@@ -131,7 +131,7 @@ def section_config(cls, section: Mapping | None, *, where: str, presets: tuple[s
 
 
 def _pretrain_config(cfg: Mapping):
-    from sims.pretrain import PretrainConfig
+    from sims.tinygpt.pretrain import PretrainConfig
 
     sec = dict(cfg.get("pretrain", {}))
     sec.pop("cache_dir", None)  # where the cache lives, not what is trained
@@ -139,7 +139,7 @@ def _pretrain_config(cfg: Mapping):
 
 
 def _base_model(cfg: Mapping):
-    from sims.pretrain import pretrain
+    from sims.tinygpt.pretrain import pretrain
 
     pcfg = _pretrain_config(cfg)
     cache = cfg.get("pretrain", {}).get("cache_dir", ".cache/threegate")
@@ -152,7 +152,7 @@ def _with_endpoints(probe: ProbeConfig, steps: int) -> ProbeConfig:
 
 
 def _rl_config(cfg: Mapping):
-    from sims.rlvr import RLConfig
+    from sims.tinygpt.rlvr import RLConfig
 
     rc = section_config(RLConfig, cfg.get("rlvr"), where="rlvr", seed=cfg.get("seed"), device=cfg.get("device"))
     rc.probe = _with_endpoints(rc.probe, rc.steps)
@@ -160,7 +160,7 @@ def _rl_config(cfg: Mapping):
 
 
 def _sft_config(cfg: Mapping):
-    from sims.sft import SFTConfig
+    from sims.tinygpt.sft import SFTConfig
 
     sc = section_config(SFTConfig, cfg.get("sft"), where="sft", seed=cfg.get("seed"), device=cfg.get("device"))
     sc.probe = _with_endpoints(sc.probe, sc.steps)
@@ -174,7 +174,7 @@ def _sft_config(cfg: Mapping):
 @experiment("rlvr")
 def exp_rlvr(cfg: dict) -> list[RunResult]:
     """RLVR (GRPO / DAPO / REINFORCE+KL) from the pretrained model, with probes and theory checks on real steps."""
-    from sims.rlvr import train_rlvr
+    from sims.tinygpt.rlvr import train_rlvr
 
     model, _ = _base_model(cfg)
     return [train_rlvr(model, _rl_config(cfg), run_name="rlvr")]
@@ -183,7 +183,7 @@ def exp_rlvr(cfg: dict) -> list[RunResult]:
 @experiment("sft")
 def exp_sft(cfg: dict) -> list[RunResult]:
     """SFT on correct demonstrations from the pretrained model, with probes and theory checks on real steps."""
-    from sims.sft import train_sft
+    from sims.tinygpt.sft import train_sft
 
     model, _ = _base_model(cfg)
     return [train_sft(model, _sft_config(cfg), run_name="sft")]
@@ -192,8 +192,8 @@ def exp_sft(cfg: dict) -> list[RunResult]:
 @experiment("rl_vs_sft")
 def exp_rl_vs_sft(cfg: dict) -> list[RunResult]:
     """RLVR and SFT on the same task from the same pretrained checkpoint (Table 1 / Fig. 4 at our scale)."""
-    from sims.rlvr import train_rlvr
-    from sims.sft import train_sft
+    from sims.tinygpt.rlvr import train_rlvr
+    from sims.tinygpt.sft import train_sft
 
     model, _ = _base_model(cfg)
     rl_cfg, sft_cfg = _rl_config(cfg), _sft_config(cfg)
@@ -206,7 +206,7 @@ def exp_rl_vs_sft(cfg: dict) -> list[RunResult]:
 @experiment("clip_eps")
 def exp_clip_eps(cfg: dict) -> list[RunResult]:
     """Lemma F.9 on real clip-only (DAPO) runs over a sweep of clip widths eps: band violations and KL vs eps."""
-    from sims.rlvr import train_rlvr
+    from sims.tinygpt.rlvr import train_rlvr
 
     sweep = dict(cfg.get("clip_eps", {}))
     eps_list = [float(e) for e in sweep.pop("eps", [0.05, 0.1, 0.2, 0.4])]
@@ -235,7 +235,7 @@ def exp_clip_eps(cfg: dict) -> list[RunResult]:
 
 def summary_tables(results: list[RunResult], k: int | None = None) -> dict[str, pd.DataFrame]:
     """sparsity / spectrum / angles (final probed step vs step 0) and kl_beta0 from probed runs."""
-    from sims.checkpoints import layer_index, matrix_type  # TinyGPT and HF names alike
+    from threegate.checkpoints import layer_index, matrix_type  # TinyGPT and HF names alike
     from theory.linalg import singular_values
     from theory.metrics import bf16_changed_count, principal_angles_topk
 
@@ -321,7 +321,7 @@ def run_experiment(name: str, cfg: dict, out: str | Path | None = None) -> Path:
     }
     for tname, df in tables.items():
         _write_table(df, out, tname)
-    # claim experiments (sims.claims) attach their own tables and computed verdicts to the runs they return
+    # claim experiments (sims.claims.base) attach their own tables and computed verdicts to the runs they return
     claim_tables = getattr(results[0], "tables", None) if results else None
     for tname, df in (claim_tables or {}).items():
         if tname not in tables:
@@ -333,7 +333,7 @@ def run_experiment(name: str, cfg: dict, out: str | Path | None = None) -> Path:
         (out / "verdicts.json").write_text(json.dumps([asdict(v) for v in verdicts], indent=2, default=float))
     for r in results:
         for t, sd in r.snapshots.items():
-            from sims.storage import save_snapshot
+            from sims.tinygpt.storage import save_snapshot
 
             save_snapshot(sd, out / "snapshots" / f"{r.name}_step{t:05d}.safetensors", {"run": r.name, "step": t})
     resolved = {"experiment": name, "input": cfg, "runs": {r.name: r.config for r in results}}
@@ -389,14 +389,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Claim experiments (sims.claims): training runs plus their own tables and computed verdicts. ``threegate run``
-# writes the standard tables of the runs and prints the verdicts; ``sims.claims.run_claims`` writes the claim
+# Claim experiments (sims.claims.base): training runs plus their own tables and computed verdicts. ``threegate run``
+# writes the standard tables of the runs and prints the verdicts; ``sims.claims.base.run_claims`` writes the claim
 # tables (sparsity by storage, layer_sparsity, lr_sweep, probe_errors, mask_predictor, verdicts) as well.
 
 
 def _register_claim_experiments() -> None:
-    """Every claim experiment of ``sims.claims`` (built in or from ``CLAIM_MODULES``) is a ``threegate run`` name."""
-    from sims.claims import as_run_results, claim_experiments
+    """Every claim experiment of ``sims.claims.base`` (built in or from ``CLAIM_MODULES``) is a ``threegate run`` name."""
+    from sims.claims.base import as_run_results, claim_experiments
 
     for cname, fn in claim_experiments().items():
         if cname in EXPERIMENTS:
@@ -409,13 +409,13 @@ _register_claim_experiments()
 
 
 def _register_real_model_experiments() -> None:
-    """``hf_rlvr`` / ``hf_sft`` (``sims.hf_backend``, transformers imported lazily there) as ``threegate run`` names."""
+    """``hf_rlvr`` / ``hf_sft`` (``sims.hf.backend``, transformers imported lazily there) as ``threegate run`` names."""
     import importlib
 
     try:
-        importlib.import_module("sims.hf_backend")
+        importlib.import_module("sims.hf.backend")
     except ModuleNotFoundError as e:
-        if e.name != "sims.hf_backend":
+        if e.name != "sims.hf.backend":
             raise
 
 

@@ -1,6 +1,6 @@
 """Next-token pretraining of TinyGPT on the synthetic task corpus, cached by config hash.
 
-``pretrain(cfg)`` trains with AdamW on fresh batches from ``sims.tasks.pretraining_corpus`` (one document per
+``pretrain(cfg)`` trains with AdamW on fresh batches from ``sims.tinygpt.tasks.pretraining_corpus`` (one document per
 sequence, ``BOS doc EOS``, right-padded) and returns ``(model, info)``. The weights are cached as safetensors and the
 info as JSON under ``cache_dir`` keyed by a SHA-256 of the config (plus the cache format version and the device
 type): a later call with the same config loads them instead of retraining. Never pickle.
@@ -38,8 +38,8 @@ import torch
 from jaxtyping import Float
 from threadpoolctl import threadpool_limits
 
-from sims.model import GPTConfig, TinyGPT, generate, matrix_params, sequence_logprobs
-from sims.tasks import Task, Tokenizer, default_tasks, pad_right, pretraining_corpus, task_by_name
+from sims.tinygpt.model import GPTConfig, TinyGPT, generate, matrix_params, sequence_logprobs
+from sims.tinygpt.tasks import Task, Tokenizer, default_tasks, pad_right, pretraining_corpus, task_by_name
 from theory.errors import CheckpointError, InputError, NonFiniteError
 from theory.linalg import singular_values
 

@@ -21,24 +21,24 @@ A **spec** (TOML or YAML, the same structure)::
     [[cells]]                        # optional extra cells: dotted overrides of [base] (may set "experiment")
     k = 5
 
-A **cell** is (experiment, resolved config); its id is ``sims.experiments.config_hash(experiment, config)``, so the
+A **cell** is (experiment, resolved config); its id is ``sims.experiments.registry.config_hash(experiment, config)``, so the
 same cell has the same id in every spec and every store. Cell kinds:
 
 * ``"theory"`` — the Gate II checks of ``theory.RESULTS`` (``theory.spectral.gate2_all``) on seeded synthetic pairs
-  (``sims.synthetic.synthetic_pair``) at the cell's regime. Config keys (defaults in ``THEORY_DEFAULTS``):
+  (``theory.synthetic.synthetic_pair``) at the cell's regime. Config keys (defaults in ``THEORY_DEFAULTS``):
   ``spectrum``, ``perturbation``, ``m``, ``n``, ``k``, ``target_ratio`` (= ||dW||_2 / gamma_k, the noise scale),
   ``seed``,
   ``instances`` (seeded pairs per cell), ``ids`` (Gate II result ids), ``spectrum_params``, ``device``.
   Table ``checks``: one row per (instance, result id), the columns of ``Check.as_row()`` plus the regime.
-* every ``threegate run`` experiment (``sims.experiments.EXPERIMENTS``: ``rlvr``, ``sft``, ``rl_vs_sft``, ...):
+* every ``threegate run`` experiment (``sims.experiments.registry.EXPERIMENTS``: ``rlvr``, ``sft``, ``rl_vs_sft``, ...):
   ``run_experiment`` into a temporary directory; the cell's tables are its ``*.parquet`` tables (and ``verdicts``).
-* ``"hf_rlvr"`` / ``"hf_sft"`` — ``sims.hf_backend.run_cell(config)`` on a real Hugging Face model, with its *flat*
+* ``"hf_rlvr"`` / ``"hf_sft"`` — ``sims.hf.backend.run_cell(config)`` on a real Hugging Face model, with its *flat*
   config (``model``, ``algorithm``, ``lr``, ``beta``, ``eps``, ``precision``, ``steps``, ``seed``, ``device``,
   ``preset``, ...; ``hf_sft`` sets ``algorithm = "sft"``). The module is imported when the cell runs; if it is
   missing the cell fails with the import error recorded.
 * ``"package.module:function"`` — any importable ``function(config: dict) -> dict[str, DataFrame]``.
 
-**Store and resume** (``sims.sweep_store``): only this (parent) process writes the store, one transaction per
+**Store and resume** (``sims.sweep.store``): only this (parent) process writes the store, one transaction per
 finished cell. Cells whose id is ``done`` are skipped, so an interrupted sweep (Ctrl-C, SIGKILL, a crashed machine)
 restarted with the same command computes only what is missing; ``failed`` cells (the exception type and message are
 recorded) are skipped too unless ``--retry-failed``. A cell that raises never stops the others; a worker process that
@@ -77,7 +77,7 @@ from typing import Any, Callable, Mapping, Sequence, TextIO
 import numpy as np
 import pandas as pd
 
-from sims.sweep_store import CellOutcome, SweepStore, encode_table, load_store
+from sims.sweep.store import CellOutcome, SweepStore, encode_table, load_store
 from theory.errors import InputError
 
 __all__ = ["THEORY_DEFAULTS", "SPECIAL_KINDS", "Cell", "SweepSpec", "SweepSummary", "load_spec", "parse_spec",
@@ -115,7 +115,7 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        from sims.experiments import config_hash
+        from sims.experiments.registry import config_hash
 
         return config_hash(self.experiment, self.config)
 
@@ -203,7 +203,7 @@ def _set_dotted(cfg: dict, key: str, value: Any, *, where: str) -> None:
 
 
 def _check_experiment(name: Any, where: str) -> str:
-    from sims.experiments import EXPERIMENTS
+    from sims.experiments.registry import EXPERIMENTS
 
     if not isinstance(name, str) or not name:
         raise InputError(f"{where}: experiment must be a non-empty string, got {name!r}")
@@ -340,7 +340,7 @@ def theory_cell(cfg: Mapping) -> dict[str, pd.DataFrame]:
     Instance i uses the seed ``SeedSequence([seed, i])``; ``dW_over_gap`` is ||W1 - W0||_2 / gamma_k measured on
     the float64 matrices (the x axis of ``paper_figs.sweep_figs.sweep_bounds``).
     """
-    from sims.synthetic import synthetic_pair
+    from theory.synthetic import synthetic_pair
     from theory.spectral import gate2_all
 
     c = _theory_config(cfg)
@@ -362,7 +362,7 @@ def theory_cell(cfg: Mapping) -> dict[str, pd.DataFrame]:
 
 
 def _experiment_cell(name: str, cfg: Mapping) -> dict[str, pd.DataFrame]:
-    from sims.experiments import run_experiment
+    from sims.experiments.registry import run_experiment
 
     with tempfile.TemporaryDirectory(prefix="threegate-sweep-") as tmp:
         out = run_experiment(name, copy.deepcopy(dict(cfg)), Path(tmp) / "run")
@@ -377,7 +377,7 @@ def _experiment_cell(name: str, cfg: Mapping) -> dict[str, pd.DataFrame]:
 
 
 def _hf_cell(kind: str, cfg: Mapping) -> Mapping[str, pd.DataFrame]:
-    """``sims.hf_backend.run_cell`` with a flat config; ``hf_sft`` is its ``algorithm = "sft"``."""
+    """``sims.hf.backend.run_cell`` with a flat config; ``hf_sft`` is its ``algorithm = "sft"``."""
     cell = copy.deepcopy(dict(cfg))
     algorithm = cell.get("algorithm")
     if kind == "hf_sft":
@@ -386,13 +386,13 @@ def _hf_cell(kind: str, cfg: Mapping) -> Mapping[str, pd.DataFrame]:
         cell["algorithm"] = "sft"
     elif algorithm == "sft":
         raise InputError("an hf_rlvr cell cannot take algorithm='sft' (use experiment hf_sft)")
-    hf_backend = importlib.import_module("sims.hf_backend")  # the cell fails (recorded) if it is missing
+    hf_backend = importlib.import_module("sims.hf.backend")  # the cell fails (recorded) if it is missing
     return hf_backend.run_cell(cell)
 
 
 def run_cell_tables(experiment: str, cfg: Mapping) -> dict[str, pd.DataFrame]:
     """Run one cell in this process and return its result tables (raises whatever the cell raises)."""
-    from sims.experiments import EXPERIMENTS
+    from sims.experiments.registry import EXPERIMENTS
 
     if experiment == "theory":
         tables = theory_cell(cfg)

@@ -1,11 +1,11 @@
 """Issue 4 items 5 and 7: function-preserving interventions (App. D, Fig. 6) and the KL to the base at beta = 0
-(Fig. 15, Lemma F.9), each ending in a verdict computed from its measurements (the rules of ``sims.claims``).
+(Fig. 15, Lemma F.9), each ending in a verdict computed from its measurements (the rules of ``sims.claims.base``).
 
 Experiment ``interventions`` (``threegate run interventions``, section ``[interventions]``)
 -------------------------------------------------------------------------------------------------
 From the bf16-rounded base, the edits ``edits = ((layer, kind), ...)`` (default: the middle layer
-``n_layer // 2`` with ``"rotate+permute"``) are applied with ``sims.model.rotate_vo`` (orthogonal R in the value /
-output head space, seeded) and ``sims.model.permute_kv_heads`` (the cyclic shift j -> j + 1 of the kv heads, a
+``n_layer // 2`` with ``"rotate+permute"``) are applied with ``sims.tinygpt.model.rotate_vo`` (orthogonal R in the value /
+output head space, seeded) and ``sims.tinygpt.model.permute_kv_heads`` (the cyclic shift j -> j + 1 of the kv heads, a
 derangement; the query heads follow their kv head). ``"rotate+permute"`` permutes first, then rotates.
 
 **Function preservation** (table ``function_preservation``). On a batch of task prompts with their answers the
@@ -25,7 +25,7 @@ weights leave the bf16 grid, so rounding them moves every entry by up to 2^-9 re
 u -- and breaks exact preservation (measured: ``preserved`` False, the ratio to tol in the table); permuted
 weights are bf16 values moved, not changed, so Permute stays preserved in bf16 storage.
 
-**Runs.** Per seed s, the same RL recipe (``sims.claims.run_rl``, bf16 precision, stored-weight snapshots) on
+**Runs.** Per seed s, the same RL recipe (``sims.claims.base.run_rl``, bf16 precision, stored-weight snapshots) on
   the untouched base with seed s (``reference``), on the edited base with seed s (``intervened``: the same prompts
   and the same sampling seed as the reference), and on the untouched base with seed s + ``rerun_seed_offset``
   (``rerun``: an independent rerun -- with seed s it would be bit-identical to the reference on this machine).
@@ -45,7 +45,7 @@ overlap any mask independent of M_rerun has in expectation), ``ratio = overlap /
 
 Verdict ``intervention_collapses_overlap_where_applied`` (pure, on the ``rotate_overlap`` table): per seed,
 effect = mean ratio over the untouched layers' matrices (``intervention == "none"``) - mean ratio over the edited
-layers' scrambled matrices, judged by ``sims.claims.effect_verdict`` with min effect ``MIN_RATIO_DROP``; it needs
+layers' scrambled matrices, judged by ``sims.claims.base.effect_verdict`` with min effect ``MIN_RATIO_DROP``; it needs
 the untouched layers to stay well above the baseline (mean ratio >= ``MIN_UNTOUCHED_RATIO``, else inconclusive:
 the masks are not reproducible across reruns, so there is nothing to collapse) and "collapse" means to the random
 level: a reproduced drop whose scrambled ratio stays above 1 + ``RANDOM_LEVEL_SLACK`` is inconclusive.
@@ -53,12 +53,12 @@ level: a reproduced drop whose scrambled ratio stays above 1 + ``RANDOM_LEVEL_SL
 Experiment ``kl_beta0`` (``threegate run kl_beta0``, section ``[kl_beta0]``)
 ---------------------------------------------------------------------------------
 Clip-only DAPO runs (beta = 0, clip band [1 - eps_low, 1 + eps_high]) over seeds, probed after every step
-(``sims.probe``): the exact full-vocabulary token-wise KL(pi_t || pi_0) on held-out prompts with their answers
+(``sims.tinygpt.probe``): the exact full-vocabulary token-wise KL(pi_t || pi_0) on held-out prompts with their answers
 (metric ``kl_tok_base``; step 0 is the base itself, KL 0 exactly), and for each RL step the token ratios
 pi_t / pi_{t-1} of that step's own sampled tokens: the fraction outside the run's band
 (``token_ratio_out_of_band_frac``) and Lemma F.9's check (``theory.kl_leash.lemF9``, symmetric eps = max(eps_low,
 eps_high)). Tables: ``kl_beta0`` (schema ``kl_beta0``), ``band_violations`` (per run and step) and ``verdicts``;
-the kl and band tables are built by ``sims.experiments.summary_tables`` (the ``clip_eps`` machinery), not copied.
+the kl and band tables are built by ``sims.experiments.registry.summary_tables`` (the ``clip_eps`` machinery), not copied.
 
 Verdict ``bounded_kl_at_beta0`` (pure, on the ``kl_beta0`` table). "Bounded" is made concrete as:
   1. budget: KL_T <= ``KL_BUDGET_MULTIPLE`` * T * c, c = max(-log(1 - eps_low), log(1 + eps_high)), the per-token,
@@ -84,7 +84,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sims.claims import (
+from sims.claims.base import (
     ClaimRun,
     Verdict,
     block_matrix_index,
@@ -231,7 +231,7 @@ def default_permutation(n_kv_head: int) -> list[int]:
 
 
 def _rotation(model, layer: int, seed: int) -> torch.Tensor:
-    from sims.model import random_orthogonal
+    from sims.tinygpt.model import random_orthogonal
 
     return random_orthogonal(model.cfg.head_dim, torch.Generator().manual_seed(seed + 7919 * layer))
 
@@ -240,7 +240,7 @@ def apply_edits(model, edits: Sequence[tuple[int, str]], *, rotation_seed: int) 
     """Apply each ``(layer, kind)`` to ``model`` in place (permute first, then rotate, for ``rotate+permute``).
 
     Returns ``{layer: {"kind": kind, "perm": perm or None}}``, the record ``to_original_coordinates`` needs."""
-    from sims.model import permute_kv_heads, rotate_vo
+    from sims.tinygpt.model import permute_kv_heads, rotate_vo
 
     done = {}
     for layer, kind in _edits_tuple(edits):
@@ -296,7 +296,7 @@ def logit_tolerance(cfg, logits_scale: float, dtype: torch.dtype = torch.float32
 
 
 def _check_batch(task_name: str, n: int, device):
-    from sims.tasks import Tokenizer, encode_demonstrations, task_by_name
+    from sims.tinygpt.tasks import Tokenizer, encode_demonstrations, task_by_name
 
     task = task_by_name(task_name)
     ids, attn, _ = encode_demonstrations(Tokenizer(), task.sample(np.random.default_rng([4242, n]), n), device)
@@ -557,9 +557,9 @@ def interventions_experiment(cfg: Mapping) -> ClaimRun:
 def kl_beta0_experiment(cfg: Mapping) -> ClaimRun:
     """Fig. 15 / Lemma F.9: clip-only (DAPO, beta = 0) RL over seeds; token-wise KL to the base after every probed
     step, the fraction of token ratios outside the clip band per update, and verdicts."""
-    from sims.experiments import summary_tables
-    from sims.probe import ProbeConfig
-    from sims.rlvr import RLConfig, train_rlvr
+    from sims.experiments.registry import summary_tables
+    from sims.tinygpt.probe import ProbeConfig
+    from sims.tinygpt.rlvr import RLConfig, train_rlvr
 
     c = config_from_section(KLBeta0Config, cfg, "kl_beta0")
     device = cfg.get("device", "cpu")

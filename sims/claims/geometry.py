@@ -33,7 +33,7 @@ Measurements, per checkpoint, layer and block matrix (q, k, v, o, up, gate, down
 * ``mask_overlap`` (schema ``mask_overlap``, Fig. 5): the RL rows of the sweep at the paper's setting
   (``k = PAPER_K``, ``alpha = PAPER_ALPHA``).
 
-Verdicts (pure functions of the tables; the seed rule of ``sims.claims.effect_verdict``):
+Verdicts (pure functions of the tables; the seed rule of ``sims.claims.base.effect_verdict``):
 
 ``rl_drift_below_sft_matched_steps`` / ``rl_drift_below_sft_matched_accuracy`` (Fig. 4)
     RL drifts the spectrum less and rotates the top-k subspaces less than SFT. Per seed, drift = the mean over
@@ -77,7 +77,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sims.claims import (
+from sims.claims.base import (
     ClaimRun,
     Verdict,
     block_matrix_index,
@@ -426,9 +426,9 @@ def _accuracy(res, step: int) -> float:
 
 
 def _train_pair(model, c: GeometryConfig, seed: int, device: str):
-    from sims.probe import ProbeConfig
-    from sims.rlvr import RLConfig, train_rlvr
-    from sims.sft import SFTConfig, train_sft
+    from sims.tinygpt.probe import ProbeConfig
+    from sims.tinygpt.rlvr import RLConfig, train_rlvr
+    from sims.tinygpt.sft import SFTConfig, train_sft
 
     rc = RLConfig(task=c.task, algorithm=c.algorithm, steps=c.rl_steps, prompts_per_step=c.prompts_per_step,
                   group_size=c.group_size, minibatches=c.minibatches, lr=c.lr, precision="bf16", seed=seed,
@@ -445,7 +445,7 @@ def _train_pair(model, c: GeometryConfig, seed: int, device: str):
 def geometry_experiment(cfg: Mapping) -> ClaimRun:
     """Fig. 4 + Fig. 5 at our scale: per seed RL and SFT (matched on AdamW updates and on accuracy) from the same
     bf16 base; spectrum / angles / drift / overlap tables and five verdicts (see the module docstring)."""
-    from sims.probe import deterministic
+    from sims.tinygpt.probe import deterministic
 
     c = _checked(config_from_section(GeometryConfig, cfg, "geometry"))
     device = cfg.get("device", "cpu")

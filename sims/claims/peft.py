@@ -1,7 +1,7 @@
 """Paper Fig. 9 / Tables 4-5 (sparse fine-tuning with structural masks) and Fig. 10 (LoRA vs PiSSA), at our scale.
 
-Both experiments start from the cached pretrained TinyGPT rounded to bf16 and train it by RLVR (``sims.rlvr``, DAPO
-by default, bf16 precision) with the machinery of ``sims.peft``. "Reward" is the probe's eval reward: mean +/-1
+Both experiments start from the cached pretrained TinyGPT rounded to bf16 and train it by RLVR (``sims.tinygpt.rlvr``, DAPO
+by default, bf16 precision) with the machinery of ``sims.tinygpt.peft``. "Reward" is the probe's eval reward: mean +/-1
 reward of temperature-1 samples on a fixed set of eval prompts (the same prompts and sampling seed for every run, so
 runs are compared on common random numbers); ``reward_greedy`` and the rollout reward ``train_reward`` (mean over the
 steps since the previous probe) are kept as extra columns. "KL" is the probe's exact token-wise KL(pi_t || pi_0) to
@@ -9,8 +9,8 @@ the run's own start on fixed demonstrations (0 at step 0). A run's **final** val
 steps t >= ``FINAL_FRACTION`` * steps (a single probe is too noisy at this scale).
 
 Experiment ``masked_runs`` (``threegate run masked_runs``, section ``[masked_runs]``)
-    per seed, RL with only the entries of one mask trainable (``sims.peft.train_rlvr_masked``; masks from the start
-    weights W0 of every block matrix, ``sims.peft.structural_masks``): ``dense`` (all entries), ``princ`` (M_princ,
+    per seed, RL with only the entries of one mask trainable (``sims.tinygpt.peft.train_rlvr_masked``; masks from the start
+    weights W0 of every block matrix, ``sims.tinygpt.peft.structural_masks``): ``dense`` (all entries), ``princ`` (M_princ,
     top-alpha of |W0^(k)|), ``princ_c`` (its complement), ``low`` (M_low, bottom-alpha of |W0|), ``safe``
     (M_princ^c or M_low, the paper's safe mask) and ``random`` (uniform, matched to ``safe``'s count in every
     matrix, drawn from the run's seed). Same seed, data order and eval prompts across masks. Non-block parameters
@@ -18,7 +18,7 @@ Experiment ``masked_runs`` (``threegate run masked_runs``, section ``[masked_run
     in the block-matrix mask. Tables ``masked_runs`` (schema ``masked_runs``: per run and probed step) and
     ``masked_runs_final`` (per run: density, final reward, final KL).
 Experiment ``lora_pissa`` (``threegate run lora_pissa``, section ``[lora_pissa]``)
-    per seed, LoRA and PiSSA adapters (``sims.peft.add_adapters``, every block matrix, alpha = rank so s = 1, base
+    per seed, LoRA and PiSSA adapters (``sims.tinygpt.peft.add_adapters``, every block matrix, alpha = rank so s = 1, base
     frozen) over ``ranks`` x ``lrs``. Tables ``lora_pissa`` (schema ``lora_pissa``: per run and probed step) and
     ``lora_pissa_final`` (per run: initial and final reward, final KL, ``collapsed``, ``nonfinite``). A run whose
     gradient went non-finite (``NonFiniteError``) has no curve; it counts as collapsed with final reward -1 (the
@@ -39,7 +39,7 @@ Thresholds (rewards are on the +/-1 scale, so 0.1 reward = 5 accuracy points):
     "PiSSA collapses at the high lr (LoRA does not)": PiSSA's collapse rate there exceeds LoRA's by more than this
     (most PiSSA runs collapse, most LoRA runs do not).
 
-Verdicts (pure functions of the tables, the seed rule of ``sims.claims.effect_verdict``, min effect 0 unless said):
+Verdicts (pure functions of the tables, the seed rule of ``sims.claims.base.effect_verdict``, min effect 0 unless said):
 
 ``safe_mask_tracks_dense`` (Fig. 9, Tables 4-5)
     per seed e = min(TRACK_DELTA - |R_safe - R_dense|, R_safe - R_princ): positive iff the safe mask's final
@@ -71,7 +71,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sims.claims import ClaimRun, Verdict, config_from_section, require_columns, start_model, effect_verdict, verdicts_frame
+from sims.claims.base import ClaimRun, Verdict, config_from_section, require_columns, start_model, effect_verdict, verdicts_frame
 from theory.errors import InputError, NonFiniteError
 
 __all__ = [
@@ -166,8 +166,8 @@ class LoraPissaConfig:
 
 
 def _rl_config(c, *, seed: int, lr: float, device: str):
-    from sims.probe import ProbeConfig
-    from sims.rlvr import RLConfig
+    from sims.tinygpt.probe import ProbeConfig
+    from sims.tinygpt.rlvr import RLConfig
 
     steps = tuple(sorted(set(range(0, c.rl_steps + 1, max(1, c.probe_every))) | {0, c.rl_steps}))
     return RLConfig(task=c.task, algorithm=c.algorithm, steps=c.rl_steps, prompts_per_step=c.prompts_per_step,
@@ -380,7 +380,7 @@ def pissa_collapses_at_high_lr(table: pd.DataFrame) -> Verdict:
 def masked_runs_experiment(cfg: Mapping) -> ClaimRun:
     """Fig. 9 / Tables 4-5: RL restricted to M_princ, M_princ^c, M_low, the safe mask and a random mask of its
     density, against dense RL; reward and KL-to-base trajectories; verdicts."""
-    from sims.peft import MASK_NAMES, mask_density, structural_masks, train_rlvr_masked
+    from sims.tinygpt.peft import MASK_NAMES, mask_density, structural_masks, train_rlvr_masked
 
     c = config_from_section(MaskedRunsConfig, cfg, "masked_runs")
     bad = sorted(set(c.masks) - set(MASK_NAMES))
@@ -415,8 +415,8 @@ def masked_runs_experiment(cfg: Mapping) -> ClaimRun:
 
 def lora_pissa_experiment(cfg: Mapping) -> ClaimRun:
     """Fig. 10: LoRA vs PiSSA adapters under RL over ranks x learning rates; reward curves, collapse; verdicts."""
-    from sims.peft import ADAPTER_METHODS, adapter_parameter_count, add_adapters
-    from sims.rlvr import train_rlvr
+    from sims.tinygpt.peft import ADAPTER_METHODS, adapter_parameter_count, add_adapters
+    from sims.tinygpt.rlvr import train_rlvr
 
     c = config_from_section(LoraPissaConfig, cfg, "lora_pissa")
     bad = sorted(set(c.methods) - set(ADAPTER_METHODS))

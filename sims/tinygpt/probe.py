@@ -56,9 +56,9 @@ import pandas as pd
 import torch
 from torch.func import functional_call, jvp
 
-from sims.model import TinyGPT, generate, matrix_params
-from sims.storage import save_snapshot
-from sims.tasks import Task, Tokenizer, encode_demonstrations
+from sims.tinygpt.model import TinyGPT, generate, matrix_params
+from sims.tinygpt.storage import save_snapshot
+from sims.tinygpt.tasks import Task, Tokenizer, encode_demonstrations
 from theory.errors import InputError
 
 __all__ = [
@@ -459,8 +459,8 @@ def start_run(model, cfg):
     the tokenizer, task, completion length and the mixed-precision AdamW from ``cfg``.
 
     Returns ``(device, tokenizer, task, max_new_tokens, optimizer)``."""
-    from sims.storage import MixedPrecisionAdamW
-    from sims.tasks import Tokenizer, task_by_name
+    from sims.tinygpt.storage import MixedPrecisionAdamW
+    from sims.tinygpt.tasks import Tokenizer, task_by_name
 
     seed_everything(cfg.seed)
     device = torch.device(cfg.device)

@@ -32,7 +32,7 @@ a frozen base ``W_base`` plus a trainable low-rank product, with scale ``s = alp
 
 ``merge_adapters`` returns a plain TinyGPT state dict: ``W = W_base + s B A`` evaluated in float64 and rounded once
 to the parameter dtype. The wrapped model keeps the TinyGPT class and its parameter names for everything it does not
-adapt (``blocks.i.attn.q.weight`` is then the frozen base), so ``sims.rlvr.train_rlvr`` trains it unchanged: the
+adapt (``blocks.i.attn.q.weight`` is then the frozen base), so ``sims.tinygpt.rlvr.train_rlvr`` trains it unchanged: the
 frozen base has ``requires_grad = False``, gets no gradient, and AdamW skips it.
 """
 
@@ -74,7 +74,7 @@ ADAPTER_METHODS = ("LoRA", "PiSSA")
 
 
 def _is_block_matrix(name: str) -> bool:
-    from sims.model import matrix_type
+    from sims.tinygpt.model import matrix_type
 
     try:
         matrix_type(name)
@@ -196,11 +196,11 @@ def _bits(t: Tensor) -> Tensor:
 
 
 def train_rlvr_masked(model: nn.Module, cfg, masks: Mapping[str, Tensor], *, run_name: str = "rlvr-masked", **kw):
-    """``sims.rlvr.train_rlvr`` with only ``masks``' entries trainable (every other parameter frozen).
+    """``sims.tinygpt.rlvr.train_rlvr`` with only ``masks``' entries trainable (every other parameter frozen).
 
     Raises ``InputError`` for a weight decay other than 0 (it would move masked-out entries), and ``RuntimeError``
     if any stored value (snapshot bits) or fp32 master entry outside the mask moved — that would be a bug here."""
-    from sims.rlvr import train_rlvr
+    from sims.tinygpt.rlvr import train_rlvr
 
     if cfg.weight_decay != 0:
         raise InputError(f"masked training needs weight_decay = 0 (AdamW's decay moves masked-out entries), "
@@ -310,7 +310,7 @@ def add_adapters(model: nn.Module, method: str, rank: int, *, alpha: float | Non
                  types: tuple[str, ...] | None = None) -> nn.Module:
     """Replace every block matrix (of ``types``, default all) of ``model`` in place by an ``AdaptedLinear`` and
     freeze every other parameter; returns the model. ``seed`` draws LoRA's A (matrices in name order)."""
-    from sims.model import MATRIX_TYPES, matrix_type
+    from sims.tinygpt.model import MATRIX_TYPES, matrix_type
 
     if method not in ADAPTER_METHODS:
         raise InputError(f"adapter method {method!r} is not one of {ADAPTER_METHODS}")

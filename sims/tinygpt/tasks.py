@@ -330,7 +330,7 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[
 
 def pad_left(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
     """(B, L) long ids left-padded (the layout ``generate`` uses for prompts) + bool mask."""
-    from sims.model import left_pad
+    from sims.tinygpt.model import left_pad
 
     return left_pad(seqs, pad_id, device)
 
@@ -340,7 +340,7 @@ def encode_demonstrations(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """SFT batch: ``BOS prompt answer EOS`` right-padded. Returns (ids, attention_mask, completion_mask) all (B, L);
     completion_mask is True on the answer tokens and EOS (the tokens an SFT loss scores, aligned for
-    ``sims.model.sequence_logprobs``)."""
+    ``sims.tinygpt.model.sequence_logprobs``)."""
     seqs, comp = [], []
     for ex in examples:
         p = tok.encode(ex.prompt, bos=True)

@@ -61,7 +61,7 @@ Claims judged (pure functions of the tables; thresholds are the constants below)
     sharper question: agreement beyond what the weight's bf16 exponent alone predicts).
 ``stripes_above_binomial(consistency)`` (Fig. 3)
     rows of Q/K/V and columns of O update in stripes: per seed-group run, effect = mean row dispersion of q, k, v
-    and column dispersion of o, minus 1, judged by ``sims.claims.effect_verdict`` with min effect
+    and column dispersion of o, minus 1, judged by ``sims.claims.base.effect_verdict`` with min effect
     ``STRIPE_MIN_EXCESS`` over the runs (the runs are the seeds).
 
 Margins. The paper's Table 2 (5 runs, DS-R1-Distill-Qwen-1.5B, block 13) has J / baseline from 1.28 (V) to 1.48
@@ -84,7 +84,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sims.claims import (
+from sims.claims.base import (
     SPREAD_FACTOR,
     ClaimRun,
     Verdict,
@@ -149,9 +149,9 @@ class ConsistencyConfig:
     bf16_checkpoint: bool = True  # the base rounded to bf16: every run starts from the same stored values
 
     def __post_init__(self) -> None:
-        from sims.model import MATRIX_TYPES
-        from sims.rlvr import ALGORITHMS
-        from sims.tasks import task_by_name
+        from sims.tinygpt.model import MATRIX_TYPES
+        from sims.tinygpt.rlvr import ALGORITHMS
+        from sims.tinygpt.tasks import task_by_name
 
         for name in ("tasks", "algorithms", "consensus_types"):  # TOML / JSON give lists
             object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -223,8 +223,8 @@ def group_members(specs: Sequence[RunSpec], c: ConsistencyConfig, group: str) ->
 
 
 def _train(model, c: ConsistencyConfig, spec: RunSpec, device: str):
-    from sims.probe import ProbeConfig
-    from sims.rlvr import RLConfig, train_rlvr
+    from sims.tinygpt.probe import ProbeConfig
+    from sims.tinygpt.rlvr import RLConfig, train_rlvr
 
     extra = {"dapo": {}, "grpo": {"beta": c.kl_beta, "eps_low": 0.2, "eps_high": 0.2},
              "reinforce_kl": {"beta": c.kl_beta}}[spec.algorithm]

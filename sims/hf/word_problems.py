@@ -1,6 +1,6 @@
 """Arithmetic word problems with exact integer answers, a prompt formatter, and an exact answer checker.
 
-The verifiable task of the Hugging Face backend (``sims.hf_backend``): short grade-school problems built from
+The verifiable task of the Hugging Face backend (``sims.hf.backend``): short grade-school problems built from
 templates x seeded numbers, each with its integer answer and a worked solution that ends in
 ``"The answer is N."``. The reward is the paper's: +1 when the integer extracted from a completion equals the
 answer exactly, else -1 (``reward``).
