@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 from paper_figs import schemas
 from paper_figs.style import OKABE_ITO, color_for, colors_for, integer_ticks, new_figure, request_colorbar, set_caption
 from theory.errors import InputError
+from theory.naming import MATRIX_TYPES
 
 __all__ = [
     "MATRIX_ORDER",
@@ -47,7 +48,7 @@ __all__ = [
     "fig15_kl_beta0",
 ]
 
-MATRIX_ORDER = ("q", "k", "v", "o", "up", "gate", "down", "all")
+MATRIX_ORDER = (*MATRIX_TYPES, "all")
 MAX_PANELS = 8  # more panels than this stop being readable; the caption says what was left out
 
 

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from threegate.checkpoints import matrix_type, open_checkpoint, save_safetensors, smollm2_gguf_path
+from theory.naming import matrix_type
+from threegate.checkpoints import open_checkpoint, save_safetensors, smollm2_gguf_path
 from threegate.compare import compare_checkpoints, compare_matrix, compare_tables, principal_mask_from_svd
 from theory import metrics
 from theory.errors import CheckpointError

@@ -65,33 +65,6 @@ _TORCH_SUFFIXES = {".bin", ".pt", ".pth"}
 _PICKLE_SUFFIXES = {".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
 
 
-# ----------------------------------------------------------------------------------------------- name helpers
-
-_HF_TYPE = re.compile(r"(?:^|\.)(?:self_attn|attention|attn)\.(q|k|v|o)_proj\.weight$|(?:^|\.)(up|gate|down)_proj\.weight$")
-_OWN_TYPE = re.compile(r"(?:^|\.)attn\.(q|k|v|o)\.weight$|(?:^|\.)mlp\.(up|gate|down)\.weight$")
-_LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)\.")
-
-
-def matrix_type(name: str) -> str:
-    """The matrix type of a weight name: ``"q" | "k" | "v" | "o" | "up" | "gate" | "down"``, else ``"other"``.
-
-    Understands HF Llama/Qwen names (``model.layers.3.self_attn.q_proj.weight``, ``model.layers.3.mlp.up_proj.weight``,
-    MoE experts ``...mlp.experts.7.down_proj.weight``) and the project's own transformer
-    (``blocks.3.attn.q.weight``, ``blocks.3.mlp.up.weight``). Biases, norms and embeddings are ``"other"``.
-    """
-    for pattern in (_HF_TYPE, _OWN_TYPE):
-        m = pattern.search(name)
-        if m:
-            return m.group(1) or m.group(2)
-    return "other"
-
-
-def layer_index(name: str) -> int | None:
-    """The transformer block index in a weight name (``model.layers.{i}.``, ``blocks.{i}.``, ``h.{i}.``), else None."""
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
-
-
 # ----------------------------------------------------------------------------------------------- Checkpoint
 
 

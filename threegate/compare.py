@@ -46,7 +46,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from threegate.checkpoints import Checkpoint, iter_matched, layer_index, matrix_type, open_checkpoint, select_names
+from theory.naming import layer_index, matrix_type
+from threegate.checkpoints import Checkpoint, iter_matched, open_checkpoint, select_names
 from theory import metrics
 from theory.errors import InputError, ThreegateError
 from theory.linalg import SVD, principal_angles, svd64

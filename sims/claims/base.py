@@ -414,7 +414,7 @@ def start_model(cfg: Mapping, bf16_checkpoint: bool) -> torch.nn.Module:
 
 def block_matrix_index(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, str]]:
     """{name: (layer, matrix_type)} of the transformer-block matrices."""
-    from sims.tinygpt.model import layer_index, matrix_type
+    from theory.naming import layer_index, matrix_type
 
     out = {}
     for n in state:
@@ -550,7 +550,7 @@ class StepRecorder:
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        from sims.tinygpt.model import matrix_type
+        from theory.naming import matrix_type
 
         self.model = model
         self.names = [n for n, _ in model.named_parameters()]

@@ -149,7 +149,7 @@ class ConsistencyConfig:
     bf16_checkpoint: bool = True  # the base rounded to bf16: every run starts from the same stored values
 
     def __post_init__(self) -> None:
-        from sims.tinygpt.model import MATRIX_TYPES
+        from theory.naming import MATRIX_TYPES
         from sims.tinygpt.rlvr import ALGORITHMS
         from sims.tinygpt.tasks import task_by_name
 

@@ -235,7 +235,7 @@ def exp_clip_eps(cfg: dict) -> list[RunResult]:
 
 def summary_tables(results: list[RunResult], k: int | None = None) -> dict[str, pd.DataFrame]:
     """sparsity / spectrum / angles (final probed step vs step 0) and kl_beta0 from probed runs."""
-    from threegate.checkpoints import layer_index, matrix_type  # TinyGPT and HF names alike
+    from theory.naming import layer_index, matrix_type  # TinyGPT and HF names alike
     from theory.linalg import singular_values
     from theory.metrics import bf16_changed_count, principal_angles_topk
 

@@ -60,7 +60,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from threegate.checkpoints import layer_index, matrix_type, smollm2_gguf_path
+from theory.naming import layer_index, matrix_type
+from threegate.checkpoints import smollm2_gguf_path
 from sims.tinygpt.probe import RunResult, deterministic, seed_everything
 from sims.tinygpt.rlvr import ALGORITHMS, group_advantages, k3_kl, policy_loss
 from sims.tinygpt.storage import MixedPrecisionAdamW, check_precision

@@ -36,10 +36,7 @@ from theory.errors import InputError, NonFiniteError, ShapeMismatchError
 __all__ = [
     "GPTConfig",
     "TinyGPT",
-    "MATRIX_TYPES",
     "matrix_params",
-    "matrix_type",
-    "layer_index",
     "Generation",
     "generate",
     "sequence_logprobs",
@@ -48,7 +45,6 @@ __all__ = [
     "random_orthogonal",
 ]
 
-MATRIX_TYPES = ("q", "k", "v", "o", "up", "gate", "down")
 _MATRIX_NAME = re.compile(r"^blocks\.(\d+)\.(attn|mlp)\.(q|k|v|o|up|gate|down)\.weight$")
 
 
@@ -246,23 +242,6 @@ def matrix_params(model: TinyGPT) -> dict[str, nn.Parameter]:
     """The 2-D block matrices (q, k, v, o, up, gate, down of every layer), in layer order; embeddings, lm_head and
     norm gains are excluded. Names like ``blocks.0.attn.q.weight``."""
     return {name: p for name, p in model.named_parameters() if _MATRIX_NAME.match(name)}
-
-
-def _parse(name: str) -> re.Match:
-    m = _MATRIX_NAME.match(name)
-    if m is None:
-        raise InputError(f"{name!r} is not a block matrix name (expected 'blocks.<i>.attn|mlp.<type>.weight')")
-    return m
-
-
-def matrix_type(name: str) -> str:
-    """'blocks.3.attn.q.weight' -> 'q'; one of MATRIX_TYPES."""
-    return _parse(name).group(3)
-
-
-def layer_index(name: str) -> int:
-    """'blocks.3.attn.q.weight' -> 3."""
-    return int(_parse(name).group(1))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ ADAPTER_METHODS = ("LoRA", "PiSSA")
 
 
 def _is_block_matrix(name: str) -> bool:
-    from sims.tinygpt.model import matrix_type
+    from theory.naming import matrix_type
 
     try:
         matrix_type(name)
@@ -310,7 +310,7 @@ def add_adapters(model: nn.Module, method: str, rank: int, *, alpha: float | Non
                  types: tuple[str, ...] | None = None) -> nn.Module:
     """Replace every block matrix (of ``types``, default all) of ``model`` in place by an ``AdaptedLinear`` and
     freeze every other parameter; returns the model. ``seed`` draws LoRA's A (matrices in name order)."""
-    from sims.tinygpt.model import MATRIX_TYPES, matrix_type
+    from theory.naming import MATRIX_TYPES, matrix_type
 
     if method not in ADAPTER_METHODS:
         raise InputError(f"adapter method {method!r} is not one of {ADAPTER_METHODS}")
