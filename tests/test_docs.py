@@ -33,7 +33,7 @@ pytest.importorskip("nbclient")
 from threegate import tutorials  # noqa: E402
 from threegate.cli import main  # noqa: E402
 from threegate.tutorials import (  # noqa: E402
-    execute_tutorial, find_docs_dir, load_tutorial, read_executed, read_solutions, tutorial_paths, write_tutorials)
+    execute_tutorial, find_docs_dir, load_tutorial, read_executed, read_solutions, tutorial_paths)
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
