@@ -286,6 +286,11 @@ def test_solution_is_swapped_in_and_the_placeholder_kept_for_the_page(tmp_path):
     assert ex.answers == ("answer_x",) and ex.checker == "check(1)" and ex.number == 1
 
 
+def test_tutorials_module_examples_run():
+    result = doctest.testmod(tutorials)
+    assert result.attempted >= 2 and result.failed == 0
+
+
 def test_perturbation_changes_every_kind_of_answer():
     import fractions
 
@@ -301,14 +306,27 @@ def test_perturbation_changes_every_kind_of_answer():
         perturb(None)
 
 
-@pytest.mark.parametrize("expected, hint, tol, problem", [
-    ("42.0", "six times seven", ", abs_tol=5", r"accepts a wrong answer \(perturbed\) for answer_x"),  # 43 passes
-    ("42", "it is 42", "", r"reveals the expected value '42' on a placeholder answer"),
-])
-def test_a_checker_breaking_the_rules_is_caught(tmp_path, expected, hint, tol, problem):
-    path = write_tutorial(tmp_path, EXERCISE, CHECKER, expected=expected, hint=hint, tol=tol)
-    with pytest.raises(InputError, match=problem):
+def test_a_checker_accepting_a_slightly_wrong_answer_is_caught(tmp_path):
+    path = write_tutorial(tmp_path, EXERCISE, CHECKER, expected="42.0", tol=", abs_tol=5")  # accepts 43
+    with pytest.raises(InputError, match=r"exercise 1 \(answer_x\) accepts a wrong answer \(perturbed\) for answer_x"):
         execute_tutorial(path)
+
+
+@pytest.mark.parametrize("kind, text, problem", [
+    ("solution", "answer_a: correct\nanswer_b: correct\n", None),
+    ("solution", "answer_a: correct\n", "does not say 'correct' to the reference solution for answer_b"),
+    ("solution", "answer_a: correct\nanswer_b: not right yet - the value is off. Hint: h\n", "for answer_b"),
+    ("placeholder", "answer_a: not right yet - still None. Hint: h\nanswer_b: not right yet - x. Hint: h\n", None),
+    ("perturbed", "answer_a: not right yet - off. Hint: h\nanswer_b: correct\n", "accepts a wrong answer (perturbed)"),
+    ("perturbed", "answer_a: not right yet - off. Hint: h\n", "accepts a wrong answer (perturbed) for answer_b"),
+    ("placeholder", "answer_a: not right yet - off. Hint: it is 0.0625\nanswer_b: not right yet - x. Hint: h\n",
+     "reveals the expected value '0.0625' on a placeholder answer"),
+    ("perturbed", "answer_a: not right yet - off. Hint: k = 65\nanswer_b: not right yet - x. Hint: h\n",
+     "reveals the expected value '65'"),
+])
+def test_feedback_rules(kind, text, problem):
+    found = tutorials.feedback_problem(("answer_a", "answer_b"), kind, text, value_forms((0.0625, 65)))
+    assert found is None if problem is None else problem in found
 
 
 def test_a_failing_cell_is_named(tmp_path):

@@ -36,7 +36,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Collection, Iterator, Mapping
 
 from paper_figs.report import TutorialPage
 from theory.errors import CheckpointError, InputError, MissingExtraError, ThreegateError
@@ -44,7 +44,7 @@ from threegate.answers import CORRECT, KEYS_ENV, NOT_YET, SOLUTIONS_DIR, reveals
 
 __all__ = ["TUTORIAL_GLOB", "NOTEBOOK_EXTRA", "tutorial_paths", "find_docs_dir", "answer_key_path",
            "read_solutions", "require_notebook_tools", "Exercise", "ExecutedTutorial", "load_tutorial",
-           "execute_tutorial", "write_tutorials", "read_executed"]
+           "feedback_problem", "execute_tutorial", "write_tutorials", "read_executed"]
 
 TUTORIAL_GLOB = "[0-9][0-9]_*.md"
 NOTEBOOK_EXTRA = 'pip install -e ".[tutorials]"'
@@ -281,6 +281,28 @@ def _verdicts(text: str) -> dict[str, str]:
     return {name: verdict for name, verdict in _FEEDBACK.findall(text)}
 
 
+def feedback_problem(answers: tuple[str, ...], kind: str, text: str, revealing: Collection[str] = ()) -> str | None:
+    """What is wrong with a checker's printed feedback ``text`` on the ``kind`` of answer ("solution",
+    "placeholder" or "perturbed"), or None: the solution must get ``correct`` for every answer; a wrong answer
+    ``not right yet`` for every answer, with none of the ``revealing`` spellings of the expected values.
+
+    >>> feedback_problem(("answer_1",), "solution", "answer_1: correct\\n") is None
+    True
+    >>> feedback_problem(("answer_1",), "perturbed", "answer_1: correct\\n")
+    'accepts a wrong answer (perturbed) for answer_1'
+    """
+    said = _verdicts(text)
+    if kind == "solution":
+        wrong = [a for a in answers if said.get(a) != CORRECT]
+        return (f"does not say 'correct' to the reference solution for {', '.join(wrong)}: {text.strip()!r}"
+                if wrong else None)
+    accepted = [a for a in answers if said.get(a) != NOT_YET]
+    if accepted:
+        return f"accepts a wrong answer ({kind}) for {', '.join(accepted)}"
+    leak = reveals(text, set(revealing))
+    return None if leak is None else f"reveals the expected value {leak!r} on a {kind} answer"
+
+
 def execute_tutorial(path: str | os.PathLike, *, check_wrong: bool = True, timeout: int = 600,
                      cwd: str | os.PathLike | None = None) -> ExecutedTutorial:
     """Execute a tutorial as a student's notebook with the solutions swapped in (:func:`load_tutorial`), in a
@@ -328,11 +350,9 @@ def execute_tutorial(path: str | os.PathLike, *, check_wrong: bool = True, timeo
             if ex is None:
                 continue
             ex.feedback["solution"] = _stdout(cell.outputs)
-            said = _verdicts(ex.feedback["solution"])
-            wrong = [a for a in ex.answers if said.get(a) != CORRECT]
-            if wrong:
-                raise fail(ex, f"does not say 'correct' to the reference solution for {', '.join(wrong)}: "
-                               f"{ex.feedback['solution'].strip()!r}")
+            problem = feedback_problem(ex.answers, "solution", ex.feedback["solution"])
+            if problem:
+                raise fail(ex, problem)
             ex.checked = True
             if not check_wrong:
                 continue
@@ -349,13 +369,9 @@ def execute_tutorial(path: str | os.PathLike, *, check_wrong: bool = True, timeo
                 except CellExecutionError as e:
                     raise fail(ex, f"fails on a {kind} answer: {e.ename}: {e.evalue}") from None
                 ex.feedback[kind] = text
-                said = _verdicts(text)
-                accepted = [a for a in ex.answers if said.get(a) != NOT_YET]
-                if accepted:
-                    raise fail(ex, f"accepts a wrong answer ({kind}) for {', '.join(accepted)}")
-                leak = reveals(text, set(ex.revealing))
-                if leak is not None:
-                    raise fail(ex, f"reveals the expected value {leak!r} on a {kind} answer")
+                problem = feedback_problem(ex.answers, kind, text, set(ex.revealing))
+                if problem:
+                    raise fail(ex, problem)
                 ex.rejected += (kind,)
                 side(ex.solution)  # restore the reference answers
     seconds = time.perf_counter() - t0
