@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import safe_open, save_file
 from torch import nn
 
 from theory.errors import CheckpointError, InputError, NonFiniteError
@@ -133,8 +135,6 @@ class MixedPrecisionAdamW:
 
 def save_snapshot(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, object] | None = None) -> Path:
     """Write ``tensors`` to a ``.safetensors`` file (metadata values JSON-encoded). Never pickle."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise InputError(f"snapshot path {path} must end in .safetensors")
@@ -146,9 +146,6 @@ def save_snapshot(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, 
 
 def load_snapshot(path: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Read a snapshot written by ``save_snapshot`` (optionally only ``names``); clear errors for bad files."""
-    from safetensors import SafetensorError
-    from safetensors.torch import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"snapshot {path} does not exist")
