@@ -25,7 +25,7 @@ from sims.hf.backend import (
     train_hf_rlvr,
     train_hf_sft,
 )
-from sims.hf.models import load_causal_lm, smollm2_gguf_path
+from sims.hf.loading import load_causal_lm, smollm2_gguf_path
 from sims.hf.recorder import probe_matrix_names
 from sims.experiments.config import load_config
 from sims.tinygpt.storage import save_snapshot

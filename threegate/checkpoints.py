@@ -32,7 +32,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from sims.hf.models import gguf_quant_types, hub_offline, smollm2_gguf_path
+from sims.hf.loading import gguf_quant_types, hub_offline, smollm2_gguf_path
 from theory.errors import CheckpointError, InputError, NonFiniteError, ShapeMismatchError, ThreegateError
 
 __all__ = [

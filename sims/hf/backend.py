@@ -58,7 +58,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from sims.experiments.config import section_config
-from sims.hf.models import LoadedLM, cached_causal_lm, transformers_quiet
+from sims.hf.loading import LoadedLM, cached_causal_lm, transformers_quiet
 from sims.hf.recorder import Recorder, probe_matrix_names
 from sims.hf.word_problems import WordProblem, format_prompt, reward, sample_problems
 from sims.tinygpt.probe import RunResult, deterministic, seed_everything
@@ -438,7 +438,7 @@ def _compute(cfg, device: torch.device):
 
 def _start(model, tokenizer, cfg):
     if model is None or tokenizer is None:
-        raise InputError("train_hf_*: pass the model and tokenizer (see sims.hf.models.load_causal_lm)")
+        raise InputError("train_hf_*: pass the model and tokenizer (see sims.hf.loading.load_causal_lm)")
     _eos_id(tokenizer)
     seed_everything(cfg.seed)
     device = torch.device(cfg.device)

@@ -57,6 +57,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch.func import functional_call, jvp
 
+from sims.tables import write_tables
 from sims.tinygpt.model import TinyGPT, generate, matrix_params
 from sims.tinygpt.storage import MixedPrecisionAdamW, save_snapshot
 from sims.tinygpt.tasks import Task, Tokenizer, encode_demonstrations, task_by_name
@@ -154,11 +155,8 @@ class RunResult:
     def save(self, out_dir: str | os.PathLike) -> Path:
         """history / metrics / checks as CSV and Parquet, config as JSON, snapshots as safetensors."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in ("history", "metrics", "checks"):
-            df = getattr(self, name)
-            df.to_csv(out / f"{self.name}_{name}.csv", index=False)
-            df.to_parquet(out / f"{self.name}_{name}.parquet", index=False)
+        write_tables({name: getattr(self, name) for name in ("history", "metrics", "checks")}, out,
+                     prefix=f"{self.name}_")
         (out / f"{self.name}_config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True, default=str))
         for t, sd in self.snapshots.items():
             save_snapshot(sd, out / "snapshots" / f"{self.name}_step{t:05d}.safetensors",

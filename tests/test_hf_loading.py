@@ -1,4 +1,4 @@
-"""Tests for sims.hf.models: offline model location and loading, and the process-wide switches it sets only inside
+"""Tests for sims.hf.loading: offline model location and loading, and the process-wide switches it sets only inside
 context managers (huggingface_hub 2.4 reads HF_HUB_OFFLINE once, at import, into ``constants.HF_HUB_OFFLINE``)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from huggingface_hub import constants as hub_constants
 
-import sims.hf.models as hm
+import sims.hf.loading as hm
 from theory.errors import CheckpointError, InputError
 
 
