@@ -25,7 +25,7 @@ from sims.tinygpt.pretrain import PretrainConfig, pretrain
 from sims.tinygpt.probe import ProbeConfig
 from sims.tinygpt.rlvr import RLConfig, train_rlvr
 from sims.tinygpt.sft import SFTConfig, train_sft
-from sims.tinygpt.storage import round_to_bf16
+from sims.tinygpt.storage import round_tensor_to_bf16
 from theory.errors import InputError
 from theory.precision import probe_unchanged
 
@@ -85,7 +85,7 @@ def default_simulation_checks(seed: int = 0, budget: str = "default", *, cache_d
     sft = train_sft(copy.deepcopy(base), SFTConfig(task="counting", steps=steps, lr=3e-4, seed=seed, device=device,
                                                    probe=probe), run_name="sft")
     frames = []
-    base_stored = {n: round_to_bf16(p.detach().float().cpu()) for n, p in matrix_params(base).items()}
+    base_stored = {n: round_tensor_to_bf16(p.detach().float().cpu()) for n, p in matrix_params(base).items()}
     for res, source in ((rl, "rlvr"), (sft, "sft")):
         df = res.checks.copy()
         df["source"] = source
