@@ -12,7 +12,8 @@ every entry; ``train_rlvr_masked`` rejects ``weight_decay != 0``). Gradient clip
 whose zeros stay zero. ``train_rlvr_masked`` then checks exactly that every stored bf16 value outside the mask is
 bit-identical to the start, and raises if not.
 
-**Masks** (``structural_masks``, from the start weights W0 of each block matrix; see METRICS_AND_EXPERIMENTS.md):
+**Masks** (``structural_masks``, from the start weights W0 of each block matrix; the masks of the paper's Fig. 5
+and Fig. 9):
 ``princ`` = M_princ (top-α entries of |W0^(k)|, the rank-k reconstruction), ``princ_c`` = its complement,
 ``low`` = M_low (bottom-α of |W0|), ``safe`` = M_princ^c ∪ M_low, ``random`` = a uniformly random mask with exactly
 as many entries as ``safe`` in every matrix (seeded), ``dense`` = all entries.
