@@ -53,7 +53,7 @@ from torch import Tensor
 from sims.tinygpt.rlvr import train_rlvr
 from theory.errors import InputError, NonFiniteError, ShapeMismatchError
 from theory.metrics import low_magnitude_mask, principal_mask
-from theory.naming import MATRIX_TYPES, matrix_type
+from theory.naming import MATRIX_TYPES, layer_index, matrix_type
 
 __all__ = [
     "MASK_NAMES",
@@ -78,7 +78,7 @@ ADAPTER_METHODS = ("LoRA", "PiSSA")
 
 
 def _is_block_matrix(name: str) -> bool:
-    return matrix_type(name) != "other"
+    return matrix_type(name) != "other" and layer_index(name) is not None
 
 
 def _block_matrices(model_or_state) -> dict[str, Tensor]:
