@@ -189,7 +189,8 @@ def run_experiment(name: str, cfg: dict, out: str | Path | None = None) -> Path:
     """Run experiment ``name`` with config ``cfg`` and write its tables into ``out``; returns the directory.
 
     A claim experiment's verdicts are printed, and its own tables and ``verdicts.json`` written next to the
-    standard tables of its runs (a standard table's name wins)."""
+    standard tables of its runs, then each run's own tables (``RunResult.tables``, concatenated over the runs); a
+    name already written wins."""
     if name not in EXPERIMENTS:
         raise InputError(f"unknown experiment {name!r}; known: {sorted(EXPERIMENTS)}")
     out = Path(out) if out is not None else Path("runs") / f"{name}-{experiment_hash(name, cfg)}"
@@ -206,6 +207,8 @@ def run_experiment(name: str, cfg: dict, out: str | Path | None = None) -> Path:
         **summary_tables(results),
     }
     tables.update({tname: df for tname, df in run.tables.items() if tname not in tables})
+    for tname in dict.fromkeys(t for r in results for t in r.tables):  # each run's own tables, over its runs
+        tables.setdefault(tname, concat_tables(r.tables.get(tname) for r in results))
     write_tables(tables, out)
     if run.verdicts:
         (out / "verdicts.json").write_text(verdicts_json(run.verdicts))

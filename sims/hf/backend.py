@@ -59,7 +59,7 @@ from torch import Tensor
 
 from sims.experiments.config import section_config
 from sims.hf.loading import LoadedLM, cached_causal_lm, transformers_quiet
-from sims.hf.recorder import Recorder, probe_matrix_names
+from sims.hf.recorder import Recorder
 from sims.hf.word_problems import WordProblem, format_prompt, reward, sample_problems
 from sims.tinygpt.probe import RunResult, deterministic, seed_everything
 from sims.tinygpt.rlvr import ALGORITHMS, group_advantages, k3_kl, policy_loss
@@ -70,7 +70,6 @@ from theory.kl_leash import lemF9
 __all__ = [
     "HFRLConfig",
     "HFSFTConfig",
-    "HFRunResult",
     "train_hf_rlvr",
     "train_hf_sft",
     "sample_completions",
@@ -247,13 +246,6 @@ class HFSFTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class HFRunResult(RunResult):
-    """``sims.tinygpt.probe.RunResult`` plus the run's own tables (``sparsity`` per matrix type and snapshot step)."""
-
-    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -451,7 +443,7 @@ def _start(model, tokenizer, cfg):
 
 
 def train_hf_rlvr(model: torch.nn.Module, tokenizer, cfg: HFRLConfig, *, run_name: str = "hf_rlvr",
-                  model_note: str = "") -> HFRunResult:
+                  model_note: str = "") -> RunResult:
     """Train ``model`` in place by RLVR on word problems (see the module docstring). Deterministic on one machine:
     the same config and starting weights give bit-identical stored weights and tables."""
     with deterministic(cfg.threads), transformers_quiet():
@@ -474,7 +466,7 @@ def _chunked_logprobs(model, r: Rollout, micro: int) -> Tensor:
                           for i in range(0, r.sequences.shape[0], micro)])
 
 
-def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note: str) -> HFRunResult:
+def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note: str) -> RunResult:
     t_start = time.perf_counter()
     device, opt = _start(model, tokenizer, cfg)
     ref = None
@@ -554,16 +546,16 @@ def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note:
     return _result("rlvr", run_name, cfg, model_note, history, rec, opt, t_start)
 
 
-def _result(kind, run_name, cfg, model_note, history, rec: Recorder, opt, t_start) -> HFRunResult:
+def _result(kind, run_name, cfg, model_note, history, rec: Recorder, opt, t_start) -> RunResult:
     metrics, checks, sparsity = rec.frames()
     config = {**cfg.to_dict(), "model": cfg.model or "SmolLM2-135M-Instruct (GGUF)", "model_note": model_note}
-    return HFRunResult(kind=kind, name=run_name, config=config, history=pd.DataFrame(history), metrics=metrics,
+    return RunResult(kind=kind, name=run_name, config=config, history=pd.DataFrame(history), metrics=metrics,
                        checks=checks, snapshots=rec.snapshots, master=opt.master_state_dict(),
                        wall_seconds=time.perf_counter() - t_start, tables={"hf_sparsity": sparsity})
 
 
 def train_hf_sft(model: torch.nn.Module, tokenizer, cfg: HFSFTConfig, *, run_name: str = "hf_sft",
-                 model_note: str = "") -> HFRunResult:
+                 model_note: str = "") -> RunResult:
     """Train ``model`` in place by SFT on worked solutions (mean NLL per completion token); deterministic."""
     with deterministic(cfg.threads), transformers_quiet():
         return _train_hf_sft(model, tokenizer, cfg, run_name, model_note)
@@ -585,7 +577,7 @@ def _demo_loss(model, demo: Rollout, micro: int, autocast, *, backward: bool) ->
     return total
 
 
-def _train_hf_sft(model, tokenizer, cfg: HFSFTConfig, run_name: str, model_note: str) -> HFRunResult:
+def _train_hf_sft(model, tokenizer, cfg: HFSFTConfig, run_name: str, model_note: str) -> RunResult:
     t_start = time.perf_counter()
     device, opt = _start(model, tokenizer, cfg)
     rec = Recorder(model, cfg, run_name, "sft", device)
@@ -667,14 +659,14 @@ def experiment_config(cfg: Mapping[str, Any], section: str, cls):
     return _build_config(cls, sec, where=section)
 
 
-def run_hf_rlvr(cfg: Mapping[str, Any]) -> list[HFRunResult]:
+def run_hf_rlvr(cfg: Mapping[str, Any]) -> list[RunResult]:
     """RLVR on a real HF causal LM (default SmolLM2-135M GGUF, offline) on word problems; [hf_rlvr] section."""
     c = experiment_config(cfg, "hf_rlvr", HFRLConfig)
     lm = _load_for(c)
     return [train_hf_rlvr(lm.model, lm.tokenizer, c, model_note=lm.note)]
 
 
-def run_hf_sft(cfg: Mapping[str, Any]) -> list[HFRunResult]:
+def run_hf_sft(cfg: Mapping[str, Any]) -> list[RunResult]:
     """SFT on worked solutions on a real HF causal LM (default SmolLM2-135M GGUF); [hf_sft] section."""
     c = experiment_config(cfg, "hf_sft", HFSFTConfig)
     lm = _load_for(c)

@@ -47,7 +47,7 @@ import math
 import os
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -140,7 +140,8 @@ class ProbeConfig:
 
 @dataclass
 class RunResult:
-    """Everything a probed training run produced. ``snapshots[t]`` = stored weights at probed step t (CPU)."""
+    """Everything a probed training run produced. ``snapshots[t]`` = stored weights at probed step t (CPU);
+    ``tables``: the run's own further tables by name (e.g. the HF backend's ``hf_sparsity``)."""
 
     kind: str
     name: str
@@ -151,12 +152,13 @@ class RunResult:
     snapshots: dict[int, dict[str, torch.Tensor]]
     master: dict[str, torch.Tensor]
     wall_seconds: float
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """history / metrics / checks as CSV and Parquet, config as JSON, snapshots as safetensors."""
         out = Path(out_dir)
-        write_tables({name: getattr(self, name) for name in ("history", "metrics", "checks")}, out,
-                     prefix=f"{self.name}_")
+        write_tables({**{name: getattr(self, name) for name in ("history", "metrics", "checks")}, **self.tables},
+                     out, prefix=f"{self.name}_")
         (out / f"{self.name}_config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True, default=str))
         for t, sd in self.snapshots.items():
             save_snapshot(sd, out / "snapshots" / f"{self.name}_step{t:05d}.safetensors",
