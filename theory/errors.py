@@ -25,3 +25,7 @@ class ZeroGapError(InputError):
 
 class CheckpointError(ThreegateError, OSError):
     """A checkpoint that is missing, truncated, pickle-based, or otherwise unreadable."""
+
+
+class MissingExtraError(ThreegateError, ImportError):
+    """An optional dependency a requested feature needs is not installed; the message names the extra to install."""

@@ -40,6 +40,7 @@ from paper_figs.report import write_report
 from sims.claims.base import write_claim_run
 from sims.experiments import registry, sim_verify
 from theory.check import Check, Result
+from threegate import tutorials
 
 GATE_ORDER = {"I": 0, "II": 1, "III": 2}
 
@@ -293,7 +294,8 @@ def run(args: argparse.Namespace) -> int:
         write_outputs(out, verdicts, check_rows, args.json_path)
     print(format_table(verdicts))
     if not args.no_report:
-        print(f"report: {write_report(out, out / 'report')}")
+        page = write_report(out, out / "report", tutorials=tutorials.read_executed(out))
+        print(f"report: {page}")
     bad_exact = [v for v in verdicts if v.exact and v.verdict == "violated"]
     errors = [v for v in verdicts if v.verdict == "error"]
     print(f"\n{len(verdicts)} rows in {time.perf_counter() - t0:.0f}s; tables in {out}/"
