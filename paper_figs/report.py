@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from paper_figs import paper_figs as pf
 from paper_figs import schemas, theory_figs
+from theory import RESULTS
 from theory.errors import CheckpointError, InputError, ThreegateError
 
 __all__ = ["add_arguments", "run", "write_report", "render_all", "RenderedFigure", "Report", "TutorialPage",
@@ -286,10 +287,6 @@ def _verdict_table(df: pd.DataFrame) -> str:
 
 
 def _statements() -> str:
-    try:
-        from theory import RESULTS
-    except Exception as e:  # pragma: no cover - the report still renders without the theory package
-        return f'<p class="error">theory.RESULTS could not be imported: {_e(e)}</p>'
     if not RESULTS:
         return "<p>No results registered.</p>"
     rows = []

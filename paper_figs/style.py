@@ -17,6 +17,7 @@ matplotlib.use("Agg")  # headless: figures are files, never windows
 
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 __all__ = [
     "OKABE_ITO",
@@ -162,6 +163,4 @@ def add_identity_line(ax: Any, lo: float, hi: float) -> Any:
 
 def integer_ticks(ax: Any, axis: str = "x") -> None:
     """Integer-only tick labels (layers, indices, steps)."""
-    from matplotlib.ticker import MaxNLocator
-
     (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))

@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from sims.experiments.registry import EXPERIMENTS, config_hash, load_config, run_experiment
+import sims.claims.base
+from sims.claims import consistency, geometry, interventions, peft, sparsity
+from sims.experiments.registry import CLAIM_EXPERIMENTS, EXPERIMENTS, run_claims, run_experiment
 from sims.experiments.sim_verify import SIM_COLUMNS, default_simulation_checks
 from sims.tinygpt.storage import load_snapshot
 from theory.errors import InputError
@@ -33,8 +35,18 @@ def _fast_config(cache) -> dict:
     }
 
 
-def test_registry_names():
-    assert {"rlvr", "sft", "rl_vs_sft", "clip_eps"} <= set(EXPERIMENTS)
+FAST_PRETRAIN = {"preset": "fast", "cache_dir": ".cache/threegate"}
+
+
+def test_registry_lists_every_experiment_in_one_place():
+    assert list(EXPERIMENTS) == ["rlvr", "sft", "rl_vs_sft", "clip_eps", "sparsity", "mask_predictor", "consistency",
+                                 "geometry", "interventions", "kl_beta0", "masked_runs", "lora_pissa", "hf_rlvr",
+                                 "hf_sft"]
+    assert all(EXPERIMENTS[name].fn is fn for name, fn in CLAIM_EXPERIMENTS.items())
+    assert EXPERIMENTS["sparsity"].doc.startswith("Table 1 + Sec. 2.3 at our scale")
+    # the claim modules only define functions: nothing registers itself on import
+    for mod in (sims.claims.base, consistency, geometry, interventions, peft, sparsity):
+        assert not hasattr(mod, "CLAIM_EXPERIMENTS") and not hasattr(mod, "claim_experiments"), mod.__name__
 
 
 def test_clip_eps_sweep_reports_lemma_f9_per_step(tmp_path, cache):
@@ -52,22 +64,6 @@ def test_clip_eps_sweep_reports_lemma_f9_per_step(tmp_path, cache):
     assert (t["k3"] >= 0).all() and (t["small_step"] >= 0).all()
     with pytest.raises(InputError, match="clip_eps"):
         run_experiment("clip_eps", {**cfg, "clip_eps": {"eps": [1.5]}}, tmp_path / "bad")
-
-
-def test_load_config_toml_json_and_errors(tmp_path):
-    (tmp_path / "c.toml").write_text('seed = 3\n[rlvr]\nsteps = 4\n[rlvr.probe]\nsteps = [1, 2]\n')
-    assert load_config(tmp_path / "c.toml") == {"seed": 3, "rlvr": {"steps": 4, "probe": {"steps": [1, 2]}}}
-    (tmp_path / "c.json").write_text('{"seed": 3}')
-    assert load_config(tmp_path / "c.json") == {"seed": 3}
-    with pytest.raises(InputError, match="does not exist"):
-        load_config(tmp_path / "missing.toml")
-    (tmp_path / "bad.toml").write_text("seed = = 3")
-    with pytest.raises(InputError, match="not valid TOML"):
-        load_config(tmp_path / "bad.toml")
-    (tmp_path / "c.yaml").write_text("seed: 3")
-    with pytest.raises(InputError, match="unsupported extension"):
-        load_config(tmp_path / "c.yaml")
-    assert config_hash("rlvr", {"a": 1}) != config_hash("sft", {"a": 1})
 
 
 def test_rl_vs_sft_writes_tidy_tables_from_one_checkpoint(tmp_path, cache):
@@ -206,3 +202,25 @@ def test_section_config_turns_every_list_of_a_config_file_into_a_tuple():
     lp = config_from_section(LoraPissaConfig, {"lora_pissa": {"ranks": [2, 4], "lrs": [1e-3]}}, "lora_pissa")
     assert lp.ranks == (2, 4) and lp.lrs == (1e-3,)
     hash(lp)
+
+
+def test_run_claims_writes_tables_and_verdicts(tmp_path, capsys):
+    cfg = {"pretrain": FAST_PRETRAIN, "mask_predictor": {"preset": "fast", "rl_steps": 1}}
+    run, out = run_claims("mask_predictor", cfg, tmp_path / "mp")
+    assert (out / "mask_predictor.parquet").is_file() and (out / "history.csv").is_file()
+    saved = json.loads((out / "verdicts.json").read_text())
+    assert [s["verdict"] for s in saved] == [v.verdict for v in run.verdicts]
+    assert pd.read_csv(out / "verdicts.csv")["verdict"].tolist() == [v.verdict for v in run.verdicts]
+    assert run.verdicts[0].verdict.upper() in capsys.readouterr().out
+    assert {"sparsity", "mask_predictor"} <= set(EXPERIMENTS)
+    with pytest.raises(InputError, match="unknown claim experiment"):
+        run_claims("nope", cfg, tmp_path / "x")
+
+
+def test_threegate_run_writes_claim_tables_and_verdicts(tmp_path, capsys):
+    """`threegate run mask_predictor` writes the claim tables and verdicts.json, not only the standard tables."""
+    cfg = {"pretrain": FAST_PRETRAIN, "mask_predictor": {"preset": "fast", "rl_steps": 1}}
+    out = run_experiment("mask_predictor", cfg, tmp_path / "mp")
+    assert (out / "mask_predictor.csv").is_file()
+    verdicts = json.loads((out / "verdicts.json").read_text())
+    assert verdicts and all(v["verdict"] in {"reproduced", "not reproduced", "inconclusive"} for v in verdicts)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 __all__ = ["Check", "Result", "RESULTS", "register", "make_check", "assumption_failed"]
 
@@ -183,9 +183,3 @@ def register(
         return fn
 
     return deco
-
-
-def iter_results(gate: str | None = None) -> Iterator[Result]:
-    for r in _RESULTS.values():
-        if gate is None or r.gate == gate:
-            yield r

@@ -62,11 +62,6 @@ def to_f64(x: Any, name: str = "input", *, ndim: int | None = 2, check_finite: b
     return arr
 
 
-def same_shape(a: Array64, b: Array64, names: tuple[str, str] = ("W0", "W1")) -> None:
-    if a.shape != b.shape:
-        raise ShapeMismatchError(f"{names[0]} has shape {a.shape} but {names[1]} has shape {b.shape}")
-
-
 class SVD(NamedTuple):
     U: Float[np.ndarray, "m r"]
     S: Float[np.ndarray, " r"]

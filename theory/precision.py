@@ -334,10 +334,6 @@ def _i64_bits(xp: Any, s: Any) -> Any:
     return s.view(np.int64) if xp is np else s.view(xp.int64)
 
 
-def _as_int64(xp: Any, b: Any) -> Any:
-    return b.astype(np.int64) if xp is np else b.to(xp.int64)
-
-
 def _bits32_to_f64(xp: Any, bits: Any) -> Any:
     """float64 values of float32 bit patterns held in int64 (exact)."""
     if xp is np:

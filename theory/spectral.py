@@ -21,7 +21,7 @@ Results (id: statement):
 Wedin's hypotheses, exactly. Stewart & Sun Thm V.4.4 needs alpha >= 0 and delta > 0 with
 sigma_min(Sigma~_1) >= alpha + delta and sigma_max(Sigma_2) <= alpha, where Sigma_2 is the complement block of W0,
 an (m-k) x (n-k) matrix that carries |m - n| structural zero singular values. For k < r this is
-THEORY.md's delta = sigma_k(W1) - sigma_{k+1}(W0) (and sigma_k(W1) >= delta follows from alpha >= 0, so the zeros
+Wedin's usual delta = sigma_k(W1) - sigma_{k+1}(W0) (and sigma_k(W1) >= delta follows from alpha >= 0, so the zeros
 never bind). At k = r < max(m, n) there is no sigma_{k+1}(W0) but the complement is not empty: its singular values
 are the zeros, so alpha = 0 and delta = sigma_r(W1). Reading "no sigma_{k+1}" as "no constraint" (delta = inf,
 bound 0) is wrong: W0 = [[1], [0]], W1 = [[1], [1]] rotates U_1 by 45 degrees (see ``wedin_gap``).
@@ -49,14 +49,17 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+import pandas as pd
 from jaxtyping import Float
+from threadpoolctl import threadpool_limits
 
 from theory.check import Check, assumption_failed, make_check, register
 from theory.errors import InputError, NonFiniteError, ShapeMismatchError
 from theory.linalg import SVD, sin_theta, to_f64
+from theory.synthetic import PERTURBATION_FAMILIES, SPECTRUM_FAMILIES, synthetic_pair
 
 __all__ = [
     "GATE2_IDS",
@@ -74,6 +77,9 @@ __all__ = [
     "cor34_weyl",
     "cor34_mirsky",
     "cor35_kyfan",
+    "gate2_synthetic",
+    "gate2_grid",
+    "synthetic_sweep",
 ]
 
 EPS64 = float(np.finfo(np.float64).eps)
@@ -469,6 +475,71 @@ def _one(result_id: str) -> Callable[..., Check]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Gate II on seeded synthetic pairs (``theory.synthetic``): one instance, a grid, the sweep table
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def gate2_synthetic(seed: int, spectrum: str, perturbation: str, m: int, n: int, k: int, ratio: float, *,
+                    device: Any = None, **spectrum_params) -> tuple[float, dict[str, Check]]:
+    """Every Gate II check on one seeded synthetic pair (``theory.synthetic.synthetic_pair``; a ``kl_budget``
+    pair also gets its KL-form bound); returns (||W1 - W0||_2 / gamma_k(W0) measured on the float64 matrices,
+    the checks).
+    """
+    pair = synthetic_pair(seed, spectrum, perturbation, m, n, k, ratio, **spectrum_params)
+    kl = {key: pair[key] for key in ("delta_W", "mu_W") if key in pair}
+    checks = gate2_all(pair["W0"], pair["W1"], k, device=device, **kl)
+    return float(checks["thm3.3"].details.get("dW_over_gap", np.nan)), checks
+
+
+def gate2_grid(seed: int, ratios: Iterable[float], *, spectra: Iterable[str], perturbations: Iterable[str],
+               shapes: Iterable[tuple[int, int]], k: int) -> Iterator[tuple[dict[str, Any], dict[str, Check]]]:
+    """Yield ``(instance, checks)`` over spectra x perturbations x shapes x ratios (last varies fastest).
+
+    ``instance`` = {"instance", "seed", "spectrum", "perturbation", "m", "n", "k", "target_ratio",
+    "dW_over_gap"}; instance i is seeded by the i-th word of ``SeedSequence(seed)`` (the same grid and seed give
+    the same bits).
+    """
+    grid = [(s, p, sh, float(r)) for s in spectra for p in perturbations for sh in shapes for r in ratios]
+    child_seeds = np.random.SeedSequence(seed).generate_state(len(grid), dtype=np.uint32)
+    for i, ((sfam, pfam, (m, n), target), cs) in enumerate(zip(grid, child_seeds)):
+        dW_over_gap, checks = gate2_synthetic(int(cs), sfam, pfam, m, n, k, target)
+        yield ({"instance": i, "seed": int(cs), "spectrum": sfam, "perturbation": pfam, "m": m, "n": n, "k": k,
+                "target_ratio": target, "dW_over_gap": dW_over_gap}, checks)
+
+
+def synthetic_sweep(
+    seed: int = 0,
+    ratios: Iterable[float] = tuple(np.logspace(-4, 0.5, 19)),
+    *,
+    spectra: Sequence[str] = SPECTRUM_FAMILIES,
+    perturbations: Sequence[str] = PERTURBATION_FAMILIES,
+    shapes: Sequence[tuple[int, int]] = ((12, 8), (8, 12)),
+    k: int = 3,
+) -> pd.DataFrame:
+    """Evaluate every Gate II check over ||dW||_2 / gamma_k = ``ratios`` (by default 1e-4 to 10^0.5 ~ 3.16, four
+    per decade) on every spectrum x perturbation family x shape; keep every row (7 checks per instance).
+
+    Columns: ``instance`` (id), ``seed``, ``spectrum``, ``perturbation``, ``m``, ``n``, ``k``, ``target_ratio``,
+    ``dW_over_gap`` (||W1 - W0||_2 / gamma_k(W0), both measured from the float64 matrices; it differs from
+    ``target_ratio`` by the rounding of W0 + dW, visible when gamma_k is tiny), then ``Check.as_row()``:
+    ``result_id``, ``lhs``, ``rhs``, ``ratio`` (= lhs / rhs), ``slack``, ``holds``, ``assumptions_hold``,
+    ``failed_assumption`` ("" if none), ``verdict``, and the scalar details as ``d_*``. Each instance has its own
+    seed derived from ``seed``. ``df.attrs["regime"] = "dW_over_gap"`` (the x axis of the figures).
+    """
+    rows = []
+    with threadpool_limits(1):  # tiny matrices: a multi-threaded BLAS only oversubscribes the cores
+        for inst, checks in gate2_grid(seed, ratios, spectra=spectra, perturbations=perturbations, shapes=shapes,
+                                       k=k):
+            for c in checks.values():
+                row = {**inst, **c.as_row()}
+                row["failed_assumption"] = row["failed_assumption"] or ""
+                rows.append(row)
+    df = pd.DataFrame(rows)
+    df.attrs["regime"] = "dW_over_gap"
+    return df
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Registration and campaigns
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -530,24 +601,14 @@ def counterexample_as_stated() -> tuple[np.ndarray, np.ndarray, int]:
 def _campaign_checks(seed: int) -> tuple[dict[str, Check], ...]:
     """Every Gate II check on a seeded family: 5 spectra x 5 perturbations x 2 shapes x 4 ratios, plus the
     structured counterexample to the as-stated form."""
-    from threadpoolctl import threadpool_limits
-
     with threadpool_limits(1):  # tiny matrices: a multi-threaded BLAS only oversubscribes the cores
         return _campaign_instances(seed)
 
 
 def _campaign_instances(seed: int) -> tuple[dict[str, Check], ...]:
-    from theory.synthetic import PERTURBATION_FAMILIES, SPECTRUM_FAMILIES, synthetic_pair
-
-    out = [gate2_all(*counterexample_as_stated())]
-    ss = np.random.SeedSequence(seed)
-    grid = [(s, p, sh, r) for s in SPECTRUM_FAMILIES for p in PERTURBATION_FAMILIES
-            for sh in ((10, 6), (6, 10)) for r in (1e-3, 0.1, 0.7, 2.0)]
-    for (sfam, pfam, (m, n), ratio), cs in zip(grid, ss.generate_state(len(grid), dtype=np.uint32)):
-        inst = synthetic_pair(int(cs), sfam, pfam, m, n, 2, ratio)
-        kl = {key: inst[key] for key in ("delta_W", "mu_W") if key in inst}
-        out.append(gate2_all(inst["W0"], inst["W1"], 2, **kl))
-    return tuple(out)
+    grid = gate2_grid(seed, (1e-3, 0.1, 0.7, 2.0), spectra=SPECTRUM_FAMILIES, perturbations=PERTURBATION_FAMILIES,
+                      shapes=((10, 6), (6, 10)), k=2)
+    return (gate2_all(*counterexample_as_stated()), *(checks for _, checks in grid))
 
 
 def _attach_campaign(fn: Callable[..., Check], rid: str) -> None:

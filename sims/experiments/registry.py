@@ -17,6 +17,10 @@ writes into ``--out`` (default ``runs/NAME-<config hash>``):
 * ``config.json`` (the resolved configuration, seed included), ``run.json`` (seed, wall times, versions) and the
   stored-weight snapshots (safetensors) under ``snapshots/``.
 
+Every experiment ``threegate run`` knows is in ``EXPERIMENTS`` (this module is the only place that lists them):
+the TinyGPT runs above, the claim experiments of ``sims.claims`` (``CLAIM_EXPERIMENTS``: each also writes its own
+tables and ``verdicts.json``) and ``hf_rlvr`` / ``hf_sft`` on a real Hugging Face model (``sims.hf.backend``).
+
 Config files are TOML or JSON::
 
     seed = 0                       # optional: overrides the seed of every run
@@ -40,128 +44,47 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import platform
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
-import numpy as np
 import pandas as pd
 import torch
 
+from sims.claims import consistency, geometry, interventions, peft, sparsity
+from sims.claims.base import ClaimRun, print_verdicts, verdicts_json, write_claim_run
+from sims.experiments.config import experiment_hash, load_config, section_config
+from sims.experiments.pretrained import base_model
+from sims.hf.backend import run_hf_rlvr, run_hf_sft
+from sims.tables import concat_tables, summary_tables, write_tables
 from sims.tinygpt.probe import ProbeConfig, RunResult
+from sims.tinygpt.rlvr import RLConfig, train_rlvr
+from sims.tinygpt.sft import SFTConfig, train_sft
+from sims.tinygpt.storage import save_snapshot
 from theory.errors import InputError
 
-__all__ = ["EXPERIMENTS", "Experiment", "experiment", "load_config", "config_hash", "section_config", "run_experiment",
-           "summary_tables", "add_arguments", "run"]
-
-
-@dataclass(frozen=True)
-class Experiment:
-    name: str
-    doc: str
-    fn: Callable[[dict], list[RunResult]]
-
-
-EXPERIMENTS: dict[str, Experiment] = {}
-
-
-def experiment(name: str) -> Callable[[Callable[[dict], list[RunResult]]], Callable[[dict], list[RunResult]]]:
-    def deco(fn):
-        EXPERIMENTS[name] = Experiment(name, (fn.__doc__ or "").strip().splitlines()[0], fn)
-        return fn
-
-    return deco
+__all__ = ["Experiment", "EXPERIMENTS", "CLAIM_EXPERIMENTS", "load_config", "experiment_hash", "section_config",
+           "run_experiment", "run_claims", "add_arguments", "run"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Configuration
-
-
-def load_config(path: str | Path | None) -> dict:
-    """Read a TOML or JSON config file (None: empty config, every default)."""
-    if path is None:
-        return {}
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"config file {path} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            return tomllib.loads(text)
-        if path.suffix == ".json":
-            cfg = json.loads(text)
-            if not isinstance(cfg, dict):
-                raise InputError(f"config file {path}: top level must be an object")
-            return cfg
-    except (ValueError, TypeError) as e:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
-        raise InputError(f"config file {path} is not valid {path.suffix[1:].upper()}: {e}") from None
-    raise InputError(f"config file {path}: unsupported extension {path.suffix!r} (use .toml or .json)")
-
-
-def config_hash(name: str, cfg: Mapping) -> str:
-    return hashlib.sha256(json.dumps({"experiment": name, "config": cfg}, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def section_config(cls, section: Mapping | None, *, where: str, presets: tuple[str, ...] | None = None,
-                   default: str | None = None, **forced):
-    """A config dataclass ``cls`` from the config-file section ``[where]``.
-
-    With ``presets``, the key ``preset`` (default ``default``) picks a named constructor: the classmethod of that
-    name, or plain ``cls(...)`` when the class has none; the section's other keys override fields. ``forced`` keys
-    (e.g. ``seed`` from the command line) override the section when not None. An unknown key or preset is an
-    InputError naming the section. Lists (all a TOML / YAML file can give) become tuples: config dataclasses are
-    frozen and hash into cache keys."""
-    sec = {k: tuple(v) if isinstance(v, list) else v for k, v in (section or {}).items()}
-    sec.update({k: v for k, v in forced.items() if v is not None})
-    preset = sec.pop("preset", default) if presets is not None else None
-    if presets is not None and preset not in presets:
-        raise InputError(f"[{where}] preset must be one of {list(presets)}, got {preset!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(sec) - known)
-    if unknown:
-        raise InputError(f"[{where}] unknown keys {unknown}; known: {sorted(known)}")
-    make = getattr(cls, preset, None) if preset is not None else None
-    return make(**sec) if callable(make) else cls(**sec)
-
-
-def _pretrain_config(cfg: Mapping):
-    from sims.tinygpt.pretrain import PretrainConfig
-
-    sec = dict(cfg.get("pretrain", {}))
-    sec.pop("cache_dir", None)  # where the cache lives, not what is trained
-    return section_config(PretrainConfig, sec, where="pretrain", presets=("fast", "default"), default="default")
-
-
-def _base_model(cfg: Mapping):
-    from sims.tinygpt.pretrain import pretrain
-
-    pcfg = _pretrain_config(cfg)
-    cache = cfg.get("pretrain", {}).get("cache_dir", ".cache/threegate")
-    model, info = pretrain(pcfg, cache_dir=cache, device=cfg.get("device", "cpu"))
-    return model, info
+# Configuration of the TinyGPT runs
 
 
 def _with_endpoints(probe: ProbeConfig, steps: int) -> ProbeConfig:
     return replace(probe, steps=tuple(sorted(set(probe.steps) | {0, steps})))
 
 
-def _rl_config(cfg: Mapping):
-    from sims.tinygpt.rlvr import RLConfig
-
+def _rl_config(cfg: Mapping) -> RLConfig:
     rc = section_config(RLConfig, cfg.get("rlvr"), where="rlvr", seed=cfg.get("seed"), device=cfg.get("device"))
     rc.probe = _with_endpoints(rc.probe, rc.steps)
     return rc
 
 
-def _sft_config(cfg: Mapping):
-    from sims.tinygpt.sft import SFTConfig
-
+def _sft_config(cfg: Mapping) -> SFTConfig:
     sc = section_config(SFTConfig, cfg.get("sft"), where="sft", seed=cfg.get("seed"), device=cfg.get("device"))
     sc.probe = _with_endpoints(sc.probe, sc.steps)
     return sc
@@ -171,31 +94,21 @@ def _sft_config(cfg: Mapping):
 # The experiments
 
 
-@experiment("rlvr")
 def exp_rlvr(cfg: dict) -> list[RunResult]:
     """RLVR (GRPO / DAPO / REINFORCE+KL) from the pretrained model, with probes and theory checks on real steps."""
-    from sims.tinygpt.rlvr import train_rlvr
-
-    model, _ = _base_model(cfg)
+    model, _ = base_model(cfg)
     return [train_rlvr(model, _rl_config(cfg), run_name="rlvr")]
 
 
-@experiment("sft")
 def exp_sft(cfg: dict) -> list[RunResult]:
     """SFT on correct demonstrations from the pretrained model, with probes and theory checks on real steps."""
-    from sims.tinygpt.sft import train_sft
-
-    model, _ = _base_model(cfg)
+    model, _ = base_model(cfg)
     return [train_sft(model, _sft_config(cfg), run_name="sft")]
 
 
-@experiment("rl_vs_sft")
 def exp_rl_vs_sft(cfg: dict) -> list[RunResult]:
     """RLVR and SFT on the same task from the same pretrained checkpoint (Table 1 / Fig. 4 at our scale)."""
-    from sims.tinygpt.rlvr import train_rlvr
-    from sims.tinygpt.sft import train_sft
-
-    model, _ = _base_model(cfg)
+    model, _ = base_model(cfg)
     rl_cfg, sft_cfg = _rl_config(cfg), _sft_config(cfg)
     if "task" not in cfg.get("sft", {}):
         sft_cfg.task = rl_cfg.task  # the same task unless the config says otherwise
@@ -203,11 +116,8 @@ def exp_rl_vs_sft(cfg: dict) -> list[RunResult]:
             train_sft(copy.deepcopy(model), sft_cfg, run_name="sft")]
 
 
-@experiment("clip_eps")
 def exp_clip_eps(cfg: dict) -> list[RunResult]:
     """Lemma F.9 on real clip-only (DAPO) runs over a sweep of clip widths eps: band violations and KL vs eps."""
-    from sims.tinygpt.rlvr import train_rlvr
-
     sweep = dict(cfg.get("clip_eps", {}))
     eps_list = [float(e) for e in sweep.pop("eps", [0.05, 0.1, 0.2, 0.4])]
     ratio_high = float(sweep.pop("high_over_low", 1.4))  # DAPO clip-higher: eps_high = ratio * eps_low
@@ -215,7 +125,7 @@ def exp_clip_eps(cfg: dict) -> list[RunResult]:
         raise InputError(f"[clip_eps] unknown keys {sorted(sweep)}; known: ['eps', 'high_over_low']")
     if not eps_list or any(not 0 < e < 1 for e in eps_list) or ratio_high <= 1:
         raise InputError(f"[clip_eps] need eps in (0, 1) and high_over_low > 1, got {eps_list}, {ratio_high}")
-    model, _ = _base_model(cfg)
+    model, _ = base_model(cfg)
     out = []
     for eps in eps_list:
         rl = dict(cfg.get("rlvr", {}))
@@ -230,122 +140,104 @@ def exp_clip_eps(cfg: dict) -> list[RunResult]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tables
+# The registry
 
 
-def summary_tables(results: list[RunResult], k: int | None = None) -> dict[str, pd.DataFrame]:
-    """sparsity / spectrum / angles (final probed step vs step 0) and kl_beta0 from probed runs."""
-    from theory.naming import layer_index, matrix_type  # TinyGPT and HF names alike
-    from theory.linalg import singular_values
-    from theory.metrics import bf16_changed_count, principal_angles_topk
+@dataclass(frozen=True)
+class Experiment:
+    """A ``threegate run`` name: ``fn(cfg)`` returns the training runs, or a ``ClaimRun`` (runs, tables, verdicts)."""
 
-    sparsity, spectrum, angles, klb = [], [], [], []
-    for res in results:
-        method = "RL" if res.kind == "rlvr" else "SFT"
-        steps = res.config.get("steps")
-        seed = res.config.get("seed")
-        kk = k or res.config.get("probe", {}).get("k", 4)
-        if 0 not in res.snapshots or len(res.snapshots) < 2:
-            continue
-        last = max(res.snapshots)
-        base, final = res.snapshots[0], res.snapshots[last]
-        pooled: dict[str, list[int]] = {}
-        model = res.config.get("model") or "TinyGPT"
-        for name in base:
-            mt, layer = matrix_type(name), layer_index(name)
-            if mt == "other" or layer is None or base[name].ndim != 2:
-                continue
-            changed, n = bf16_changed_count(base[name], final[name]), base[name].numel()
-            for key in (mt, "all"):
-                acc = pooled.setdefault(key, [0, 0])
-                acc[0] += changed
-                acc[1] += n
-            s0, s1 = singular_values(base[name]), singular_values(final[name])
-            for i, (a, b) in enumerate(zip(s0, s1)):
-                spectrum.append({"run": res.name, "layer": layer, "matrix_type": mt, "i": i, "sigma_base": a,
-                                 "sigma_tuned": b, "seed": seed, "steps": steps})
-            aU, aV = principal_angles_topk(base[name], final[name], kk)
-            for side, arr in (("U", aU), ("V", aV)):
-                for i, th in enumerate(np.atleast_1d(arr)):
-                    angles.append({"run": res.name, "layer": layer, "matrix_type": mt, "side": side, "i": i,
-                                   "angle_deg": float(np.degrees(th)), "k": kk, "seed": seed, "steps": steps})
-        for mt, (c, n) in pooled.items():
-            sparsity.append({"run": res.name, "method": method, "matrix_type": mt, "sparsity": 1 - c / n,
-                             "changed": c, "total": n, "precision": res.config.get("precision"), "seed": seed,
-                             "steps": steps, "model": model})
-        if res.kind == "rlvr" and res.config.get("beta", 0) == 0:
-            m = res.metrics
-            for _, row in m[m["metric"] == "kl_tok_base"].iterrows():
-                klb.append({"run": res.name, "step": int(row["step"]), "kl": row["value"], "beta": 0.0,
-                            "seed": seed, "steps": steps, "model": model})
-    clip = []
-    for res in results:
-        c = res.checks
-        if c.empty or "lemF.9" not in set(c["result_id"]):
-            continue
-        for _, row in c[c["result_id"] == "lemF.9"].iterrows():
-            clip.append({"run": res.name, "step": int(row["step"]), "eps": row["d_eps"],
-                         "eps_low": res.config.get("eps_low"), "eps_high": res.config.get("eps_high"),
-                         "violation_fraction": row["d_violation_fraction"], "k1": row["d_k1"], "k3": row["d_k3"],
-                         "small_step": row["d_small_step"], "mean_len": row["d_mean_len"], "bound": row["rhs"],
-                         "small_step_band_bound": row["d_small_step_band_bound"],
-                         "assumptions_hold": bool(row["assumptions_hold"]), "lr": res.config.get("lr"),
-                         "seed": res.config.get("seed")})
-    return {"sparsity": pd.DataFrame(sparsity), "spectrum": pd.DataFrame(spectrum), "angles": pd.DataFrame(angles),
-            "kl_beta0": pd.DataFrame(klb), "clip_eps": pd.DataFrame(clip)}
+    name: str
+    doc: str
+    fn: Callable[[dict], list[RunResult] | ClaimRun]
 
 
-def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    frames = [f for f in frames if f is not None and len(f.columns)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+#: The claim experiments (``fn(cfg) -> ClaimRun``, config section ``[name]``, ``preset = "fast"`` in seconds).
+CLAIM_EXPERIMENTS: dict[str, Callable[[Mapping], ClaimRun]] = {
+    "sparsity": sparsity.sparsity_experiment,
+    "mask_predictor": sparsity.mask_predictor_experiment,
+    "consistency": consistency.consistency_experiment,
+    "geometry": geometry.geometry_experiment,
+    "interventions": interventions.interventions_experiment,
+    "kl_beta0": interventions.kl_beta0_experiment,
+    "masked_runs": peft.masked_runs_experiment,
+    "lora_pissa": peft.lora_pissa_experiment,
+}
 
 
-def _write_table(df: pd.DataFrame, out: Path, name: str) -> None:
-    df.to_csv(out / f"{name}.csv", index=False)
-    df.to_parquet(out / f"{name}.parquet", index=False)
+def _experiment(name: str, fn: Callable) -> Experiment:
+    return Experiment(name, (fn.__doc__ or name).strip().splitlines()[0], fn)
+
+
+#: Every experiment ``threegate run`` knows, in the order ``threegate run --list`` shows them.
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
+    _experiment("rlvr", exp_rlvr),
+    _experiment("sft", exp_sft),
+    _experiment("rl_vs_sft", exp_rl_vs_sft),
+    _experiment("clip_eps", exp_clip_eps),
+    *(_experiment(name, fn) for name, fn in CLAIM_EXPERIMENTS.items()),
+    _experiment("hf_rlvr", run_hf_rlvr),
+    _experiment("hf_sft", run_hf_sft),
+)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running and writing
 
 
 def run_experiment(name: str, cfg: dict, out: str | Path | None = None) -> Path:
-    """Run experiment ``name`` with config ``cfg`` and write its tables into ``out``; returns the directory."""
+    """Run experiment ``name`` with config ``cfg`` and write its tables into ``out``; returns the directory.
+
+    A claim experiment's verdicts are printed, and its own tables and ``verdicts.json`` written next to the
+    standard tables of its runs, then each run's own tables (``RunResult.tables``, concatenated over the runs); a
+    name already written wins."""
     if name not in EXPERIMENTS:
         raise InputError(f"unknown experiment {name!r}; known: {sorted(EXPERIMENTS)}")
-    out = Path(out) if out is not None else Path("runs") / f"{name}-{config_hash(name, cfg)}"
+    out = Path(out) if out is not None else Path("runs") / f"{name}-{experiment_hash(name, cfg)}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = EXPERIMENTS[name].fn(cfg)
+    produced = EXPERIMENTS[name].fn(cfg)
+    run = produced if isinstance(produced, ClaimRun) else ClaimRun(list(produced))
+    print_verdicts(run.verdicts)
+    results = run.results
     tables = {
-        "checks": _concat([r.checks for r in results]),
-        "metrics": _concat([r.metrics for r in results]),
-        "history": _concat([r.history for r in results]),
+        "checks": concat_tables(r.checks for r in results),
+        "metrics": concat_tables(r.metrics for r in results),
+        "history": concat_tables(r.history for r in results),
         **summary_tables(results),
     }
-    for tname, df in tables.items():
-        _write_table(df, out, tname)
-    # claim experiments (sims.claims.base) attach their own tables and computed verdicts to the runs they return
-    claim_tables = getattr(results[0], "tables", None) if results else None
-    for tname, df in (claim_tables or {}).items():
-        if tname not in tables:
-            _write_table(df, out, tname)
-    verdicts = getattr(results[0], "verdicts", None) if results else None
-    if verdicts:
-        from dataclasses import asdict
-
-        (out / "verdicts.json").write_text(json.dumps([asdict(v) for v in verdicts], indent=2, default=float))
+    tables.update({tname: df for tname, df in run.tables.items() if tname not in tables})
+    for tname in dict.fromkeys(t for r in results for t in r.tables):  # each run's own tables, over its runs
+        tables.setdefault(tname, concat_tables(r.tables.get(tname) for r in results))
+    write_tables(tables, out)
+    if run.verdicts:
+        (out / "verdicts.json").write_text(verdicts_json(run.verdicts))
     for r in results:
         for t, sd in r.snapshots.items():
-            from sims.tinygpt.storage import save_snapshot
-
             save_snapshot(sd, out / "snapshots" / f"{r.name}_step{t:05d}.safetensors", {"run": r.name, "step": t})
     resolved = {"experiment": name, "input": cfg, "runs": {r.name: r.config for r in results}}
     (out / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str))
     info = {
         "experiment": name, "seed": cfg.get("seed", {r.name: r.config.get("seed") for r in results}),
-        "config_hash": config_hash(name, cfg), "wall_seconds": time.perf_counter() - t0,
+        "config_hash": experiment_hash(name, cfg), "wall_seconds": time.perf_counter() - t0,
         "run_wall_seconds": {r.name: r.wall_seconds for r in results},
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
     }
     (out / "run.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     return out
+
+
+def run_claims(name: str, cfg: Mapping, out: str | Path | None = None) -> tuple[ClaimRun, Path]:
+    """Run claim experiment ``name`` and write it with ``write_claim_run`` (default ``runs/NAME-<hash>``); prints
+    the verdicts."""
+    if name not in CLAIM_EXPERIMENTS:
+        raise InputError(f"unknown claim experiment {name!r}; known: {sorted(CLAIM_EXPERIMENTS)}")
+    run = CLAIM_EXPERIMENTS[name](cfg)
+    out = Path(out) if out is not None else Path("runs") / f"{name}-{experiment_hash(name, cfg)}"
+    path = write_claim_run(run, out)
+    print(f"{name}: verdicts (tables in {path})")
+    print_verdicts(run.verdicts)
+    return run, path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -386,37 +278,3 @@ def run(args: argparse.Namespace) -> int:
         for rid, w in worst.items():
             print(f"  {rid:18s} worst lhs/rhs {w:.4g}  violations {int(viol.get(rid, 0))}")
     return 0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Claim experiments (sims.claims.base): training runs plus their own tables and computed verdicts. ``threegate run``
-# writes the standard tables of the runs and prints the verdicts; ``sims.claims.base.run_claims`` writes the claim
-# tables (sparsity by storage, layer_sparsity, lr_sweep, probe_errors, mask_predictor, verdicts) as well.
-
-
-def _register_claim_experiments() -> None:
-    """Every claim experiment of ``sims.claims.base`` (built in or from ``CLAIM_MODULES``) is a ``threegate run`` name."""
-    from sims.claims.base import as_run_results, claim_experiments
-
-    for cname, fn in claim_experiments().items():
-        if cname in EXPERIMENTS:
-            continue
-        doc = (fn.__doc__ or cname).strip().splitlines()[0]
-        EXPERIMENTS[cname] = Experiment(cname, doc, lambda cfg, fn=fn: as_run_results(fn(cfg)))
-
-
-_register_claim_experiments()
-
-
-def _register_real_model_experiments() -> None:
-    """``hf_rlvr`` / ``hf_sft`` (``sims.hf.backend``, transformers imported lazily there) as ``threegate run`` names."""
-    import importlib
-
-    try:
-        importlib.import_module("sims.hf.backend")
-    except ModuleNotFoundError as e:
-        if e.name != "sims.hf.backend":
-            raise
-
-
-_register_real_model_experiments()

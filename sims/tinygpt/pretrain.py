@@ -36,6 +36,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from jaxtyping import Float
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from threadpoolctl import threadpool_limits
 
 from sims.tinygpt.model import GPTConfig, TinyGPT, generate, matrix_params, sequence_logprobs
@@ -327,8 +329,6 @@ def _paths(cache_dir: str | os.PathLike, key: str) -> tuple[Path, Path]:
 
 
 def _save(model: TinyGPT, info: dict, wpath: Path, ipath: Path) -> None:
-    from safetensors.torch import save_file
-
     wpath.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     tmp_w, tmp_i = wpath.with_suffix(".safetensors.tmp"), ipath.with_suffix(".json.tmp")
@@ -341,9 +341,6 @@ def _save(model: TinyGPT, info: dict, wpath: Path, ipath: Path) -> None:
 def load_pretrained(path: str | os.PathLike, cfg: PretrainConfig, device: str | torch.device = "cpu") -> TinyGPT:
     """Load cached safetensors weights into a fresh TinyGPT of ``cfg.model``; a missing/corrupt file, a pickle, or
     mismatched names/shapes raise ``CheckpointError`` naming the file and the problem."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
