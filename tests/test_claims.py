@@ -93,7 +93,8 @@ def test_verdicts_table_and_json_have_the_same_fields(tmp_path):
     out = write_claim_run(ClaimRun([], {"t": pd.DataFrame({"x": [1]})}, v, {"preset": "fast"}), tmp_path / "run")
     saved = json.loads((out / "verdicts.json").read_text())
     assert saved == [{"claim": "a_claim", "statement": "Table 9: a", "verdict": "inconclusive", "reason": "one seed",
-                      "numbers": {"seeds": ["0"], "effects": [0.25]}}]
+                      "numbers": {"seeds": ["0"], "effects": [0.25]}, "seeds_needed": None,
+                      "seeds_needed_note": "not estimated"}]
     assert pd.read_parquet(out / "t.parquet")["x"].tolist() == [1]
     assert json.loads((out / "claims_config.json").read_text()) == {"preset": "fast"}
 

@@ -198,7 +198,8 @@ def test_sparsity_fast_verdicts_are_computed_from_the_tables(sparsity_run):
     assert [v.verdict for v in sparsity_run.verdicts] == [sparsity_rl_gt_sft(t["sparsity"]).verdict,
                                                          sparsity_vanishes_at_high_lr(t["lr_sweep"]).verdict]
     assert all(v.verdict in VERDICTS for v in sparsity_run.verdicts)
-    assert list(t["verdicts"].columns) == ["claim", "statement", "verdict", "reason", "numbers"]
+    assert list(t["verdicts"].columns) == ["claim", "statement", "verdict", "reason", "numbers", "seeds_needed",
+                                         "seeds_needed_note"]
     assert list(t["verdicts"]["claim"]) == ["sparsity_rl_gt_sft", "sparsity_vanishes_at_high_lr"]
 
 

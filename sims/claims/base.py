@@ -15,6 +15,14 @@ judged on the per-seed effects e_1..e_n (``effect_verdict``),
   direction included);
 * **inconclusive** otherwise, and always with fewer than ``MIN_SEEDS`` seeds (no spread to compare against).
 
+The rule itself is ``theory.power.seed_rule_codes`` (one home); ``effect_verdict`` words it. Every verdict also says
+how many seeds its observed effect would need (``Verdict.seeds_needed``, ``theory.power.seeds_needed``: the smallest
+n at which the rule gives the verdict the observed mean points to with probability >= 0.8, the per-seed effects
+modelled as normal with the observed mean and sd; None with ``seeds_needed_note`` saying why: one seed, or
+unreachable at every n <= 64 because the seed-to-seed spread grows with n). The numbers add ``t_test_seeds``, the
+seeds a one-sided t-test at level 0.05 would need for the same power, and its p-value ``t_test_pvalue``. Verdicts
+from exact counts (no seed noise) need one seed; verdicts that combine several say how they combine theirs.
+
 A claim experiment ``fn(cfg) -> ClaimRun`` reads its config section ``[name]`` (``config_from_section``:
 ``preset = "fast"`` runs in seconds, ``"default"`` in minutes), trains from the cached pretrained model
 (``start_model``; ``run_rl`` / ``run_sft`` for the common RL and SFT runs) and returns the training runs, its tables
@@ -42,9 +50,11 @@ from sims.tinygpt.rlvr import RLConfig, train_rlvr
 from sims.tinygpt.sft import SFTConfig, train_sft
 from theory.errors import InputError
 from theory.naming import layer_index, matrix_type
+from theory.power import CODES, seed_rule_codes, seeds_needed
 
 __all__ = [
     "VERDICTS", "MIN_SEEDS", "SPREAD_FACTOR", "VERDICT_COLUMNS", "Claim", "Verdict", "effect_verdict",
+    "seeds_needed_of_all", "EXACT_SEEDS",
     "require_columns", "only_rows", "verdicts_frame", "print_verdicts", "verdicts_json", "ClaimRun",
     "config_from_section", "start_model", "run_rl", "run_sft", "block_matrix_index",
     "write_claim_run",
@@ -55,8 +65,10 @@ VERDICTS = ("reproduced", "not reproduced", "inconclusive")
 MIN_SEEDS = 2
 #: The mean effect must exceed this multiple of the seed-to-seed spread (max - min of the per-seed effects).
 SPREAD_FACTOR = 1.0
+#: ``seeds_needed`` of a verdict computed from exact counts (no seed-to-seed noise): one seed settles it.
+EXACT_SEEDS = {"seeds_needed": 1, "seeds_needed_note": "exact counts: no seed-to-seed noise"}
 #: Columns of a verdicts table (``verdicts_frame``): ``claim`` is the claim's id.
-VERDICT_COLUMNS = ["claim", "statement", "verdict", "reason", "numbers"]
+VERDICT_COLUMNS = ["claim", "statement", "verdict", "reason", "numbers", "seeds_needed", "seeds_needed_note"]
 
 
 @dataclass(frozen=True)
@@ -69,15 +81,22 @@ class Verdict:
     verdict: str
     reason: str
     numbers: dict = field(default_factory=dict)
+    #: Seeds the observed effect needs for its verdict (module docstring); None: see ``seeds_needed_note``.
+    seeds_needed: int | None = None
+    seeds_needed_note: str = "not estimated"
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
             raise InputError(f"{self.id}: verdict must be one of {VERDICTS}, got {self.verdict!r}")
+        if self.seeds_needed is not None and (isinstance(self.seeds_needed, bool)
+                                              or not isinstance(self.seeds_needed, int) or self.seeds_needed < 1):
+            raise InputError(f"{self.id}: seeds_needed must be a positive integer or None, got {self.seeds_needed!r}")
 
     def to_dict(self) -> dict:
         """The record for ``verdicts.json`` (keys ``VERDICT_COLUMNS``; ``numbers`` as a mapping)."""
         return {"claim": self.id, "statement": self.statement, "verdict": self.verdict, "reason": self.reason,
-                "numbers": self.numbers}
+                "numbers": self.numbers, "seeds_needed": self.seeds_needed,
+                "seeds_needed_note": self.seeds_needed_note}
 
     def as_row(self) -> dict:
         """The row of a verdicts table (``numbers`` as sorted JSON)."""
@@ -93,8 +112,10 @@ class Claim:
     id: str
     statement: str = ""
 
-    def verdict(self, verdict: str, reason: str, numbers: Mapping | None = None) -> Verdict:
-        return Verdict(self.id, self.statement, verdict, reason, dict(numbers or {}))
+    def verdict(self, verdict: str, reason: str, numbers: Mapping | None = None, *, seeds_needed: int | None = None,
+                seeds_needed_note: str = "not estimated") -> Verdict:
+        """A Verdict on this claim (``seeds_needed``: see ``Verdict``; ``EXACT_SEEDS`` for exact counts)."""
+        return Verdict(self.id, self.statement, verdict, reason, dict(numbers or {}), seeds_needed, seeds_needed_note)
 
     def __str__(self) -> str:
         return self.id
@@ -105,32 +126,48 @@ class Claim:
 
 
 def effect_verdict(claim: Claim | str, effects: Mapping[Any, float], *, min_effect: float, what: str) -> Verdict:
-    """Judge per-seed effects ``{seed: e}`` (positive = supports the claim) by the seed rule of the module doc.
+    """Judge per-seed effects ``{seed: e}`` (positive = supports the claim) by the seed rule of the module doc, and
+    say how many seeds the observed effect needs (``theory.power.seeds_needed``).
 
     ``claim``: the ``Claim`` judged, or only its id."""
     claim = claim if isinstance(claim, Claim) else Claim(str(claim))
     e = np.array([float(v) for v in effects.values()], dtype=np.float64)
+    power = seeds_needed(e, min_effect=min_effect, spread_factor=SPREAD_FACTOR, min_seeds=MIN_SEEDS)
+    seeds = dict(seeds_needed=power.n, seeds_needed_note=power.note)
     if not np.isfinite(e).all():
-        return claim.verdict("inconclusive", f"non-finite {what} on some seed", {"effects": e.tolist()})
+        return claim.verdict("inconclusive", f"non-finite {what} on some seed", {"effects": e.tolist()}, **seeds)
     nums = {"seeds": [str(k) for k in effects], "effects": e.tolist(), "min_effect": min_effect,
-            "spread_factor": SPREAD_FACTOR}
+            "spread_factor": SPREAD_FACTOR, **power.as_numbers()}
     if e.size < MIN_SEEDS:
         return claim.verdict("inconclusive",
                              f"{e.size} seed(s) < MIN_SEEDS={MIN_SEEDS}: no seed-to-seed spread to compare the "
-                             f"{what} with" + (f" (measured {e[0]:+.4f})" if e.size else ""), nums)
+                             f"{what} with" + (f" (measured {e[0]:+.4f})" if e.size else ""), nums, **seeds)
     mean, spread = float(e.mean()), float(e.max() - e.min())
     nums.update(mean=mean, spread=spread)
-    if e.min() > min_effect and mean > SPREAD_FACTOR * spread:
+    code = int(seed_rule_codes(e, min_effect=min_effect, spread_factor=SPREAD_FACTOR, min_seeds=MIN_SEEDS))
+    if code == CODES["reproduced"]:
         return claim.verdict("reproduced",
                              f"{what} {mean:+.4f} (mean of {e.size} seeds) exceeds the seed-to-seed spread "
-                             f"{spread:.4f} and every seed exceeds {min_effect:g}", nums)
-    if mean + SPREAD_FACTOR * spread < min_effect:
+                             f"{spread:.4f} and every seed exceeds {min_effect:g}", nums, **seeds)
+    if code == CODES["not reproduced"]:
         return claim.verdict("not reproduced",
                              f"{what} {mean:+.4f} (mean of {e.size} seeds) plus the spread {spread:.4f} stays below "
-                             f"the {min_effect:g} the claim needs", nums)
+                             f"the {min_effect:g} the claim needs", nums, **seeds)
     return claim.verdict("inconclusive",
                          f"{what} {mean:+.4f} (mean of {e.size} seeds, per seed {np.round(e, 4).tolist()}) is not "
-                         f"separated from {min_effect:g} by more than the seed-to-seed spread {spread:.4f}", nums)
+                         f"separated from {min_effect:g} by more than the seed-to-seed spread {spread:.4f}", nums,
+                         **seeds)
+
+
+def seeds_needed_of_all(parts: Mapping[str, Verdict]) -> dict:
+    """``seeds_needed`` / ``seeds_needed_note`` of a verdict that needs every one of its ``parts`` (named): the most
+    seeds any part needs; None when some part's need is unknown or unreachable (its note says which)."""
+    ns = {k: v.seeds_needed for k, v in parts.items()}
+    if parts and all(n is not None for n in ns.values()):
+        return {"seeds_needed": max(ns.values()),
+                "seeds_needed_note": "; ".join(f"{k}: {v.seeds_needed_note}" for k, v in parts.items())}
+    return {"seeds_needed": None, "seeds_needed_note": "; ".join(
+        f"{k}: {v.seeds_needed_note}" for k, v in parts.items() if v.seeds_needed is None) or "no parts"}
 
 
 def require_columns(table: pd.DataFrame, cols: Iterable[str], claim: Claim | str) -> None:

@@ -85,6 +85,7 @@ from sims.claims.base import (
     config_from_section,
     effect_verdict,
     require_columns,
+    seeds_needed_of_all,
     start_model,
     verdicts_frame,
 )
@@ -331,7 +332,7 @@ def rl_drift_below_sft(drift: pd.DataFrame, match: str, *, k: int = VERDICT_K) -
     verdict = ("reproduced" if kinds == {"reproduced"} else
                "not reproduced" if "not reproduced" in kinds else "inconclusive")
     reason = "; ".join(f"{'NSS' if c == 'nss' else 'angle'}: [{v.verdict}] {v.reason}" for c, v in subs.items())
-    return claim.verdict(verdict, reason, nums)
+    return claim.verdict(verdict, reason, nums, **seeds_needed_of_all(subs))
 
 
 _OVERLAP_CLAIM = {

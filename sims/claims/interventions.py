@@ -85,6 +85,7 @@ import pandas as pd
 import torch
 
 from sims.claims.base import (
+    EXACT_SEEDS,
     Claim,
     ClaimRun,
     Verdict,
@@ -436,7 +437,7 @@ def bounded_kl_at_beta0(table: pd.DataFrame) -> Verdict:
         return claim.verdict("inconclusive", "the table has no runs", nums)
     if over:
         return claim.verdict("not reproduced", "the KL leaves the Lemma F.9 budget KL_BUDGET_MULTIPLE * T * c(eps): "
-                                               + "; ".join(over), nums)
+                                               + "; ".join(over), nums, **EXACT_SEEDS)
     v = effect_verdict(claim, effects, min_effect=MIN_FLATTENING,
                        what="flattening (first-third slope - last-third slope) / mean slope")
     finals = [r["kl_final"] for r in nums["per_run"].values()]
@@ -460,11 +461,13 @@ def lemma_f9_band_hypothesis(table: pd.DataFrame) -> Verdict:
             "mean_out_of_band_frac": float(t["out_of_band_frac"].mean()),
             "max_out_of_band_frac": float(t["out_of_band_frac"].max())}
     if bad.empty:
-        return claim.verdict("reproduced", f"no token ratio left the band in {len(t)} recorded steps", nums)
+        return claim.verdict("reproduced", f"no token ratio left the band in {len(t)} recorded steps", nums,
+                             **EXACT_SEEDS)
     return claim.verdict("not reproduced",
                          f"{len(bad)} of {len(t)} steps have token ratios outside the band (largest fraction "
                          f"{nums['max_out_of_band_frac']:.4f}, mean {nums['mean_out_of_band_frac']:.4f}): clipping stops "
-                         f"the gradient of out-of-band tokens, it does not keep the ratios in the band", nums)
+                         f"the gradient of out-of-band tokens, it does not keep the ratios in the band", nums,
+                         **EXACT_SEEDS)
 
 
 # ----------------------------------------------------------------------------------------------------------------

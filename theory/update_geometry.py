@@ -1,0 +1,269 @@
+"""Where an update ``dW = W1 - W0`` lies relative to the base's singular structure: subspace projections, coordinate
+masks, and ISO's fixed-spectrum decomposition.
+
+Two different operators carry the word "principal" in this literature; the names here say which is which:
+
+* a **subspace projection** ``P_U dW P_V`` with ``P_U = U_k U_kᵀ``, ``P_V = V_k V_kᵀ`` the projectors onto the
+  top-k left / right singular subspaces of ``W0`` (rlvr-geometry's "principal subspace"; the OPD papers'
+  "principal-projection energy"): ``energy_off_principal_subspace`` is the share of ``||dW||_F²`` it leaves out,
+  ``||dW - P_U dW P_V||_F² / ||dW||_F²``;
+* a **coordinate mask** ``M ⊙ dW`` (the paper's ``M_princ``: the top-α entries of the rank-k reconstruction, see
+  ``theory.metrics.principal_mask``): ``energy_outside_coordinate_mask`` is ``||(1 - M) ⊙ dW||_F² / ||dW||_F²``.
+
+For a direction ``dW`` drawn uniformly from the unit sphere of R^{m x n} (a Gaussian matrix scaled to any fixed
+norm: "a random direction of the same norm"), ``E[||P_U dW P_V||²/||dW||²] = k²/(m n)`` exactly, so
+``random_energy_off_principal_subspace(m, n, k) = 1 - k²/(m n)``: the projector ``P_U ⊗ P_V`` has trace k² and the
+uniform distribution is invariant under the orthogonal group, so every one of the m n coordinates (in any orthonormal
+basis) carries 1/(m n) of the energy on average. The same identity makes the average share over *any* orthonormal
+basis of R^{m x n} (e.g. the unit matrices E_ij) exactly ``k²/(m n)``, which the tests use as a deterministic oracle.
+
+**ISO** (Zhu et al., "An RLVR-Native Optimization Stack", arXiv 2607.19331; ``iso_merger.py`` of zhuhanqing/ISO):
+with thin SVDs ``W0 = U0 Σ0 V0ᵀ`` and ``W1 = U1 Σ1 V1ᵀ``, the *fixed-spectrum* reconstruction puts the base
+spectrum into the tuned frames, ``U1 Σ0 V1ᵀ``, after ISO's sign alignment of each singular pair against the base
+(``s_k = sign(<u0_k, u1_k>)`` with ``sign(0) := +1``; ``u1_k, v1_k <- s_k u1_k, s_k v1_k``). The **residual** is
+``W1 - U1 Σ0 V1ᵀ = U1 (Σ1 - Σ0) V1ᵀ`` and ``iso_residual_share = ||W1 - U1 Σ0 V1ᵀ||_F / ||W1 - W0||_F`` (the
+norm ratio; ``squared=True`` gives the energy ratio). ISO's README reports "spectral residual ≈ 3% of the full
+checkpoint displacement" but ``iso_merger.py`` does not compute it; we use the unsquared ratio of Frobenius norms
+and say so. Two facts the tests pin: the joint sign flip of a singular pair leaves ``u σ vᵀ`` unchanged, so the
+reconstruction and the residual do not depend on the alignment (it matters only for ISO's frame displacements
+``U1 - U0``); and ``||U1 (Σ1 - Σ0) V1ᵀ||_F = ||σ(W1) - σ(W0)||_2``, which Mirsky's inequality bounds by
+``||W1 - W0||_F``: the share lies in [0, 1], 1 when the update only rescales the base's singular pairs in place, 0
+when it only turns the frames (e.g. ``W1 = Q W0`` with Q orthogonal).
+
+Numerics. Everything is float64 (``theory.linalg.to_f64``). Each input is first scaled by a power of two (exact) so
+that its largest magnitude lies in [1, 2): the shares are invariant under scaling ``dW`` (and ``W0``, ``W1``
+jointly), and after the pre-scaling an input scaled by ``2**j`` gives bit-identical results. Error model: the
+projection and the norms carry a relative error of a few ``eps64 * (m + n)``; the top-k subspaces carry the SVD's
+error ``eps64 * ||W0||_2 / gap_k`` (``ZeroGapError`` when ``sigma_k = sigma_{k+1}`` to float64 resolution: the
+subspace is then not determined); the ISO residual carries an absolute error of order ``eps64 * r * ||W1||_2``,
+i.e. a relative error ``eps64 * r * ||W1||_2 / ||W1 - W0||_F`` of the share (about 1e-11 for a bf16-sized update of
+a unit-norm matrix).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from jaxtyping import Float
+
+from theory.errors import InputError, ShapeMismatchError, ZeroGapError
+from theory.linalg import svd64, to_f64
+
+__all__ = [
+    "GAP_RESOLUTION_FACTOR",
+    "principal_subspace_projection",
+    "energy_off_principal_subspace",
+    "energy_off_principal_subspace_of_bases",
+    "random_energy_off_principal_subspace",
+    "energy_outside_coordinate_mask",
+    "align_singular_signs",
+    "fixed_spectrum_reconstruction",
+    "iso_residual_share",
+]
+
+#: sigma_k - sigma_{k+1} <= GAP_RESOLUTION_FACTOR * eps64 * r * sigma_1 counts as a zero gap (as in
+#: ``theory.metrics.principal_angles_topk``).
+GAP_RESOLUTION_FACTOR = 8
+
+
+def _pow2_normalised(A: np.ndarray) -> np.ndarray:
+    """``A * 2**-e`` (exact) with ``e`` the binary exponent of ``max |A|``, so the largest magnitude is in [1, 2)."""
+    top = float(np.max(np.abs(A))) if A.size else 0.0
+    if top == 0.0:
+        return A
+    return np.ldexp(A, -(math.frexp(top)[1] - 1))
+
+
+def _top_k_bases(W0: np.ndarray, k: int, name: str = "W0") -> tuple[np.ndarray, np.ndarray]:
+    """U_k (m, k), V_k (n, k) of ``W0``; InputError for k outside 1..r, ZeroGapError when sigma_k = sigma_{k+1}."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise InputError(f"{name}: k must be an integer, got {k!r}")
+    U, S, Vh = svd64(_pow2_normalised(W0), name)
+    r = S.shape[0]
+    if not 1 <= k <= r:
+        raise InputError(f"{name}: k={k} outside 1..{r}")
+    if k < r:
+        resolution = GAP_RESOLUTION_FACTOR * np.finfo(np.float64).eps * r * S[0]
+        if S[k - 1] - S[k] <= resolution:
+            raise ZeroGapError(f"{name}: sigma_{k} and sigma_{k + 1} coincide (gap <= {resolution:.3g} of the "
+                               f"normalised matrix); the top-{k} singular subspace is not determined")
+    return U[:, :k], Vh[:k, :].T
+
+
+def principal_subspace_projection(dW: Any, U_k: Any, V_k: Any) -> Float[np.ndarray, "m n"]:
+    """``P_U dW P_V = U_k (U_kᵀ dW V_k) V_kᵀ``: the part of ``dW`` in the top-k singular subspaces (a subspace
+    projection, not a coordinate mask). ``U_k (m, k)`` and ``V_k (n, k)`` have orthonormal columns.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> dW = np.arange(6.0).reshape(2, 3)
+    >>> principal_subspace_projection(dW, np.eye(2)[:, :1], np.eye(3)[:, 1:2])  # keeps entry (0, 1) only
+    array([[0., 1., 0.],
+           [0., 0., 0.]])
+    """
+    D = to_f64(dW, "dW")
+    U = to_f64(U_k, "U_k")
+    V = to_f64(V_k, "V_k")
+    if U.shape[0] != D.shape[0] or V.shape[0] != D.shape[1] or U.shape[1] != V.shape[1]:
+        raise ShapeMismatchError(f"dW {D.shape} does not fit U_k {U.shape} and V_k {V.shape} (need (m, k), (n, k))")
+    return U @ (U.T @ D @ V) @ V.T
+
+
+def energy_off_principal_subspace_of_bases(dW: Any, U_k: Any, V_k: Any) -> float:
+    """``||dW - P_U dW P_V||_F² / ||dW||_F²`` for given orthonormal bases (see ``energy_off_principal_subspace``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> dW = np.array([[3.0, 0.0], [0.0, 4.0]])
+    >>> energy_off_principal_subspace_of_bases(dW, np.eye(2)[:, :1], np.eye(2)[:, :1])  # 16 of 25 outside
+    0.64
+    """
+    D = _pow2_normalised(to_f64(dW, "dW"))
+    total = float(np.sum(D * D))
+    if total == 0.0:
+        raise InputError("dW is the zero matrix: the share of its energy outside a subspace is undefined")
+    R = D - principal_subspace_projection(D, U_k, V_k)
+    return float(np.sum(R * R)) / total
+
+
+def energy_off_principal_subspace(dW: Any, W0: Any, k: int) -> float:
+    """Share of the update's energy outside the top-k principal subspaces of ``W0`` (a subspace projection):
+    ``||dW - P_U dW P_V||_F² / ||dW||_F²`` with ``P_U``, ``P_V`` the projectors onto the top-k left / right singular
+    subspaces of ``W0``. In [0, 1]; ``random_energy_off_principal_subspace(m, n, k)`` for a random direction.
+
+    Raises ``ShapeMismatchError`` when the shapes differ, ``InputError`` for ``dW = 0`` or k outside 1..min(m, n),
+    ``ZeroGapError`` when ``sigma_k(W0) = sigma_{k+1}(W0)`` (the subspaces are then not determined).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> W0 = np.diag([3.0, 2.0, 1.0])
+    >>> dW = np.zeros((3, 3)); dW[0, 0], dW[2, 1] = 1.0, 1.0  # one entry in the top-1 block, one outside
+    >>> round(energy_off_principal_subspace(dW, W0, 1), 12)
+    0.5
+    """
+    D = to_f64(dW, "dW")
+    A = to_f64(W0, "W0")
+    if D.shape != A.shape:
+        raise ShapeMismatchError(f"dW has shape {D.shape} but W0 has shape {A.shape}")
+    U, V = _top_k_bases(A, k)
+    return energy_off_principal_subspace_of_bases(D, U, V)
+
+
+def random_energy_off_principal_subspace(m: int, n: int, k: int) -> float:
+    """``1 - k²/(m n)``: the expected share outside the top-k subspaces of a direction drawn uniformly from the unit
+    sphere of R^{m x n} (equivalently a Gaussian matrix scaled to the update's norm), for any k-dimensional
+    subspaces (module docstring).
+
+    Examples
+    --------
+    >>> random_energy_off_principal_subspace(64, 64, 16)
+    0.9375
+    """
+    for nm, v in (("m", m), ("n", n), ("k", k)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise InputError(f"{nm} must be a positive integer, got {v!r}")
+    if k > min(m, n):
+        raise InputError(f"k={k} exceeds min(m, n) = {min(m, n)}")
+    return 1.0 - (k * k) / (m * n)
+
+
+def energy_outside_coordinate_mask(dW: Any, mask: Any) -> float:
+    """``||(1 - M) ⊙ dW||_F² / ||dW||_F²``: the share of the update's energy on entries the boolean coordinate mask
+    ``M`` does not select (e.g. ``M = theory.metrics.principal_mask(W0, k, alpha)``, the paper's M_princ). A
+    coordinate mask, not a subspace projection. A random mask of density ρ leaves out 1 - ρ on average.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> energy_outside_coordinate_mask(np.array([[3.0, 4.0]]), np.array([[True, False]]))  # 16 of 25
+    0.64
+    """
+    D = _pow2_normalised(to_f64(dW, "dW"))
+    M = np.asarray(mask)
+    if M.dtype != bool:
+        raise InputError(f"mask must be a boolean array, got dtype {M.dtype}")
+    if M.shape != D.shape:
+        raise ShapeMismatchError(f"dW has shape {D.shape} but the mask has shape {M.shape}")
+    total = float(np.sum(D * D))
+    if total == 0.0:
+        raise InputError("dW is the zero matrix: the share of its energy outside a mask is undefined")
+    out = np.where(M, 0.0, D)
+    return float(np.sum(out * out)) / total
+
+
+def align_singular_signs(U0: Any, U1: Any, Vh1: Any) -> tuple[Float[np.ndarray, "m r"], Float[np.ndarray, "r n"]]:
+    """ISO's sign canonicalisation: flip each singular pair (u1_k, v1_k) of the tuned matrix jointly so that
+    ``<u0_k, u1_k> >= 0`` (``sign(0) := +1``). ``U0``, ``U1`` are (m, r), ``Vh1`` is (r, n) (rows = v1_kᵀ).
+    The product ``U1 diag(s) Vh1`` is unchanged for every diagonal s.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> U, Vh = align_singular_signs(np.eye(2), np.diag([-1.0, 1.0]), np.eye(2))  # pair 0 points away: flip it
+    >>> np.diag(U), np.diag(Vh)
+    (array([1., 1.]), array([-1.,  1.]))
+    """
+    A, B, C = to_f64(U0, "U0"), to_f64(U1, "U1"), to_f64(Vh1, "Vh1")
+    if A.shape != B.shape or C.shape[0] != B.shape[1]:
+        raise ShapeMismatchError(f"U0 {A.shape}, U1 {B.shape} and Vh1 {C.shape} do not fit (need (m, r), (m, r), (r, n))")
+    signs = np.where(np.sum(A * B, axis=0) >= 0, 1.0, -1.0)
+    return B * signs, C * signs[:, None]
+
+
+def fixed_spectrum_reconstruction(W0: Any, W1: Any) -> Float[np.ndarray, "m n"]:
+    """``U1 Σ0 V1ᵀ``: the base spectrum in the tuned singular frames (ISO), the frames sign-aligned against the
+    base's (``align_singular_signs``). Float64, in the scale of the inputs.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> W0, W1 = np.diag([2.0, 1.0]), np.diag([5.0, 1.0])  # same frames, new spectrum: back to W0
+    >>> fixed_spectrum_reconstruction(W0, W1)
+    array([[2., 0.],
+           [0., 1.]])
+    """
+    A, B = to_f64(W0, "W0"), to_f64(W1, "W1")
+    if A.shape != B.shape:
+        raise ShapeMismatchError(f"W0 has shape {A.shape} but W1 has shape {B.shape}")
+    U0, S0, _ = svd64(A, "W0")
+    U1, _, Vh1 = svd64(B, "W1")
+    U1, Vh1 = align_singular_signs(U0, U1, Vh1)
+    return (U1 * S0) @ Vh1
+
+
+def iso_residual_share(W0: Any, W1: Any, *, squared: bool = False) -> float:
+    """ISO's spectral residual as a share of the displacement: ``||W1 - U1 Σ0 V1ᵀ||_F / ||W1 - W0||_F`` (module
+    docstring); with ``squared=True`` the share of the energy, the square of that. In [0, 1] (Mirsky).
+
+    Both matrices are scaled by the same power of two first (exact; the share is scale-invariant). Raises
+    ``ShapeMismatchError`` when the shapes differ and ``InputError`` when ``W1 = W0`` (no displacement).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> W0 = np.diag([2.0, 1.0])
+    >>> iso_residual_share(W0, np.diag([3.0, 1.0]))  # only the spectrum moved: all of it is residual
+    1.0
+    >>> c, s = np.cos(0.3), np.sin(0.3)
+    >>> iso_residual_share(W0, np.array([[c, -s], [s, c]]) @ W0) < 1e-14  # only the frames turned
+    True
+    """
+    A, B = to_f64(W0, "W0"), to_f64(W1, "W1")
+    if A.shape != B.shape:
+        raise ShapeMismatchError(f"W0 has shape {A.shape} but W1 has shape {B.shape}")
+    top = max(float(np.max(np.abs(A))), float(np.max(np.abs(B)))) if A.size else 0.0
+    if top > 0.0:
+        e = math.frexp(top)[1] - 1
+        A, B = np.ldexp(A, -e), np.ldexp(B, -e)
+    D = B - A
+    disp = float(np.sum(D * D))
+    if disp == 0.0:
+        raise InputError("W1 equals W0: there is no displacement to take a share of")
+    R = B - fixed_spectrum_reconstruction(A, B)
+    share2 = float(np.sum(R * R)) / disp
+    return share2 if squared else math.sqrt(share2)
