@@ -147,8 +147,32 @@ def test_claim_verdicts_are_rows_and_a_broken_experiment_is_an_error_row(tmp_pat
     assert written["effect"].tolist() == [0.3, 0.4]
     saved = json.loads((tmp_path / "claims" / "toy" / "verdicts.json").read_text())
     assert saved == [{"claim": "toy_claim", "statement": "Fig. 0: a toy effect is positive", "verdict": "reproduced",
-                      "reason": "measured on a toy table", "numbers": {"seeds": ["0", "1"], "effects": [0.3, 0.4]}}]
+                      "reason": "measured on a toy table", "numbers": {"seeds": ["0", "1"], "effects": [0.3, 0.4]},
+                      "seeds_needed": None, "seeds_needed_note": "not estimated"}]
     assert not (tmp_path / "claims" / "zz_broken").exists()
+
+
+def test_claim_rows_carry_the_seeds_needed_into_the_table_and_the_csv(tmp_path, monkeypatch):
+    """A claim row says how many seeds its effect needs: ``n/t`` from an effect verdict (here a strong effect:
+    2 seeds by the rule, 3 by the t-test), ``never/t`` for a weak one, ``?/-`` for one seed; theory rows stay blank."""
+    from sims.claims.base import effect_verdict
+
+    strong = effect_verdict("strong_claim", {0: 2.0, 1: 3.0, 2: 4.0}, min_effect=0.0, what="e")
+    weak = effect_verdict("weak_claim", {0: -0.5, 1: 0.5, 2: 1.5}, min_effect=0.0, what="e")
+    single = effect_verdict("single_claim", {0: 0.4}, min_effect=0.0, what="e")
+    monkeypatch.setattr(registry, "CLAIM_EXPERIMENTS",
+                        {"toy": lambda cfg: ClaimRun([], {}, [strong, weak, single], {})})
+    rows = {r.result_id: r for r in verify.run_claim_experiments(0, "fast", tmp_path)}
+    assert (rows["strong_claim"].seeds_needed, rows["strong_claim"].t_test_seeds) == (2, 3)
+    assert [verify.seeds_cell(rows[c]) for c in ("strong_claim", "weak_claim", "single_claim")] == [
+        "2/3", "never/27", "?/-"]
+    assert rows["weak_claim"].seeds_needed_note.startswith("unreachable")
+    table = verify.format_table(list(rows.values()))
+    assert table.splitlines()[0].split()[8] == "seeds" and " never/27  inconclusive" in table
+    verify.write_outputs(tmp_path / "out", list(rows.values()), [], None)
+    csv = pd.read_csv(tmp_path / "out" / "verify.csv").set_index("result_id")
+    assert csv.loc["strong_claim", "seeds_needed"] == 2 and csv.loc["weak_claim", "t_test_seeds"] == 27
+    assert verify.seeds_cell(verify.Row("thm", "II", "theory", 1, 1, 0, 0.5, "holds", True, "", 0.0)) == ""
 
 
 def test_verify_exits_nonzero_when_a_claim_experiment_fails(tmp_path, monkeypatch):

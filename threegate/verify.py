@@ -16,6 +16,9 @@ source ``claim:<experiment>``, verdict ``reproduced`` / ``not reproduced`` / ``i
 notes; the experiment's tables go to ``<out>/claims/<experiment>/``), and the HTML report is written.
 A fast-preset verdict is computed from a run of seconds with one or two seeds: it is usually ``inconclusive`` and
 says so; the claim's real verdict comes from ``--claims default`` or ``threegate run <experiment>``.
+The ``seeds`` column of a claim row says how many seeds its observed effect would need (``seeds_cell``): under the
+seed rule (``n``, ``never`` or ``?``) and, after ``/``, under a one-sided t-test at level 0.05 with power 0.8
+(``theory.power``); the CSV / JSON carry ``seeds_needed``, ``seeds_needed_note`` and ``t_test_seeds``.
 """
 
 from __future__ import annotations
@@ -59,6 +62,11 @@ class Row:
     notes: str
     seconds: float
     counterexample: dict[str, Any] | None = field(default=None, repr=False)
+    #: Claim rows: seeds the observed effect needs under the seed rule (None: ``seeds_needed_note`` says why), and
+    #: the seeds a one-sided t-test would need (``sims.claims.base``, ``theory.power``); None on theory rows.
+    seeds_needed: int | None = None
+    seeds_needed_note: str = ""
+    t_test_seeds: int | None = None
 
     def public(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -190,20 +198,35 @@ def run_claim_experiments(seed: int, budget: str, out: Path) -> list[Row]:
             what = f"{v.statement}: " if v.statement else ""
             rows.append(Row(v.id, "", f"claim:{name}", len(seeds) if isinstance(seeds, list) else 0, 0, 0,
                             math.nan, v.verdict, False, f"[{budget} preset] {what}{v.reason}",
-                            time.perf_counter() - t0))
+                            time.perf_counter() - t0, seeds_needed=v.seeds_needed,
+                            seeds_needed_note=v.seeds_needed_note, t_test_seeds=v.numbers.get("t_test_seeds")))
     return rows
+
+
+def seeds_cell(r: Row) -> str:
+    """The ``seeds`` column: seeds needed under the seed rule / under a one-sided t-test (claim rows only).
+
+    ``n`` when the rule reaches its verdict with probability >= 0.8 at n seeds, ``never`` when no n <= 64 does (the
+    spread grows with n), ``?`` when it cannot be estimated (one seed, or no per-seed effects); after ``/`` the
+    t-test's n (``-`` when none)."""
+    if not r.source.startswith("claim:") or r.verdict == "error":
+        return ""
+    rule = (str(r.seeds_needed) if r.seeds_needed is not None
+            else "never" if r.seeds_needed_note.startswith("unreachable") else "?")
+    return f"{rule}/{r.t_test_seeds if r.t_test_seeds is not None else '-'}"
 
 
 def format_table(rows: list[Row]) -> str:
     w = max([18, *(len(r.result_id) for r in rows)])
     ws = max([10, *(len(r.source) for r in rows)])
-    head = f"{'result':{w}s} {'gate':4s} {'source':{ws}s} {'inst':>6s} {'met':>6s} {'viol':>5s} {'worst lhs/rhs':>13s}  verdict / notes"
+    head = (f"{'result':{w}s} {'gate':4s} {'source':{ws}s} {'inst':>6s} {'met':>6s} {'viol':>5s} {'worst lhs/rhs':>13s} "
+            f"{'seeds':>9s}  verdict / notes")
     lines = [head, "-" * len(head)]
     for r in rows:
         wr = "—" if not math.isfinite(r.worst_ratio) else f"{r.worst_ratio:.4g}"
         lines.append(
             f"{r.result_id:{w}s} {r.gate:4s} {r.source:{ws}s} {r.instances:6d} {r.assumptions_met:6d} {r.violations:5d} "
-            f"{wr:>13s}  {r.verdict}{' — ' + r.notes if r.notes else ''}"
+            f"{wr:>13s} {seeds_cell(r):>9s}  {r.verdict}{' — ' + r.notes if r.notes else ''}"
         )
     return "\n".join(lines)
 
