@@ -30,7 +30,7 @@ approximation it is:
    the subspace B = (+)_blocks span{the block's last ``history`` single-step updates} — each block matrix W is one
    block, all other parameters (embeddings, norms, lm_head) form the block ``other``; the bases are orthonormal
    within a block and blocks are disjoint, so B is orthonormal. F_B = B^T F B is computed with one forward-mode JVP
-   per basis column (no per-sample gradients, no d x d matrix).
+   per basis column, vmapped over the columns (no per-sample gradients, no d x d matrix).
 3. On B: S_W = Schur complement of W's columns in F_B (``theory.kl_leash.schur_complement``), the update's
    coordinates c = B^T dtheta (exact: the step lies in B), delta_W = 1/2 c_W^T S_W c_W, mu_W = lambda_min(S_W) on
    W's history span, mu = lambda_min(F_B). Restricting the minimisation over the rest to span(B_rest) can only raise
@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
-from torch.func import functional_call, jvp
+from torch.func import functional_call, jvp, vmap
 
 from sims.tables import write_tables
 from sims.tinygpt.model import TinyGPT, generate, matrix_params
@@ -219,19 +219,25 @@ def restricted_fisher(
     tangents: list[Mapping[str, torch.Tensor]],
 ) -> torch.Tensor:
     """F_B[i, j] = (1/N) sum_pos sum_v p_v (J_iv - pbar.J_i)(J_jv - pbar.J_j): the exact next-token Fisher at
-    ``params`` on the given prefixes, in the directions ``tangents`` (one forward-mode JVP each). (d, d) float64."""
+    ``params`` on the given prefixes, in the directions ``tangents``. (d, d) float64.
+
+    The JVPs J_i = d logits / d params . tangent_i are computed in one ``torch.func.vmap`` over the directions,
+    differentiating only the parameters some tangent moves (the others enter as constants); ``tangents`` may name
+    any subset of the parameters (missing = zero)."""
     n_seq = ids.shape[0]
+    moving = [n for n in params if any(n in t and bool(t[n].any()) for t in tangents)]
+    with torch.no_grad():
+        probs = functional_call(model64, dict(params), (ids, attn))[action_pos].softmax(-1)  # (n_pos, V)
+    if not moving:
+        return torch.zeros((len(tangents), len(tangents)), dtype=probs.dtype, device=probs.device)
 
-    def logits_of(p):
-        return functional_call(model64, p, (ids, attn))
+    def logits_of(*moved):
+        return functional_call(model64, {**params, **dict(zip(moving, moved))}, (ids, attn))
 
-    cols, probs = [], None
-    for tan in tangents:
-        logits, dlogits = jvp(logits_of, (dict(params),), (dict(tan),))
-        if probs is None:
-            probs = logits[action_pos].softmax(-1)  # (n_pos, V)
-        cols.append(dlogits[action_pos])  # (n_pos, V)
-    J = torch.stack(cols, dim=-1)  # (n_pos, V, d)
+    primals = tuple(params[n] for n in moving)
+    stacked = tuple(torch.stack([t[n] if n in t else torch.zeros_like(params[n]) for t in tangents]) for n in moving)
+    dlogits = vmap(lambda *tan: jvp(logits_of, primals, tan)[1])(*stacked)  # (d, B, T, V)
+    J = dlogits[:, action_pos].permute(1, 2, 0)  # (n_pos, V, d)
     Jc = J - torch.einsum("pv,pvd->pd", probs, J)[:, None, :]
     return torch.einsum("pv,pvi,pvj->ij", probs, Jc, Jc) / n_seq
 
