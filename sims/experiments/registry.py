@@ -54,11 +54,12 @@ from typing import Callable, Mapping
 import pandas as pd
 import torch
 
-from sims.claims import consistency, geometry, interventions, peft, sparsity
-from sims.claims.base import ClaimRun, print_verdicts, verdicts_json, write_claim_run
+from sims.claims import consistency, curvature, geometry, interventions, off_principal, peft, regimes, sparsity
+from sims.claims.base import ClaimRun, print_verdicts, verdicts_frame, verdicts_json, write_claim_run
 from sims.experiments.config import experiment_hash, load_config, section_config
 from sims.experiments.pretrained import base_model
 from sims.hf.backend import run_hf_rlvr, run_hf_sft
+from sims.hf.curvature import hf_curvature_table
 from sims.tables import concat_tables, summary_tables, write_tables
 from sims.tinygpt.probe import ProbeConfig, RunResult
 from sims.tinygpt.rlvr import RLConfig, train_rlvr
@@ -139,6 +140,16 @@ def exp_clip_eps(cfg: dict) -> list[RunResult]:
     return out
 
 
+def exp_curvature_smollm2(cfg: dict) -> ClaimRun:
+    """Gate II mechanism on SmolLM2-135M: Hessian-vector-product Fisher curvature along principal vs complement
+    rank-one directions of a few matrices (``sims.hf.curvature``; minutes on CPU), judged by
+    ``sims.claims.curvature.smollm2_curvature_verdict``."""
+    table = hf_curvature_table(cfg)
+    verdicts = [curvature.smollm2_curvature_verdict(table)]
+    return ClaimRun([], {"curvature_smollm2": table, "verdicts": verdicts_frame(verdicts)}, verdicts,
+                    dict(cfg.get("curvature_smollm2", {})))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The registry
 
@@ -162,6 +173,11 @@ CLAIM_EXPERIMENTS: dict[str, Callable[[Mapping], ClaimRun]] = {
     "kl_beta0": interventions.kl_beta0_experiment,
     "masked_runs": peft.masked_runs_experiment,
     "lora_pissa": peft.lora_pissa_experiment,
+    # the follow-up papers (issue 17)
+    "off_principal": off_principal.off_principal_experiment,
+    "curvature": curvature.curvature_experiment,
+    "opd": regimes.opd_experiment,
+    "sgd_vs_adamw": regimes.sgd_experiment,
 }
 
 
@@ -178,6 +194,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     *(_experiment(name, fn) for name, fn in CLAIM_EXPERIMENTS.items()),
     _experiment("hf_rlvr", run_hf_rlvr),
     _experiment("hf_sft", run_hf_sft),
+    # a real-model claim run (minutes on CPU): threegate run only, not in verify's claim sweep
+    _experiment("curvature_smollm2", exp_curvature_smollm2),
 )}
 
 

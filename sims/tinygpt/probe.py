@@ -77,6 +77,7 @@ __all__ = [
     "seed_everything",
     "deterministic",
     "restricted_fisher",
+    "hvp_quadratic_forms",
     "history_basis",
     "token_kl",
 ]
@@ -240,6 +241,29 @@ def restricted_fisher(
     J = dlogits[:, action_pos].permute(1, 2, 0)  # (n_pos, V, d)
     Jc = J - torch.einsum("pv,pvd->pd", probs, J)[:, None, :]
     return torch.einsum("pv,pvi,pvj->ij", probs, Jc, Jc) / n_seq
+
+
+def hvp_quadratic_forms(logits_of, param: torch.nn.Parameter, directions: list[torch.Tensor],
+                        positions: torch.Tensor, n_seq: int) -> np.ndarray:
+    """``q(D) = Dᵀ H D`` for each direction D of ``param``, H the Hessian in ``param`` of
+    ``(1/n_seq) sum_pos KL(pi_0(. | pos) || pi(. | pos))`` at the current weights, by double backward (one per
+    direction). pi_0 is the policy at those weights, so H is the same next-token Fisher as ``restricted_fisher``'s
+    (the KL's gradient vanishes there and its Hessian is J^T (diag p - p p^T) J): the route for models without
+    forward-mode AD. ``logits_of()`` runs the model and returns logits (B, T, V) (or log-probs) with ``param``
+    requiring grad; ``positions`` (B, T) bool selects the predicting positions. Float64 arithmetic after the
+    model. A model whose attention kernel has no double backward (PyTorch's fused SDPA) needs eager attention."""
+    with torch.no_grad():
+        logp0 = logits_of()[positions].double().log_softmax(-1)
+    p0 = logp0.exp()
+    out = []
+    for D in directions:
+        D = D.to(param)
+        logp = logits_of()[positions].double().log_softmax(-1)
+        kl = (p0 * (logp0 - logp)).sum() / n_seq
+        (g,) = torch.autograd.grad(kl, param, create_graph=True)
+        (hv,) = torch.autograd.grad((g * D).sum(), param)
+        out.append(float((hv.double() * D.double()).sum()))
+    return np.array(out, dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -464,5 +488,6 @@ def start_run(model, cfg):
     task = task_by_name(cfg.task)
     max_new = cfg.max_new_tokens or task.max_answer_len + 1
     opt = MixedPrecisionAdamW(model, precision=cfg.precision, lr=cfg.lr, betas=cfg.betas,
-                              weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+                              weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                              optimizer=getattr(cfg, "optimizer", "adamw"), momentum=getattr(cfg, "momentum", 0.0))
     return device, Tokenizer(), task, max_new, opt

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from sims.tinygpt.model import TinyGPT, generate, sequence_logprobs
 from sims.tinygpt.probe import ProbeConfig, Prober, RunResult, deterministic, start_run
-from sims.tinygpt.storage import check_precision
+from sims.tinygpt.storage import OPTIMIZERS, check_precision
 from theory.errors import InputError
 
 __all__ = ["ALGORITHMS", "RLConfig", "train_rlvr", "group_advantages", "policy_loss", "k3_kl"]
@@ -72,11 +72,15 @@ class RLConfig:
     seed: int = 0
     device: str = "cpu"
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    optimizer: str = "adamw"  # or "sgd" (sims.tinygpt.storage.OPTIMIZERS)
+    momentum: float = 0.0  # SGD only
 
     def __post_init__(self) -> None:
         if isinstance(self.probe, dict):
             self.probe = ProbeConfig(**self.probe)
         self.betas = tuple(self.betas)  # JSON round trips give lists
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"RLConfig.optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
         if self.algorithm not in ALGORITHMS:
             raise InputError(f"RLConfig.algorithm {self.algorithm!r} is not one of {ALGORITHMS}")
         check_precision(self.precision)

@@ -30,6 +30,7 @@ from theory.errors import CheckpointError, InputError, NonFiniteError
 
 __all__ = [
     "PRECISION_MODES",
+    "OPTIMIZERS",
     "check_precision",
     "round_tensor_to_bf16",
     "MixedPrecisionAdamW",
@@ -54,13 +55,21 @@ def round_tensor_to_bf16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16)
 
 
+#: The optimizers of the master weights: AdamW (the paper's) and plain SGD (``momentum`` optional), which the
+#: follow-up "Do We Need Adam?" uses for RLVR.
+OPTIMIZERS = ("adamw", "sgd")
+
+
 class MixedPrecisionAdamW:
-    """AdamW over fp32 master weights, with the model computing on the bf16 stored copy (``precision="bf16"``).
+    """AdamW (or SGD, ``optimizer="sgd"``) over fp32 master weights, with the model computing on the bf16 stored
+    copy (``precision="bf16"``).
 
     Use like an optimizer: ``opt.zero_grad(); loss.backward(); opt.step()``. ``step`` returns nothing; after it, the
     model's parameters hold ``float32(bf16(master))`` in bf16 mode and the master itself in fp32 mode.
 
     ``grad_clip`` clips the global gradient norm (on the master gradients) before the step; ``None`` disables it.
+    With ``optimizer="sgd"`` the step is ``master -= lr * (grad + weight_decay * master)`` (torch's SGD, with
+    ``momentum`` if nonzero); ``betas`` and ``eps`` are unused.
     """
 
     def __init__(
@@ -73,7 +82,11 @@ class MixedPrecisionAdamW:
         weight_decay: float = 0.0,
         eps: float = 1e-8,
         grad_clip: float | None = 1.0,
+        optimizer: str = "adamw",
+        momentum: float = 0.0,
     ) -> None:
+        if optimizer not in OPTIMIZERS:
+            raise InputError(f"optimizer {optimizer!r} is not one of {OPTIMIZERS}")
         self.model = model
         self.precision = check_precision(precision)
         self.grad_clip = grad_clip
@@ -86,9 +99,13 @@ class MixedPrecisionAdamW:
             self.master = [nn.Parameter(p.detach().clone()) for p in self.params]
         else:
             self.master = self.params
-        self.optimizer = torch.optim.AdamW(
-            self.master, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, foreach=False
-        )
+        if optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(
+                self.master, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, foreach=False
+            )
+        else:
+            self.optimizer = torch.optim.SGD(self.master, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                             foreach=False)
         self._sync_model()
         self.n_steps = 0
 
