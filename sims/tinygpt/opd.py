@@ -11,7 +11,8 @@ number of optimizer updates from the same prompts:
        L = (1 / n_tok) sum_{sampled prefixes t} KL(pi_student(. | y_<t) || pi_teacher(. | y_<t)),
 
    the exact reverse KL over the whole vocabulary at every position that predicts a completion token (the
-   prefixes are the student's own samples, held fixed; the teacher is not trained and runs without gradients).
+   prefixes are the student's own samples, held fixed; the teacher is not trained and runs without gradients,
+   on the mini-batch's rows in the student's order, so a teacher equal to the student gives bit-identical logits).
 
 The reward of the samples (the task's verifier) is recorded but never used for the update. Optimizer, precision
 modes and probes as in RLVR (``sims.tinygpt.storage.MixedPrecisionAdamW``, ``sims.tinygpt.probe``); deterministic
@@ -120,14 +121,14 @@ def _train_opd(model: TinyGPT, teacher: TinyGPT, cfg: OPDConfig, run_name: str) 
         rewards = [task.reward(p, tok.decode(c)) for p, c in zip(prompts, roll.completions)]
         ids, attn = roll.sequences, roll.attention_mask
         pos = _action_positions(roll.completion_mask)
-        with torch.no_grad():
-            teacher_logits = teacher(ids, attn)
         order = torch.randperm(ids.shape[0], generator=shuffle_gen).to(device)
         model.train()
         stats = {"loss": 0.0, "grad_norm": 0.0}
         for mb in order.chunk(cfg.minibatches):
+            with torch.no_grad():  # the same rows in the same order as the student's forward
+                teacher_logits = teacher(ids[mb], attn[mb])
             opt.zero_grad()
-            kl = reverse_kl_per_position(model(ids[mb], attn[mb]), teacher_logits[mb])
+            kl = reverse_kl_per_position(model(ids[mb], attn[mb]), teacher_logits)
             loss = kl[pos[mb]].sum() / max(int(pos[mb].sum()), 1)
             loss.backward()
             stats["grad_norm"] = max(stats["grad_norm"], opt.step())
