@@ -8,6 +8,10 @@ Where things live (one module per theorem family):
 - Gate III, precision (Cor 3.6, Lemma E.1, E.2, Prop E.3): ``theory.precision``
 - Metrics of the paper (Def 2.1/2.2 sparsity, Jaccard, consensus, NSS, masks, overlaps): ``theory.metrics``
 - Linear algebra in float64 (SVD, principal angles, projectors): ``theory.linalg``
+- Where an update lies against the base's singular structure (energy off the principal subspaces, coordinate-mask
+  shares, ISO's fixed-spectrum residual, rank-one principal / complement directions): ``theory.update_geometry``
+- The seed rule of the claim verdicts, its power (seeds needed), the t-test size, exact sign and rank-sum tests:
+  ``theory.power``
 
 ``theory.RESULTS[id]`` gives each result's statement, assumptions and ``check`` function.
 """
