@@ -193,3 +193,17 @@ def test_smollm2_curvature_runs_and_its_forms_are_those_of_a_fisher(tmp_path):
     (v,) = run.verdicts
     assert v.as_row() == smollm2_curvature_verdict(t).as_row()
     assert "quantized" in t["note"].iloc[0]
+
+
+@pytest.mark.slow
+def test_default_preset_runs_every_complement_direction(tmp_path):
+    from sims.experiments.registry import run_claims
+
+    run, _ = run_claims("curvature", {"pretrain": {"cache_dir": ".cache/threegate"}}, tmp_path / "curv")
+    t = run.tables["curvature"]
+    c = CurvatureConfig.default()
+    per_matrix = t[t["seed"] == c.seeds[0]].groupby("matrix").size()
+    # k principal + every pair j >= k: r directions per matrix (r = 32 for k, v and 64 otherwise)
+    assert set(per_matrix) == {32, 64} and t["seed"].nunique() == len(c.seeds)
+    assert (t["q"] >= 0).all()
+    assert run.verdicts[0].numbers["matrices"] == 14

@@ -172,3 +172,15 @@ def test_fast_verdicts_are_computed_from_the_table(fast_run):
 def test_config_rejects_unknown_keys():
     with pytest.raises(InputError, match="unknown keys"):
         off_principal_experiment({"pretrain": FAST_PRETRAIN, "off_principal": {"preset": "fast", "kk": 3}})
+
+
+@pytest.mark.slow
+def test_default_preset_runs_and_its_tables_are_valid(tmp_path):
+    """The default preset (3 seeds, 40 AdamW updates each; ~1 min): structure and ranges, no number hard-coded."""
+    from sims.experiments.registry import run_claims
+
+    run, out = run_claims("off_principal", {"pretrain": {"cache_dir": ".cache/threegate"}}, tmp_path / "op")
+    t = validate(run.tables["off_principal"], OFF_PRINCIPAL_SCHEMA)
+    assert t["seed"].nunique() == 3 and (~t["unchanged"]).sum() > 0
+    assert len(json.loads((out / "verdicts.json").read_text())) == 2
+    assert all(v.verdict in VERDICTS for v in run.verdicts)

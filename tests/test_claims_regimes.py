@@ -239,3 +239,16 @@ def test_sgd_fast_tables_are_valid_and_the_verdict_comes_from_them(sgd_run):
     (v,) = sgd_run.verdicts
     assert v.as_row() == sgd_sparser_than_adamw(t["sparsity"], t["reward_match"], r).as_row()
     assert len(t["reward_match"]) == len(c.seeds)
+
+
+@pytest.mark.slow
+def test_default_presets_run(tmp_path):
+    """OPD (the teacher pretrains once, ~5 min cold, then cached) and SGD vs AdamW at the default preset."""
+    from sims.experiments.registry import run_claims
+
+    cfg = {"pretrain": {"cache_dir": ".cache/threegate"}}
+    opd, _ = run_claims("opd", cfg, tmp_path / "opd")
+    validate(opd.tables["sparsity"], "sparsity")
+    assert opd.tables["sparsity"]["seed"].nunique() == 3 and opd.verdicts[0].verdict in VERDICTS
+    sgd, _ = run_claims("sgd_vs_adamw", cfg, tmp_path / "sgd")
+    assert len(sgd.tables["reward_match"]) == 3 and sgd.verdicts[0].verdict in VERDICTS
