@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float
 
+from theory import bf16_kernel
 from theory.errors import InputError, NonFiniteError, ShapeMismatchError, ZeroGapError
 from theory.linalg import principal_angles, singular_values, svd64, to_f64, top_k_subspaces
 
@@ -153,18 +154,6 @@ def _check_eta(eta: float) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _bits_equal_mod_zero_sign(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    ia, ib = a.contiguous().view(torch.int16), b.contiguous().view(torch.int16)
-    if ia.device.type == "cpu":  # numpy's int16 kernels are vectorised, torch's are not (about 4x here)
-        x, y = ia.numpy(), ib.numpy()
-        eq = x == y
-        if x.size and (x.min() == -32768 or y.min() == -32768):  # a -0.0 is present: +0/-0 pairs are equal
-            eq |= ((x | y) & np.int16(_ABS_MASK)) == 0
-        return torch.from_numpy(eq)
-    both_zero = ((ia | ib) & _ABS_MASK) == 0
-    return (ia == ib) | both_zero
-
-
 def _formula_unchanged(a: torch.Tensor, b: torch.Tensor, eta: float) -> torch.Tensor:
     # float64 holds every bf16 value exactly; |b - a| and eta * max(...) are each rounded once.
     a64, b64 = a.to(torch.float64), b.to(torch.float64)
@@ -186,60 +175,53 @@ def bf16_unchanged(w0: Any, w1: Any, eta: float = ETA_DEFAULT) -> Bool[Any, "*sh
     input is a torch tensor, else a numpy bool array.
     """
     eta = _check_eta(eta)
-    a, b, as_torch = _pair_bf16(w0, w1)
     if eta < ETA_BIT_EQUALITY_LIMIT:
-        return _out(_bits_equal_mod_zero_sign(a, b), as_torch)
+        a, b, as_torch = _kernel_pair(w0, w1)
+        return _out(~bf16_kernel.changed_mask(a, b), as_torch)
+    a, b, as_torch = _pair_bf16(w0, w1)
     return _out(_formula_unchanged(a, b, eta), as_torch)
 
 
 def update_mask(w0: Any, w1: Any, eta: float = ETA_DEFAULT) -> Bool[Any, "*shape"]:
-    """Update mask ``M = 1[w1 ≉ w0]``: True where the stored bf16 value changed (``not bf16_unchanged``)."""
+    """Update mask ``M = 1[w1 ≉ w0]``: True where the stored bf16 value changed (``not bf16_unchanged``).
+
+    For ``eta < 2**-8`` one fused pass (``theory.bf16_kernel.changed_mask``: compare, Inf/NaN test, ``±0``).
+    """
+    eta = _check_eta(eta)
+    if eta < ETA_BIT_EQUALITY_LIMIT:
+        a, b, as_torch = _kernel_pair(w0, w1)
+        return _out(bf16_kernel.changed_mask(a, b), as_torch)
     return ~bf16_unchanged(w0, w1, eta)
 
 
-CHUNK_CPU = 1 << 18  # int16 entries per block: two blocks (1 MiB) stay in cache across the passes
+CHUNK_CPU = bf16_kernel.BLOCK  # entries per block of the CPU pass (theory.bf16_kernel)
 
 
-def _count_changed_bits(a: torch.Tensor, b: torch.Tensor) -> int:
-    """#(bits differ) - #(+0/-0 pairs), with the Inf/NaN test fused in, block by block (numpy on CPU, whose int16
-    kernels are vectorised; torch on other devices). Raises ``NonFiniteError`` naming the counts."""
-    x_all = a.contiguous().reshape(-1).view(torch.int16)
-    y_all = b.contiguous().reshape(-1).view(torch.int16)
-    n = x_all.shape[0]
-    if x_all.device.type != "cpu":
-        neq = x_all != y_all
-        changed = int(torch.count_nonzero(neq))
-        bad = _has_nonfinite_bits(x_all) or _has_nonfinite_bits(y_all)
-        if not bad and bool((x_all.min() == -32768) | (y_all.min() == -32768)):
-            changed -= int(torch.count_nonzero(((x_all | y_all) == -32768) & neq))
-    else:
-        xs, ys = x_all.numpy(), y_all.numpy()
-        buf = np.empty(min(CHUNK_CPU, n), dtype=bool)
-        changed, bad = 0, False
-        for s in range(0, n, CHUNK_CPU):
-            x, y = xs[s:s + CHUNK_CPU], ys[s:s + CHUNK_CPU]
-            neq = buf[: x.shape[0]]
-            np.not_equal(x, y, out=neq)
-            changed += int(np.count_nonzero(neq))
-            if _has_nonfinite_bits(x) or _has_nonfinite_bits(y):
-                bad = True
-                break
-            if x.min() == -32768 or y.min() == -32768:  # int16 -32768 is -0.0: only then can +0/-0 pairs exist
-                changed -= int(np.count_nonzero(((x | y) == np.int16(-32768)) & neq))
-    if bad:
-        for t, nm in ((a, "w0"), (b, "w1")):
-            c = _nonfinite_count(t)
-            if c:
-                raise NonFiniteError(f"{nm}: {c} non-finite entries (NaN or Inf) as bf16")
-    return changed
+def _kernel_input(x: Any, name: str) -> torch.Tensor:
+    """``x`` as the kernel takes it: bf16 and float32 tensors as they are (float32 is rounded inside the pass),
+    numpy bf16 (ml_dtypes) reinterpreted bit for bit, anything else through ``to_bf16`` (which checks and rounds)."""
+    if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float32):
+        return x.detach()
+    if isinstance(x, np.ndarray) and x.dtype == np.float32:
+        return torch.from_numpy(np.ascontiguousarray(x))
+    return to_bf16(x, name, check=False)
+
+
+def _kernel_pair(w0: Any, w1: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    as_torch = isinstance(w0, torch.Tensor) or isinstance(w1, torch.Tensor)
+    a, b = _kernel_input(w0, "w0"), _kernel_input(w1, "w1")
+    if a.shape != b.shape:
+        raise ShapeMismatchError(f"w0 has shape {tuple(a.shape)} but w1 has shape {tuple(b.shape)}")
+    return a, b.to(a.device), as_torch
 
 
 def bf16_changed_count(w0: Any, w1: Any, eta: float = ETA_DEFAULT) -> int:
-    """Number of entries whose stored bf16 value changed (the fast fused pass for ``eta < 2**-8``)."""
+    """Number of entries whose stored bf16 value changed (one fused pass, ``theory.bf16_kernel``, for
+    ``eta < 2**-8``; fp32 master weights are rounded to bf16 inside that pass)."""
     eta = _check_eta(eta)
-    a, b, _ = _pair_bf16(w0, w1, check=False)
     if eta < ETA_BIT_EQUALITY_LIMIT:
-        return _count_changed_bits(a, b)
+        return bf16_kernel.changed_count(*_kernel_pair(w0, w1)[:2])
+    a, b, _ = _pair_bf16(w0, w1, check=False)
     _raise_if_nonfinite_bits(a, "w0")
     _raise_if_nonfinite_bits(b, "w1")
     same = _formula_unchanged(a, b, eta)
@@ -249,7 +231,7 @@ def bf16_changed_count(w0: Any, w1: Any, eta: float = ETA_DEFAULT) -> int:
 def bf16_sparsity(w0: Any, w1: Any, eta: float = ETA_DEFAULT) -> float:
     """Def. 2.2: ``1 - (#changed) / n``. 1.0 = nothing changed. Raises ``InputError`` on empty tensors."""
     eta = _check_eta(eta)
-    a, b, _ = _pair_bf16(w0, w1, check=False)
+    a, b, _ = _kernel_pair(w0, w1)
     n = a.numel()
     if n == 0:
         raise InputError("bf16_sparsity: empty tensors (n = 0), sparsity undefined")
