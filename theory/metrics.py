@@ -32,7 +32,7 @@ from jaxtyping import Bool, Float
 
 from theory import bf16_kernel
 from theory.errors import InputError, NonFiniteError, ShapeMismatchError, ZeroGapError
-from theory.linalg import principal_angles, singular_values, svd64, to_f64, top_k_subspaces
+from theory.linalg import SVD, principal_angles, singular_values, svd64, to_f64, top_k_subspaces
 
 __all__ = [
     "ETA_DEFAULT",
@@ -410,11 +410,18 @@ def principal_angles_topk(W0: Any, W1: Any, k: int) -> tuple[Float[np.ndarray, "
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def rank_k_reconstruction(W0: Any, k: int) -> Float[np.ndarray, "m n"]:
-    """``W0^(k) = U_k diag(σ_1..σ_k) V_kᵀ`` in float64."""
-    U, S, Vh = svd64(W0, "W0")
-    if not 1 <= k <= S.shape[0]:
-        raise InputError(f"W0: k={k} outside 1..{S.shape[0]}")
+def rank_k_reconstruction(W0: Any, k: int, *, svd: SVD | None = None) -> Float[np.ndarray, "m n"]:
+    """``W0^(k) = U_k diag(σ_1..σ_k) V_kᵀ`` in float64.
+
+    ``svd``: a thin SVD of W0 already computed (``U (m, >= k)``, all or the top ``>= k`` singular values,
+    ``Vh (>= k, n)``), e.g. by ``threegate compare``, which decomposes each matrix once; default ``svd64(W0)``.
+    """
+    if svd is None:
+        svd = svd64(W0, "W0")
+    U, S, Vh = svd
+    r = min(S.shape[0], U.shape[1], Vh.shape[0])
+    if not 1 <= k <= r:
+        raise InputError(f"W0: k={k} outside 1..{r}")
     return (U[:, :k] * S[:k]) @ Vh[:k, :]
 
 
@@ -427,18 +434,27 @@ def selection_count(alpha: float, n: int) -> int:
 
 
 def _select_top(score: np.ndarray, count: int) -> np.ndarray:
-    # Stable sort on -score: among equal scores the lower flat index comes first.
+    """The ``count`` largest scores, among equal scores the lower flat index first (= the first ``count`` of a
+    stable argsort of ``-score``), in O(n): every score above the threshold ``t`` (the count-th largest, by
+    ``np.partition``) and the lowest-index ties at ``t``."""
     flat = score.ravel()
-    order = np.argsort(-flat, kind="stable")
-    mask = np.zeros(flat.shape[0], dtype=bool)
-    mask[order[:count]] = True
+    n = flat.shape[0]
+    mask = np.zeros(n, dtype=bool)
+    if count >= n:
+        mask[:] = True
+    elif count > 0:
+        t = np.partition(flat, n - count)[n - count]
+        np.greater(flat, t, out=mask)
+        ties = np.flatnonzero(flat == t)[: count - int(np.count_nonzero(mask))]
+        mask[ties] = True
     return mask.reshape(score.shape)
 
 
-def principal_mask(W0: Any, k: int, alpha: float) -> Bool[np.ndarray, "m n"]:
+def principal_mask(W0: Any, k: int, alpha: float, *, svd: SVD | None = None) -> Bool[np.ndarray, "m n"]:
     """``M_princ``: the top-α fraction of entries by ``|W0^(k)(i, j)|`` (rank-k reconstruction), exactly
-    ``floor(α n + 1/2)`` entries, ties broken by lower flat (row-major) index."""
-    R = rank_k_reconstruction(W0, k)
+    ``floor(α n + 1/2)`` entries, ties broken by lower flat (row-major) index. ``svd``: see
+    ``rank_k_reconstruction``."""
+    R = rank_k_reconstruction(W0, k, svd=svd)
     return _select_top(np.abs(R), selection_count(alpha, R.size))
 
 
