@@ -13,7 +13,7 @@ import torch
 
 from theory.naming import matrix_type
 from threegate.checkpoints import open_checkpoint, save_safetensors, smollm2_gguf_path
-from threegate.compare import compare_checkpoints, compare_matrix, compare_tables, principal_mask_from_svd
+from threegate.compare import compare_checkpoints, compare_matrix, compare_tables
 from theory import metrics
 from theory.errors import CheckpointError
 from theory.linalg import svd64
@@ -304,7 +304,7 @@ def test_unsupported_dtype_names_file_tensor_and_dtype(capsys, tmp_path, pair):
     name = list(sd)[0]
     q = dict(sd, **{name: torch.zeros(8, 6, dtype=torch.int8)})
     tuned = save_safetensors(q, tmp_path / "int8.safetensors")
-    rc, _, err = run_cli(capsys, str(base), str(tuned))
+    rc, _, err = run_cli(capsys, str(base), str(tuned), "--k", "2")
     assert rc == 1
     line = error_line(err)
     assert "int8.safetensors" in line and name in line and "unsupported dtype int8" in line
@@ -441,7 +441,7 @@ def test_weight_that_overflows_bf16_names_files_and_tensor(capsys, tmp_path, pai
     w = sd[name].float().clone()
     w[0, 0] = 3.4e38  # finite in float32, Inf once rounded to bf16 for the probe
     tuned = save_safetensors(dict(sd, **{name: w}), tmp_path / "huge.safetensors")
-    rc, _, err = run_cli(capsys, str(base), str(tuned))
+    rc, _, err = run_cli(capsys, str(base), str(tuned), "--k", "2")
     assert rc == 1
     line = error_line(err)
     assert "huge.safetensors" in line and "base.safetensors" in line and name in line and "non-finite" in line
@@ -451,16 +451,16 @@ def test_interrupt_keeps_the_rows_computed_so_far(capsys, tmp_path, pair, monkey
     import threegate.compare as cmp
 
     _, base, tuned = pair
-    real = cmp.compare_matrix
+    real = cmp._analyse
     calls = []
 
-    def interrupted_on_third(name, *a, **kw):
-        calls.append(name)
+    def interrupted_on_third(names, *a, **kw):
+        calls.extend(names)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(name, *a, **kw)
+        return real(names, *a, **kw)
 
-    monkeypatch.setattr(cmp, "compare_matrix", interrupted_on_third)
+    monkeypatch.setattr(cmp, "_analyse", interrupted_on_third)
     out = tmp_path / "out"
     rc = main(["compare", str(base), str(tuned), "--k", "2", "--out", str(out), "--no-progress", "--no-figures"])
     assert rc == 130
