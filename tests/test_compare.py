@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from theory.naming import matrix_type
 from threegate.checkpoints import open_checkpoint, save_safetensors, smollm2_gguf_path
@@ -17,6 +19,7 @@ from threegate.compare import compare_checkpoints, compare_matrix, compare_table
 from theory import metrics
 from theory.errors import CheckpointError
 from theory.linalg import svd64
+from threegate.decompose import decompose
 from threegate.cli import main
 
 EPS64 = float(np.finfo(np.float64).eps)
@@ -154,14 +157,46 @@ def test_update_on_the_smallest_entries_lies_inside_m_low():
     assert row["row_ratio_max"] == 1.0 and row["rows_touched"] == 1 / 8
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=50), st.integers(0, 50), st.booleans())
+@example([0, 0, 0], 2, True)  # all tied, -0.0 among them
+def test_linear_time_selection_equals_the_stable_sort_rule(values, count, negate):
+    """theory.metrics' O(n) top-count selection = the first ``count`` of a stable argsort of -score (ties: lower index)."""
+    score = np.array(values, dtype=np.float64) * (-1.0 if negate else 1.0)
+    count = min(count, score.size)
+    order = np.argsort(-score, kind="stable")
+    expected = np.zeros(score.size, dtype=bool)
+    expected[order[:count]] = True
+    assert np.array_equal(metrics._select_top(score, count), expected)
+
+
 @pytest.mark.parametrize("shape, k, alpha", [((9, 7), 2, 0.5), ((7, 9), 3, 0.05), ((6, 6), 6, 0.5), ((5, 8), 1, 0.3)])
-def test_principal_mask_from_svd_equals_theory_metrics(shape, k, alpha):
+def test_principal_mask_from_compare_equals_theory_metrics(shape, k, alpha):
     rng = np.random.default_rng(sum(shape) + k)
     W = rng.standard_normal(shape)
     W[0, :] = W[1, :]  # equal rows: tied scores exercise the tie-break by flat index
     expected = metrics.principal_mask(W, k, alpha)
-    got = principal_mask_from_svd(svd64(W), k, alpha)
-    assert np.array_equal(got, expected)
+    assert np.array_equal(metrics.principal_mask(W, k, alpha, svd=svd64(W)), expected)
+    row = compare_matrix("blocks.0.attn.q.weight", torch.from_numpy(W), [torch.from_numpy(W)], ["r"], k=k,
+                         alpha=alpha).rows[0]
+    assert row["size_princ"] == metrics.selection_count(alpha, W.size)
+
+
+def test_principal_mask_from_ritz_vectors_differs_only_at_rounding_level_ties():
+    """The ritz route's M_princ (svdvals + Gram-Ritz vectors) against numpy's SVD: any entry that differs has a
+    score within rounding (1e-12 relative) of the selection threshold."""
+    rng = np.random.default_rng(5)
+    m, n, k, alpha = 300, 200, 8, 0.3
+    Q1, _ = np.linalg.qr(rng.standard_normal((m, n)))
+    Q2, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    W = (Q1 * (0.97 ** np.arange(n))) @ Q2.T
+    dec = decompose([torch.from_numpy(W)], k, "ritz")[0]
+    assert dec.route == "ritz"
+    got = metrics.principal_mask(W, k, alpha, svd=dec.svd)
+    ref = metrics.principal_mask(W, k, alpha)
+    score = np.abs(metrics.rank_k_reconstruction(W, k))
+    t = np.sort(score.ravel())[::-1][metrics.selection_count(alpha, W.size) - 1]
+    assert np.all(np.abs(score[got != ref] - t) <= 1e-12 * score.max())
 
 
 def test_symmetric_metrics_do_not_depend_on_argument_order(tmp_path):

@@ -525,22 +525,28 @@ def select_names(
     else:
         chosen = model_order(n for n in base.names() if wanted(base, n))
     notes = notes if notes is not None else []
+    if max_matrices is not None and max_matrices < 0:
+        raise InputError(f"max_matrices must be >= 0, got {max_matrices}")
+    if shared_only:
+        for other in checkpoints[1:]:
+            absent = [n for n in chosen if n not in other]
+            if absent:
+                notes.append(f"{other.path.name}: {len(absent)} selected tensor(s) absent, not compared "
+                             f"({_few(absent, 3)})")
+                chosen = [n for n in chosen if n in other]
+    if max_matrices is not None:
+        chosen = chosen[:max_matrices]
     for other in checkpoints[1:]:
         absent = [n for n in chosen if n not in other]
         extra = model_order(n for n in other.names() if n not in base and wanted(other, n))
-        if absent and not shared_only:
+        if absent:
             raise ShapeMismatchError(
                 f"tensor names differ: {len(absent)} selected tensor(s) missing in {other.path} "
                 f"({_few(absent, show)}); {len(extra)} only in {other.path} ({_few(extra, show)}); "
                 f"--shared-only compares the names every side has"
             )
-        if absent:
-            notes.append(f"{other.path.name}: {len(absent)} selected tensor(s) absent, not compared "
-                         f"({_few(absent, 3)})")
-            chosen = [n for n in chosen if n in other]
         if extra:
             notes.append(f"{other.path.name}: {len(extra)} tensor(s) not in the base, not compared ({_few(extra, 3)})")
-    for other in checkpoints[1:]:
         for name in chosen:
             if base.shape(name) != other.shape(name):
                 raise ShapeMismatchError(
@@ -552,10 +558,6 @@ def select_names(
             if d0 != d1:
                 notes.append(f"dtypes differ on {count} tensor(s): {d0} in {base.path.name}, {d1} in "
                              f"{other.path.name} (the update mask compares both rounded to bf16)")
-    if max_matrices is not None:
-        if max_matrices < 0:
-            raise InputError(f"max_matrices must be >= 0, got {max_matrices}")
-        chosen = chosen[:max_matrices]
     return chosen
 
 
