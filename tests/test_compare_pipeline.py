@@ -101,9 +101,11 @@ def test_fast_route_bounds_contain_the_exact_values(files):
         from theory.linalg import principal_angles
         assert principal_angles(fast.svd.U[:, :4], exact.svd.U[:, :4]).max() <= fast.angle_err + 1e-12
         dW = W1.double() - W0.double()
-        (lo,), err = dW_spectrum([dW], complete=False)[0]
-        true = float(np.linalg.norm(dW.numpy(), 2))
-        assert lo - 1e-15 <= true <= lo + err + 1e-15 and err <= 1e-6 * true
+        values, err = dW_spectrum([dW], 4, None)[0]
+        true = np.linalg.svd(dW.numpy(), compute_uv=False)
+        assert abs(true[0] - values[0]) <= err + 1e-15 and err <= 1e-9 * true[0]
+        exact, _ = dW_spectrum([dW], 4, [1e-14])[0]  # the exact-route form: certified top k+1 values
+        assert np.all(np.abs(exact[:5] - true[:5]) <= 1e-14 / 4)
 
 
 def test_fast_and_exact_compare_agree_within_certified_bounds(files):

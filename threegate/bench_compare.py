@@ -177,7 +177,7 @@ def bench_compare(arch: str, *, layers: int | None = None, changed_fraction: flo
             row.update({f"{label}_wall_s": w, f"{label}_cpu_s": c,
                         f"{label}_ratio_wall": w / floor["floor_wall_s"], f"{label}_ratio_cpu": c / floor["floor_cpu_s"],
                         f"{label}_counts_exact": exact_counts,
-                        f"{label}_routes": dict(m["spectral_route"].value_counts())})
+                        f"{label}_routes": {str(k_): int(v) for k_, v in m["spectral_route"].value_counts().items()}})
     row["loadavg"] = [load0, os.getloadavg()[0]]
     row["target_exact"] = _verdict(arch, row["exact_ratio_wall"], TARGET_EXACT)
     row["target_fast"] = _verdict(arch, row["fast_ratio_wall"], TARGET_FAST)

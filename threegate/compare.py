@@ -57,6 +57,8 @@ from threegate.decompose import choose_route, dW_spectrum, decompose
 from threegate.matrix_metrics import MatrixResult, matrix_result
 from threegate.stream import prefetch
 
+EPS64 = float(np.finfo(np.float64).eps)
+
 __all__ = ["compare", "compare_tables", "compare_checkpoints", "iter_compare", "compare_matrix", "run_labels",
            "add_arguments", "run", "CompareTables", "MatrixResult", "aggregate", "write_tables"]
 
@@ -78,7 +80,10 @@ def _analyse(names: Sequence[str], host: Sequence[Sequence[torch.Tensor]], dev: 
     per_run = []
     for r in range(len(runs)):
         dec1 = decompose([d[1 + r] for d in dev], k, route, device)
-        dWs = dW_spectrum([d[1 + r].double() - d[0].double() for d in dev], route != "fast", device)
+        # exact routes: dW's top singular values must stay inside the SVD allowance eps_s / 8 of the pair
+        allowance = None if route == "fast" else [
+            max(m, n) * EPS64 * max(float(a.svd.S[0]), float(b.svd.S[0])) for a, b in zip(dec0, dec1)]
+        dWs = dW_spectrum([d[1 + r].double() - d[0].double() for d in dev], k, allowance, device)
         masks = [metrics.update_mask(d[0], d[1 + r], eta).cpu().numpy() for d in dev]
         per_run.append((dec1, dWs, masks))
     out = []

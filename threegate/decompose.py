@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import scipy.linalg
+import scipy.linalg.blas
 import torch
 
 from theory.linalg import SVD
@@ -102,20 +104,20 @@ def _norm2(M: torch.Tensor) -> torch.Tensor:
 def _gram_top(A: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``count`` eigenpairs (descending) of ``AᵀA`` for tall ``A (B, c, r)``: ``(λ (B, count), V (B, r, count))``.
 
-    On the CPU LAPACK's ``dsyevr`` for the wanted subset only (``scipy.linalg.eigh(subset_by_index)``: half the
-    work of a full ``eigh`` here); elsewhere ``torch.linalg.eigh`` of the whole batch."""
-    G = A.transpose(-2, -1) @ A
-    r = G.shape[-1]
-    if G.device.type == "cpu":
-        import scipy.linalg  # scipy is a dependency; imported where the subset solver is needed
-
+    On the CPU the Gram matrix by BLAS ``dsyrk`` (its upper triangle: half the flops of a product) and LAPACK's
+    ``dsyevr`` for the wanted subset only (``scipy.linalg.eigh(subset_by_index)``: half the work of a full
+    ``eigh`` here); elsewhere ``torch.linalg.eigh`` of the whole batch."""
+    r = A.shape[-1]
+    if A.device.type == "cpu":
         lam, vec = [], []
-        for g in G.numpy():
-            w, v = scipy.linalg.eigh(g, subset_by_index=[r - count, r - 1], driver="evr", check_finite=False)
+        for a in A.numpy():
+            g = scipy.linalg.blas.dsyrk(1.0, a.T, trans=0, lower=0)  # a.T is Fortran-ordered: no copy
+            w, v = scipy.linalg.eigh(g, lower=False, subset_by_index=[r - count, r - 1], driver="evr",
+                                     check_finite=False, overwrite_a=True)
             lam.append(w[::-1].copy())
             vec.append(v[:, ::-1].copy())
         return torch.from_numpy(np.stack(lam)), torch.from_numpy(np.stack(vec))
-    w, v = torch.linalg.eigh(G)
+    w, v = torch.linalg.eigh(A.transpose(-2, -1) @ A)
     return w[..., r - count:].flip(-1), v[..., r - count:].flip(-1)
 
 
@@ -141,6 +143,46 @@ def _pack(U: np.ndarray, S: np.ndarray, V: np.ndarray, transposed: bool) -> SVD:
     return SVD(np.ascontiguousarray(U), S, np.ascontiguousarray(V.T))
 
 
+@dataclass
+class _Ritz:
+    """Certified Ritz data of one tall matrix (host numbers): triplets, residual ``e`` (defect included), rounding
+    allowance ``f``, the Gram upper bound ``next_up`` of ``σ_{j+1}``, ``ρ_k`` and the Gram enclosure of ``σ_1``."""
+
+    U: np.ndarray
+    sig: np.ndarray
+    V: np.ndarray
+    e: float
+    f: float
+    next_up: float
+    rho_k: float
+    sigma1_lo: float
+    sigma1_hi: float
+
+    @property
+    def top_ok(self) -> bool:
+        """The j Ritz triplets are the top j of ``W + E`` (Gram bound; see the module docstring)."""
+        return float(self.sig[-1]) - self.e > self.next_up
+
+
+def _ritz_batch(A: torch.Tensor, k: int) -> list[_Ritz]:
+    """Top ``j = k + 1`` certified Ritz triplets of each tall matrix of ``A (B, c, r)``, ``j < r``; one host trip."""
+    c, r = A.shape[-2:]
+    j = k + 1
+    lam, V = _gram_top(A, j + 1)
+    U, sig, Vt, R, Sr, defect = _ritz(A, V[..., :j])
+    host = [t.cpu().numpy() for t in (U, sig, Vt, _norm2(R), _norm2(Sr), defect, lam, _norm2(R[..., :k]),
+                                      _norm2(Sr[..., :k]), A.square().sum((-2, -1)))]
+    out = []
+    for b, (U_b, sig_b, V_b, nR, nS, d, lam_b, nRk, nSk, fro2) in enumerate(zip(*host)):
+        s1 = float(sig_b[0])
+        delta_g = (c + 8 * r) * EPS64 * float(fro2)
+        lam1 = max(float(lam_b[0]), 0.0)
+        out.append(_Ritz(U_b, sig_b, V_b, math.hypot(float(nR), float(nS)) + float(d) * s1, c * EPS64 * s1,
+                         math.sqrt(max(float(lam_b[j]), 0.0) + delta_g), max(float(nRk), float(nSk)),
+                         math.sqrt(max(lam1 - delta_g, 0.0)), math.sqrt(lam1 + delta_g)))
+    return out
+
+
 def decompose(mats: Sequence[torch.Tensor], k: int, route: str, device: str | torch.device = "cpu"
               ) -> list[Decomposition]:
     """Decompose matrices of one shape (one batch) by ``route`` (``choose_route``); float64 on ``device``.
@@ -154,40 +196,25 @@ def decompose(mats: Sequence[torch.Tensor], k: int, route: str, device: str | to
     A, transposed = _tall(A)
     c, r = A.shape[-2:]
     j = min(k + 1, r)
-    if route == "svd":
+    if route == "svd" or j >= r:
         return _full_svd(A, j, transposed)
-    S = torch.linalg.svdvals(A) if route == "ritz" else None
-    lam, V = _gram_top(A, min(j + 1, r))
-    U, sig, Vt, R, Sr, defect = _ritz(A, V[..., :j])
-    # one trip to the host for the whole batch
-    host = [t.cpu().numpy() for t in (U, sig, Vt, _norm2(R), _norm2(Sr), defect, lam,
-                                      _norm2(R[..., :k]), _norm2(Sr[..., :k]), A.square().sum((-2, -1)))]
-    S_h = S.cpu().numpy() if S is not None else None
-    U_h, sig_h, V_h, nR, nS, d_h, lam_h, nRk, nSk, fro2 = host
+    S_h = torch.linalg.svdvals(A).cpu().numpy() if route == "ritz" else None
     out: list[Decomposition] = []
-    for b in range(A.shape[0]):
-        s1 = float(sig_h[b, 0])
-        e = math.hypot(float(nR[b]), float(nS[b])) + float(d_h[b]) * s1
-        if route == "ritz":
+    for b, z in enumerate(_ritz_batch(A, k)):
+        if S_h is not None:  # exact: top-ness from the exact spectrum, residual inside the SVD allowance
             eps_s = 8.0 * c * EPS64 * float(S_h[b, 0])
-            nxt = float(S_h[b, j]) if j < r else 0.0
-            if e <= eps_s / 4 and float(sig_h[b, j - 1]) - e > nxt + eps_s / 4:
-                out.append(Decomposition(_pack(U_h[b], S_h[b], V_h[b], transposed), "ritz"))
+            if z.e <= eps_s / 4 and float(z.sig[j - 1]) - z.e > float(S_h[b, j]) + eps_s / 4:
+                out.append(Decomposition(_pack(z.U, S_h[b], z.V, transposed), "ritz"))
             else:
                 out.append(_full_svd(A[b:b + 1], j, transposed, label="ritz->svd")[0])
             continue
-        delta_g = (c + 8 * r) * EPS64 * float(fro2[b])
-        nxt_up = math.sqrt(max(float(lam_h[b, j]), 0.0) + delta_g) if j < r else 0.0
-        f = c * EPS64 * s1
-        top_ok = float(sig_h[b, j - 1]) - e > nxt_up
-        gap_low = float(sig_h[b, k - 1]) - (float(sig_h[b, k]) if k < j else 0.0) - e - f
-        if top_ok and gap_low > 0:
-            rho = max(float(nRk[b]), float(nSk[b]))
-            angle = math.asin(min(1.0, (rho + f) / gap_low))
+        gap_low = float(z.sig[k - 1]) - float(z.sig[k]) - z.e - z.f
+        if z.top_ok and gap_low > 0:
+            angle = math.asin(min(1.0, (z.rho_k + z.f) / gap_low))
         else:  # not certified: the subspace may be a wrong one; angles then mean nothing
             angle = math.pi / 2
-        out.append(Decomposition(_pack(U_h[b], sig_h[b], V_h[b], transposed), "fast", sigma_err=e + f,
-                                 angle_err=angle, gap_lower=gap_low))
+        out.append(Decomposition(_pack(z.U, z.sig, z.V, transposed), "fast", sigma_err=z.e + z.f, angle_err=angle,
+                                 gap_lower=gap_low))
     return out
 
 
@@ -197,23 +224,30 @@ def _full_svd(A: torch.Tensor, j: int, transposed: bool, label: str = "svd") -> 
     return [Decomposition(_pack(U_h[b], S_h[b], V_h[b], transposed), label) for b in range(A.shape[0])]
 
 
-def dW_spectrum(dWs: Sequence[torch.Tensor], complete: bool, device: str | torch.device = "cpu"
-                ) -> list[tuple[np.ndarray, float]]:
-    """Per ``dW``: ``(singular values, 0.0)`` (all of them, ``complete``) or ``([||dW||_2 lower end], err)``.
+def dW_spectrum(dWs: Sequence[torch.Tensor], k: int, allowance: Sequence[float] | None,
+                device: str | torch.device = "cpu") -> list[tuple[np.ndarray, float]]:
+    """Per ``dW``: ``(singular values, err)``: the top ``k + 1`` (certified Ritz values) or all of them.
 
-    The incomplete form is the fast route's enclosure from the top Gram eigenvalue ``λ̃_1`` of ``dWᵀdW``:
-    ``||dW||_2 ∈ [sqrt(max(λ̃_1 - δ_G, 0)), sqrt(λ̃_1 + δ_G)]`` (``δ_G`` as in the module docstring).
+    ``allowance`` (exact routes; one per matrix, ``eps_s / 8`` of the pair): the Ritz values are used when they are
+    the top ``k + 1`` singular values of ``dW + E`` with ``k ||E||_2 <= allowance`` (then ``||dW||_2`` and the Ky Fan
+    k-norm the Gate II checks use are within the allowance; ``err = ||E||_2`` bound), else every singular value by
+    ``svdvals`` (``err`` 0).
+    ``allowance=None`` (fast route): ``err`` bounds ``| ||dW||_2 - values[0] |`` (Weyl on the Ritz value when it is
+    certified, else the Gram enclosure ``[sqrt(λ̃_1 - δ_G), sqrt(λ̃_1 + δ_G)]``, reported by its lower end).
     """
     A = torch.stack([torch.as_tensor(M).to(device=device, dtype=torch.float64) for M in dWs])
     A, _ = _tall(A)
-    if complete:
+    r = A.shape[-1]
+    if k + 1 >= r or r < RITZ_MIN_R:
         return [(s, 0.0) for s in torch.linalg.svdvals(A).cpu().numpy()]
-    c, r = A.shape[-2:]
-    lam, _ = _gram_top(A, 1)
-    fro2 = A.square().sum((-2, -1)).cpu().numpy()
-    out = []
-    for lam1, f2 in zip(lam.cpu().numpy()[:, 0], fro2):
-        delta = (c + 8 * r) * EPS64 * float(f2)
-        lo, hi = math.sqrt(max(float(lam1) - delta, 0.0)), math.sqrt(max(float(lam1), 0.0) + delta)
-        out.append((np.array([lo]), hi - lo))
+    out: list[tuple[np.ndarray, float]] = []
+    for b, z in enumerate(_ritz_batch(A, k)):
+        if z.sigma1_hi == 0.0:  # dW = 0 exactly
+            out.append((np.zeros(k + 1), 0.0))
+        elif allowance is None:
+            out.append((z.sig, z.e + z.f) if z.top_ok else (np.array([z.sigma1_lo]), z.sigma1_hi - z.sigma1_lo))
+        elif z.top_ok and k * (z.e + z.f) <= allowance[b]:
+            out.append((z.sig, z.e + z.f))
+        else:
+            out.append((torch.linalg.svdvals(A[b]).cpu().numpy(), 0.0))
     return out

@@ -46,6 +46,18 @@ class MatrixResult:
     jaccard: list[dict[str, Any]] = field(default_factory=list)  # one per pair of runs (a < b)
 
 
+@dataclass(frozen=True)
+class _Pair(SpectralPair):
+    """``theory.spectral.SpectralPair`` whose ``dW_F`` is ``||dW||_F`` computed directly: ``sv_dW`` may hold only the
+    top k+1 singular values of dW (``threegate.decompose.dW_spectrum``; every Gate II check reads only those)."""
+
+    frobenius_dW: float = math.nan
+
+    @property
+    def dW_F(self) -> float:
+        return self.frobenius_dW
+
+
 def _zero_gap(S: np.ndarray, k: int) -> bool:
     """σ_k = σ_{k+1} to float64 resolution (the rule of ``theory.metrics.principal_angles_topk``)."""
     if k >= S.shape[0]:
@@ -120,7 +132,7 @@ def matrix_result(
         if not ok0:
             row["overlap_princ"] = row["overlap_princ_not_low"] = math.nan
         if exact:
-            pair = SpectralPair(A, B, dW, dec0.svd, dec1.svd, sv_dW)
+            pair = _Pair(A, B, dW, dec0.svd, dec1.svd, sv_dW, frobenius_dW=row["dW_fro"])
             for rid, chk in gate2_checks(pair, k).items():
                 row[f"check_{rid}"] = chk.verdict
                 res.checks.append({"run": run, **meta, **chk.as_row()})
