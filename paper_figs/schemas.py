@@ -72,7 +72,7 @@ RUN_COLUMNS = (
 
 # Tables written next to the figure tables that no figure draws (threegate.compare, threegate verify): never guessed
 # to be a figure table from their name (``jaccard_pairs`` is per-matrix, not the pooled ``jaccard``).
-OTHER_TABLES = ("jaccard_pairs", "matrices", "by_layer", "by_type", "verify", "counterexamples")
+OTHER_TABLES = ("jaccard_pairs", "matrices", "by_layer", "by_type", "compare_summary", "verify", "counterexamples")
 
 # Regime variables a check table may carry, in order of preference (with or without the ``d_`` detail prefix).
 REGIME_COLUMNS = ("dW_over_gap", "beta", "step", "kl", "eps", "eta", "lr", "scale", "w")

@@ -296,3 +296,30 @@ def test_peft_adapter_compare_shows_a_rank_r_update_on_the_adapted_matrices(tmp_
     for name in q.index:
         s = np.linalg.svd((a.get(name).double() - b.get(name).double()).numpy(), compute_uv=False)
         assert s[2] <= 1e-5 * s[0] and math.isclose(q.loc[name, "dW_2"], s[0], rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_metamorphic_transpose_and_power_of_two_scaling(files, fast):
+    """W -> W^T swaps the U and V angles and row / column ratios and keeps the counts (not the mask overlaps: ties in
+    |W0| are broken by row-major index, which a transpose reorders); W -> 2^3 W (exact in bf16) keeps the counts and
+    masks exactly and the scale-free spectral metrics to rounding."""
+    base, tuned, _ = files
+    names = [n for n in base if "up_proj" in n or "k_proj" in n][:4]
+    b0, b1 = {n: base[n] for n in names}, {n: tuned[0][n] for n in names}
+    ref = threegate.compare(b0, b1, k=4, fast=fast).matrices
+    tr = threegate.compare({n: w.T.contiguous() for n, w in b0.items()}, {n: w.T.contiguous() for n, w in b1.items()},
+                           k=4, fast=fast).matrices
+    sc = threegate.compare({n: w * 8 for n, w in b0.items()}, {n: w * 8 for n, w in b1.items()}, k=4,
+                           fast=fast).matrices
+    assert np.array_equal(tr["changed"], ref["changed"])
+    for col in ("changed", "overlap_low", "overlap_princ"):
+        assert np.array_equal(sc[col], ref[col]), col
+    assert np.array_equal(tr["row_ratio_max"], ref["col_ratio_max"])
+    rtol = 1e-9
+    np.testing.assert_allclose(tr["angle_U_max_deg"], ref["angle_V_max_deg"], rtol=rtol, atol=1e-10)
+    np.testing.assert_allclose(sc["angle_U_max_deg"], ref["angle_U_max_deg"], rtol=rtol, atol=1e-10)
+    np.testing.assert_allclose(sc["dW_2"], 8 * ref["dW_2"], rtol=1e-12)
+    if not fast:
+        np.testing.assert_allclose(sc["nss"], ref["nss"], rtol=1e-12)
+        np.testing.assert_allclose(tr["nss"], ref["nss"], rtol=1e-12)
+        assert list(sc["check_thm3.3-wedin"]) == list(ref["check_thm3.3-wedin"])

@@ -24,7 +24,10 @@ How it runs. Names are selected on the base in model order (``threegate.checkpoi
 selected names must exist on every side, ``--shared-only`` keeps the ones all sides have). A background thread
 reads the next tensors (memory-mapped safetensors) and moves them to the device while the current ones are
 analysed (``threegate.stream``). Consecutive matrices of one shape are decomposed as one batch (``--batch``;
-default 1 on the CPU, where LAPACK gains nothing from batching, 8 on a GPU). Each side of a matrix is decomposed
+default 1 on the CPU, where LAPACK gains nothing from batching, 8 on a GPU); the host waits for the device a few
+times per batch (each side's decomposition, dW, the masks come back in one copy each), under once per matrix at the
+GPU default. On the CPU the streamed, batched results equal those of one matrix at a time bit for bit
+(``tests/test_compare_pipeline.py``). Each side of a matrix is decomposed
 once (``threegate.decompose``): the exact routes give every singular value and the top k+1 singular vectors (full
 SVD, or ``svdvals`` plus certified Ritz vectors), ``--fast`` takes the certified top k+1 alone where that is
 cheaper (``choose_route``) and skips NSS and the Gate II checks there, saying so on screen and in the ``skipped``
@@ -73,27 +76,33 @@ def _dtype(t: torch.Tensor) -> str:
 def _analyse(names: Sequence[str], host: Sequence[Sequence[torch.Tensor]], dev: Sequence[Sequence[torch.Tensor]],
              runs: Sequence[str], *, k: int, alpha: float, eta: float, device: torch.device, fast: bool,
              keep_spectra: bool) -> list[MatrixResult]:
-    """Metrics of matrices of one shape: ``host[i] = [W0, W+_1, ...]`` (and the same on ``device``)."""
+    """Metrics of matrices of one shape: ``host[i] = [W0, W+_1, ...]`` (and the same on ``device``). Each matrix is
+    converted to float64 once; its decomposition, ``dW`` and the host arrays all use that copy."""
     m, n = host[0][0].shape
     route = choose_route(m, n, k, fast)
-    dec0 = decompose([d[0] for d in dev], k, route, device)
+    f64 = [[t.to(torch.float64) for t in d] for d in dev]
+    dec0 = decompose([g[0] for g in f64], k, route, device)
     per_run = []
     for r in range(len(runs)):
-        dec1 = decompose([d[1 + r] for d in dev], k, route, device)
+        dec1 = decompose([g[1 + r] for g in f64], k, route, device)
+        deltas = [g[1 + r] - g[0] for g in f64]
         # exact routes: dW's top singular values must stay inside the SVD allowance eps_s / 8 of the pair
         allowance = None if route == "fast" else [
             max(m, n) * EPS64 * max(float(a.svd.S[0]), float(b.svd.S[0])) for a, b in zip(dec0, dec1)]
-        dWs = dW_spectrum([d[1 + r].double() - d[0].double() for d in dev], k, allowance, device)
-        masks = [metrics.update_mask(d[0], d[1 + r], eta).cpu().numpy() for d in dev]
-        per_run.append((dec1, dWs, masks))
+        dWs = dW_spectrum(deltas, k, allowance, device)
+        if len(dev) == 1:
+            masks = [metrics.update_mask(dev[0][0], dev[0][1 + r], eta).cpu().numpy()]
+        else:  # one pass and one host copy for the batch (an Inf/NaN is then traced per matrix by the caller)
+            masks = list(metrics.update_mask(torch.stack([d[0] for d in dev]), torch.stack([d[1 + r] for d in dev]),
+                                             eta).cpu().numpy())
+        per_run.append((dec1, dWs, masks, [d.cpu().numpy() for d in deltas]))
     out = []
     for i, name in enumerate(names):
-        A = host[i][0].double().numpy()
-        Bs = [t.double().numpy() for t in host[i][1:]]
+        arrays = [t.cpu().numpy() for t in f64[i]]
         out.append(matrix_result(
-            name, A, Bs, runs, dec0[i], [p[0][i] for p in per_run], [p[1][i] for p in per_run],
-            [p[2][i] for p in per_run], [_dtype(t) for t in host[i][1:]], k=k, alpha=alpha,
-            keep_spectra=keep_spectra))
+            name, arrays[0], arrays[1:], runs, dec0[i], [p[0][i] for p in per_run], [p[1][i] for p in per_run],
+            [p[2][i] for p in per_run], [_dtype(t) for t in host[i][1:]], deltas=[p[3][i] for p in per_run],
+            W0_stored=host[i][0], k=k, alpha=alpha, keep_spectra=keep_spectra))
     return out
 
 

@@ -30,7 +30,8 @@ reaches ``σ̃_j``; if one did, ``W + E`` would have j + 1 singular values ``>= 
   ``W + E`` and values exact for a matrix within ``ε`` of W together stay inside the allowance every Gate II
   tolerance is built on (``theory.spectral``'s docstring);
 * fast route: ``up = sqrt(λ̃_{j+1} + δ_G)`` from the (j+1)-th Gram eigenvalue, ``δ_G = (m + 8 n) eps64 ||W||_F²``
-  (rounding of ``fl(WᵀW)``, ``<= m eps |W|ᵀ|W|``, plus the symmetric eigensolver's backward error). Its angle bound
+  (rounding of ``fl(WᵀW)``, ``<= m eps |W|ᵀ|W|``, plus the symmetric eigensolver's backward error; ``||W||_F²`` is
+  read off the Gram matrix's trace, whose own rounding the constant covers). Its angle bound
   is Wedin's ``asin((ρ_k + f) / (σ̃_k - σ̃_{k+1} - e - f))`` with ``ρ_k = max(||R_k||, ||Sr_k||)``,
   ``f = max(m, n) eps64 σ̃_1``, and ``|σ_i - σ̃_i| <= e`` (Weyl).
 
@@ -88,6 +89,12 @@ def choose_route(m: int, n: int, k: int, fast: bool) -> str:
     return "fast" if fast else "ritz"
 
 
+def _stack(mats: Sequence[torch.Tensor], device: str | torch.device) -> torch.Tensor:
+    """float64 batch ``(B, m, n)`` on ``device`` (no copy for one float64 matrix already there)."""
+    ts = [torch.as_tensor(M).to(device=device, dtype=torch.float64) for M in mats]
+    return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
+
+
 def _tall(A: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """``A`` with at least as many rows as columns (the last two axes), and whether it was transposed."""
     if A.shape[-2] < A.shape[-1]:
@@ -101,24 +108,27 @@ def _norm2(M: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(G)[..., -1].clamp_min(0).sqrt()
 
 
-def _gram_top(A: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top ``count`` eigenpairs (descending) of ``AᵀA`` for tall ``A (B, c, r)``: ``(λ (B, count), V (B, r, count))``.
+def _gram_top(A: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top ``count`` eigenpairs (descending) of ``AᵀA`` for tall ``A (B, c, r)`` and its trace ``||A||_F²``:
+    ``(λ (B, count), V (B, r, count), trace (B,))``.
 
     On the CPU the Gram matrix by BLAS ``dsyrk`` (its upper triangle: half the flops of a product) and LAPACK's
     ``dsyevr`` for the wanted subset only (``scipy.linalg.eigh(subset_by_index)``: half the work of a full
     ``eigh`` here); elsewhere ``torch.linalg.eigh`` of the whole batch."""
     r = A.shape[-1]
     if A.device.type == "cpu":
-        lam, vec = [], []
+        lam, vec, tr = [], [], []
         for a in A.numpy():
             g = scipy.linalg.blas.dsyrk(1.0, a.T, trans=0, lower=0)  # a.T is Fortran-ordered: no copy
+            tr.append(np.trace(g))
             w, v = scipy.linalg.eigh(g, lower=False, subset_by_index=[r - count, r - 1], driver="evr",
                                      check_finite=False, overwrite_a=True)
             lam.append(w[::-1].copy())
             vec.append(v[:, ::-1].copy())
-        return torch.from_numpy(np.stack(lam)), torch.from_numpy(np.stack(vec))
-    w, v = torch.linalg.eigh(A.transpose(-2, -1) @ A)
-    return w[..., r - count:].flip(-1), v[..., r - count:].flip(-1)
+        return torch.from_numpy(np.stack(lam)), torch.from_numpy(np.stack(vec)), torch.tensor(tr)
+    G = A.transpose(-2, -1) @ A
+    w, v = torch.linalg.eigh(G)
+    return w[..., r - count:].flip(-1), v[..., r - count:].flip(-1), torch.diagonal(G, dim1=-2, dim2=-1).sum(-1)
 
 
 def _ritz(A: torch.Tensor, V: torch.Tensor):
@@ -168,10 +178,10 @@ def _ritz_batch(A: torch.Tensor, k: int) -> list[_Ritz]:
     """Top ``j = k + 1`` certified Ritz triplets of each tall matrix of ``A (B, c, r)``, ``j < r``; one host trip."""
     c, r = A.shape[-2:]
     j = k + 1
-    lam, V = _gram_top(A, j + 1)
+    lam, V, fro2 = _gram_top(A, j + 1)
     U, sig, Vt, R, Sr, defect = _ritz(A, V[..., :j])
     host = [t.cpu().numpy() for t in (U, sig, Vt, _norm2(R), _norm2(Sr), defect, lam, _norm2(R[..., :k]),
-                                      _norm2(Sr[..., :k]), A.square().sum((-2, -1)))]
+                                      _norm2(Sr[..., :k]), fro2)]
     out = []
     for b, (U_b, sig_b, V_b, nR, nS, d, lam_b, nRk, nSk, fro2) in enumerate(zip(*host)):
         s1 = float(sig_b[0])
@@ -192,7 +202,7 @@ def decompose(mats: Sequence[torch.Tensor], k: int, route: str, device: str | to
     """
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-    A = torch.stack([torch.as_tensor(M).to(device=device, dtype=torch.float64) for M in mats])
+    A = _stack(mats, device)
     A, transposed = _tall(A)
     c, r = A.shape[-2:]
     j = min(k + 1, r)
@@ -235,7 +245,7 @@ def dW_spectrum(dWs: Sequence[torch.Tensor], k: int, allowance: Sequence[float] 
     ``allowance=None`` (fast route): ``err`` bounds ``| ||dW||_2 - values[0] |`` (Weyl on the Ritz value when it is
     certified, else the Gram enclosure ``[sqrt(λ̃_1 - δ_G), sqrt(λ̃_1 + δ_G)]``, reported by its lower end).
     """
-    A = torch.stack([torch.as_tensor(M).to(device=device, dtype=torch.float64) for M in dWs])
+    A = _stack(dWs, device)
     A, _ = _tall(A)
     r = A.shape[-1]
     if k + 1 >= r or r < RITZ_MIN_R:

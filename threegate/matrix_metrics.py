@@ -83,23 +83,28 @@ def matrix_result(
     masks: Sequence[np.ndarray],
     dtypes: Sequence[str],
     *,
+    deltas: Sequence[np.ndarray] | None = None,
+    W0_stored: Any = None,
     k: int,
     alpha: float,
     keep_spectra: bool = True,
 ) -> MatrixResult:
-    """All metrics of ``W0 = A (m, n)`` against each ``W+ = Bs[r]`` (float64), from their decompositions."""
+    """All metrics of ``W0 = A (m, n)`` against each ``W+ = Bs[r]`` (float64), from their decompositions.
+
+    ``deltas[r] = Bs[r] - A`` when already formed; ``W0_stored``: W0 in its stored dtype (``M_low`` ranks ``|W0|``
+    there: the same order, a quarter of the memory traffic of float64)."""
     m, n = A.shape
     layer = layer_index(name)
     meta = {"name": name, "layer": -1 if layer is None else layer, "matrix_type": matrix_type(name)}
     ok0 = _subspace_ok(dec0, k)
-    M_low = metrics.low_magnitude_mask(A, alpha)
+    M_low = metrics.low_magnitude_mask(A if W0_stored is None else W0_stored, alpha)
     M_princ = metrics.principal_mask(A, k, alpha, svd=dec0.svd) if ok0 else np.zeros(A.shape, dtype=bool)
     refs = {"princ": M_princ, "low": M_low, "princ_not_low": M_princ & ~M_low}
     res = MatrixResult(name, [], [])
     S0 = dec0.svd.S
-    for run, B, dec1, (sv_dW, dW_err), mask, dtype in zip(runs, Bs, dec1s, dWs, masks, dtypes):
+    deltas = deltas if deltas is not None else [B - A for B in Bs]
+    for run, B, dec1, (sv_dW, dW_err), mask, dtype, dW in zip(runs, Bs, dec1s, dWs, masks, dtypes, deltas):
         changed = int(np.count_nonzero(mask))
-        dW = B - A
         S1 = dec1.svd.S
         exact = dec0.complete and dec1.complete
         row: dict[str, Any] = {
