@@ -323,3 +323,30 @@ def test_metamorphic_transpose_and_power_of_two_scaling(files, fast):
         np.testing.assert_allclose(sc["nss"], ref["nss"], rtol=1e-12)
         np.testing.assert_allclose(tr["nss"], ref["nss"], rtol=1e-12)
         assert list(sc["check_thm3.3-wedin"]) == list(ref["check_thm3.3-wedin"])
+
+
+def test_gram_eigensolver_of_the_gpu_path_agrees_with_the_cpu_subset_solver(files):
+    """The device path (torch.linalg.eigh of the batched Gram matrices) against LAPACK's subset solver, on the CPU."""
+    from threegate import decompose as D
+    from theory.linalg import principal_angles
+
+    base, _, _ = files
+    mats = [w.double() for n, w in base.items() if "up_proj" in n]
+    A = torch.stack(mats)
+    lam_c, V_c, tr_c = D._gram_top(A, 6, subset_solver=True)
+    lam_t, V_t, tr_t = D._gram_top(A, 6, subset_solver=False)
+    G_norm = float(torch.linalg.matrix_norm(A.transpose(-2, -1) @ A, ord=2).max())
+    assert torch.allclose(lam_c, lam_t, rtol=0, atol=64 * 160 * EPS64 * G_norm)
+    assert torch.allclose(tr_c, tr_t, rtol=1e-14)
+    for b in range(A.shape[0]):
+        assert principal_angles(V_c[b, :, :5].numpy(), V_t[b, :, :5].numpy()).max() <= 1e-9
+
+
+@pytest.mark.parametrize("module", ["threegate.compare", "threegate.decompose", "threegate.stream",
+                                    "threegate.checkpoints", "theory.bf16_kernel"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.failed == 0 and result.attempted > 0

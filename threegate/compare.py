@@ -326,7 +326,7 @@ def compare(base: Any, tuned: Any, *, k: int = 16, alpha: float = 0.5, eta: floa
     >>> tuned = {n: w.clone() for n, w in base.items()}
     >>> tuned["model.layers.0.mlp.up_proj.weight"].view(torch.int16)[0, :8] += 1  # 8 entries one bf16 step
     >>> t = threegate.compare(base, tuned, k=4)
-    >>> int(t.matrices.loc[0, "changed"]), t.summary.loc[0, "sparsity"] == 1 - 8 / 512
+    >>> int(t.matrices.loc[0, "changed"]), bool(t.summary.loc[0, "sparsity"] == 1 - 8 / 512)
     (8, True)
     """
     tuned_list = list(tuned) if isinstance(tuned, (list, tuple)) else [tuned]

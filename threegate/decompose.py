@@ -82,6 +82,11 @@ def choose_route(m: int, n: int, k: int, fast: bool) -> str:
 
     ``fast`` (``--fast``) picks ``"fast"`` only where the Ritz triplets are cheaper than the exact route, i.e.
     where ``"ritz"`` would be used; elsewhere the exact ``"svd"`` route, so ``--fast`` is never the slower one.
+
+    Examples
+    --------
+    >>> choose_route(576, 1536, 16, fast=False), choose_route(576, 1536, 16, fast=True), choose_route(48, 64, 4, True)
+    ('ritz', 'fast', 'svd')
     """
     r = min(m, n)
     if r < RITZ_MIN_R or 4 * (k + 1) > r:
@@ -108,15 +113,17 @@ def _norm2(M: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(G)[..., -1].clamp_min(0).sqrt()
 
 
-def _gram_top(A: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gram_top(A: torch.Tensor, count: int, subset_solver: bool | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top ``count`` eigenpairs (descending) of ``AᵀA`` for tall ``A (B, c, r)`` and its trace ``||A||_F²``:
     ``(λ (B, count), V (B, r, count), trace (B,))``.
 
     On the CPU the Gram matrix by BLAS ``dsyrk`` (its upper triangle: half the flops of a product) and LAPACK's
     ``dsyevr`` for the wanted subset only (``scipy.linalg.eigh(subset_by_index)``: half the work of a full
-    ``eigh`` here); elsewhere ``torch.linalg.eigh`` of the whole batch."""
+    ``eigh`` here); elsewhere (or ``subset_solver=False``: the GPU path, tested on the CPU) ``torch.linalg.eigh`` of
+    the whole batch."""
     r = A.shape[-1]
-    if A.device.type == "cpu":
+    if subset_solver if subset_solver is not None else A.device.type == "cpu":
         lam, vec, tr = [], [], []
         for a in A.numpy():
             g = scipy.linalg.blas.dsyrk(1.0, a.T, trans=0, lower=0)  # a.T is Fortran-ordered: no copy

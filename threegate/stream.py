@@ -38,7 +38,13 @@ def _as_threegate(name: str, e: BaseException) -> BaseException:
 
 
 def prefetch(names: Iterable[str], read: Callable[[str], T], depth: int = 2) -> Iterator[tuple[str, T]]:
-    """``(name, read(name))`` for each name, read up to ``depth`` items ahead in a background thread."""
+    """``(name, read(name))`` for each name, read up to ``depth`` items ahead in a background thread.
+
+    Examples
+    --------
+    >>> [value for _, value in prefetch(["a", "b"], str.upper, depth=1)]
+    ['A', 'B']
+    """
     if depth <= 0:
         for name in names:
             try:
