@@ -198,9 +198,13 @@ def no_data_panel(ax: Any, reason: str, detail: str = "") -> None:
         ax.spines[side].set_visible(True)
         ax.spines[side].set_color("#bbbbbb")
     ax.set_facecolor("#f7f7f7")
-    text = f"not enough data ({reason})" + (f"\n{detail}" if detail else "")
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=10, color="#444444",
-            wrap=True, gid=NO_DATA_GID)
+    # wrap to the panel: its share of the figure's width, ~11 characters of 10 pt text per inch
+    spec = ax.get_subplotspec()
+    cols = spec.get_gridspec().ncols if spec is not None else 1
+    chars = max(18, int(ax.figure.get_figwidth() / cols * 11))
+    lines = textwrap.wrap(f"not enough data ({reason})", chars) + (textwrap.wrap(detail, chars) if detail else [])
+    ax.text(0.5, 0.5, "\n".join(lines), transform=ax.transAxes, ha="center", va="center", fontsize=10,
+            color="#444444", gid=NO_DATA_GID)
 
 
 def no_data_texts(fig: Figure) -> list[str]:

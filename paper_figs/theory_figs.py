@@ -319,10 +319,17 @@ def fig_thm33_forms(df: pd.DataFrame, *, regime: str | None = None) -> Figure:
         raise InputError("check table has none of the Thm 3.3 ids " + ", ".join(r for r, _ in THM33_FORMS))
     fig, axes = new_figure(2, len(present), width=4.6 * len(present) + 0.6, height=8.4)
     parts = []
+
+    def finite(rid: str) -> bool:
+        d = d_all[d_all["result_id"] == rid]
+        return bool((np.isfinite(d["lhs"].to_numpy(float)) & np.isfinite(d["rhs"].to_numpy(float))).any())
+
+    with_data = [j for j, (rid, _) in enumerate(present) if finite(rid)]
+    cbar_j = with_data[-1] if with_data else -1  # one colorbar, on the last panel that has points
     for j, (rid, label) in enumerate(present):
         d = d_all[d_all["result_id"] == rid]
         regime_col, rv = _regime_values(d, regime)
-        stats = _scatter_sides(axes[0, j], d, regime_col, rv, fig, colorbar=(j == len(present) - 1))
+        stats = _scatter_sides(axes[0, j], d, regime_col, rv, fig, colorbar=(j == cbar_j))
         axes[0, j].set_title(f"{rid}\n{label}", fontsize=9)
         _tightness(axes[1, j], d, regime_col, rv)
         if (regime_col is not None and regime_col.removeprefix("d_") == "dW_over_gap"
