@@ -213,8 +213,10 @@ def no_data_texts(fig: Figure) -> list[str]:
 
 
 def finalize(fig: Figure) -> Figure:
-    """Draw once (layout fixed) and thin tick labels that would overlap on any axis; returns ``fig``."""
-    fig.canvas.draw()
+    """Lay out once (no rasterising), thin tick labels that would overlap on any axis, and freeze the layout (the
+    constrained layout is not recomputed on every later draw or save: it costs more than the drawing); returns
+    ``fig``."""
+    fig.draw_without_rendering()
     renderer = fig.canvas.get_renderer()
     changed = False
     for ax in fig.axes:
@@ -223,7 +225,8 @@ def finalize(fig: Figure) -> Figure:
         for axis in (ax.xaxis, ax.yaxis):
             changed |= _thin_tick_labels(axis, renderer)
     if changed:
-        fig.canvas.draw()
+        fig.draw_without_rendering()
+    fig.set_layout_engine("none")
     return fig
 
 
