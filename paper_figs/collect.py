@@ -211,7 +211,9 @@ def figure_jobs(found: Found, errors: list[tuple[str, str]]) -> list[Job]:
                         draw = (lambda part=part, ang=ang, m=m: pf.fig4_spectrum(part, ang, method=m or None))
                     else:
                         draw = (lambda part=part, m=m: pf.fig5_mask_overlap(part, method=m or None))
-                    jobs.append(Job(source, f"{slug(label)}-{slug(name)}{suffix}", draw, order, m))
+                    mine = [t.rel for t in tabs
+                            if "method" not in t.df.columns or (t.df["method"].astype(str) == m).any()]
+                    jobs.append(Job(", ".join(mine) or source, f"{slug(label)}-{slug(name)}{suffix}", draw, order, m))
             else:
                 jobs.append(Job(source, f"{slug(label)}-{slug(name)}", lambda df=df, fn=fn: fn(df), order))
             continue

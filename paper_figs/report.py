@@ -178,7 +178,8 @@ _CSS = """
 html { -webkit-text-size-adjust: 100%; }
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1200px; margin: 1.5em auto;
        padding: 0 1em; color: #222; line-height: 1.45; overflow-wrap: break-word; }
-h1 { font-size: 1.5em; margin-bottom: .4em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+h1 { font-size: 1.5em; margin-bottom: .4em; }
+h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
 .scroll { max-width: 100%; overflow-x: auto; }
 table { border-collapse: collapse; font-size: .9em; margin: .6em 0; }
 caption { caption-side: top; text-align: left; font-size: .9em; color: #444; padding-bottom: .3em; }
@@ -200,6 +201,8 @@ pre.out { background: #fff; border-left: 3px solid #ccc; }
 pre.exercise { border-left: 3px solid #0072B2; }
 section.tutorial { margin: 1em 0; }
 nav a { margin-right: 1em; }
+p.note { font-size: .85em; color: #444; margin-top: 0; }
+@media (max-width: 600px) { table { font-size: .78em; } th, td { padding: .2em .35em; } body { padding: 0 .6em; } }
 """
 
 
@@ -249,29 +252,29 @@ def _statements() -> str:
 
 
 def _summary_section(rep: Report, results_dir: Path) -> str:
-    """The element right after the title: the summary table (``div#summary``), whatever the folder holds."""
-    where = f"results folder <code>{_e(rep.results_dir or results_dir)}</code>"
+    """The element right after the title: ``div#summary`` holding the summary table (``table#summary-table``, in
+    a horizontally scrolling box on narrow screens) and a note under it, whatever the folder holds."""
+    def block(table: str, note: str) -> str:
+        return f'<div id="summary"><div class="scroll">{table}</div><p class="note">{note}</p></div>'
+
     if rep.summary is not None and len(rep.summary):
-        table = summary.summary_html(rep.summary)
         basis = rep.summary.attrs.get("basis", "")
-        cap = (f"<caption><b>Summary</b> per run, overall and per matrix type ({where}). Overlaps: "
-               "|M<sub>•</sub> ∩ M| / |M| with the random baseline |M<sub>•</sub>| / n beside them; Gate II: "
-               "verdicts over matrices × Gate II results" + (f"; computed from {_e(basis)}" if basis else "")
-               + ".</caption>")
-        return f'<div id="summary" class="scroll">' + table.replace('<div class="scroll">', "", 1).replace(
-            "<thead>", cap + "<thead>", 1)
+        table = summary.summary_html(rep.summary, "Summary: what fine-tuning changed, per run")
+        return block(table, "Per run, overall (bold) and per matrix type. Overlaps: |M<sub>•</sub> ∩ M| / |M|, "
+                            "the random baseline |M<sub>•</sub>| / n beside them (blue above it, orange below); "
+                            "Gate II: verdicts over matrices × Gate II results"
+                            + (f"; computed from {_e(basis)}" if basis else "") + ".")
     if rep.verdicts is not None:
         v = rep.verdicts["verdict"].astype(str).value_counts()
         cells = "".join(f"<tr><td>{_e(k)}</td><td class=\"num\">{int(n)}</td></tr>" for k, n in v.items())
-        return (f'<div id="summary" class="scroll"><table id="summary-table"><caption><b>Summary</b>: verdicts of '
-                f"<code>threegate verify</code> over {len(rep.verdicts)} result(s) ({where}).</caption>"
-                f"<thead><tr><th>verdict</th><th>results</th></tr></thead><tbody>{cells}</tbody></table></div>")
+        return block('<table id="summary-table"><caption>Summary: verdicts of threegate verify</caption>'
+                     f"<thead><tr><th>verdict</th><th>results</th></tr></thead><tbody>{cells}</tbody></table>",
+                     f"{len(rep.verdicts)} result(s) of the paper, each checked on seeded instances.")
     rows = [("figures drawn", len(rep.figures)), ("tables that could not be drawn", len(rep.errors)),
             ("tables without a figure", len(rep.notes) + len(rep.unrecognised))]
     cells = "".join(f"<tr><td>{_e(k)}</td><td class=\"num\">{n}</td></tr>" for k, n in rows)
-    return (f'<div id="summary" class="scroll"><table id="summary-table"><caption><b>Summary</b> ({where}): no '
-            "run with sparsity, overlap or check tables.</caption><thead><tr><th>what</th><th>count</th></tr>"
-            f"</thead><tbody>{cells}</tbody></table></div>")
+    return block('<table id="summary-table"><caption>Summary</caption><thead><tr><th>what</th><th>count</th></tr>'
+                 f"</thead><tbody>{cells}</tbody></table>", "No run with sparsity, overlap or check tables here.")
 
 
 def _figure_html(f: RenderedFigure) -> str:

@@ -226,12 +226,13 @@ def _int(x) -> str:
 def _beside(ov: float, base: float) -> str:
     if not math.isfinite(ov if ov is not None else math.nan):
         return f'<span class="dim">– (random {_num(base, ".3f")})</span>' if math.isfinite(base) else ""
-    cls = "above" if ov > base else "below"
+    cls = "above" if ov > base else "below" if ov < base else "dim"
     return f'<span class="{cls}">{ov:.3f}</span> <span class="dim">(random {base:.3f})</span>'
 
 
-def summary_html(summary: pd.DataFrame) -> str:
-    """The summary as an HTML table (``id="summary-table"``), one block of rows per run (overall first)."""
+def summary_html(summary: pd.DataFrame, caption: str = "") -> str:
+    """The summary as an HTML table (``id="summary-table"``), one block of rows per run (overall first);
+    ``caption`` (HTML) goes into its ``<caption>``."""
     head = ("<tr><th>run</th><th>method</th><th>scope</th><th>matrices</th><th>entries</th>"
             "<th>bf16 sparsity</th><th>M<sub>princ</sub> overlap</th><th>M<sub>low</sub> overlap</th>"
             "<th>Gate II holds / violated / assumption failed</th><th>largest principal angle</th></tr>")
@@ -244,11 +245,12 @@ def summary_html(summary: pd.DataFrame) -> str:
         viol = ' class="num violated"' if pd.notna(r["gate2_violated"]) and r["gate2_violated"] else ' class="num"'
         rows.append(
             f'<tr class="{"overall" if overall else "type"}"><td>{_e(r["run"])}</td><td>{_e(r["method"] or "")}</td>'
-            f'<td>{_e(r["scope"])}</td><td class="num">{_int(r["matrices"])}</td><td class="num">{_int(r["numel"])}</td>'
+            f'<td>{_e(r["scope"])}</td><td class="num">{_int(r["matrices"])}</td>'
+            f'<td class="num">{_int(r["numel"])}</td>'
             f'<td class="num">{_sparsity(r["sparsity"])}</td>'
             f'<td class="num">{_beside(r["overlap_princ"], r["baseline_princ"])}</td>'
             f'<td class="num">{_beside(r["overlap_low"], r["baseline_low"])}</td>'
             f"<td{viol}>{gate}</td><td class=\"num\">{_num(r['max_angle_deg'], '.2f')}"
             f"{'°' if pd.notna(r['max_angle_deg']) else ''}</td></tr>")
-    return (f'<div class="scroll"><table id="summary-table"><thead>{head}</thead><tbody>{"".join(rows)}</tbody>'
-            "</table></div>")
+    cap = f"<caption>{caption}</caption>" if caption else ""
+    return f'<table id="summary-table">{cap}<thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'

@@ -98,8 +98,9 @@ def two_compares(tmp_path_factory):
         save_file(tuned, str(root / "ckpt" / method / "model.safetensors"))
     results = root / "R"
     for method in TWO_COMPARES_CHANGED:
-        rc = main(["compare", str(root / "base" / "model.safetensors"), str(root / "ckpt" / method / "model.safetensors"),
-                   "--method", method, "--k", "2", "--out", str(results / method), "--no-progress", "--no-figures"])
+        tuned_file = root / "ckpt" / method / "model.safetensors"
+        rc = main(["compare", str(root / "base" / "model.safetensors"), str(tuned_file), "--method", method, "--k", "2",
+                   "--out", str(results / method), "--no-progress", "--no-figures"])
         assert rc == 0
     for f in (results / "SFT").glob("checks.*"):  # fewer check figures to draw: the page needs one method's only
         f.unlink()

@@ -91,7 +91,7 @@ def test_summary_counts_are_the_known_changed_entries(two_compares):
 def test_page_opens_with_the_summary_and_names_the_real_folder(two_compares):
     results, rep = two_compares
     page = rep.page.read_text(encoding="utf-8")
-    assert re.search(r"</h1>\s*<div id=\"summary\"[^>]*>\s*<table id=\"summary-table\">", page)
+    assert re.search(r"</h1>\s*<div id=\"summary\"><div class=\"scroll\"><table id=\"summary-table\">", page)
     assert f"Results folder: <code>{results.resolve()}</code>" in page
     assert "verify.csv" not in page and "threegate verify</code>)" not in page  # a compare, not a verify folder
     # Table 1 and the paper's figures before any Gate II scatter plot
