@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import types
@@ -132,8 +133,10 @@ def _fail(where: str, hint: Any, value: Any, extra: str = "") -> ConfigError:
     return ConfigError(f"{where}: expected {describe_type(hint)}, got {describe_value(value)}{extra}")
 
 
+@functools.lru_cache(maxsize=None)
 def config_schema(cls: type) -> dict[str, Any]:
-    """{field name: resolved type hint} of the init fields of config dataclass ``cls``."""
+    """{field name: resolved type hint} of the init fields of config dataclass ``cls`` (resolved once per class;
+    treat the returned dict as read-only)."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in fields(cls) if f.init}
 
@@ -150,7 +153,7 @@ def check_value(value: Any, hint: Any, where: str) -> Any:
     >>> check_value("four", int, "[rlvr] steps")
     Traceback (most recent call last):
     ...
-    theory.errors.ConfigError: [rlvr] steps: expected an integer, got the string 'four' (...)
+    theory.errors.ConfigError: [rlvr] steps: expected an integer, got the string 'four'
     """
     if hint is Any or hint is object:
         return value

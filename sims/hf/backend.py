@@ -62,6 +62,7 @@ from torch import Tensor
 from theory.naming import layer_index, matrix_type
 from threegate.checkpoints import smollm2_gguf_path
 from sims.experiments.config import Section, check_value, resolve_section, section_config
+from sims.hf.models import check_finite_parameters, check_gguf_file, check_model_folder
 from sims.tinygpt.probe import RunResult, deterministic, seed_everything
 from sims.tinygpt.progress import RunMonitor, equal_reward_groups, stored_unchanged
 from sims.tinygpt.rlvr import ALGORITHMS, group_advantages, k3_kl, policy_loss
@@ -144,6 +145,10 @@ def load_causal_lm(
             gguf_file = found[0].name
         if gguf_file is not None and not (folder / gguf_file).is_file():
             raise InputError(f"{folder / gguf_file}: GGUF file does not exist")
+    if gguf_file is not None:
+        check_gguf_file(folder / gguf_file)
+    else:
+        check_model_folder(folder)  # structure, no pickle, every tensor finite: before transformers sees it
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -153,9 +158,14 @@ def load_causal_lm(
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), **kw)
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **kw)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder}: transformers cannot load this model offline "
-                              f"({' '.join(str(e).split())[:200]})") from None
+    except Exception as e:  # any loader failure; transformers' own messages are not passed on (some advise unpickling)
+        import transformers
+
+        raise CheckpointError(f"{folder}: transformers {transformers.__version__} cannot load this model offline "
+                              f"({type(e).__name__}; config.json and the weights passed threegate's structure and "
+                              "finite checks: look at the tokenizer files)") from None
+    if gguf_file is not None:
+        check_finite_parameters(model.named_parameters(), folder / gguf_file)
     note = ""
     if gguf_file is not None:
         note = _gguf_note(folder / gguf_file)
