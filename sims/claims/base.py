@@ -417,10 +417,8 @@ def block_matrix_index(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int
 
     out = {}
     for n in state:
-        try:
+        if matrix_type(n) != "other" and layer_index(n) is not None:
             out[n] = (layer_index(n), matrix_type(n))
-        except InputError:
-            continue
     return out
 
 
@@ -555,10 +553,7 @@ class StepRecorder:
         self.names = [n for n, _ in model.named_parameters()]
         self.types = {}
         for n in self.names:
-            try:
-                self.types[n] = matrix_type(n)
-            except InputError:
-                self.types[n] = "other"
+            self.types[n] = matrix_type(n)
         self.counts: dict[tuple[str, str, str, str, str], np.ndarray] = {}
         self.optimizer = None
         self.steps = 0
