@@ -35,7 +35,7 @@ from typing import Any, Literal, Mapping
 from theory.errors import ConfigError, InputError
 
 __all__ = ["Section", "TOP_LEVEL", "check_value", "describe_type", "describe_value", "unknown_keys_message",
-           "section_config", "resolve_section", "validate_config", "config_schema"]
+           "section_config", "resolve_section", "validate_config", "config_schema", "check_fields"]
 
 #: Keys every ``threegate run`` config may have at its top level besides the experiment's sections.
 TOP_LEVEL: dict[str, Any] = {"seed": int, "device": str}
@@ -92,7 +92,7 @@ def describe_value(value: Any) -> str:
     if isinstance(value, float):
         return f"the float {value!r}"
     if isinstance(value, str):
-        return f"the string {value!r}"
+        return f"the string {value!r}" if len(value) <= 80 else f"the string {value[:77]!r}..."
     text = repr(list(value) if isinstance(value, tuple) else dict(value) if isinstance(value, Mapping) else value)
     text = text if len(text) <= 80 else text[:77] + "..."
     if isinstance(value, (list, tuple)):
@@ -103,15 +103,15 @@ def describe_value(value: Any) -> str:
 
 
 def _string_hint(value: str, hint: Any) -> str:
-    """The fix for a number written in quotes (or one YAML 1.1 reads as a string)."""
+    """The fix for a number written in quotes (or one YAML 1.1 reads as a string); '' when there is none."""
     m = _YAML11_FLOAT.match(value.strip())
     if m and hint is float:
         return f" (YAML 1.1 reads {value} as a string; write {m.group(1)}.0{m.group(2)})"
     try:
-        float(value)
+        number = int(value) if hint is int else float(value)
     except ValueError:
         return ""
-    return " (write the number without quotes)"
+    return " (write the number without quotes)" if math.isfinite(number) else ""
 
 
 def unknown_keys_message(unknown: list[str], known: list[str], *, what: str = "known keys") -> str:
@@ -148,7 +148,7 @@ def check_value(value: Any, hint: Any, where: str) -> Any:
 
     Examples
     --------
-    >>> check_value([1, 2], tuple[int, ...], "[rlvr.probe] steps")
+    >>> check_value([1, 2], tuple[int, ...], "[rlvr] probe.steps")
     (1, 2)
     >>> check_value("four", int, "[rlvr] steps")
     Traceback (most recent call last):
