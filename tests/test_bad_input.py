@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
 
 import pytest
 import torch
@@ -164,6 +165,20 @@ def test_folder_structure_errors(tmp_path, capsys):
     (idx / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001.safetensors"}}))
     assert _run_hf(tmp_path, capsys, idx).endswith(
         f"{idx / 'model-00001.safetensors'}: shard listed in model.safetensors.index.json is missing")
+
+
+def test_a_gguf_with_wrong_magic_and_a_transformers_failure_are_our_own_one_line_errors(tmp_path, capsys):
+    fake = tmp_path / "m.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf")
+    assert _run_hf(tmp_path, capsys, fake).endswith(f"{fake}: not a GGUF file (magic bytes b'PK\\x03\\x04', "
+                                                    "expected b'GGUF')")
+    # structure and weights pass, transformers fails (no tokenizer files): its message is not passed on
+    d = _folder(tmp_path, "notok")
+    save_file(_tensors(), d / "model.safetensors")
+    line = _run_hf(tmp_path, capsys, d)
+    assert re.fullmatch(rf"threegate run: error: {re.escape(str(d))}: transformers \S+ cannot load this model "
+                        r"offline \(\w+; config.json and the weights passed threegate's structure and finite checks: "
+                        r"look at the tokenizer files\)", line), line
 
 
 def test_a_failed_run_keeps_an_earlier_result_and_never_writes_into_a_foreign_folder(tmp_path, capsys):
