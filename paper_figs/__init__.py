@@ -4,7 +4,8 @@
 - ``paper_figs.theory_figs``: theory vs empirical (measured lhs against bound rhs, tightness), Thm 3.3's three
   forms side by side, the Gate III bf16 realization threshold with measured updates.
 - ``paper_figs.paper_figs``: the paper's figures at our scale (Table 1, Figs 2, 3, 4, 5, 6, 9, 10, 12, 15).
-- ``paper_figs.report``: ``threegate figs RESULTS_DIR --out DIR`` and ``write_report(results_dir, out_dir)``.
+- ``paper_figs.report``: ``write_report(results_dir, out_dir)`` / ``render_all``: every figure and ``index.html``
+  (with already executed tutorials when handed ``TutorialPage`` records; ``threegate figs`` is the command).
 - ``paper_figs.style``: Okabe–Ito palette, fonts, grid, captions.
 
 Every figure function takes a DataFrame and returns a matplotlib ``Figure`` (Agg backend); none reruns an experiment.

@@ -18,29 +18,29 @@ and are not errors.
 
 Python: ``write_report(results_dir, out_dir) -> Path`` (the path of ``index.html``), called by ``threegate verify``.
 
-Tutorials: ``threegate figs RESULTS_DIR --tutorials`` first executes the ``docs/NN_*.md`` tutorials (jupytext MyST,
-exercises checked, see ``execute_tutorial``) into ``RESULTS_DIR/tutorials/*.ipynb``; every executed notebook found
-there is rendered into the page's Tutorials section.
+Tutorials: ``render_all(..., tutorials=pages)`` renders already executed tutorials (``TutorialPage`` records: plain
+dicts of cells and outputs, made by ``threegate.tutorials.read_executed``) into the page's Tutorials section. This
+module never executes or grades a tutorial.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import html
 import json
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
 from paper_figs import collect, schemas, summary
 from theory.errors import CheckpointError, InputError, ThreegateError
 
-__all__ = ["add_arguments", "run", "write_report", "render_all", "RenderedFigure", "Report",
-           "tutorial_paths", "load_tutorial", "execute_tutorial", "write_tutorials", "tutorial_html",
-           "Exercise", "ExecutedTutorial"]
+__all__ = ["add_arguments", "run", "write_report", "render_all", "RenderedFigure", "Report", "TutorialPage",
+           "tutorial_html"]
 
 VERIFY_COLUMNS = ("result_id", "instances", "worst_ratio", "verdict", "notes")
 
@@ -70,33 +70,44 @@ class Report:
     tutorials: str = ""  # HTML of the Tutorials section
 
 
+@dataclass
+class TutorialPage:
+    """An executed tutorial as the report draws it (no notebook library needed).
+
+    ``cells`` are plain dicts: ``cell_type``, ``source`` (str), ``tags`` (list), ``outputs`` (nbformat output
+    dicts: stream, error, display_data / execute_result with ``data``) and ``exercise`` (the placeholder an exercise
+    cell shows the student; its ``source`` is then the reference solution, shown folded). ``error`` set: the file
+    could not be read; the page lists it with the figures that could not be drawn.
+    """
+
+    stem: str  # file stem, e.g. "00_overview": section id and image names
+    source: str  # where it came from, e.g. "docs/00_overview.md"
+    title: str
+    status: str  # one line: exercises checked, time taken
+    cells: list[dict] = field(default_factory=list)
+    error: str = ""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results_dir", metavar="RESULTS_DIR", help="directory with results tables (CSV / Parquet)")
     parser.add_argument("--out", default=None, help="output directory (default: RESULTS_DIR/report)")
-    parser.add_argument("--tutorials", action="store_true",
-                        help="first execute the docs/ tutorials (exercises checked) into RESULTS_DIR/tutorials")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, tutorials: Sequence[TutorialPage] | None = None) -> int:
+    """Render the report of ``args.results_dir`` (with ``tutorials``, already executed); print what was drawn and
+    what could not be; 1 if anything could not."""
     out = Path(args.out) if args.out else Path(args.results_dir) / "report"
-    failed = []
-    if getattr(args, "tutorials", False):
-        if not Path(args.results_dir).is_dir():
-            raise CheckpointError(f"results directory {str(args.results_dir)!r} does not exist or is not a directory")
-        written, failed = write_tutorials(Path(args.results_dir) / "tutorials")
-        for name, msg in failed:
-            print(f"threegate figs: tutorial {name} failed: {msg}", file=sys.stderr)
-        print(f"threegate figs: {len(written)} tutorial(s) executed")
-    rep = render_all(args.results_dir, out)
+    rep = render_all(args.results_dir, out, tutorials=tutorials)
     for src, msg in rep.errors:
         print(f"threegate figs: could not draw {src}: {msg}", file=sys.stderr)
     print(f"threegate figs: {len(rep.figures)} figure(s) written; report: {rep.page}")
-    return 1 if rep.errors or failed else 0
+    return 1 if rep.errors else 0
 
 
-def write_report(results_dir: str | Path, out_dir: str | Path) -> Path:
+def write_report(results_dir: str | Path, out_dir: str | Path,
+                 tutorials: Sequence[TutorialPage] | None = None) -> Path:
     """Render all figures found under ``results_dir`` into ``out_dir`` and return the path of ``index.html``."""
-    return render_all(results_dir, out_dir).page  # type: ignore[return-value]
+    return render_all(results_dir, out_dir, tutorials=tutorials).page  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,8 +139,12 @@ def _is_verify_folder(found: collect.Found) -> bool:
                for t in found.tables)
 
 
-def render_all(results_dir: str | Path, out_dir: str | Path) -> Report:
-    """Find tables, draw every figure they support (PNG + PDF), write ``index.html``; return what was done."""
+def render_all(results_dir: str | Path, out_dir: str | Path,
+               tutorials: Sequence[TutorialPage] | None = None) -> Report:
+    """Find tables, draw every figure they support (PNG + PDF), write ``index.html``; return what was done.
+
+    ``tutorials``: executed tutorials for the Tutorials section; ``None`` leaves the section out, an empty list
+    says how to execute them."""
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     if not results_dir.is_dir():
         raise CheckpointError(f"results directory {str(results_dir)!r} does not exist or is not a directory")
@@ -167,7 +182,7 @@ def render_all(results_dir: str | Path, out_dir: str | Path) -> Report:
         fig.savefig(pdf)
         rep.figures.append(RenderedFigure(job.slug, getattr(fig, "threegate_title", job.slug),
                                           getattr(fig, "threegate_caption", ""), png, pdf, job.source, job.group))
-    rep.tutorials = _tutorials_section(results_dir, out_dir, rep)
+    rep.tutorials = _tutorials_section(tutorials, results_dir, out_dir, rep)
     rep.page = out_dir / "index.html"
     rep.page.write_text(_html(rep, results_dir), encoding="utf-8")
     return rep
@@ -285,6 +300,12 @@ def _figure_html(f: RenderedFigure) -> str:
             "</figure>")
 
 
+def _nav(rep: Report) -> str:
+    links = [("figures", "Figures"), *([("verdicts-section", "Verdicts")] if rep.verify_folder else []),
+             *([("tutorials", "Tutorials")] if rep.tutorials else []), ("statements-section", "Statements")]
+    return "<nav>" + "".join(f'<a href="#{a}">{t}</a>' for a, t in links) + "</nav>"
+
+
 def _html(rep: Report, results_dir: Path) -> str:
     name = (rep.results_dir or results_dir).name or str(results_dir)
     parts = [
@@ -298,9 +319,7 @@ def _html(rep: Report, results_dir: Path) -> str:
         f"<p>Results folder: <code>{_e(rep.results_dir or results_dir)}</code>. {len(rep.figures)} figure(s). "
         "Theory vs measurement for <i>The Path Not Taken: RLVR Provably Learns Off the Principals</i> "
         "(arXiv 2511.08567).</p>",
-        '<nav><a href="#figures">Figures</a>' + ('<a href="#verdicts-section">Verdicts</a>' if rep.verify_folder
-                                                  else "") + '<a href="#tutorials">Tutorials</a>'
-        '<a href="#statements-section">Statements</a></nav>',
+        _nav(rep),
     ]
     if rep.verdicts is not None:
         parts += ['<h2 id="verdicts-section">Verdicts</h2>', _verdict_table(rep.verdicts)]
@@ -334,270 +353,15 @@ def _html(rep: Report, results_dir: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- Tutorials
-# The tutorials are jupytext MyST Markdown files ``docs/NN_name.md`` (text diffs, no outputs in git). Exercises:
-# a code cell tagged ``exercise`` assigns ``answer_*`` placeholders; the raw cell right after it, tagged
-# ``solution``, holds the reference solution (raw: Jupyter never runs it, so it cannot overwrite a student's
-# answer); a later code cell tagged ``checker`` (and ``remove-cell``) asserts the answers against references the
-# project's functions compute. ``execute_tutorial`` runs a tutorial with the solutions swapped in and, after each
-# checker passes, feeds it the unanswered placeholder and a perturbed answer, each of which it must reject.
-
-DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
-TUTORIAL_GLOB = "[0-9][0-9]_*.md"
-_ANSWER = re.compile(r"^(answer_\w+)\s*=", re.M)
-_PERTURB = '''
-def _threegate_perturb(x):
-    """A nearby wrong answer of the same kind (the checker must reject it)."""
-    import fractions
-    import numpy as np
-    if isinstance(x, (bool, np.bool_)):
-        return not x
-    if isinstance(x, (int, np.integer)):
-        return x + 1
-    if isinstance(x, fractions.Fraction):
-        return x * fractions.Fraction(21, 20) + fractions.Fraction(1, 1000)
-    if isinstance(x, (float, np.floating)):
-        return float(x) * 1.05 + 1e-3
-    if isinstance(x, str):
-        return x + "?"
-    if isinstance(x, (tuple, list)) and len(x):
-        return type(x)([_threegate_perturb(x[0]), *x[1:]])
-    if isinstance(x, dict) and x:
-        first = next(iter(x))
-        return {**x, first: _threegate_perturb(x[first])}
-    if isinstance(x, (set, frozenset)):
-        return type(x)(x ^ {"?"})
-    if isinstance(x, np.ndarray) and x.size:
-        y = x.copy()
-        y.flat[0] = _threegate_perturb(y.flat[0].item())
-        return y
-    raise TypeError(f"no perturbation for an answer of type {type(x).__name__}")
-'''
-
-
-@dataclass
-class Exercise:
-    answers: tuple[str, ...]  # the names the exercise cell assigns
-    placeholder: str  # the exercise cell as the student sees it
-    solution: str  # the reference solution (raw cell tagged ``solution``)
-    checker: str  # the checker cell's source
-    checked: bool = False  # the checker accepted the solution
-    rejected: tuple[str, ...] = ()  # which wrong answers it rejected: "placeholder", "perturbed"
-
-
-@dataclass
-class ExecutedTutorial:
-    path: Path
-    title: str
-    notebook: dict  # nbformat notebook (solutions swapped in, outputs filled)
-    exercises: list[Exercise]
-    seconds: float
-
-
-def tutorial_paths(docs_dir: str | Path = DOCS_DIR) -> list[Path]:
-    """The tutorials ``docs/NN_name.md`` in order."""
-    return sorted(Path(docs_dir).glob(TUTORIAL_GLOB))
-
-
-def _tags(cell) -> list[str]:
-    return list(cell.get("metadata", {}).get("tags", []))
-
-
-def _title(nb) -> str:
-    for c in nb.cells:
-        if c.cell_type == "markdown":
-            for line in c.source.splitlines():
-                if line.startswith("# "):
-                    return line[2:].strip()
-    return "tutorial"
-
-
-def load_tutorial(path: str | Path):
-    """Read a tutorial (jupytext MyST) and pair its exercises: returns ``(notebook, exercises)`` with each
-    exercise cell replaced by its solution (tag ``exercise`` kept) and the raw solution cells removed.
-
-    A tutorial whose exercise has no solution, a solution without its exercise, an exercise without ``answer_*``
-    assignments or without a later checker is an ``InputError`` naming the cell.
-    """
-    import jupytext
-    import nbformat
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"tutorial {str(path)!r} does not exist")
-    nb = jupytext.read(path, fmt="md:myst")
-    cells, exercises, pending = [], [], []  # pending: exercises still waiting for their checker
-    for i, c in enumerate(nb.cells):
-        tags = _tags(c)
-        where = f"{path.name}, cell {i}"
-        if "solution" in tags:
-            prev = cells[-1] if cells else None
-            if prev is None or "exercise" not in _tags(prev) or "threegate_exercise" in prev.metadata:
-                raise InputError(f"{where}: a 'solution' cell must follow its 'exercise' cell directly")
-            ex = exercises[-1]
-            ex.solution = c.source
-            names = tuple(_ANSWER.findall(c.source))
-            if set(names) != set(ex.answers):
-                raise InputError(f"{where}: the solution assigns {names}, its exercise {ex.answers}")
-            prev.metadata["threegate_exercise"] = ex.placeholder
-            prev.source = c.source
-            continue
-        if "exercise" in tags:
-            if c.cell_type != "code":
-                raise InputError(f"{where}: an 'exercise' cell must be a code cell")
-            names = tuple(_ANSWER.findall(c.source))
-            if not names:
-                raise InputError(f"{where}: an 'exercise' cell must assign answer_* placeholders")
-            ex = Exercise(names, c.source, "", "")
-            exercises.append(ex)
-            pending.append(ex)
-        elif "checker" in tags:
-            if not pending:
-                raise InputError(f"{where}: a 'checker' cell with no exercise before it")
-            for ex in pending:
-                ex.checker = c.source
-            pending = []
-        cells.append(c)
-    for ex in exercises:
-        if not ex.solution:
-            raise InputError(f"{path.name}: exercise {ex.answers} has no 'solution' cell after it")
-        if not ex.checker:
-            raise InputError(f"{path.name}: exercise {ex.answers} has no 'checker' cell after it")
-    nb.cells = cells
-    nbformat.validate(nb)
-    return nb, exercises
-
-
-
-def _one_thread_env():
-    """Tutorial kernels inherit the environment: one BLAS / OpenMP thread unless the caller chose otherwise
-    (tiny matrices; threads only oversubscribe a shared CPU), and always the inline matplotlib backend: a kernel
-    that inherits ``MPLBACKEND=Agg`` (CI sets it for the figure code) would draw every tutorial figure to nowhere,
-    and the report would show none of them."""
-    import contextlib
-    import os
-
-    @contextlib.contextmanager
-    def env():
-        keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "MPLBACKEND")
-        old = {k: os.environ.get(k) for k in keys}
-        for k in keys[:3]:
-            os.environ.setdefault(k, "1")
-        os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
-        try:
-            yield
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-    return env()
-
-
-def execute_tutorial(path: str | Path, *, check_wrong: bool = True, timeout: int = 600,
-                     cwd: str | Path | None = None) -> ExecutedTutorial:
-    """Execute a tutorial in a fresh ``python3`` kernel (working directory: the repository root) with every
-    exercise's solution swapped in. After each checker passes, and with ``check_wrong``, the checker is run again
-    on the exercise as written (the unanswered placeholder) and on a perturbed answer (``_threegate_perturb``:
-    int + 1, float * 1.05 + 1e-3, bool negated, ...): it must reject both with an AssertionError; the solution is
-    then restored. A failing cell, or a checker that accepts a wrong answer, raises ``InputError`` naming it.
-    """
-    import time
-
-    import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
-
-    path = Path(path)
-    nb, exercises = load_tutorial(path)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(cwd or DOCS_DIR.parent)}})
-
-    def side(source: str) -> None:  # run code in the kernel without touching the notebook's cells
-        nb.cells.append(nbformat.v4.new_code_cell(source))
-        try:
-            client.execute_cell(nb.cells[-1], len(nb.cells) - 1, store_history=False)
-        finally:
-            nb.cells.pop()
-
-    def rejects(setup: str, checker: str) -> bool:
-        side(setup)
-        try:
-            side(checker)
-        except CellExecutionError as e:
-            return e.ename == "AssertionError"
-        return False
-
-    t0 = time.perf_counter()
-    queue = list(exercises)
-    with _one_thread_env(), client.setup_kernel():
-        side(_PERTURB)
-        for i, cell in enumerate(list(nb.cells)):
-            if cell.cell_type != "code":
-                continue
-            try:
-                client.execute_cell(cell, i)
-            except CellExecutionError as e:
-                raise InputError(f"tutorial {path.name}, cell {i} failed: {e.ename}: {e.evalue}") from None
-            if "checker" not in _tags(cell):
-                continue
-            done = [ex for ex in queue if ex.checker == cell.source]
-            queue = [ex for ex in queue if ex.checker != cell.source]
-            for ex in done:
-                ex.checked = True
-                if not check_wrong:
-                    continue
-                wrong = {"placeholder": ex.placeholder,
-                         "perturbed": "\n".join(f"{a} = _threegate_perturb({a})" for a in ex.answers)}
-                for kind, code in wrong.items():
-                    if not rejects(code, ex.checker):
-                        raise InputError(f"tutorial {path.name}: the checker of {', '.join(ex.answers)} accepts a "
-                                         f"wrong answer ({kind})")
-                    ex.rejected += (kind,)
-                    side(ex.solution)  # restore the reference answers
-                side(ex.checker)
-    nb.metadata["threegate"] = {
-        "source": path.name,
-        "exercises": [{"answers": list(ex.answers), "checked": ex.checked, "rejected": list(ex.rejected)}
-                      for ex in exercises],
-        "seconds": time.perf_counter() - t0,
-    }
-    return ExecutedTutorial(path, _title(nb), nb, exercises, time.perf_counter() - t0)
-
-
-def write_tutorials(out_dir: str | Path, docs_dir: str | Path = DOCS_DIR, *, check_wrong: bool = True,
-                    ) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Execute every tutorial and save it as ``out_dir/<name>.ipynb``; returns (written paths, (tutorial, error))
-    for those that failed. ``render_all`` puts the notebooks of ``RESULTS_DIR/tutorials/`` into the report."""
-    import nbformat
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written, errors = [], []
-    for p in tutorial_paths(docs_dir):
-        try:
-            t = execute_tutorial(p, check_wrong=check_wrong)
-        except ThreegateError as e:
-            errors.append((p.name, str(e)))
-            continue
-        dest = out_dir / f"{p.stem}.ipynb"
-        nbformat.write(t.notebook, dest)
-        written.append(dest)
-    return written, errors
-
-
 def _markdown_html(text: str) -> str:
     try:
-        from markdown_it import MarkdownIt
-    except ImportError:  # markdown-it-py comes with jupytext; without it the text is shown as written
+        from markdown_it import MarkdownIt  # optional (the tutorials extra); without it the text is shown as written
+    except ImportError:
         return f"<pre>{_e(text)}</pre>"
     return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
 
 
 def _output_html(out: dict, img_dir: Path, stem: str, n: int) -> str:
-    import base64
-
     kind = out.get("output_type")
     if kind == "stream":
         return f'<pre class="out">{_e("".join(out.get("text", "")))}</pre>'
@@ -616,57 +380,47 @@ def _output_html(out: dict, img_dir: Path, stem: str, n: int) -> str:
     return ""
 
 
-def tutorial_html(nb: dict, img_dir: Path, stem: str) -> str:
+def tutorial_html(page: TutorialPage, img_dir: Path) -> str:
     """An executed tutorial as an HTML fragment: Markdown rendered, code with its outputs (PNG outputs written to
-    ``img_dir``), each exercise as written with its solution folded below it; checker cells left out."""
+    ``img_dir``), each exercise as the student sees it with its reference solution folded below; checker cells and
+    cells tagged ``remove-cell`` left out."""
     parts, n = [], 0
-    for c in nb["cells"]:
-        tags = c.get("metadata", {}).get("tags", [])
-        src = "".join(c["source"])
-        if c["cell_type"] == "markdown":
+    for c in page.cells:
+        tags = c.get("tags", [])
+        src = c.get("source", "")
+        if c.get("cell_type") == "markdown":
             parts.append(_markdown_html(src))
             continue
-        if c["cell_type"] != "code" or "remove-cell" in tags or "checker" in tags:
+        if c.get("cell_type") != "code" or "remove-cell" in tags or "checker" in tags:
             continue
-        if "exercise" in tags:
-            placeholder = c.get("metadata", {}).get("threegate_exercise", "")
-            parts.append(f'<pre class="exercise"><code>{_e(placeholder)}</code></pre>'
+        if c.get("exercise") is not None:
+            parts.append(f'<pre class="exercise"><code>{_e(c["exercise"])}</code></pre>'
                          f'<details><summary>Solution</summary><pre><code>{_e(src)}</code></pre></details>')
         else:
             parts.append(f"<pre><code>{_e(src)}</code></pre>")
         for out in c.get("outputs", []):
             n += 1
-            parts.append(_output_html(out, img_dir, stem, n))
+            parts.append(_output_html(out, img_dir, page.stem, n))
     return "\n".join(parts)
 
 
-def _tutorials_section(results_dir: Path, out_dir: Path, rep: Report) -> str:
-    """HTML of the Tutorials section: every executed notebook in ``results_dir/tutorials`` rendered in full
-    (inside a collapsed <details>), with the status of its exercise checks."""
-    import nbformat
-
-    found = sorted((results_dir / "tutorials").glob("*.ipynb"))
+def _tutorials_section(pages: Sequence[TutorialPage] | None, results_dir: Path, out_dir: Path, rep: Report) -> str:
+    """HTML of the Tutorials section: every executed tutorial rendered in full (inside a collapsed <details>) with
+    the status of its exercise checks; nothing when ``pages`` is None."""
+    if pages is None:
+        return ""
     parts = ['<h2 id="tutorials">Tutorials</h2>']
-    if not found:
-        names = ", ".join(f"<code>docs/{_e(p.name)}</code>" for p in tutorial_paths()) or "none found"
-        parts.append(f"<p>No executed tutorials in <code>{_e(results_dir / 'tutorials')}</code> "
-                     f"(run <code>threegate figs {_e(results_dir)} --tutorials</code>). Sources: {names}.</p>")
+    if not pages:
+        parts.append(f"<p>No executed tutorials in <code>{_e(results_dir / 'tutorials')}</code> (run "
+                     f"<code>threegate figs {_e(results_dir)} --tutorials [DOCS_DIR]</code> to execute the "
+                     "<code>docs/NN_name.md</code> tutorials and check their exercises).</p>")
         return "\n".join(parts)
-    for p in found:
-        try:
-            nb = nbformat.read(p, as_version=4)
-        except Exception as e:  # a corrupt notebook is listed, the rest of the report still renders
-            rep.errors.append((str(p.relative_to(results_dir)), f"{type(e).__name__}: {e}"))
+    for p in pages:
+        if p.error:  # an unreadable notebook is listed, the rest of the report still renders
+            rep.errors.append((f"tutorials/{p.stem}.ipynb", p.error))
             continue
-        meta = nb.metadata.get("threegate", {})
-        exs = meta.get("exercises", [])
-        ok = sum(bool(x.get("checked")) for x in exs)
-        status = (f"{ok}/{len(exs)} exercises checked against the reference answers"
-                  + (f", each checker rejected {' and '.join(exs[0].get('rejected', []))} answers"
-                     if exs and all(x.get("rejected") for x in exs) else "")
-                  + (f"; executed in {meta['seconds']:.0f} s" if "seconds" in meta else ""))
-        body = tutorial_html(nb, out_dir / "tutorials", p.stem)
+        body = tutorial_html(p, out_dir / "tutorials")
         parts.append(f'<section class="tutorial" id="tutorial-{_e(_slug(p.stem))}"><details>'
-                     f"<summary><b>{_e(_title(nb))}</b> — <code>docs/{_e(meta.get('source', p.stem + '.md'))}"
-                     f"</code>: {_e(status)}</summary>{body}</details></section>")
+                     f"<summary><b>{_e(p.title)}</b> — <code>{_e(p.source)}</code>: {_e(p.status)}</summary>"
+                     f"{body}</details></section>")
     return "\n".join(parts)
