@@ -64,6 +64,16 @@ def summary_from_matrices(matrices: pd.DataFrame, method: Mapping[str, str] | No
     """Exact summary from ``threegate compare``'s per-matrix table (one row per matrix and run): counts pooled.
 
     ``method``: run -> training method (default: the table's ``method`` column, else empty).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> m = pd.DataFrame({"run": ["r", "r"], "matrix_type": ["q", "q"], "numel": [100, 10], "changed": [10, 9]})
+    >>> s = summary_from_matrices(m)
+    >>> s[["scope", "numel", "changed"]].values.tolist()
+    [['overall', 110, 19], ['q', 110, 19]]
+    >>> round(float(s["sparsity"].iloc[0]), 4)  # 1 - 19/110 (pooled), not the mean of 0.9 and 0.1
+    0.8273
     """
     need = {"run", "matrix_type", "numel", "changed"}
     if not need <= set(matrices.columns):
@@ -162,7 +172,9 @@ def summary_from_figure_tables(tables: Mapping[str, pd.DataFrame | None]) -> pd.
             else:
                 for v in VERDICTS:
                     row[f"gate2_{v.replace('-', '_')}"] = 0
-            rows.append(row)
+            informative = [row[k] for k in ("sparsity", "overlap_princ", "overlap_low", "max_angle_deg")]
+            if any(pd.notna(x) for x in informative) or any(row[f"gate2_{v.replace('-', '_')}"] for v in VERDICTS):
+                rows.append(row)  # a scope no table has numbers for is left out
     out = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
     out.attrs["basis"] = "figure tables (overlaps: means over layers)"
     return out

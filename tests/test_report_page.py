@@ -139,6 +139,24 @@ def test_summary_from_matrices_pools_counts_rather_than_averaging_ratios():
     assert s.loc["overall", "changed"] == 19 and s.loc["overall", "gate2_assumption_failed"] == 1
 
 
+def test_summary_of_an_experiment_folder_pools_its_sparsity_counts():
+    from theory.check import make_check
+
+    sp = pd.DataFrame([dict(run="rlvr", method="RL", matrix_type=t, sparsity=1 - c / n, changed=c, total=n)
+                       for t, c, n in (("q", 3, 64), ("o", 10, 128), ("all", 13, 192))])
+    checks = pd.DataFrame([{**make_check(rid, 0.5, 1.0).as_row(), "run": "rlvr", "matrix": name}
+                           for rid in ("thm3.3", "cor3.4-weyl", "eq7")  # eq7 is Gate I: not counted
+                           for name in ("blocks.0.attn.q.weight", "blocks.0.attn.o.weight", "lm_head.weight")])
+    angles = pd.DataFrame([dict(run="rlvr", layer=0, matrix_type="q", side="U", i=0, angle_deg=7.5)])
+    s = summary.summary_tables({"sparsity": [sp], "checks": [checks], "angles": [angles]}).set_index("scope")
+    assert (s.loc["overall", "numel"], s.loc["overall", "changed"]) == (192, 13)  # the blocks pooled, not "all"
+    assert s.loc["overall", "sparsity"] == 1 - 13 / 192 and s.loc["q", "sparsity"] == 1 - 3 / 64
+    assert s.loc["overall", "gate2_holds"] == 2 * 3 and s.loc["q", "gate2_holds"] == 2
+    assert s.loc["other", "gate2_holds"] == 2 and np.isnan(s.loc["other", "sparsity"])  # lm_head: checks only
+    assert s.loc["overall", "max_angle_deg"] == 7.5 and np.isnan(s.loc["o", "max_angle_deg"])
+    assert "means over layers" in summary.summary_tables({"sparsity": [sp]}).attrs["basis"]
+
+
 def test_summary_uses_compare_summary_when_written():
     m = pd.DataFrame([dict(run="r", matrix_type="q", numel=10, changed=1)])
     written = pd.DataFrame([{c: 0 for c in summary.SUMMARY_COLUMNS} | dict(run="r", method="SFT", scope="overall",
@@ -206,3 +224,13 @@ def test_a_one_step_experiment_draws_not_enough_data_panels(tmp_path):
     assert any("not enough data (1 step)" in t for t in no_data_texts(fig15))
     assert_readable(eq7)
     assert_readable(fig15)
+
+
+def test_summary_and_style_examples_run():
+    import doctest
+
+    from paper_figs import style
+
+    for mod, at_least in ((summary, 3), (style, 2)):
+        result = doctest.testmod(mod)
+        assert result.attempted >= at_least and result.failed == 0, mod.__name__
