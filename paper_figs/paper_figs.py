@@ -352,8 +352,15 @@ def fig5_mask_overlap(df: pd.DataFrame, *, method: str | None = None) -> Figure:
     meth = method_of(d, method)
     outside = d[d["layer"] < 0]
     d = d[d["layer"] >= 0]
-    if d.empty:
-        raise InputError("mask overlap table has no rows for a block layer (layer >= 0); Fig. 5 plots per layer")
+    title = "Paper Fig. 5 at our scale: update overlap with principal / low-magnitude masks"
+    title += f" ({meth})" if meth else ""
+    if d.empty:  # e.g. compare --only lm_head: nothing to plot against layers
+        fig, axes = new_figure(1, 1, width=6.4, height=4.0)
+        o = outside.groupby("mask")[["overlap", "random_baseline"]].mean()
+        no_data_panel(axes[0, 0], "no block layer: only matrices outside the blocks (layer -1)",
+                      "; ".join(f"{m} {r.overlap:.3f} (random {r.random_baseline:.3f})" for m, r in o.iterrows()))
+        return set_caption(fig, title, _caption("Paper Fig. 5 plots overlaps per layer; this table has none.",
+                                                outside))
     has_binade = "binade_baseline" in d.columns and d["binade_baseline"].notna().any()
     cols = ["overlap", "random_baseline", *(["binade_baseline"] if has_binade else [])]
     mts = _matrix_sorted(d["matrix_type"]) if "matrix_type" in d.columns else [None]
@@ -408,8 +415,7 @@ def fig5_mask_overlap(df: pd.DataFrame, *, method: str | None = None) -> Figure:
                     + ".")
     n_runs = d["run"].nunique() if "run" in d.columns else 1
     nruns = f", mean over {n_runs} {meth + ' ' if meth else ''}runs" if n_runs > 1 else ""
-    title = "Paper Fig. 5 at our scale: update overlap with principal / low-magnitude masks"
-    return set_caption(fig, title + (f" ({meth})" if meth else ""),
+    return set_caption(fig, title,
                        _caption(f"Paper Fig. 5: overlap of the {whose} M with each structural mask; solid = measured "
                                 f"overlap, dashed = random baseline (mask density){nruns}. {summ}.{magnitude}"
                                 f"{left_out}", d))

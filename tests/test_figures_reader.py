@@ -238,6 +238,8 @@ CASES = [
     ("fig5", lambda: pf.fig5_mask_overlap(mask_overlap(other=True)), None),
     ("fig5-one-layer", lambda: pf.fig5_mask_overlap(mask_overlap(layers=(0,))), None),
     ("fig5-all-nan", lambda: pf.fig5_mask_overlap(mask_overlap(nan=True)), "overlap NaN"),
+    ("fig5-only-layer-minus-one", lambda: pf.fig5_mask_overlap(mask_overlap(other=True).query("layer < 0")),
+     "no block layer"),
     ("fig5-seven-types", lambda: pf.fig5_mask_overlap(mask_overlap(types=MT, other=True)), None),
     ("fig6", lambda: pf.fig6_rotate_overlap(rotate_overlap()), None),
     ("fig6-one-layer", lambda: pf.fig6_rotate_overlap(rotate_overlap(layers=(2,))), None),
