@@ -186,14 +186,22 @@ def test_headline_summary_and_tables_pool_counts(files, capsys, tmp_path):
                               f"changed, {len(base)} matrices)")
     assert printed[3] == "Per layer (pooled counts):"
     summary = pd.read_csv(out / "compare_summary.csv")
-    rl_all = summary[(summary["run"] == "rl") & (summary["matrix_type"] == "all")].iloc[0]
+    rl_all = summary[(summary["run"] == "rl") & (summary["scope"] == "overall")].iloc[0]
     m = pd.read_csv(out / "matrices.csv")
     mrl = m[m["run"] == "rl"]
     assert rl_all["changed"] == mrl["changed"].sum() and rl_all["matrices"] == len(base)
     assert rl_all["overlap_princ"] == pytest.approx(mrl["inter_princ"].sum() / mrl["changed"].sum(), rel=1e-15)
-    assert rl_all["gate2_holds"] + rl_all["gate2_violated"] + rl_all["gate2_assumption-failed"] == 7 * len(base)
-    assert rl_all["angle_U_max_deg"] == mrl["angle_U_max_deg"].max()
-    assert list(summary[summary["run"] == "rl"]["matrix_type"]) == ["all", "q", "k", "v", "up", "down"]
+    assert rl_all["gate2_holds"] + rl_all["gate2_violated"] + rl_all["gate2_assumption_failed"] == 7 * len(base)
+    assert rl_all["max_angle_deg"] == max(mrl["angle_U_max_deg"].max(), mrl["angle_V_max_deg"].max())
+    assert list(summary[summary["run"] == "rl"]["scope"]) == ["overall", "q", "k", "v", "up", "down"]
+    # the report's schema, and the same numbers the report would compute from the per-matrix table
+    from paper_figs import schemas
+    from paper_figs.summary import SUMMARY_COLUMNS, summary_from_matrices
+
+    assert list(summary.columns[:len(SUMMARY_COLUMNS)]) == list(SUMMARY_COLUMNS)
+    schemas.validate(summary, "compare_summary", source="compare_summary.csv")
+    theirs = summary_from_matrices(m.assign(method="tuned"))
+    pd.testing.assert_frame_equal(summary[list(SUMMARY_COLUMNS)], theirs, check_dtype=False)
 
 
 def test_headline_keeps_digits_that_four_decimals_would_hide():
@@ -225,6 +233,7 @@ def test_python_api_takes_state_dicts_modules_and_lists(files):
     assert from_memory.matrices["run"].unique().tolist() == ["tuned"]
     two = threegate.compare(base, [tuned[0], tuned[1]], k=4, runs=["a", "b"], only="layers\\.0\\.")
     assert sorted(two.matrices["run"].unique()) == ["a", "b"] and not two.jaccard.empty
+    assert list(two.summary["scope"][:2]) == ["overall", "q"] and set(two.summary["method"]) == {"tuned"}
     lin0, lin1 = torch.nn.Linear(96, 80, bias=False), torch.nn.Linear(96, 80, bias=False)
     with torch.no_grad():
         lin1.weight.copy_(lin0.weight)
@@ -350,3 +359,13 @@ def test_docstring_examples_run(module):
 
     result = doctest.testmod(importlib.import_module(module))
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_import_threegate_stays_light_and_compare_loads_on_first_use():
+    import subprocess
+    import sys
+
+    code = ("import sys, threegate; assert 'torch' not in sys.modules and 'threegate.compare' not in sys.modules; "
+            "f = threegate.compare; assert callable(f) and 'threegate.compare' in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr

@@ -22,8 +22,9 @@ the largest bf16 ``2^128 - 2^120`` and ``2^128`` -- rounds to inf).
 **Where the roundings differ (measured, see tests).** Take ``x = 1 + 2^-8 + 2^-30`` (a float64):
 rounding x directly to bf16 gives ``1 + 2^-7`` (x is above the midpoint ``1 + 2^-8``), but float32 first gives
 ``f32(x) = 1 + 2^-8`` exactly (2^-30 is below half a float32 ULP), a tie, which then rounds to the even ``1.0``.
-``torch.tensor(x, dtype=float64).to(torch.bfloat16)`` and ``numpy.float64 -> ml_dtypes.bfloat16`` both return 1.0:
-both cast float64 through float32, so they implement ``bf16(f32(x))``, not ``bf16(x)``. From float32 inputs the
+``torch.tensor(x, dtype=float64).to(torch.bfloat16)`` returns 1.0 (torch 2.13 casts float64 through float32: it
+implements ``bf16(f32(x))``, not ``bf16(x)``), and so does ``numpy.float64 -> ml_dtypes.bfloat16`` before ml_dtypes
+0.7; ml_dtypes 0.7.0 rounds once (tests/test_library_facts.py holds these facts by version). From float32 inputs the
 three (this module, torch, ml_dtypes) agree bit for bit. So under ``"fp32"`` semantics a step slightly *below*
 half an ULP can change w (``w = 1 + 2^-7``, odd mantissa: ``delta = 2^-8 - 2^-24 - 2^-33`` changes it, see
 ``realization_threshold``), and under ``"exact"`` it cannot.
@@ -545,7 +546,7 @@ def bf16_step_array(
 def bf16_round_array(x: Any, *, via_f32: bool = False) -> np.ndarray:
     """bf16 bits (uint16) nearest each float32/float64 entry of x, by integer arithmetic (nan -> 0x7FC0).
 
-    ``via_f32=True`` rounds to float32 first (what torch and ml_dtypes do for float64 input).
+    ``via_f32=True`` rounds to float32 first (what torch 2.13 and ml_dtypes < 0.7 do for float64 input).
     """
     a = _to_f64(x, "x")
     nan = np.isnan(a)

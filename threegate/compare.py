@@ -338,31 +338,19 @@ def compare(base: Any, tuned: Any, *, k: int = 16, alpha: float = 0.5, eta: floa
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-FIGURE_TABLES = ("sparsity", "spectrum", "angles", "mask_overlap", "jaccard", "checks")
-
-
 def _render_figures(out: Path) -> Path | None:
-    """Figures through ``paper_figs`` into ``out/report`` when it is installed; silently nothing otherwise.
-
-    Only the CSV copy of each figure table is shown to the renderer (it would draw the Parquet twin twice).
-    """
+    """Figures and the report page through ``paper_figs`` into ``out/report`` when it is installed; silently
+    nothing otherwise. The report reads ``out`` itself (so it names the real results folder and finds the
+    per-matrix table for its summary); of each CSV + Parquet twin it draws one."""
     try:
         from paper_figs.report import render_all
     except ImportError:
         return None
-    import shutil
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="threegate-figs-") as tmp:
-        for name in FIGURE_TABLES:
-            for f in (out / f"{name}.csv", out / f"{name}.csv.meta.json"):
-                if f.is_file():
-                    shutil.copyfile(f, Path(tmp) / f.name)
-        try:
-            return render_all(tmp, out / "report").page
-        except Exception as e:  # figures are extras: a figure problem must not lose the tables
-            print(f"threegate compare: figures skipped ({type(e).__name__}: {e})", file=sys.stderr)
-            return None
+    try:
+        return render_all(out, out / "report").page
+    except Exception as e:  # figures are extras: a figure problem must not lose the tables
+        print(f"threegate compare: figures skipped ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,9 +2,9 @@
 
 Pooling counts, not ratios: sparsity ``1 - Σ changed / Σ n`` and overlaps ``Σ |M• ∩ M| / Σ |M|`` over the
 matrices of a group (``pooled``; the one place that sums them). ``summary`` is the table a report opens with
-(``compare_summary.csv`` / ``.parquet``): per run, one ``all`` row and one row per matrix type with sparsity,
-``M_princ`` / ``M_low`` overlaps beside their random baselines, Gate II verdict counts and the largest principal
-angles. The screen report starts with the headline a researcher asks first, one line per tuned checkpoint:
+(``compare_summary.csv`` / ``.parquet``, the columns of ``paper_figs.schemas``' ``compare_summary``): per run, one
+``overall`` row and one row per matrix type with sparsity, ``M_princ`` / ``M_low`` overlaps beside their random
+baselines, Gate II verdict counts and the largest principal angle. The screen report starts with the headline a researcher asks first, one line per tuned checkpoint:
 ``RUN: overall bf16 update sparsity 0.8127 (1,234,567 of 6,589,000 entries changed, 211 matrices)``.
 """
 
@@ -20,13 +20,18 @@ import numpy as np
 import pandas as pd
 
 from theory import metrics
+from theory.naming import MATRIX_TYPES
 from theory.spectral import GATE2_IDS
 from threegate.matrix_metrics import FAST_SKIP_REASON, FAST_SKIPS, MatrixResult
 
 __all__ = ["CompareTables", "collect", "aggregate", "pooled", "summary_table", "headline", "format_report",
-           "write_tables", "TYPE_ORDER", "VERDICTS"]
+           "write_tables", "TYPE_ORDER", "VERDICTS", "SUMMARY_COLUMNS"]
 
-TYPE_ORDER = ("q", "k", "v", "o", "gate", "up", "down", "other")
+TYPE_ORDER = (*MATRIX_TYPES, "other")
+#: the columns of ``paper_figs.schemas``' ``compare_summary`` (the report's summary table), in its order
+SUMMARY_COLUMNS = ("run", "method", "scope", "matrices", "numel", "changed", "sparsity", "overlap_princ",
+                   "baseline_princ", "overlap_low", "baseline_low", "gate2_holds", "gate2_violated",
+                   "gate2_assumption_failed", "max_angle_deg")
 VERDICTS = ("holds", "violated", "assumption-failed", "not-evaluated")
 MASKS = ("princ", "low", "princ_not_low")
 
@@ -61,7 +66,7 @@ def collect(results: Sequence[MatrixResult], *, method: str = "tuned", notes: Se
     jp = cat("jaccard")
     return CompareTables(
         matrices=matrices, checks=cat("checks"), by_layer=aggregate(matrices, "layer"),
-        by_type=aggregate(matrices, "matrix_type"), summary=summary_table(matrices), spectrum=cat("spectrum"),
+        by_type=aggregate(matrices, "matrix_type"), summary=summary_table(matrices, method), spectrum=cat("spectrum"),
         angles=cat("angles"), mask_overlap=cat("overlaps"), jaccard_pairs=jp, jaccard=_pool_jaccard(jp),
         sparsity=_sparsity_table(matrices, method), notes=list(notes), error=error,
     )
@@ -108,26 +113,31 @@ def aggregate(matrices: pd.DataFrame, by: str) -> pd.DataFrame:
     return _type_sorted(df) if by == "matrix_type" else df
 
 
-def summary_table(matrices: pd.DataFrame) -> pd.DataFrame:
-    """Per run: an ``all`` row, then one per matrix type (sparsity, overlaps beside baselines, Gate II verdict counts
-    over every check of the group, largest principal angles)."""
+def summary_table(matrices: pd.DataFrame, method: str = "") -> pd.DataFrame:
+    """Per run: an ``overall`` row, then one per matrix type, with the columns of ``paper_figs.schemas``'
+    ``compare_summary`` (sparsity, overlaps beside baselines, Gate II verdict counts over every check of the group,
+    the largest principal angle ``max_angle_deg``) and, after them, ``M_princ ∩ M_low^c``, the fast route's
+    ``gate2_not_evaluated`` and the largest U and V angles apart."""
     if matrices.empty:
         return pd.DataFrame()
     checks = matrices[[f"check_{rid}" for rid in GATE2_IDS]]
     out = []
     for run, g in matrices.groupby("run", sort=False):
-        groups = [("all", g)] + [(t, gg) for t, gg in g.groupby("matrix_type", sort=False)]
+        groups = [("overall", g)] + sorted(((str(t), gg) for t, gg in g.groupby("matrix_type")),
+                                           key=lambda p: TYPE_ORDER.index(p[0]) if p[0] in TYPE_ORDER else 99)
         for scope, gg in groups:
-            row: dict[str, Any] = {"run": run, "matrix_type": scope, **pooled(gg)}
+            row: dict[str, Any] = {"run": run, "method": method, "scope": scope, **pooled(gg)}
             verdicts = checks.loc[gg.index].to_numpy().ravel()
             for v in VERDICTS:
-                row[f"gate2_{v}"] = int(np.count_nonzero(verdicts == v))
+                row[f"gate2_{v.replace('-', '_')}"] = int(np.count_nonzero(verdicts == v))
+            angles = gg[["angle_U_max_deg", "angle_V_max_deg"]].to_numpy(float)
+            row["max_angle_deg"] = float(np.nanmax(angles)) if np.isfinite(angles).any() else math.nan
             row["angle_U_max_deg"] = float(gg["angle_U_max_deg"].max())
             row["angle_V_max_deg"] = float(gg["angle_V_max_deg"].max())
             out.append(row)
     df = pd.DataFrame(out)
-    is_all = df["matrix_type"] == "all"
-    return pd.concat([df[is_all], _type_sorted(df[~is_all])]).sort_values("run", kind="stable").reset_index(drop=True)
+    first = [c for c in SUMMARY_COLUMNS if c in df.columns]
+    return df[first + [c for c in df.columns if c not in first]]
 
 
 def _pool_jaccard(jp: pd.DataFrame) -> pd.DataFrame:
@@ -168,7 +178,7 @@ def headline(t: CompareTables) -> list[str]:
     """One line per tuned run: the overall bf16 update sparsity over every compared matrix."""
     if t.summary.empty:
         return []
-    rows = t.summary[t.summary["matrix_type"] == "all"]
+    rows = t.summary[t.summary["scope"] == "overall"]
     return [f"{r.run}: overall bf16 update sparsity {_sparsity_text(r.sparsity, r.changed)} "
             f"({r.changed:,} of {r.numel:,} entries changed, {r.matrices} matrices)" for r in rows.itertuples()]
 

@@ -36,6 +36,7 @@ import pandas as pd
 
 import theory
 from theory.check import Check, Result
+from threegate import tutorials
 
 GATE_ORDER = {"I": 0, "II": 1, "III": 2}
 
@@ -320,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
         except ModuleNotFoundError:
             report = None
         if report is not None and hasattr(report, "write_report"):
-            page = report.write_report(out, out / "report")
+            page = report.write_report(out, out / "report", tutorials=tutorials.read_executed(out))
             print(f"report: {page}")
     bad_exact = [v for v in verdicts if v.exact and v.verdict == "violated"]
     errors = [v for v in verdicts if v.verdict == "error"]
