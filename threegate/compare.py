@@ -47,7 +47,7 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -225,6 +225,8 @@ def iter_compare(
     ``notes`` (a list) receives what the tables must say about the inputs (quantized GGUF, dtypes that differ,
     names left out by ``shared_only``).
     """
+    if isinstance(tuned_list, (str, Path, Mapping, torch.nn.Module, Checkpoint)):
+        tuned_list = [tuned_list]  # one tuned checkpoint given on its own
     if not tuned_list:
         raise InputError("compare needs at least one tuned checkpoint")
     dev = _validate_options(k, alpha, eta, device, batch, prefetch_depth)
@@ -329,8 +331,7 @@ def compare(base: Any, tuned: Any, *, k: int = 16, alpha: float = 0.5, eta: floa
     >>> int(t.matrices.loc[0, "changed"]), bool(t.summary.loc[0, "sparsity"] == 1 - 8 / 512)
     (8, True)
     """
-    tuned_list = list(tuned) if isinstance(tuned, (list, tuple)) else [tuned]
-    return compare_tables(base, tuned_list, k=k, alpha=alpha, eta=eta, device=device, only=only,
+    return compare_tables(base, list(tuned) if isinstance(tuned, (list, tuple)) else [tuned], k=k, alpha=alpha, eta=eta, device=device, only=only,
                           max_matrices=max_matrices, fast=fast, shared_only=shared_only, adapter_base=adapter_base,
                           runs=runs, method=method, keep_spectra=keep_spectra, progress=progress)
 
