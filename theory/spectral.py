@@ -594,7 +594,14 @@ def gate2_checks(
             bad = str(e)
     if bad is not None:
         return {rid: assumption_failed(rid, bad) for rid in ids}
-    return {rid: _EVALUATORS[rid](pair, int(k), kl) for rid in ids}
+    out = {rid: _EVALUATORS[rid](pair, int(k), kl) for rid in ids}
+    if not np.any(pair.dW_s):
+        # W1 == W0 exactly: every left side is exactly 0 (same matrix, same subspaces, same singular values) and
+        # every right side is 0 / (a positive gap) = 0 -- known exactly, so decided with tol 0 (0 <= 0 holds).
+        for rid, c in out.items():
+            if c.verdict in ("holds", "violated", "indeterminate"):
+                out[rid] = make_check(rid, 0.0, 0.0, details={**c.details, "identical_inputs": True})
+    return out
 
 
 def gate2_all(
