@@ -21,6 +21,8 @@ from theory.errors import ComplexInputError, InputError, NonFiniteError, NotOrth
 __all__ = [
     "to_f64",
     "reject_complex",
+    "as_real_array",
+    "as_real_scalar",
     "pow2_exponent",
     "scale_pow2",
     "orthonormality_defect",
@@ -58,6 +60,23 @@ def reject_complex(x: Any, name: str) -> None:
     if isinstance(x, complex) or (isinstance(x, (np.ndarray, np.generic)) and np.iscomplexobj(x)):
         dt = getattr(x, "dtype", type(x).__name__)
         raise ComplexInputError(f"{name}: a complex value ({dt}); only real inputs are supported")
+
+
+def as_real_array(x: Any, name: str) -> Array64:
+    """``x`` (numpy, torch on any device, nested list, scalar) as a float64 numpy array of any shape, without the
+    finiteness test; complex input raises ``ComplexInputError``, non-numeric ``InputError``, naming ``name``."""
+    return to_f64(x, name, ndim=None, check_finite=False)
+
+
+def as_real_scalar(x: Any, name: str) -> float:
+    """A real number (Python, numpy or 0-d array/tensor, any float dtype) as a float; complex, non-numeric or
+    non-scalar input raises an ``InputError`` subclass naming ``name``."""
+    if isinstance(x, bool):
+        raise InputError(f"{name} must be a number, got a bool")
+    a = as_real_array(x, name)
+    if a.size != 1 or a.ndim > 1:
+        raise InputError(f"{name} must be a scalar, got shape {a.shape}")
+    return float(a.reshape(-1)[0])
 
 
 def to_f64(x: Any, name: str = "input", *, ndim: int | None = 2, check_finite: bool = True) -> Array64:
