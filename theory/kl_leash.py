@@ -37,7 +37,7 @@ from jaxtyping import Float
 
 from theory.check import Check, assumption_failed, decide, make_check, refine, register
 from theory.errors import InputError, NonFiniteError, ShapeMismatchError, ZeroGapError
-from theory.linalg import as_real_array, as_real_scalar
+from theory.linalg import as_real_array, as_real_scalar, pow2_exponent, scale_pow2
 from theory.policies import LogLinear, MLPPolicy, Policy, TabularSoftmax, kl_rows, m_project, tilt
 
 __all__ = [
@@ -260,6 +260,16 @@ def _subspace_mu(F: np.ndarray, delta: np.ndarray, subspace: Any, tol: float | N
     return d_on, delta - d_on, mu, None, Q.shape[1], t, 0.0
 
 
+def _ldexp(x: float, e: int) -> float:
+    """x * 2**e (inf where it overflows; NaN and inf as they are)."""
+    if not math.isfinite(x):
+        return x
+    try:
+        return math.ldexp(x, e)
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
 def _radius_tol(q: float, e_q: float, mu: float, e_mu: float) -> float:
     """Worst-case change of sqrt(q / mu) when q moves by e_q and mu by e_mu (mu > e_mu), plus its rounding."""
     r = math.sqrt(max(q, 0.0) / mu)
@@ -461,7 +471,9 @@ def lemF5(policy: Policy, theta: Any, delta: Any) -> Check:
     lhs = abs(parts["kl"] - parts["quad"])
     rhs = parts["range_term"] + parts["curvature_term"]
     nd = parts["delta_norm"]
-    details = {**parts, "policy": _class_name(policy), "cubic_ratio": lhs / nd**3 if nd > 0 else math.nan}
+    # lhs / ||D||^3 without forming ||D||^3 (it underflows for ||D|| < ~1e-103)
+    cubic = float(np.float64(lhs) / nd / nd / nd) if nd > 0 else math.nan
+    details = {**parts, "policy": _class_name(policy), "cubic_ratio": cubic}
     # Error model (every term >= 0): the KL from log-probability differences carries its cancellation error
     # (``_kl_with_err``: relative ~ eps / ||D|| for a small step D), the quadratic term the rounding of F and of
     # D^T F D, |kl - quad| one more rounding, and the right side the rounding of u = z(theta + D) - z(theta) and
@@ -664,26 +676,31 @@ def prop32_from_fisher(F: Any, delta: Any, K: float, *, subspace: Any = None) ->
     (1/2 D^T F D = K (1 + O(||D||))), hence ``exact=False``.
     """
     rid = "prop3.2"
-    A = _sym(F)
-    d = _vec(delta, A.shape[0])
+    A0 = _sym(F)
+    d0 = _vec(delta, A0.shape[0])
     K = as_real_scalar(K, "K")
     if not (math.isfinite(K) and K >= 0):
         raise InputError(f"KL budget K must be finite and >= 0, got {K}")
+    # Scale first (exact): F by 2^-eF, D by 2^-eD, K by 2^-(eF + 2 eD) leave the verdict unchanged and keep every
+    # product finite; lhs and rhs come back in D's units.
+    eF, eD = pow2_exponent(A0), pow2_exponent(d0)
+    A, d, K_s = scale_pow2(A0, eF), scale_pow2(d0, eD), math.ldexp(K, -eF - 2 * eD)
     d_on, d_off, mu, failed, dim, e_mu, e_proj = _subspace_mu(A, d, subspace)
-    fn = fisher_norm(A, d)
-    details = {"K": float(K), "mu": mu, "subspace_dim": dim, "fisher_norm": fn, "sqrt_2K": math.sqrt(2 * K),
+    fn = fisher_norm(A0, d0)
+    mu_u = math.ldexp(mu, eF) if math.isfinite(mu) else mu
+    details = {"K": float(K), "mu": mu_u, "subspace_dim": dim, "fisher_norm": fn, "sqrt_2K": math.sqrt(2 * K),
                "fisher_factor": fn / math.sqrt(2 * K) if K > 0 else (0.0 if fn == 0 else math.inf),
-               "delta_norm": float(np.linalg.norm(d)), "off_subspace_norm": float(np.linalg.norm(d_off)),
-               "first_order_radius": fn / math.sqrt(mu) if mu and mu > 0 else math.nan}
+               "delta_norm": float(np.linalg.norm(d0)), "off_subspace_norm": math.ldexp(float(np.linalg.norm(d_off)), eD),
+               "first_order_radius": fn / math.sqrt(mu_u) if mu_u and mu_u > 0 else math.nan}
     lhs = float(np.linalg.norm(d_on))
     failed = failed or _not_psd(A)
     if failed:
-        return assumption_failed(rid, failed, lhs=lhs, details=details)
-    rhs = kl_budget_radius(K, mu)
+        return assumption_failed(rid, failed, lhs=math.ldexp(lhs, eD), details=details)
+    rhs = math.sqrt(2.0 * K_s / mu)
     # Error model: lhs is a projection, off by ||D|| (e_proj + n eps) (the projector onto U moves by e_proj, see
     # _subspace_mu); rhs = sqrt(2K / mu) with mu known to e_mu (K is an input, taken as exact).
-    tol = float(np.linalg.norm(d)) * (e_proj + 8 * A.shape[0] * EPS) + _radius_tol(2 * K, 0.0, mu, e_mu)
-    return make_check(rid, lhs, rhs, tol=tol, details=details)
+    tol = float(np.linalg.norm(d)) * (e_proj + 8 * A.shape[0] * EPS) + _radius_tol(2 * K_s, 0.0, mu, e_mu)
+    return make_check(rid, lhs, rhs, tol=tol, details=details, exponent=eD)
 
 
 @register(
@@ -735,18 +752,24 @@ def eq7(F: Any, delta: Any, block: Any, *, shape: tuple[int, int] | None = None,
     (``details["half_quad_le_K"]`` reports it when K is given).
     """
     rid = "eq7"
-    A = _sym(F)
-    d = _vec(delta, A.shape[0])
-    w = _index(block, A.shape[0])
+    A0 = _sym(F)
+    d0 = _vec(delta, A0.shape[0])
+    w = _index(block, A0.shape[0])
+    # Scale first (exact): F by 2^-eF and D by 2^-eD change neither verdict (rhs and lhs both scale with D, the
+    # F scale cancels in delta_W / mu_W) nor any bit of the decision, and keep every product finite.
+    eF, eD = pow2_exponent(A0), pow2_exponent(d0)
+    A, d = scale_pow2(A0, eF), scale_pow2(d0, eD)
     S, s_tol = schur_complement_with_tol(A, w)
     x = d[w]
     xx = float(x @ x)
     dW = 0.5 * float(x @ S @ x)
     half_quad = 0.5 * float(d @ A @ d)
     x_on, x_off, mu, failed, dim, e_mu, e_proj = _subspace_mu(S, x, subspace, s_tol)
-    details: dict[str, Any] = {"delta_W": dW, "half_quad": half_quad, "mu_W": mu, "block_size": int(w.size),
-                               "subspace_dim": dim, "frobenius": math.sqrt(xx),
-                               "off_subspace_norm": float(np.linalg.norm(x_off))}
+    eq = eF + 2 * eD  # units of delta_W
+    details: dict[str, Any] = {"delta_W": _ldexp(dW, eq), "half_quad": _ldexp(half_quad, eq),
+                               "mu_W": _ldexp(mu, eF), "block_size": int(w.size), "subspace_dim": dim,
+                               "frobenius": _ldexp(math.sqrt(xx), eD),
+                               "off_subspace_norm": _ldexp(float(np.linalg.norm(x_off)), eD)}
     # x^T S x and D^T F D: S_W carries rounding s_tol (schur_complement_with_tol), each product n eps |x|^T|M||x|
     e_q = xx * s_tol + 4 * w.size * EPS * float(np.abs(x) @ np.abs(S) @ np.abs(x))
     scale = (64 * EPS * A.shape[0] * float(np.abs(d) @ np.abs(A) @ np.abs(d)) + e_q) / 2
@@ -756,21 +779,21 @@ def eq7(F: Any, delta: Any, block: Any, *, shape: tuple[int, int] | None = None,
         if int(np.prod(shape)) != w.size:
             raise ShapeMismatchError(f"block shape {shape} does not match the {w.size} selected parameters")
         spec = float(np.linalg.norm(x.reshape(shape), 2))
-        details["spectral"] = spec
+        details["spectral"] = _ldexp(spec, eD)
         links["||DW||_2 <= ||DW||_F"] = decide(spec, math.sqrt(xx), 64 * EPS * max(shape) * math.sqrt(xx))
     if K is not None:
         details["K"] = float(K)
-        details["half_quad_le_K"] = bool(half_quad <= K)
+        details["half_quad_le_K"] = bool(details["half_quad"] <= K)
     lhs = float(np.linalg.norm(x_on))
     failed = failed or _not_psd(A)
     if failed:
-        return assumption_failed(rid, failed, lhs=lhs, details=details)
+        return assumption_failed(rid, failed, lhs=_ldexp(lhs, eD), details=details)
     rhs = math.sqrt(2 * max(dW, 0.0) / mu)
     # Error model: lhs = ||P x|| with the projector onto range(S_W) known to e_proj; rhs = sqrt(x^T S x / mu) with
     # x^T S x known to e_q and mu to e_mu = s_tol (both finite: mu > 3 s_tol is required above). No division by
     # rhs, so a vanishing delta_W gives a small tolerance, not an infinite one.
     tol = math.sqrt(xx) * (e_proj + 8 * w.size * EPS) + _radius_tol(2 * dW, e_q, mu, e_mu)
-    return refine(make_check(rid, lhs, rhs, tol=tol, details=details), links)
+    return refine(make_check(rid, lhs, rhs, tol=tol, details=details, exponent=eD), links)
 
 
 def eq7_policy(policy: Policy, theta: Any, theta_plus: Any, block: str, *, subspace: Any = None) -> Check:
