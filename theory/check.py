@@ -159,7 +159,9 @@ def make_check(
     verdict = decide(lhs, rhs, tol)
     d = dict(details or {})
     if exponent:
-        d.setdefault("scale_exponent", int(exponent))
+        # the triple the verdict was decided on (scaled units): exact, where the stored values may overflow or
+        # lose bits to subnormal rounding
+        d.update(scale_exponent=int(exponent), lhs_scaled=lhs, rhs_scaled=rhs, tol_scaled=tol)
         lhs, rhs = _ldexp_sat(lhs, exponent), _ldexp_sat(rhs, exponent)
         tol = min(_ldexp_sat(tol, exponent), sys.float_info.max)
     if verdict == "indeterminate":

@@ -666,14 +666,15 @@ def _lemF9_campaign(seed: int) -> Iterable[Check]:
 # ---------------------------------------------------------------------------------------------------------------
 # Prop 3.2 — KL leash => weight bound
 # ---------------------------------------------------------------------------------------------------------------
-def prop32_from_fisher(F: Any, delta: Any, K: float, *, subspace: Any = None) -> Check:
+def prop32_from_fisher(F: Any, delta: Any, K: float, *, subspace: Any = None, K_err: float = 0.0) -> Check:
     """Prop 3.2 from a Fisher matrix, an update and a KL budget K (e.g. K = KL(pi+ || pi) measured).
 
     lhs = ||P_U D||_2, rhs = sqrt(2K / mu_U), mu_U = lambda_min(F) on the update subspace U (module docstring;
     default U = range(F)). ``details``: Fisher norm ||D||_F(theta) and sqrt(2K) (the first claim), their factor,
     the raw ||D||_2 and the off-subspace norm (the unrestricted statement's lhs: it can exceed rhs).
     The step ||P_U D||_2 <= ||D||_F / sqrt(mu_U) is exact; ||D||_F <= sqrt(2K) holds only to first order
-    (1/2 D^T F D = K (1 + O(||D||))), hence ``exact=False``.
+    (1/2 D^T F D = K (1 + O(||D||))), hence ``exact=False``. ``K_err``: a bound on the error of K when it was
+    computed rather than given (``prop32`` passes the rounding of a KL from log-probability differences).
     """
     rid = "prop3.2"
     A0 = _sym(F)
@@ -698,8 +699,9 @@ def prop32_from_fisher(F: Any, delta: Any, K: float, *, subspace: Any = None) ->
         return assumption_failed(rid, failed, lhs=math.ldexp(lhs, eD), details=details)
     rhs = math.sqrt(2.0 * K_s / mu)
     # Error model: lhs is a projection, off by ||D|| (e_proj + n eps) (the projector onto U moves by e_proj, see
-    # _subspace_mu); rhs = sqrt(2K / mu) with mu known to e_mu (K is an input, taken as exact).
-    tol = float(np.linalg.norm(d)) * (e_proj + 8 * A.shape[0] * EPS) + _radius_tol(2 * K_s, 0.0, mu, e_mu)
+    # _subspace_mu); rhs = sqrt(2K / mu) with mu known to e_mu and K to K_err.
+    K_err_s = math.ldexp(float(K_err), -eF - 2 * eD)
+    tol = float(np.linalg.norm(d)) * (e_proj + 8 * A.shape[0] * EPS) + _radius_tol(2 * K_s, 2 * K_err_s, mu, e_mu)
     return make_check(rid, lhs, rhs, tol=tol, details=details, exponent=eD)
 
 
@@ -713,11 +715,13 @@ def prop32_from_fisher(F: Any, delta: Any, K: float, *, subspace: Any = None) ->
     paper_ref="Prop. 3.2",
 )
 def prop32(policy: Policy, theta: Any, theta_plus: Any, *, subspace: Any = None) -> Check:
-    """Prop 3.2 on a policy step theta -> theta_plus, with K = KL(pi_theta+ || pi_theta) and F = F(theta)."""
-    th = np.asarray(theta, dtype=np.float64)
-    tp = np.asarray(theta_plus, dtype=np.float64)
-    K = policy.kl(tp, th)
-    c = prop32_from_fisher(policy.fisher(th), tp - th, K, subspace=subspace)
+    """Prop 3.2 on a policy step theta -> theta_plus, with K = KL(pi_theta+ || pi_theta) and F = F(theta); K's
+    rounding (a KL from log-probability differences, ``_kl_with_err``) enters the tolerance."""
+    th = policy._np(policy._t(theta))
+    tp = policy._np(policy._t(theta_plus, "theta_plus"))
+    K, K_err = _kl_with_err(policy.rho, policy.log_probs(tp), policy.log_probs(th),
+                            _logprob_err(policy, th) + _logprob_err(policy, tp))
+    c = prop32_from_fisher(policy.fisher(th), tp - th, K, subspace=subspace, K_err=K_err)
     return dataclasses.replace(c, details={**c.details, "policy": _class_name(policy)})
 
 

@@ -600,7 +600,8 @@ def gate2_checks(
         # every right side is 0 / (a positive gap) = 0 -- known exactly, so decided with tol 0 (0 <= 0 holds).
         for rid, c in out.items():
             if c.verdict in ("holds", "violated", "indeterminate"):
-                out[rid] = make_check(rid, 0.0, 0.0, details={**c.details, "identical_inputs": True})
+                kept = {key: v for key, v in c.details.items() if not key.endswith("_scaled") and key != "scale_exponent"}
+                out[rid] = make_check(rid, 0.0, 0.0, details={**kept, "identical_inputs": True})
     return out
 
 
