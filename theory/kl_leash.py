@@ -462,11 +462,18 @@ def lemF5(policy: Policy, theta: Any, delta: Any) -> Check:
     own curvature, u - J D = O(||D||^2), so the whole bound is O(||D||^3). ``details["cubic_ratio"]`` is the
     measured |KL - quad| / ||D||^3 (see ``lemF5_scaling`` for the curve as D shrinks).
     """
-    d = np.asarray(delta, dtype=np.float64).reshape(-1)
+    d = as_real_array(delta, "delta").reshape(-1)
     if d.shape[0] != policy.n_params:
         raise ShapeMismatchError(f"delta has {d.shape[0]} entries, the policy has {policy.n_params} parameters")
     if not np.all(np.isfinite(d)):
         raise NonFiniteError("delta: non-finite entries")
+    if not np.any(d):
+        # D = 0 exactly: KL, the quadratic term and the remainder bound are all exactly 0 -- decided with tol 0
+        policy._t(theta)  # theta is still validated
+        return make_check("lemF.5", 0.0, 0.0, details={"policy": _class_name(policy), "delta_norm": 0.0,
+                                                       "kl": 0.0, "quad": 0.0, "range_term": 0.0,
+                                                       "curvature_term": 0.0, "cubic_ratio": math.nan,
+                                                       "zero_step": True})
     parts = _lemF5_parts(policy, theta, d)
     lhs = abs(parts["kl"] - parts["quad"])
     rhs = parts["range_term"] + parts["curvature_term"]
