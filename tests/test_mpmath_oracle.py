@@ -410,13 +410,16 @@ def eq7_exact(Fm: mp.matrix, D: np.ndarray, block: np.ndarray):
 @given(st.integers(0, 2**32 - 1), policy_kind, st.sampled_from([1e-150, 1e-6, 1.0]), st.integers(0, 2))
 @example(0, "tabular", 1e-150, 0)  # a tiny step: delta_W ~ 1e-300 (the old tolerance divided by max(rhs, 1e-300))
 @example(1, "loglinear", 1.0, 1)
+@example(8334, "loglinear", 1e-150, 0)  # found by the thorough search: F's own rounding (A^T A - B^T B cancels)
 def test_eq7_agrees_with_mpmath(seed, kind, s, which):
+    """The instance is the policy: F is computed (with its error bound, ``Policy.fisher_with_error``), the oracle
+    uses the exact Fisher, whose null directions are exact zeros."""
     pol, th, _, v = small_policy(seed, kind)
-    F = pol.fisher(th)
+    F, F_err = pol.fisher_with_error(th)
     D = s * v
     blocks = [np.arange(min(2, pol.n_params)), np.arange(pol.n_params), np.array([pol.n_params - 1])]
     block = blocks[which]
-    c = eq7(F, D, block)
+    c = eq7(F, D, block, F_err=F_err)
     with mp.workdps(DPS):
         lhs, rhs = eq7_exact(mp_fisher(pol, th), D, block)
         assert_oracle(c, lhs, rhs, lhs is not None, "eq7")

@@ -98,11 +98,12 @@ def _table(x: Any, shape: tuple[int, int], name: str) -> Float[np.ndarray, "X Y"
     return a
 
 
-def _not_psd(A: np.ndarray, name: str = "F") -> str | None:
-    """The failed assumption when the symmetric A is indefinite beyond rounding (lambda_min < -16 n eps ||A||), else
-    None. A Fisher matrix E[score score^T] is PSD; one with a negative eigenvalue is not a Fisher."""
+def _not_psd(A: np.ndarray, name: str = "F", err: float = 0.0) -> str | None:
+    """The failed assumption when the symmetric A is indefinite beyond rounding (lambda_min < -16 n eps ||A||, and
+    beyond ``err``, a known error of A), else None. A Fisher matrix E[score score^T] is PSD; one with a negative
+    eigenvalue is not a Fisher."""
     lam = np.linalg.eigvalsh(A) if A.size else np.zeros(0)
-    if lam.size and lam[0] < -16 * psd_rank_tol(lam):
+    if lam.size and lam[0] < -16 * psd_rank_tol(lam) - err:
         return f"{name} is positive semidefinite (a Fisher matrix; lambda_min = {lam[0]:.3e} < 0)"
     return None
 
@@ -166,23 +167,28 @@ def _index(idx: Any, n: int) -> np.ndarray:
     return out
 
 
-def schur_complement_with_tol(F: Any, idx: Any) -> tuple[np.ndarray, float]:
+def schur_complement_with_tol(F: Any, idx: Any, F_err: float = 0.0) -> tuple[np.ndarray, float]:
     """``schur_complement`` plus the rank tolerance its eigenvalues carry: rounding in F_{W~W} F_{~W~W}^+ F_{~W W}
     is about n * eps * ||F|| * kappa(F_{~W~W} on its range), far above n * eps * ||S_W|| when F is ill conditioned,
-    so eigenvalues of S_W below that level are treated as zero."""
+    so eigenvalues of S_W below that level are treated as zero. ``F_err``: a bound on the error of F itself (when it
+    was computed, e.g. ``Policy.fisher_with_error``); it moves S_W by <= F_err (1 + ||F_{W~W} F_{~W~W}^+||)^2 (first
+    order in dS = dF_WW - dF_{W~W} X^T - X dF_{~W W} + X dF_{~W~W} X^T, X = F_{W~W} F_{~W~W}^+)."""
     A = _sym(F)
     n = A.shape[0]
     w = _index(idx, n)
     rest = np.setdiff1d(np.arange(n), w)
     S = schur_complement(A, w)
     normF = float(np.max(np.abs(np.linalg.eigvalsh(A)))) if n else 0.0
-    kappa = 1.0
+    kappa, xnorm = 1.0, 0.0
     if rest.size:
-        lam = np.linalg.eigvalsh(A[np.ix_(rest, rest)])
+        Frr = A[np.ix_(rest, rest)]
+        lam = np.linalg.eigvalsh(Frr)
         pos = lam[lam > psd_rank_tol(lam)]
         kappa = float(pos.max() / pos.min()) if pos.size else 1.0
+        if F_err:
+            xnorm = float(np.linalg.norm(A[np.ix_(w, rest)] @ _pinv_psd(Frr), 2))
     tol = max(n * EPS * normF * kappa, psd_rank_tol(np.linalg.eigvalsh(S)) if S.size else 0.0)
-    return S, tol
+    return S, tol + float(F_err) * (1 + xnorm) ** 2
 
 
 def schur_complement(F: Any, idx: Any) -> Float[np.ndarray, "w w"]:
@@ -673,7 +679,8 @@ def _lemF9_campaign(seed: int) -> Iterable[Check]:
 # ---------------------------------------------------------------------------------------------------------------
 # Prop 3.2 — KL leash => weight bound
 # ---------------------------------------------------------------------------------------------------------------
-def prop32_from_fisher(F: Any, delta: Any, K: float, *, subspace: Any = None, K_err: float = 0.0) -> Check:
+def prop32_from_fisher(F: Any, delta: Any, K: float, *, subspace: Any = None, K_err: float = 0.0,
+                       F_err: float = 0.0) -> Check:
     """Prop 3.2 from a Fisher matrix, an update and a KL budget K (e.g. K = KL(pi+ || pi) measured).
 
     lhs = ||P_U D||_2, rhs = sqrt(2K / mu_U), mu_U = lambda_min(F) on the update subspace U (module docstring;
@@ -681,7 +688,8 @@ def prop32_from_fisher(F: Any, delta: Any, K: float, *, subspace: Any = None, K_
     the raw ||D||_2 and the off-subspace norm (the unrestricted statement's lhs: it can exceed rhs).
     The step ||P_U D||_2 <= ||D||_F / sqrt(mu_U) is exact; ||D||_F <= sqrt(2K) holds only to first order
     (1/2 D^T F D = K (1 + O(||D||))), hence ``exact=False``. ``K_err``: a bound on the error of K when it was
-    computed rather than given (``prop32`` passes the rounding of a KL from log-probability differences).
+    computed rather than given (``prop32`` passes the rounding of a KL from log-probability differences);
+    ``F_err`` likewise for F (``Policy.fisher_with_error``): it widens the rank tolerance and mu's error.
     """
     rid = "prop3.2"
     A0 = _sym(F)
@@ -693,7 +701,9 @@ def prop32_from_fisher(F: Any, delta: Any, K: float, *, subspace: Any = None, K_
     # product finite; lhs and rhs come back in D's units.
     eF, eD = pow2_exponent(A0), pow2_exponent(d0)
     A, d, K_s = scale_pow2(A0, eF), scale_pow2(d0, eD), math.ldexp(K, -eF - 2 * eD)
-    d_on, d_off, mu, failed, dim, e_mu, e_proj = _subspace_mu(A, d, subspace)
+    F_err_s = math.ldexp(float(F_err), -eF)
+    rank_tol = psd_rank_tol(np.linalg.eigvalsh(A)) + F_err_s if F_err_s else None
+    d_on, d_off, mu, failed, dim, e_mu, e_proj = _subspace_mu(A, d, subspace, rank_tol)
     fn = fisher_norm(A0, d0)
     mu_u = math.ldexp(mu, eF) if math.isfinite(mu) else mu
     details = {"K": float(K), "mu": mu_u, "subspace_dim": dim, "fisher_norm": fn, "sqrt_2K": math.sqrt(2 * K),
@@ -701,7 +711,7 @@ def prop32_from_fisher(F: Any, delta: Any, K: float, *, subspace: Any = None, K_
                "delta_norm": float(np.linalg.norm(d0)), "off_subspace_norm": math.ldexp(float(np.linalg.norm(d_off)), eD),
                "first_order_radius": fn / math.sqrt(mu_u) if mu_u and mu_u > 0 else math.nan}
     lhs = float(np.linalg.norm(d_on))
-    failed = failed or _not_psd(A)
+    failed = failed or _not_psd(A, err=F_err_s)
     if failed:
         return assumption_failed(rid, failed, lhs=math.ldexp(lhs, eD), details=details)
     rhs = math.sqrt(2.0 * K_s / mu)
@@ -728,7 +738,8 @@ def prop32(policy: Policy, theta: Any, theta_plus: Any, *, subspace: Any = None)
     tp = policy._np(policy._t(theta_plus, "theta_plus"))
     K, K_err = _kl_with_err(policy.rho, policy.log_probs(tp), policy.log_probs(th),
                             _logprob_err(policy, th) + _logprob_err(policy, tp))
-    c = prop32_from_fisher(policy.fisher(th), tp - th, K, subspace=subspace, K_err=K_err)
+    F, F_err = policy.fisher_with_error(th)
+    c = prop32_from_fisher(F, tp - th, K, subspace=subspace, K_err=K_err, F_err=F_err)
     return dataclasses.replace(c, details={**c.details, "policy": _class_name(policy)})
 
 
@@ -752,7 +763,7 @@ def _prop32_campaign(seed: int) -> Iterable[Check]:
     paper_ref="Eq. 7, Lemma F.10",
 )
 def eq7(F: Any, delta: Any, block: Any, *, shape: tuple[int, int] | None = None, K: float | None = None,
-        subspace: Any = None) -> Check:
+        subspace: Any = None, F_err: float = 0.0) -> Check:
     """Per-block leash. S_W = ``schur_complement(F, block)``; delta_W = 1/2 x^T S_W x with x = vec(DW);
     mu_W = smallest nonzero eigenvalue of S_W with x projected onto range(S_W) (or an explicit ``subspace``
     basis in the block's coordinates / ``"full"`` / ``"span"``, as for Prop 3.2).
@@ -760,7 +771,8 @@ def eq7(F: Any, delta: Any, block: Any, *, shape: tuple[int, int] | None = None,
     lhs = ||P x||_2 = ||P DW||_F, rhs = sqrt(2 delta_W / mu_W): exact (Rayleigh quotient). ``holds`` also requires
     delta_W <= 1/2 D^T F D (variational property of the Schur complement) and, when ``shape`` is given,
     ||DW||_2 <= ||DW||_F. The paper's "delta_W <= K" additionally needs 1/2 D^T F D <= K, true only to first order
-    (``details["half_quad_le_K"]`` reports it when K is given).
+    (``details["half_quad_le_K"]`` reports it when K is given). ``F_err``: a bound on ||F_computed - F_exact||_2
+    when F was computed (``Policy.fisher_with_error``; ``eq7_policy`` passes it), else F is taken as exact.
     """
     rid = "eq7"
     A0 = _sym(F)
@@ -770,7 +782,8 @@ def eq7(F: Any, delta: Any, block: Any, *, shape: tuple[int, int] | None = None,
     # F scale cancels in delta_W / mu_W) nor any bit of the decision, and keep every product finite.
     eF, eD = pow2_exponent(A0), pow2_exponent(d0)
     A, d = scale_pow2(A0, eF), scale_pow2(d0, eD)
-    S, s_tol = schur_complement_with_tol(A, w)
+    F_err_s = math.ldexp(float(F_err), -eF)
+    S, s_tol = schur_complement_with_tol(A, w, F_err_s)
     x = d[w]
     xx = float(x @ x)
     dW = 0.5 * float(x @ S @ x)
@@ -783,7 +796,7 @@ def eq7(F: Any, delta: Any, block: Any, *, shape: tuple[int, int] | None = None,
                                "off_subspace_norm": _ldexp(float(np.linalg.norm(x_off)), eD)}
     # x^T S x and D^T F D: S_W carries rounding s_tol (schur_complement_with_tol), each product n eps |x|^T|M||x|
     e_q = xx * s_tol + 4 * w.size * EPS * float(np.abs(x) @ np.abs(S) @ np.abs(x))
-    scale = (64 * EPS * A.shape[0] * float(np.abs(d) @ np.abs(A) @ np.abs(d)) + e_q) / 2
+    scale = (64 * EPS * A.shape[0] * float(np.abs(d) @ np.abs(A) @ np.abs(d)) + F_err_s * float(d @ d) + e_q) / 2
     links = {"delta_W <= 1/2 D^T F D": decide(dW, half_quad, scale)}
     details["delta_W_le_half_quad"] = links["delta_W <= 1/2 D^T F D"] != "violated"
     if shape is not None:
@@ -796,7 +809,7 @@ def eq7(F: Any, delta: Any, block: Any, *, shape: tuple[int, int] | None = None,
         details["K"] = float(K)
         details["half_quad_le_K"] = bool(details["half_quad"] <= K)
     lhs = float(np.linalg.norm(x_on))
-    failed = failed or _not_psd(A)
+    failed = failed or _not_psd(A, err=F_err_s)
     if failed:
         return assumption_failed(rid, failed, lhs=_ldexp(lhs, eD), details=details)
     rhs = math.sqrt(2 * max(dW, 0.0) / mu)
@@ -814,8 +827,9 @@ def eq7_policy(policy: Policy, theta: Any, theta_plus: Any, block: str, *, subsp
     th = np.asarray(theta, dtype=np.float64)
     tp = np.asarray(theta_plus, dtype=np.float64)
     shp = policy.block_shapes[block]
-    c = eq7(policy.fisher(th), tp - th, policy.blocks[block], shape=shp if len(shp) == 2 else None,
-            K=policy.kl(tp, th), subspace=subspace)
+    F, F_err = policy.fisher_with_error(th)
+    c = eq7(F, tp - th, policy.blocks[block], shape=shp if len(shp) == 2 else None,
+            K=policy.kl(tp, th), subspace=subspace, F_err=F_err)
     return dataclasses.replace(c, details={**c.details, "policy": _class_name(policy), "block": block})
 
 

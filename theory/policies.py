@@ -257,6 +257,22 @@ class Policy:
         """Exact Fisher F(theta) = sum_x rho(x) J_x^T (diag pi_x - pi_x pi_x^T) J_x (symmetrised)."""
         return self._np(self._fisher_t(self._t(theta)))
 
+    def fisher_with_error(self, theta: Any) -> tuple[Float[np.ndarray, "d d"], float]:
+        """``(F(theta), e_F)`` with e_F a bound on ||F_computed - F_exact||_2.
+
+        Error model: F = A^T A - B^T B (``_fisher_from``) cancels when pi is concentrated; each product of sums over
+        Y outputs and the softmax / Jacobian inputs carry relative ~(Y + d) eps, so the entrywise error is
+        <= c (Y + d) eps (|A|^T |A| + |B|^T |B|) and e_F its spectral norm (c = 8)."""
+        t = self._t(theta)
+        J = self._jacobian_t(t)
+        p = torch.softmax(self._logits(t), dim=-1)
+        d = J.shape[-1]
+        A = (torch.sqrt(self._rho_t[:, None] * p)[..., None] * J).reshape(-1, d).abs()
+        B = (torch.sqrt(self._rho_t)[:, None] * torch.einsum("xy,xyd->xd", p, J)).abs()
+        M = self._np(A.T @ A + B.T @ B)
+        err = 8 * (self.n_outputs + d) * EPS * float(np.linalg.norm(M, 2))
+        return self._np(self._fisher_from(J, p)), err
+
     def fisher_per_context(self, theta: Any) -> Float[np.ndarray, "X d d"]:
         """F_x = J_x^T (diag pi_x - pi_x pi_x^T) J_x (unweighted by rho)."""
         t = self._t(theta)
