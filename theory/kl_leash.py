@@ -557,12 +557,20 @@ def lemF6(policy: Policy, theta: Any, q_tilde: Any = None, *, R: Any = None, bet
     elif L < L_true * (1 - 1e-12):
         return assumption_failed(rid, f"||hess log pi||_op <= L at theta (L = {L:.6g} < max = {L_true:.6g})")
     tv = policy.tv(q, theta)
-    kl = policy.kl_from(q, theta)
+    th = policy._np(policy._t(theta))
+    with np.errstate(divide="ignore"):
+        lq = np.log(q)
+    kl, e_kl = _kl_with_err(policy.rho, lq, policy.log_probs(th),
+                            _logprob_err(policy, th) + 2 * EPS * float(np.abs(lq[np.isfinite(lq)]).max(initial=0.0)))
     mid = 2.0 * L * tv
     rhs = L * math.sqrt(2.0 * kl)
     # Error model: the Hessians (and L, from their eigenvalues) carry ~ d eps ||hess|| each, summed over (x, y)
-    # with weights |pi - q~| <= 2; TV and KL are sums of Y terms of size <= 1 (relative Y eps).
-    tol = 64 * EPS * policy.n_params * (L + float(np.abs(diff).max())) + 4 * EPS * policy.n_outputs * (mid + rhs)
+    # with weights |pi - q~| <= 2; TV is a sum of Y terms |q - pi| <= 1 (relative Y eps, plus eps per entry); the KL
+    # from log-probability differences carries its cancellation error e_kl (``_kl_with_err``), which moves
+    # L sqrt(2 KL) by <= L (sqrt(2 (KL + e_kl)) - sqrt(2 KL)).
+    e_rhs = L * (math.sqrt(2.0 * (kl + e_kl)) - math.sqrt(2.0 * kl)) + 4 * EPS * rhs
+    tol = (64 * EPS * policy.n_params * (L + float(np.abs(diff).max())) + 4 * EPS * policy.n_outputs * (mid + L)
+           + e_rhs)
     links = {"||H - F|| <= 2 L TV": decide(lhs, mid, tol), "2 L TV <= L sqrt(2 KL)": decide(mid, rhs, tol)}
     details = {"policy": _class_name(policy), "L": L, "tv": tv, "kl_qtilde_pi": kl, "middle_2L_TV": mid,
                "lhs_le_middle": links["||H - F|| <= 2 L TV"] != "violated",
