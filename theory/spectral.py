@@ -55,7 +55,6 @@ inputs and the check fails "the top-k singular subspaces ... are determined". F.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
