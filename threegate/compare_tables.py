@@ -32,7 +32,7 @@ TYPE_ORDER = (*MATRIX_TYPES, "other")
 SUMMARY_COLUMNS = ("run", "method", "scope", "matrices", "numel", "changed", "sparsity", "overlap_princ",
                    "baseline_princ", "overlap_low", "baseline_low", "gate2_holds", "gate2_violated",
                    "gate2_assumption_failed", "max_angle_deg")
-VERDICTS = ("holds", "violated", "assumption-failed", "not-evaluated")
+VERDICTS = ("holds", "violated", "assumption-failed", "indeterminate", "not-evaluated")
 MASKS = ("princ", "low", "princ_not_low")
 
 
@@ -106,8 +106,8 @@ def aggregate(matrices: pd.DataFrame, by: str) -> pd.DataFrame:
             row["jaccard_baseline"] = float(g["jaccard_baseline"].mean())
         for rid in GATE2_IDS:
             col = g[f"check_{rid}"]
-            row[f"{rid}:violated"] = int((col == "violated").sum())
-            row[f"{rid}:assumption-failed"] = int((col == "assumption-failed").sum())
+            for v in ("violated", "assumption-failed", "indeterminate"):
+                row[f"{rid}:{v}"] = int((col == v).sum())
         out.append(row)
     df = pd.DataFrame(out)
     return _type_sorted(df) if by == "matrix_type" else df

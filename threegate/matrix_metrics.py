@@ -20,7 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from theory import metrics
-from theory.linalg import principal_angles
+from theory.errors import ZeroGapError
+from theory.linalg import SVD, pow2_exponent, principal_angles, scale_pow2
 from theory.naming import layer_index, matrix_type
 from theory.spectral import GATE2_IDS, SpectralPair, gate2_checks
 from threegate.decompose import Decomposition
@@ -48,27 +49,40 @@ class MatrixResult:
 
 @dataclass(frozen=True)
 class _Pair(SpectralPair):
-    """``theory.spectral.SpectralPair`` whose ``dW_F`` is ``||dW||_F`` computed directly: ``sv_dW`` may hold only the
-    top k+1 singular values of dW (``threegate.decompose.dW_spectrum``; every Gate II check reads only those)."""
+    """``theory.spectral.SpectralPair`` whose ``||dW||_F`` is computed directly (``frobenius_s``, scaled units):
+    ``sv_dW`` may hold only the top k+1 singular values of dW (``threegate.decompose.dW_spectrum``), which is all
+    the other checks read."""
 
-    frobenius_dW: float = math.nan
+    frobenius_s: float = math.nan
 
     @property
-    def dW_F(self) -> float:
-        return self.frobenius_dW
+    def dWF_s(self) -> float:
+        return self.frobenius_s
 
 
-def _zero_gap(S: np.ndarray, k: int) -> bool:
-    """σ_k = σ_{k+1} to float64 resolution (the rule of ``theory.metrics.principal_angles_topk``)."""
-    if k >= S.shape[0]:
-        return False
-    resolution = 8 * EPS64 * max(S.shape[0], 1) * S[0]
-    return bool(S[k - 1] - S[k] <= resolution)
+def _pair(A: np.ndarray, B: np.ndarray, dW: np.ndarray, dec0: Decomposition, dec1: Decomposition,
+          sv_dW: np.ndarray, fro: float) -> _Pair:
+    """The pair in ``theory.spectral``'s scaled units (one power of two, exact) from compare's decompositions."""
+    e = pow2_exponent(A, B)
+    sc = (lambda x: scale_pow2(x, e)) if e else (lambda x: np.asarray(x, dtype=np.float64))
+    return _Pair(sc(A), sc(B), sc(dW), SVD(dec0.svd.U, sc(dec0.svd.S), dec0.svd.Vh),
+                 SVD(dec1.svd.U, sc(dec1.svd.S), dec1.svd.Vh), sc(sv_dW), e, frobenius_s=math.ldexp(fro, -e))
 
 
-def _subspace_ok(d: Decomposition, k: int) -> bool:
+def _zero_gap(S: np.ndarray, k: int, shape: tuple[int, int]) -> bool:
+    """The top-k singular subspaces are not determined to float64 resolution: ``σ_k - σ_{k+1} <= 8 max(m, n) eps σ_1``
+    for k < r, ``σ_r`` at that level for k = r < max(m, n) (the rule of ``theory.metrics.principal_angles_topk``)."""
+    m, n = shape
+    r = min(m, n)
+    resolution = 8 * EPS64 * max(m, n) * S[0]
+    if k < r:
+        return bool(S[k - 1] - S[k] <= resolution)
+    return bool(m != n and S[k - 1] <= resolution)
+
+
+def _subspace_ok(d: Decomposition, k: int, shape: tuple[int, int]) -> bool:
     if d.complete:
-        return not _zero_gap(d.svd.S, k)
+        return not _zero_gap(d.svd.S, k, shape)
     return d.angle_err < math.pi / 2 and d.gap_lower > 0
 
 
@@ -96,9 +110,17 @@ def matrix_result(
     m, n = A.shape
     layer = layer_index(name)
     meta = {"name": name, "layer": -1 if layer is None else layer, "matrix_type": matrix_type(name)}
-    ok0 = _subspace_ok(dec0, k)
+    ok0 = _subspace_ok(dec0, k, A.shape)
     M_low = metrics.low_magnitude_mask(A if W0_stored is None else W0_stored, alpha)
-    M_princ = metrics.principal_mask(A, k, alpha, svd=dec0.svd) if ok0 else np.zeros(A.shape, dtype=bool)
+    princ_ok = ok0
+    if ok0:
+        try:  # the one rule (ties judged up to the reconstruction's rounding) lives in theory.metrics
+            M_princ = metrics.principal_mask_from_svd(dec0.svd, k, alpha,
+                                                      gap=None if dec0.complete else dec0.gap_lower)
+        except ZeroGapError:  # W0^(k), so M_princ, is not determined
+            princ_ok = False
+    if not princ_ok:
+        M_princ = np.zeros(A.shape, dtype=bool)
     refs = {"princ": M_princ, "low": M_low, "princ_not_low": M_princ & ~M_low}
     res = MatrixResult(name, [], [])
     S0 = dec0.svd.S
@@ -121,7 +143,7 @@ def matrix_result(
             row["nss"] = math.nan
             row["gamma_k"] = float(S0[k - 1] - S0[k]) if k < S0.shape[0] else math.nan
         row["dW_over_gap"] = row["dW_2"] / row["gamma_k"] if row["gamma_k"] > 0 else math.inf
-        gap_ok = ok0 and _subspace_ok(dec1, k)
+        gap_ok = ok0 and _subspace_ok(dec1, k, A.shape)
         for side in ("U", "V"):
             B0 = dec0.svd.U[:, :k] if side == "U" else dec0.svd.Vh[:k].T
             B1 = dec1.svd.U[:, :k] if side == "U" else dec1.svd.Vh[:k].T
@@ -134,10 +156,10 @@ def matrix_result(
         row["angle_err_deg"] = math.degrees(dec0.angle_err + dec1.angle_err)
         row["angles_note"] = "" if gap_ok else f"sigma_{k} = sigma_{k + 1}: top-k subspace not unique"
         _mask_metrics(row, res, refs, mask, run, meta)
-        if not ok0:
+        if not princ_ok:
             row["overlap_princ"] = row["overlap_princ_not_low"] = math.nan
         if exact:
-            pair = _Pair(A, B, dW, dec0.svd, dec1.svd, sv_dW, frobenius_dW=row["dW_fro"])
+            pair = _pair(A, B, dW, dec0, dec1, sv_dW, row["dW_fro"])
             for rid, chk in gate2_checks(pair, k).items():
                 row[f"check_{rid}"] = chk.verdict
                 res.checks.append({"run": run, **meta, **chk.as_row()})
