@@ -125,6 +125,12 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     flat = mask.reshape(-1)
     if flat.device.type == "cpu":
         return torch.from_numpy(np.packbits(flat.numpy()))
+    return _pack_torch(flat)
+
+
+def _pack_torch(flat: torch.Tensor) -> torch.Tensor:
+    """``pack_mask`` in torch ops (any device)."""
+    flat = flat.reshape(-1)
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
@@ -136,6 +142,11 @@ def popcount(packed: torch.Tensor) -> int:
     """Number of set bits in a packed mask (``pack_mask``): the size of the mask."""
     if packed.device.type == "cpu":
         return int(np.bitwise_count(packed.numpy()).sum(dtype=np.int64))
+    return _popcount_torch(packed)
+
+
+def _popcount_torch(packed: torch.Tensor) -> int:
+    """``popcount`` by a 256-entry table lookup in torch ops (any device)."""
     return int(_POPCOUNT.to(packed.device)[packed.to(torch.int64)].sum())
 
 
