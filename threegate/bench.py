@@ -63,6 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full-SVD reference: the faster of torch and scipy gesdd measured here, or one of them")
     parser.add_argument("--sparsity-entries", type=int, default=1 << 26,
                         help="entries per bf16 tensor in the sparsity benchmark (0 skips it)")
+    parser.add_argument("--callback", action="store_true",
+                        help="instead: time ThreeGateCallback per step on real TRL steps (threegate.bench_callback)")
+    parser.add_argument("--callback-trainer", nargs="+", default=["sft", "grpo"], choices=["sft", "grpo"],
+                        help="with --callback: which TRL trainers to run (default both)")
+    parser.add_argument("--callback-steps", type=int, default=4, help="with --callback: optimizer steps per trainer")
+    parser.add_argument("--callback-model", default=None,
+                        help="with --callback: a local HF model folder or .gguf (default: SmolLM2-135M GGUF)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,6 +314,16 @@ def format_report(res: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "callback", False):
+        from threegate.bench_callback import bench_callback, format_callback_report
+
+        res = bench_callback(args.callback_trainer, steps=args.callback_steps, model=args.callback_model,
+                             device=args.device, seed=args.seed)
+        print(format_callback_report(res))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(res, fh, indent=2)
+        return 0
     if args.repeats < 1:
         raise InputError(f"--repeats must be >= 1, got {args.repeats}")
     res = run_bench(args.sizes, args.ks, device=args.device, repeats=args.repeats, seed=args.seed,
