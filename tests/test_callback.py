@@ -214,3 +214,22 @@ def test_import_threegate_stays_light():
         import threegate
 
         threegate.nothing_here
+
+
+def test_callback_bench_reports_per_step_ratios_on_the_tiny_model(tiny_dir):
+    """Structure only (timings are reported, never asserted): one SFT run of 2 steps with Gate III on."""
+    from threegate.bench_callback import bench_callback, format_callback_report
+
+    res = bench_callback(["sft"], steps=2, batch=2, model=str(tiny_dir), gate3=True)
+    (run,) = res["runs"]
+    assert [s["step"] for s in run["steps"]] == [1, 2] and run["ratio"] > 0
+    n = run["tracked_params"]
+    assert 4 * n + n // 8 <= run["memory_bytes"] <= 4 * n + n // 8 + 15  # 4.125 B/param (15 matrices round up)
+    assert [g["step"] for g in run["gate3"]] == [1, 2]
+    assert all(g["recall_master"] == 1.0 for g in run["gate3"] if g["changed"])
+    text = format_callback_report(res)
+    assert "SFT (21,760 tracked 2-D parameters" in text and "Gate III per step" in text
+    with pytest.raises(InputError, match="callback-steps"):
+        bench_callback(["sft"], steps=1, model=str(tiny_dir))
+    with pytest.raises(InputError, match="callback-trainer"):
+        bench_callback(["ppo"], model=str(tiny_dir))

@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--callback-trainer", nargs="+", default=["sft", "grpo"], choices=["sft", "grpo"],
                         help="with --callback: which TRL trainers to run (default both)")
     parser.add_argument("--callback-steps", type=int, default=4, help="with --callback: optimizer steps per trainer")
+    parser.add_argument("--callback-gate3", action="store_true",
+                        help="with --callback: also run the Gate III predictors and report precision / recall")
     parser.add_argument("--callback-model", default=None,
                         help="with --callback: a local HF model folder or .gguf (default: SmolLM2-135M GGUF)")
 
@@ -318,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
         from threegate.bench_callback import bench_callback, format_callback_report
 
         res = bench_callback(args.callback_trainer, steps=args.callback_steps, model=args.callback_model,
-                             device=args.device, seed=args.seed)
+                             device=args.device, seed=args.seed, gate3=args.callback_gate3)
         print(format_callback_report(res))
         if args.json:
             with open(args.json, "w") as fh:
