@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -204,6 +205,9 @@ class ThreeGateCallback(TrainerCallback):
         Evaluate the Gate III predictors on every step (host copies of the master; slow on large models).
     fast : bool
         Snapshot analysis on the ``theory.fast_spectral`` path (no NSS, no Gate II checks).
+    only : str, optional
+        A regular expression: analyse only the matrices whose name matches at snapshot steps (the snapshot files
+        still hold every tracked matrix). For large models, where a full analysis costs a ``threegate compare``.
     save_snapshots : bool
         Write and analyse snapshots (False: per-step counts only).
     run_name, method : str, optional
@@ -226,7 +230,8 @@ class ThreeGateCallback(TrainerCallback):
     def __init__(self, out_dir: str | Path, *, snapshot_steps: int | Iterable[int] | None = None, k: int = 16,
                  alpha: float = 0.5, eta: float = metrics.ETA_DEFAULT, gate3: bool = False, fast: bool = False,
                  save_snapshots: bool = True, run_name: str | None = None, method: str | None = None,
-                 flush_every: int = 50, device: str | None = None, include_frozen: bool = False):
+                 flush_every: int = 50, device: str | None = None, include_frozen: bool = False,
+                 only: str | None = None):
         from threegate.compare import _validate_options
 
         _validate_options(k, alpha, eta, device or "cpu")
@@ -242,6 +247,12 @@ class ThreeGateCallback(TrainerCallback):
         self.gate3, self.fast, self.save_snapshots = gate3, fast, save_snapshots
         self.run_name, self.method, self.device = run_name, method, device
         self.flush_every, self.include_frozen = flush_every, include_frozen
+        if only is not None:
+            try:
+                re.compile(only)
+            except re.error as e:
+                raise InputError(f"ThreeGateCallback: only={only!r} is not a valid regular expression ({e})") from None
+        self.only = only
         self.counter: LiveCounter | None = None
         self.rows: list[MatrixCounts] = []
         self.timing: list[dict[str, float]] = []
@@ -344,7 +355,7 @@ class ThreeGateCallback(TrainerCallback):
             return
         run = f"step{step}"
         t = compare_tables(self._base_path, [path], k=self.k, alpha=self.alpha, eta=self.eta, device=self.device,
-                           method=self.method, keep_spectra=True, fast=self.fast)
+                           method=self.method, keep_spectra=True, fast=self.fast, only=self.only)
         for name, df in (("checks", t.checks), ("angles", t.angles), ("mask_overlap", t.mask_overlap),
                          ("spectrum", t.spectrum), ("snapshot_matrices", t.matrices)):
             if df is not None and not df.empty:
