@@ -2,7 +2,9 @@
 checked through ``threegate compare`` on the snapshots it wrote (trl 1.16, transformers 5.25).
 
 Two GRPO steps (loss "dapo", beta = 0: TRL logs no KL, so no Gate I table), then the CLI compare of the base and the
-step-2 snapshot on layer 0 must count exactly the entries the callback counted against the base at step 2.
+step-2 snapshot on layer 0 must count exactly the entries the callback counted against the base at step 2. Eight
+new tokens never answer a word problem (every reward -1, zero advantages, no update), so the reward here counts
+digits in the completion: the counting, not the task, is under test.
 """
 
 from __future__ import annotations
@@ -31,18 +33,21 @@ def test_smollm2_grpo_counts_match_threegate_compare_on_the_snapshots(tmp_path):
     from sims.hf.backend import load_causal_lm
     from sims.hf.word_problems import format_prompt, generate_problems
     from threegate import ThreeGateCallback
-    from threegate.bench_callback import trainable_copy, word_problem_reward
+    from threegate.bench_callback import trainable_copy
+
+    def digits(prompts, completions, **kwargs):
+        return [float(sum(ch.isdigit() for ch in c)) for c in completions]
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     lm = load_causal_lm(None)
     problems = generate_problems(8, seed=0)
     ds = Dataset.from_dict({"prompt": [format_prompt(p) for p in problems], "answer": [p.answer for p in problems]})
-    cfg = GRPOConfig(output_dir=str(tmp_path / "trainer"), max_steps=2, per_device_train_batch_size=2,
-                     num_generations=2, max_completion_length=8, learning_rate=1e-5, beta=0.0, loss_type="dapo",
+    cfg = GRPOConfig(output_dir=str(tmp_path / "trainer"), max_steps=2, per_device_train_batch_size=4,
+                     num_generations=4, max_completion_length=8, temperature=1.5, learning_rate=1e-5, beta=0.0, loss_type="dapo",
                      logging_steps=1, report_to="none", use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True)
     only = r"layers\.0\."
     cb = ThreeGateCallback(out_dir=tmp_path / "tg", only=only)
-    GRPOTrainer(model=trainable_copy(lm.model), reward_funcs=word_problem_reward, args=cfg, train_dataset=ds,
+    GRPOTrainer(model=trainable_copy(lm.model), reward_funcs=digits, args=cfg, train_dataset=ds,
                 processing_class=lm.tokenizer, callbacks=[cb]).train()
     tg = tmp_path / "tg"
     snaps = tg / "snapshots"
