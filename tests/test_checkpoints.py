@@ -10,14 +10,13 @@ import torch
 
 from threegate.checkpoints import (
     iter_matched,
-    layer_index,
     match_names,
-    matrix_type,
     open_checkpoint,
     save_safetensors,
     select_names,
     smollm2_gguf_path,
 )
+from theory.naming import layer_index, matrix_type
 from theory.errors import CheckpointError, InputError, NonFiniteError, ShapeMismatchError
 
 

@@ -39,6 +39,7 @@ def test_registry_names():
 
 def test_clip_eps_sweep_reports_lemma_f9_per_step(tmp_path, cache):
     cfg = _fast_config(cache)
+    cfg.pop("sft")  # clip_eps reads [pretrain], [rlvr] and [clip_eps] only
     cfg["rlvr"].update(steps=2, minibatches=4, lr=2e-3)
     cfg["clip_eps"] = {"eps": [0.05, 0.4]}
     out = run_experiment("clip_eps", cfg, tmp_path / "clip")
@@ -64,9 +65,11 @@ def test_load_config_toml_json_and_errors(tmp_path):
     (tmp_path / "bad.toml").write_text("seed = = 3")
     with pytest.raises(InputError, match="not valid TOML"):
         load_config(tmp_path / "bad.toml")
-    (tmp_path / "c.yaml").write_text("seed: 3")
+    (tmp_path / "c.yaml").write_text("seed: 3\nrlvr: {lr: 1e-4}\n")
+    assert load_config(tmp_path / "c.yaml") == {"seed": 3, "rlvr": {"lr": "1e-4"}}  # YAML 1.1: 1e-4 is a string
+    (tmp_path / "c.ini").write_text("seed = 3")
     with pytest.raises(InputError, match="unsupported extension"):
-        load_config(tmp_path / "c.yaml")
+        load_config(tmp_path / "c.ini")
     assert config_hash("rlvr", {"a": 1}) != config_hash("sft", {"a": 1})
 
 
@@ -111,7 +114,8 @@ def test_cli_run_and_errors(tmp_path, capsys, cache):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"rlvr": {"stepz": 3}}))
     assert main(["run", "rlvr", "--config", str(bad), "--out", str(tmp_path / "o2")]) == 1
-    assert "unknown keys ['stepz']" in capsys.readouterr().err
+    assert "[rlvr]: unknown key 'stepz' (did you mean 'steps'?)" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
     assert main(["run", "--list"]) == 0
 
 
@@ -145,8 +149,9 @@ def test_gate3_rows_catch_a_probe_that_disagrees_with_bits():
     w = torch.tensor([[1.0, 2.0], [3.0, 0.5]], dtype=torch.bfloat16)
     nudged = w.clone()
     nudged[0, 0] = torch.tensor(1.0078125, dtype=torch.bfloat16)  # the next bf16 value above 1: a real change
-    rows = gate3_probe_rows({"m": w}, {1: {"m": nudged}}, "x", eta=2**-7)  # eta >= 2^-8: the probe misses it
-    assert rows.loc[0, "lhs"] == 1 and not rows.loc[0, "holds"]
+    rows = gate3_probe_rows({"m": w}, {1: {"m": nudged}}, "x", eta=2**-7)  # eta >= 2^-8: the probe misses it,
+    assert rows.loc[0, "lhs"] == 1 and not rows.loc[0, "holds"]  # which is outside Prop E.3 (eta < 2^-9), not a
+    assert not rows.loc[0, "assumptions_hold"] and rows.loc[0, "failed_assumption"] == "0 <= eta < 2^-9"  # violation
     rows = gate3_probe_rows({"m": w}, {1: {"m": nudged}}, "x")  # eta = 1e-3 < 2^-8: exact
     assert rows.loc[0, "lhs"] == 0 and rows.loc[0, "n_changed"] == 1 and rows.loc[0, "n_entries"] == 4
 

@@ -259,7 +259,7 @@ def test_bad_configs_name_the_problem(tiny_dir):
         HFRLConfig(steps=5, snapshot_steps=(9,))
     with pytest.raises(InputError, match="precision"):
         HFSFTConfig(precision="fp16")
-    with pytest.raises(InputError, match="unknown keys"):
+    with pytest.raises(InputError, match="unknown key '"):
         run_cell({"model": str(tiny_dir), "nonsense": 1})
 
 
@@ -425,11 +425,14 @@ def test_smollm2_cpu_smoke_rlvr_run_goes_through_threegate_compare(tmp_path, cap
 @pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("examples/hf/*.toml")),
                          ids=lambda p: p.name)
 def test_example_configs_build_valid_run_configs(path):
-    from sims.experiments.registry import load_config
+    from sims.experiments.config import resolve_section
+    from sims.experiments.registry import check_config, load_config
 
     cfg = load_config(path)
     section = "hf_rlvr" if "hf_rlvr" in cfg else "hf_sft"
-    c = hb._experiment_config(cfg, section, HFRLConfig if section == "hf_rlvr" else HFSFTConfig)
+    check_config(section, cfg, source=str(path))  # the whole file, as threegate run checks it
+    c = resolve_section(hb.SECTIONS[section], cfg, section)[0]
+    assert isinstance(c, HFRLConfig if section == "hf_rlvr" else HFSFTConfig)
     assert c.snapshot_steps[0] == 0 and c.snapshot_steps[-1] == c.steps
     assert c.device == cfg["device"]
     if "paper" in path.name:

@@ -223,9 +223,12 @@ def test_sweep_exact_results_hold_and_as_stated_breaks_only_below_ratio_one(swee
     assert not (exact.verdict == "violated").any()
     bad = sweep[(sweep.result_id == "thm3.3") & (sweep.verdict == "violated")]
     assert len(bad) > 0 and (bad.dW_over_gap < 1).all() and (bad.lhs > bad.rhs).all()
-    # rigorous is assumption-failed exactly where ||dW||_2 >= gamma_k
+    # rigorous is assumption-failed exactly where ||dW||_2 >= gamma_k, or where gamma_k - ||dW||_2 > 0 is not
+    # resolved above float64 rounding (the target ratio 1: a difference of rounding errors)
     rig = sweep[sweep.result_id == "thm3.3-rigorous"]
-    assert ((rig.dW_over_gap >= 1) == ~rig.assumptions_hold).all()
+    unresolved = rig.failed_assumption.str.contains("resolved above float64 rounding", na=False)
+    assert ((rig.dW_over_gap >= 1) | unresolved == ~rig.assumptions_hold).all()
+    assert (rig[unresolved].target_ratio == 1).all()
 
 
 def test_sweep_matches_the_figures_checks_schema(sweep):

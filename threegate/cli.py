@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -17,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("sims.experiments.registry", "run a named experiment and write its results table"),
     "compare": ("threegate.compare", "compare a base checkpoint with one or more tuned checkpoints"),
     "bench": ("threegate.bench", "benchmark the fast spectral path and bf16 sparsity throughput"),
-    "figs": ("paper_figs.report", "render figures and the HTML report from a results directory"),
+    "figs": ("threegate.figs", "render figures and the HTML report from a results directory"),
     "sweep": ("sims.sweep.runner", "run a resumable sweep defined in a TOML/YAML file"),
     "explain": ("threegate.explain", "explain one result id: statement, code, tests, a live example"),
 }
@@ -25,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="threegate", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="store_true", help="print the package version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (modname, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -50,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = [sys.argv[0], *argv]
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:])
+    if args.version:
+        from threegate import __version__
+
+        print(f"threegate {__version__}")
+        return 0
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
@@ -67,3 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"threegate {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (threegate run --list | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

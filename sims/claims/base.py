@@ -60,6 +60,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sims.experiments.config import section_config
 from theory.errors import InputError
 
 __all__ = [
@@ -67,7 +68,7 @@ __all__ = [
     "ABS_TOL", "STATEMENTS", "Verdict", "effect_verdict", "sparsity_rl_gt_sft", "sparsity_vanishes_at_high_lr", "mask_predictor",
     "SparsityConfig", "MaskPredictorConfig", "ClaimRun", "sparsity_experiment", "mask_predictor_experiment",
     "verdicts_frame", "write_claim_run", "run_claims", "print_verdicts", "CLAIM_EXPERIMENTS", "CLAIM_MODULES",
-    "claim_experiments", "StepRecorder",
+    "claim_experiments", "claim_configs", "StepRecorder",
     "PREDICTORS", "as_run_results",
     # shared with the claim plug-in modules (sims.claims_*)
     "require_columns", "config_from_section", "start_model", "block_matrix_index", "run_rl", "run_sft",
@@ -291,8 +292,6 @@ def print_verdicts(verdicts: Iterable[Verdict]) -> None:
 
 def config_from_section(cls, cfg: Mapping, section: str):
     """``cls.fast()`` / ``cls.default()`` (key ``preset``) with the section's other keys overriding fields."""
-    from sims.experiments.registry import section_config
-
     c = section_config(cls, cfg.get(section, {}), where=section, presets=("fast", "default"), default="default")
     if "seed" in cfg:  # ``threegate run --seed S``: the seed list starts at S
         c = replace(c, seeds=tuple(int(cfg["seed"]) + i for i in range(len(c.seeds))))
@@ -418,10 +417,8 @@ def block_matrix_index(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int
 
     out = {}
     for n in state:
-        try:
+        if matrix_type(n) != "other" and layer_index(n) is not None:
             out[n] = (layer_index(n), matrix_type(n))
-        except InputError:
-            continue
     return out
 
 
@@ -556,10 +553,7 @@ class StepRecorder:
         self.names = [n for n, _ in model.named_parameters()]
         self.types = {}
         for n in self.names:
-            try:
-                self.types[n] = matrix_type(n)
-            except InputError:
-                self.types[n] = "other"
+            self.types[n] = matrix_type(n)
         self.counts: dict[tuple[str, str, str, str, str], np.ndarray] = {}
         self.optimizer = None
         self.steps = 0
@@ -668,28 +662,44 @@ def mask_predictor_experiment(cfg: Mapping) -> ClaimRun:
 # Running and writing
 
 CLAIM_EXPERIMENTS = {"sparsity": sparsity_experiment, "mask_predictor": mask_predictor_experiment}
+#: The config dataclass of each claim experiment's section ``[name]`` (its schema for ``threegate run``/``sweep``).
+CLAIM_CONFIGS = {"sparsity": SparsityConfig, "mask_predictor": MaskPredictorConfig}
 
 #: Further claim experiments live in their own modules; each defines ``CLAIM_EXPERIMENTS = {name: fn}`` with
 #: ``fn(cfg) -> ClaimRun`` reading its config section ``[name]`` (``preset = "fast"`` must run in seconds).
 CLAIM_MODULES = ("sims.claims.consistency", "sims.claims.geometry", "sims.claims.interventions", "sims.claims.peft")
 
 
-def claim_experiments() -> dict:
-    """Every claim experiment by name: the ones above plus those of ``CLAIM_MODULES`` that are present."""
+def _claim_modules() -> list:
+    """The modules of ``CLAIM_MODULES`` that are present."""
     import importlib
 
-    found = dict(CLAIM_EXPERIMENTS)
+    found = []
     for mod in CLAIM_MODULES:
         try:
-            m = importlib.import_module(mod)
+            found.append(importlib.import_module(mod))
         except ModuleNotFoundError as e:
             if e.name != mod:  # the module exists but something it imports is missing: say so
                 raise
-            continue
+    return found
+
+
+def claim_experiments() -> dict:
+    """Every claim experiment by name: the ones above plus those of ``CLAIM_MODULES`` that are present."""
+    found = dict(CLAIM_EXPERIMENTS)
+    for m in _claim_modules():
         for name, fn in getattr(m, "CLAIM_EXPERIMENTS", {}).items():
             if name in found and found[name] is not fn:
-                raise InputError(f"claim experiment {name!r} is defined twice ({mod})")
+                raise InputError(f"claim experiment {name!r} is defined twice ({m.__name__})")
             found[name] = fn
+    return found
+
+
+def claim_configs() -> dict:
+    """The config dataclass of every claim experiment (its section ``[name]``), from the same modules."""
+    found = dict(CLAIM_CONFIGS)
+    for m in _claim_modules():
+        found.update(getattr(m, "CLAIM_CONFIGS", {}))
     return found
 
 

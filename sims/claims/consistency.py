@@ -527,3 +527,4 @@ def consistency_experiment(cfg: Mapping) -> ClaimRun:
 
 
 CLAIM_EXPERIMENTS = {"consistency": consistency_experiment}
+CLAIM_CONFIGS = {"consistency": ConsistencyConfig}

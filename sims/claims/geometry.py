@@ -498,3 +498,4 @@ def _geometry(cfg: Mapping, c: GeometryConfig, model, device: str) -> ClaimRun:
 
 
 CLAIM_EXPERIMENTS = {"geometry": geometry_experiment}
+CLAIM_CONFIGS = {"geometry": GeometryConfig}

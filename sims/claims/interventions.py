@@ -600,3 +600,4 @@ def kl_beta0_experiment(cfg: Mapping) -> ClaimRun:
 
 
 CLAIM_EXPERIMENTS = {"interventions": interventions_experiment, "kl_beta0": kl_beta0_experiment}
+CLAIM_CONFIGS = {"interventions": InterventionsConfig, "kl_beta0": KLBeta0Config}

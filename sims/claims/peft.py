@@ -450,3 +450,4 @@ def lora_pissa_experiment(cfg: Mapping) -> ClaimRun:
 
 
 CLAIM_EXPERIMENTS = {"masked_runs": masked_runs_experiment, "lora_pissa": lora_pissa_experiment}
+CLAIM_CONFIGS = {"masked_runs": MaskedRunsConfig, "lora_pissa": LoraPissaConfig}

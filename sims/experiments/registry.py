@@ -17,7 +17,8 @@ writes into ``--out`` (default ``runs/NAME-<config hash>``):
 * ``config.json`` (the resolved configuration, seed included), ``run.json`` (seed, wall times, versions) and the
   stored-weight snapshots (safetensors) under ``snapshots/``.
 
-Config files are TOML or JSON::
+Config files are TOML, JSON or YAML, checked before any work (``check_config``: every value's type, unknown keys
+at every level, each section's own checks; one line naming the file, section and key otherwise)::
 
     seed = 0                       # optional: overrides the seed of every run
     device = "cpu"                 # optional: overrides every run's device
@@ -34,44 +35,69 @@ Config files are TOML or JSON::
     high_over_low = 1.4
 
 The probed steps always include 0 and the last step (the sparsity / spectrum tables compare those two).
+
+The tables are written into a temporary sibling of ``--out`` that is renamed to it only when the run succeeded (a
+failed run leaves no folder). RL runs print one progress line per step on stderr (step, reward, KL; ``--quiet``
+silences them) and warnings at the end of a run (``sims.tinygpt.progress``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import difflib
 import hashlib
 import json
 import platform
+import shutil
+import tempfile
+import textwrap
 import time
-from dataclasses import dataclass, fields, replace
+import tomllib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
+from sims.experiments.config import Section, resolve_section, section_config, validate_config
+from sims.tinygpt.pretrain import PretrainConfig
 from sims.tinygpt.probe import ProbeConfig, RunResult
+from sims.tinygpt.rlvr import RLConfig
+from sims.tinygpt.sft import SFTConfig
 from theory.errors import InputError
 
 __all__ = ["EXPERIMENTS", "Experiment", "experiment", "load_config", "config_hash", "section_config", "run_experiment",
-           "summary_tables", "add_arguments", "run"]
+           "check_config", "summary_tables", "add_arguments", "run", "SECTIONS", "ClipEpsConfig"]
 
 
 @dataclass(frozen=True)
 class Experiment:
+    """A ``threegate run`` name: its description (the first paragraph of its docstring), the function, and the
+    config sections it reads (``{name: Section}``; the schema ``check_config`` validates a config against)."""
+
     name: str
     doc: str
     fn: Callable[[dict], list[RunResult]]
+    sections: Mapping[str, Section] = field(default_factory=dict)
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
 
 
-def experiment(name: str) -> Callable[[Callable[[dict], list[RunResult]]], Callable[[dict], list[RunResult]]]:
+def first_paragraph(doc: str | None) -> str:
+    """The first paragraph of a docstring as one line (``run --list`` prints it whole)."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
+def experiment(name: str, sections: Mapping[str, Section] | None = None
+               ) -> Callable[[Callable[[dict], list[RunResult]]], Callable[[dict], list[RunResult]]]:
     def deco(fn):
-        EXPERIMENTS[name] = Experiment(name, (fn.__doc__ or "").strip().splitlines()[0], fn)
+        EXPERIMENTS[name] = Experiment(name, first_paragraph(fn.__doc__), fn, dict(sections or {}))
         return fn
 
     return deco
@@ -82,67 +108,75 @@ def experiment(name: str) -> Callable[[Callable[[dict], list[RunResult]]], Calla
 
 
 def load_config(path: str | Path | None) -> dict:
-    """Read a TOML or JSON config file (None: empty config, every default)."""
+    """Read a TOML, JSON or YAML config file (None: empty config, every default); checked by ``check_config``."""
     if path is None:
         return {}
     path = Path(path)
     if not path.is_file():
         raise InputError(f"config file {path} does not exist")
     text = path.read_text()
+    suffix = path.suffix.lower()
+    kind = {".toml": "TOML", ".json": "JSON", ".yaml": "YAML", ".yml": "YAML"}.get(suffix)
+    if kind is None:
+        raise InputError(f"config file {path}: unsupported extension {path.suffix!r} (use .toml, .json or .yaml)")
     try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            return tomllib.loads(text)
-        if path.suffix == ".json":
+        if kind == "TOML":
+            cfg = tomllib.loads(text)
+        elif kind == "JSON":
             cfg = json.loads(text)
-            if not isinstance(cfg, dict):
-                raise InputError(f"config file {path}: top level must be an object")
-            return cfg
-    except (ValueError, TypeError) as e:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
-        raise InputError(f"config file {path} is not valid {path.suffix[1:].upper()}: {e}") from None
-    raise InputError(f"config file {path}: unsupported extension {path.suffix!r} (use .toml or .json)")
+        else:
+            cfg = yaml.safe_load(text)
+    except (ValueError, TypeError, yaml.YAMLError) as e:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise InputError(f"config file {path} is not valid {kind}: {' '.join(str(e).split())}") from None
+    if cfg is None and kind == "YAML":
+        return {}
+    if not isinstance(cfg, dict):
+        raise InputError(f"config file {path}: the top level must be a table / mapping")
+    return cfg
 
 
 def config_hash(name: str, cfg: Mapping) -> str:
     return hashlib.sha256(json.dumps({"experiment": name, "config": cfg}, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def section_config(cls, section: Mapping | None, *, where: str, presets: tuple[str, ...] | None = None,
-                   default: str | None = None, **forced):
-    """A config dataclass ``cls`` from the config-file section ``[where]``.
+@dataclass(frozen=True)
+class ClipEpsConfig:
+    """``[clip_eps]``: the clip widths of the DAPO runs (eps_low; eps_high = high_over_low * eps_low)."""
 
-    With ``presets``, the key ``preset`` (default ``default``) picks a named constructor: the classmethod of that
-    name, or plain ``cls(...)`` when the class has none; the section's other keys override fields. ``forced`` keys
-    (e.g. ``seed`` from the command line) override the section when not None. An unknown key or preset is an
-    InputError naming the section. Lists (all a TOML / YAML file can give) become tuples: config dataclasses are
-    frozen and hash into cache keys."""
-    sec = {k: tuple(v) if isinstance(v, list) else v for k, v in (section or {}).items()}
-    sec.update({k: v for k, v in forced.items() if v is not None})
-    preset = sec.pop("preset", default) if presets is not None else None
-    if presets is not None and preset not in presets:
-        raise InputError(f"[{where}] preset must be one of {list(presets)}, got {preset!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(sec) - known)
-    if unknown:
-        raise InputError(f"[{where}] unknown keys {unknown}; known: {sorted(known)}")
-    make = getattr(cls, preset, None) if preset is not None else None
-    return make(**sec) if callable(make) else cls(**sec)
+    eps: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
+    high_over_low: float = 1.4  # DAPO clip-higher
+
+    def __post_init__(self) -> None:
+        if not self.eps or any(not 0 < e < 1 for e in self.eps) or self.high_over_low <= 1:
+            raise InputError(f"need eps in (0, 1) and high_over_low > 1, got {list(self.eps)}, {self.high_over_low}")
+
+
+#: The config sections of the TinyGPT experiments (claim and HF experiments declare theirs where they live).
+SECTIONS: dict[str, Section] = {
+    "pretrain": Section(PretrainConfig, presets=("fast", "default"), default="default", extra={"cache_dir": str}),
+    "rlvr": Section(RLConfig, forced=("seed", "device")),
+    "sft": Section(SFTConfig, forced=("seed", "device")),
+    "clip_eps": Section(ClipEpsConfig),
+}
+
+
+def check_config(name: str, cfg: Mapping, *, source: str = "config") -> None:
+    """Validate ``cfg`` for experiment ``name`` before any work (types, unknown keys at every level, each section's
+    own checks); a ``ConfigError`` / ``InputError`` starting with ``source`` otherwise."""
+    if name not in EXPERIMENTS:
+        raise InputError(f"unknown experiment {name!r}; known: {sorted(EXPERIMENTS)}")
+    validate_config(cfg, EXPERIMENTS[name].sections, source=source, experiment=name)
 
 
 def _pretrain_config(cfg: Mapping):
-    from sims.tinygpt.pretrain import PretrainConfig
-
-    sec = dict(cfg.get("pretrain", {}))
-    sec.pop("cache_dir", None)  # where the cache lives, not what is trained
-    return section_config(PretrainConfig, sec, where="pretrain", presets=("fast", "default"), default="default")
+    return resolve_section(SECTIONS["pretrain"], cfg, "pretrain")[0]
 
 
 def _base_model(cfg: Mapping):
     from sims.tinygpt.pretrain import pretrain
 
-    pcfg = _pretrain_config(cfg)
-    cache = cfg.get("pretrain", {}).get("cache_dir", ".cache/threegate")
+    pcfg, extra = resolve_section(SECTIONS["pretrain"], cfg, "pretrain")
+    cache = extra.get("cache_dir", ".cache/threegate")
     model, info = pretrain(pcfg, cache_dir=cache, device=cfg.get("device", "cpu"))
     return model, info
 
@@ -152,17 +186,13 @@ def _with_endpoints(probe: ProbeConfig, steps: int) -> ProbeConfig:
 
 
 def _rl_config(cfg: Mapping):
-    from sims.tinygpt.rlvr import RLConfig
-
-    rc = section_config(RLConfig, cfg.get("rlvr"), where="rlvr", seed=cfg.get("seed"), device=cfg.get("device"))
+    rc = resolve_section(SECTIONS["rlvr"], cfg, "rlvr")[0]
     rc.probe = _with_endpoints(rc.probe, rc.steps)
     return rc
 
 
 def _sft_config(cfg: Mapping):
-    from sims.tinygpt.sft import SFTConfig
-
-    sc = section_config(SFTConfig, cfg.get("sft"), where="sft", seed=cfg.get("seed"), device=cfg.get("device"))
+    sc = resolve_section(SECTIONS["sft"], cfg, "sft")[0]
     sc.probe = _with_endpoints(sc.probe, sc.steps)
     return sc
 
@@ -171,7 +201,10 @@ def _sft_config(cfg: Mapping):
 # The experiments
 
 
-@experiment("rlvr")
+_TINY = {"pretrain": SECTIONS["pretrain"]}
+
+
+@experiment("rlvr", {**_TINY, "rlvr": SECTIONS["rlvr"]})
 def exp_rlvr(cfg: dict) -> list[RunResult]:
     """RLVR (GRPO / DAPO / REINFORCE+KL) from the pretrained model, with probes and theory checks on real steps."""
     from sims.tinygpt.rlvr import train_rlvr
@@ -180,7 +213,7 @@ def exp_rlvr(cfg: dict) -> list[RunResult]:
     return [train_rlvr(model, _rl_config(cfg), run_name="rlvr")]
 
 
-@experiment("sft")
+@experiment("sft", {**_TINY, "sft": SECTIONS["sft"]})
 def exp_sft(cfg: dict) -> list[RunResult]:
     """SFT on correct demonstrations from the pretrained model, with probes and theory checks on real steps."""
     from sims.tinygpt.sft import train_sft
@@ -189,7 +222,7 @@ def exp_sft(cfg: dict) -> list[RunResult]:
     return [train_sft(model, _sft_config(cfg), run_name="sft")]
 
 
-@experiment("rl_vs_sft")
+@experiment("rl_vs_sft", {**_TINY, "rlvr": SECTIONS["rlvr"], "sft": SECTIONS["sft"]})
 def exp_rl_vs_sft(cfg: dict) -> list[RunResult]:
     """RLVR and SFT on the same task from the same pretrained checkpoint (Table 1 / Fig. 4 at our scale)."""
     from sims.tinygpt.rlvr import train_rlvr
@@ -203,21 +236,16 @@ def exp_rl_vs_sft(cfg: dict) -> list[RunResult]:
             train_sft(copy.deepcopy(model), sft_cfg, run_name="sft")]
 
 
-@experiment("clip_eps")
+@experiment("clip_eps", {**_TINY, "rlvr": SECTIONS["rlvr"], "clip_eps": SECTIONS["clip_eps"]})
 def exp_clip_eps(cfg: dict) -> list[RunResult]:
     """Lemma F.9 on real clip-only (DAPO) runs over a sweep of clip widths eps: band violations and KL vs eps."""
     from sims.tinygpt.rlvr import train_rlvr
 
-    sweep = dict(cfg.get("clip_eps", {}))
-    eps_list = [float(e) for e in sweep.pop("eps", [0.05, 0.1, 0.2, 0.4])]
-    ratio_high = float(sweep.pop("high_over_low", 1.4))  # DAPO clip-higher: eps_high = ratio * eps_low
-    if sweep:
-        raise InputError(f"[clip_eps] unknown keys {sorted(sweep)}; known: ['eps', 'high_over_low']")
-    if not eps_list or any(not 0 < e < 1 for e in eps_list) or ratio_high <= 1:
-        raise InputError(f"[clip_eps] need eps in (0, 1) and high_over_low > 1, got {eps_list}, {ratio_high}")
+    sweep = resolve_section(SECTIONS["clip_eps"], cfg, "clip_eps")[0]
+    ratio_high = sweep.high_over_low
     model, _ = _base_model(cfg)
     out = []
-    for eps in eps_list:
+    for eps in sweep.eps:
         rl = dict(cfg.get("rlvr", {}))
         rl.update(algorithm="dapo", beta=0.0, eps_low=eps, eps_high=min(ratio_high * eps, 0.99))
         probe = dict(rl.pop("probe", {}))
@@ -305,12 +333,47 @@ def _write_table(df: pd.DataFrame, out: Path, name: str) -> None:
     df.to_parquet(out / f"{name}.parquet", index=False)
 
 
+@contextlib.contextmanager
+def _atomic_dir(out: Path) -> Iterator[Path]:
+    """A fresh sibling folder of ``out`` to write into; renamed to ``out`` when the block succeeds, removed (with the
+    parent folders this made) when it raises, so a failed run leaves no empty or partial results folder. An
+    existing ``out`` is replaced only when it is empty or an earlier run's folder (it has ``run.json``)."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "run.json").is_file())):
+        raise InputError(f"output folder {out} exists and is not an earlier run's results folder (no run.json); "
+                         "choose another --out")
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():  # an earlier run of the same config: swap it out, then drop it
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / "run")
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:  # innermost first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
 def run_experiment(name: str, cfg: dict, out: str | Path | None = None) -> Path:
-    """Run experiment ``name`` with config ``cfg`` and write its tables into ``out``; returns the directory."""
-    if name not in EXPERIMENTS:
-        raise InputError(f"unknown experiment {name!r}; known: {sorted(EXPERIMENTS)}")
+    """Run experiment ``name`` with config ``cfg`` and write its tables into ``out``; returns the directory.
+
+    The config is validated first (``check_config``); the tables are written into a temporary sibling folder that
+    becomes ``out`` only when the run succeeded."""
+    check_config(name, cfg)
     out = Path(out) if out is not None else Path("runs") / f"{name}-{config_hash(name, cfg)}"
-    out.mkdir(parents=True, exist_ok=True)
+    with _atomic_dir(out) as tmp:
+        _run_into(name, cfg, tmp)
+    return out
+
+
+def _run_into(name: str, cfg: dict, out: Path) -> None:
     t0 = time.perf_counter()
     results = EXPERIMENTS[name].fn(cfg)
     tables = {
@@ -345,7 +408,6 @@ def run_experiment(name: str, cfg: dict, out: str | Path | None = None) -> Path:
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
     }
     (out / "run.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,19 +421,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="override the seed of every run")
     parser.add_argument("--device", default=None, help="override the device of every run (cpu, cuda)")
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
+    parser.add_argument("--quiet", action="store_true", help="no per-step progress lines (warnings still print)")
+
+
+def _print_list() -> None:
+    width = max(len(n) for n in EXPERIMENTS) + 2
+    for e in EXPERIMENTS.values():
+        print(textwrap.fill(e.doc, width=110, initial_indent=e.name.ljust(width), subsequent_indent=" " * width))
 
 
 def run(args: argparse.Namespace) -> int:
+    from sims.tinygpt.progress import show_progress
+
     if args.list or not args.name:
-        for e in EXPERIMENTS.values():
-            print(f"{e.name:12s} {e.doc}")
+        _print_list()
         return 0 if args.list else 2
+    if args.name not in EXPERIMENTS:
+        close = difflib.get_close_matches(args.name, list(EXPERIMENTS), n=1)
+        raise InputError(f"unknown experiment {args.name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + "; see threegate run --list")
     cfg = load_config(args.config)
     if args.seed is not None:
         cfg["seed"] = args.seed
     if args.device is not None:
         cfg["device"] = args.device
-    out = run_experiment(args.name, cfg, args.out)
+    check_config(args.name, cfg, source=f"config file {args.config}" if args.config else "command line")
+    with show_progress(quiet=args.quiet):
+        out = run_experiment(args.name, cfg, args.out)
     sp = pd.read_parquet(out / "sparsity.parquet")
     chk = pd.read_parquet(out / "checks.parquet")
     print(f"threegate run {args.name}: wrote {out}")
@@ -396,13 +472,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _register_claim_experiments() -> None:
     """Every claim experiment of ``sims.claims.base`` (built in or from ``CLAIM_MODULES``) is a ``threegate run`` name."""
-    from sims.claims.base import as_run_results, claim_experiments
+    from sims.claims.base import as_run_results, claim_configs, claim_experiments
 
+    configs = claim_configs()
     for cname, fn in claim_experiments().items():
         if cname in EXPERIMENTS:
             continue
-        doc = (fn.__doc__ or cname).strip().splitlines()[0]
-        EXPERIMENTS[cname] = Experiment(cname, doc, lambda cfg, fn=fn: as_run_results(fn(cfg)))
+        if cname not in configs:
+            raise InputError(f"claim experiment {cname!r} declares no config class (CLAIM_CONFIGS)")
+        sections = {**_TINY, cname: Section(configs[cname], presets=("fast", "default"), default="default")}
+        EXPERIMENTS[cname] = Experiment(cname, first_paragraph(fn.__doc__) or cname,
+                                        lambda cfg, fn=fn: as_run_results(fn(cfg)), sections)
 
 
 _register_claim_experiments()

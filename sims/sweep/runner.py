@@ -53,7 +53,8 @@ when torch sees no CUDA device.
 
 Progress: one line per finished cell on stderr (done / total, failed, elapsed, ETA = mean cell time x remaining /
 workers); a tqdm bar instead when stderr is a terminal. Exit status 0 when every cell of the spec is done, 1 when
-some cell failed.
+some cell failed, with one line on stderr naming the failed cells (``failed_cells_line``). Every cell's resolved
+config is validated (``validate_cell``: types, unknown keys, each section's own checks) before any cell runs.
 """
 
 from __future__ import annotations
@@ -70,35 +71,42 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TextIO
 
 import numpy as np
 import pandas as pd
 
-from sims.sweep.store import CellOutcome, SweepStore, encode_table, load_store
+from sims.sweep.store import CellOutcome, SweepStore, encode_table, load_store, store_cells
 from theory.errors import InputError
 
-__all__ = ["THEORY_DEFAULTS", "SPECIAL_KINDS", "Cell", "SweepSpec", "SweepSummary", "load_spec", "parse_spec",
+__all__ = ["THEORY_DEFAULTS", "TheoryCellConfig", "validate_cell", "SPECIAL_KINDS", "Cell", "SweepSpec", "SweepSummary", "load_spec", "parse_spec",
            "expand_cells", "run_cell_tables", "execute_cell", "theory_cell", "run_sweep", "load_store",
-           "add_arguments", "run"]
+           "add_arguments", "run", "failed_cells_line"]
 
 SPECIAL_KINDS = ("theory", "hf_rlvr", "hf_sft")
 
-THEORY_DEFAULTS: dict[str, Any] = {
-    "spectrum": "gapped",
-    "perturbation": "gaussian",
-    "m": 12,
-    "n": 8,
-    "k": 3,
-    "target_ratio": 0.1,
-    "seed": 0,
-    "instances": 1,
-    "ids": None,  # None: every Gate II id (theory.spectral.GATE2_IDS)
-    "spectrum_params": {},
-    "device": "cpu",
-}
+
+
+@dataclass(frozen=True)
+class TheoryCellConfig:
+    """The config of a ``theory`` cell (its schema: ``sims.experiments.config`` checks every key against it)."""
+
+    spectrum: str = "gapped"
+    perturbation: str = "gaussian"
+    m: int = 12
+    n: int = 8
+    k: int = 3
+    target_ratio: float = 0.1
+    seed: int = 0
+    instances: int = 1
+    ids: str | tuple[str, ...] | None = None  # None: every Gate II id (theory.spectral.GATE2_IDS)
+    spectrum_params: dict = field(default_factory=dict)
+    device: str = "cpu"
+
+
+THEORY_DEFAULTS: dict[str, Any] = {f.name: getattr(TheoryCellConfig(), f.name) for f in fields(TheoryCellConfig)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,6 +133,17 @@ class Cell:
 
     def label(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.grid.items()) or "(base)"
+
+
+@dataclass(frozen=True)
+class SweepTable:
+    """The ``[sweep]`` table of a spec (its schema; see the module docstring)."""
+
+    experiment: str
+    name: str | None = None
+    store: str | None = None
+    workers: int = 2
+    threads: int = 1
 
 
 @dataclass
@@ -236,22 +255,24 @@ def _as_int(value: Any, key: str, where: str, lo: int) -> int:
 def parse_spec(data: Mapping, *, source: str = "<spec>", default_name: str = "sweep",
                store: str | Path | None = None, workers: int | None = None) -> SweepSpec:
     """Validate a spec mapping (the parsed TOML / YAML): every problem is an ``InputError`` naming the key."""
-    known = {"sweep", "base", "grid", "cells"}
-    unknown = sorted(set(data) - known)
+    from sims.experiments.config import check_fields, unknown_keys_message
+
+    known = ["sweep", "base", "grid", "cells"]
+    unknown = [k for k in data if k not in known]
     if unknown:
-        raise InputError(f"sweep spec {source}: unknown top-level keys {unknown}; known: {sorted(known)}")
+        raise InputError(f"sweep spec {source}: top level: {unknown_keys_message(unknown, known)}")
     sw = data.get("sweep", {})
     if not isinstance(sw, Mapping):
         raise InputError(f"sweep spec {source}: [sweep] must be a table")
-    sw_known = {"name", "experiment", "store", "workers", "threads"}
-    bad = sorted(set(sw) - sw_known)
-    if bad:
-        raise InputError(f"sweep spec {source}: unknown keys {bad} in [sweep]; known: {sorted(sw_known)}")
+    try:
+        sw = check_fields(SweepTable, sw, "[sweep]")
+    except InputError as e:
+        raise type(e)(f"sweep spec {source}: {e}") from None
     if "experiment" not in sw:
         raise InputError(f"sweep spec {source}: [sweep] needs 'experiment' (a cell kind)")
     experiment = _check_experiment(sw["experiment"], f"sweep spec {source}: [sweep] experiment")
-    name = str(sw.get("name", default_name))
-    store_path = Path(store if store is not None else sw.get("store", Path("runs") / "sweeps" / f"{name}.sqlite"))
+    name = str(sw.get("name") or default_name)
+    store_path = Path(store if store is not None else sw.get("store") or Path("runs") / "sweeps" / f"{name}.sqlite")
     n_workers = _as_int(workers if workers is not None else sw.get("workers", 2), "workers", f"sweep spec {source}", 0)
     threads = _as_int(sw.get("threads", 1), "threads", f"sweep spec {source}", 1)
 
@@ -299,8 +320,7 @@ def expand_cells(spec: SweepSpec) -> list[Cell]:
         cells.append(Cell(exp, cfg, grid))
     seen: dict[str, Cell] = {}
     for c in cells:
-        if c.experiment == "theory":
-            _theory_config(c.config, where=f"sweep spec {spec.source}: cell ({c.label()})")
+        validate_cell(c, where=f"sweep spec {spec.source}: cell ({c.label()})")
         if c.cell_id in seen:
             raise InputError(f"sweep spec {spec.source}: duplicated cell: ({c.label()}) resolves to the same config "
                              f"as ({seen[c.cell_id].label()}) (cell id {c.cell_id})")
@@ -308,29 +328,47 @@ def expand_cells(spec: SweepSpec) -> list[Cell]:
     return cells
 
 
+def validate_cell(cell: Cell, *, where: str) -> None:
+    """Check a cell's resolved config before any cell runs, with the schema of its kind: the theory-cell keys,
+    an experiment's config sections (``sims.experiments.registry.check_config``), an HF run's flat config; a
+    ``package.module:function`` cell has no schema. Errors start with ``where``."""
+    from sims.experiments.registry import EXPERIMENTS, check_config
+
+    if cell.experiment == "theory":
+        _theory_config(cell.config, where=where)
+    elif cell.experiment in ("hf_rlvr", "hf_sft"):
+        flat = _hf_flat(cell.experiment, cell.config, where=where)
+        try:
+            hf_backend = importlib.import_module("sims.hf.backend")
+        except ImportError:
+            return  # the cell fails when it runs, with the import error recorded
+        try:
+            hf_backend.cell_config(flat)
+        except InputError as e:
+            raise type(e)(f"{where}: {e}") from None
+    elif cell.experiment in EXPERIMENTS:
+        check_config(cell.experiment, cell.config, source=where)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Cell kinds
 
 
 def _theory_config(cfg: Mapping, *, where: str = "theory cell") -> dict:
+    from sims.experiments.config import check_fields
     from theory.spectral import GATE2_IDS
 
-    unknown = sorted(set(cfg) - set(THEORY_DEFAULTS))
-    if unknown:
-        raise InputError(f"{where}: unknown theory-cell keys {unknown}; known: {sorted(THEORY_DEFAULTS)}")
-    c = {**THEORY_DEFAULTS, **cfg}
+    try:
+        c = {**THEORY_DEFAULTS, **check_fields(TheoryCellConfig, cfg, "[theory cell]")}
+    except InputError as e:
+        raise type(e)(f"{where}: {e}") from None
     ids = c["ids"] if c["ids"] is not None else list(GATE2_IDS)
     if isinstance(ids, str):
         ids = [ids]
     bad = [i for i in ids if i not in GATE2_IDS]
     if bad or not ids:
-        raise InputError(f"{where}: ids {bad or ids} are not Gate II result ids; choose from {list(GATE2_IDS)}")
+        raise InputError(f"{where}: ids {bad or list(ids)} are not Gate II result ids; choose from {list(GATE2_IDS)}")
     c["ids"] = list(ids)
-    for key in ("m", "n", "k", "instances", "seed"):
-        if isinstance(c[key], bool) or not isinstance(c[key], int):
-            raise InputError(f"{where}: {key} must be an integer, got {c[key]!r}")
-    if not isinstance(c["spectrum_params"], Mapping):
-        raise InputError(f"{where}: spectrum_params must be a table, got {c['spectrum_params']!r}")
     return c
 
 
@@ -376,16 +414,23 @@ def _experiment_cell(name: str, cfg: Mapping) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def _hf_cell(kind: str, cfg: Mapping) -> Mapping[str, pd.DataFrame]:
-    """``sims.hf.backend.run_cell`` with a flat config; ``hf_sft`` is its ``algorithm = "sft"``."""
+def _hf_flat(kind: str, cfg: Mapping, *, where: str = "cell") -> dict:
+    """The flat config of ``sims.hf.backend.run_cell``: ``hf_sft`` is its ``algorithm = "sft"``."""
     cell = copy.deepcopy(dict(cfg))
     algorithm = cell.get("algorithm")
     if kind == "hf_sft":
         if algorithm not in (None, "sft"):
-            raise InputError(f"an hf_sft cell trains SFT; it cannot take algorithm={algorithm!r} (use hf_rlvr)")
+            raise InputError(f"{where}: an hf_sft cell trains SFT; it cannot take algorithm={algorithm!r} "
+                             "(use hf_rlvr)")
         cell["algorithm"] = "sft"
     elif algorithm == "sft":
-        raise InputError("an hf_rlvr cell cannot take algorithm='sft' (use experiment hf_sft)")
+        raise InputError(f"{where}: an hf_rlvr cell cannot take algorithm='sft' (use experiment hf_sft)")
+    return cell
+
+
+def _hf_cell(kind: str, cfg: Mapping) -> Mapping[str, pd.DataFrame]:
+    """``sims.hf.backend.run_cell`` with a flat config."""
+    cell = _hf_flat(kind, cfg)
     hf_backend = importlib.import_module("sims.hf.backend")  # the cell fails (recorded) if it is missing
     return hf_backend.run_cell(cell)
 
@@ -696,7 +741,26 @@ def run(args: argparse.Namespace) -> int:
     print(f"threegate sweep {spec.name}: {s.total} cells, {s.skipped} already in the store, ran {s.ran} "
           f"({s.done} done, {s.failed} failed) in {s.seconds:.1f}s; store {s.store}")
     if s.failed_in_store:
-        print(f"  {s.failed_in_store} cells failed (errors in the store's 'cells' table; rerun them with "
-              "--retry-failed)", file=sys.stderr)
+        print(failed_cells_line(spec), file=sys.stderr)
         return 1
     return 0
+
+
+#: Failed cells named one by one in the summary line; the rest are counted.
+SHOWN_FAILURES = 3
+
+
+def failed_cells_line(spec: SweepSpec) -> str:
+    """One line: how many of the spec's cells are recorded as failed, the first ``SHOWN_FAILURES`` of them (id,
+    grid values, error) and how to rerun them."""
+    cells = {c.cell_id: c for c in spec.cells()}
+    table = store_cells(spec.store)
+    failed = table[(table["status"] == "failed") & table["cell_id"].isin(list(cells))]
+    parts = []
+    for _, row in failed.head(SHOWN_FAILURES).iterrows():
+        error = " ".join(str(row["error"]).split())
+        parts.append(f"{row['cell_id']} ({cells[row['cell_id']].label()}): "
+                     f"{error if len(error) <= 200 else error[:197] + '...'}")
+    more = f"; and {len(failed) - SHOWN_FAILURES} more" if len(failed) > SHOWN_FAILURES else ""
+    return (f"threegate sweep {spec.name}: {len(failed)} of {len(cells)} cells failed: {'; '.join(parts)}{more} "
+            f"(errors in the store's 'cells' table; rerun them with --retry-failed)")

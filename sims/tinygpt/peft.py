@@ -74,13 +74,9 @@ ADAPTER_METHODS = ("LoRA", "PiSSA")
 
 
 def _is_block_matrix(name: str) -> bool:
-    from theory.naming import matrix_type
+    from theory.naming import layer_index, matrix_type
 
-    try:
-        matrix_type(name)
-    except InputError:
-        return False
-    return True
+    return matrix_type(name) != "other" and layer_index(name) is not None
 
 
 def _block_matrices(model_or_state) -> dict[str, Tensor]:
