@@ -26,8 +26,8 @@ weights go to ``out_dir/snapshots/step_{t:06d}.safetensors`` under the model's p
 ``step_000000``), ready for ``threegate compare``; the snapshot is compared with the base by
 ``threegate.compare.compare_tables`` (the same code as ``threegate compare``: Gate II checks, principal angles,
 NSS, M_princ / M_low overlaps; ``fast=True`` takes the ``theory.fast_spectral`` path, which leaves out NSS and the
-Gate II checks), giving ``checks``, ``angles``, ``mask_overlap``, ``spectrum`` (run label ``step{t}``) and
-``snapshot_matrices``. **Gate I**: where the trainer logs a KL to the reference policy (TRL's GRPO logs ``kl``
+Gate II checks), giving ``checks``, ``angles``, ``mask_overlap``, ``spectrum`` and ``snapshot_matrices`` (run
+label ``{run_name}@step{t}``, the run's method). **Gate I**: where the trainer logs a KL to the reference policy (TRL's GRPO logs ``kl``
 when ``beta > 0``), every logged value goes to ``gate1_kl`` and the ``checks`` rows of that step carry it.
 
 **Gate III** (``gate3=True``): each step's change mask against the exact realization rule fed the float32 master
@@ -357,7 +357,7 @@ class ThreeGateCallback(TrainerCallback):
         self._snapshotted.add(step)
         if not self._main:
             return
-        run = f"step{step}"
+        run = f"{self.run_name}@step{step}"
         try:
             t = compare_tables(self._base_path, [path], k=self.k, alpha=self.alpha, eta=self.eta,
                                device=self.device, method=self.method, keep_spectra=True, fast=self.fast,
@@ -370,7 +370,7 @@ class ThreeGateCallback(TrainerCallback):
         for name, df in (("checks", t.checks), ("angles", t.angles), ("mask_overlap", t.mask_overlap),
                          ("spectrum", t.spectrum), ("snapshot_matrices", t.matrices)):
             if df is not None and not df.empty:
-                df = df.assign(run=run, step=step)
+                df = df.assign(run=run, step=step, method=self.method)
                 self.snapshot_tables.setdefault(name, []).append(df)
         self.write_tables()
 
