@@ -27,7 +27,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from paper_figs import paper_figs as pf
-from paper_figs import schemas, theory_figs
+from paper_figs import live_figs, schemas, theory_figs
 from theory.errors import ThreegateError
 
 __all__ = ["Table", "Job", "discover", "read_all", "assign_methods", "figure_jobs", "slug", "POOLED", "PER_METHOD"]
@@ -221,6 +221,11 @@ def figure_jobs(found: Found, errors: list[tuple[str, str]]) -> list[Job]:
             where = "" if t.folder == "." else f"-{slug(t.folder)}"
             jobs.append(Job(t.rel, f"{slug(label)}-{slug(t.path.name.split('.')[0])}{where}",
                             lambda df=t.df, fn=fn: fn(df), order, "" if t.folder == "." else t.folder))
+    for name, (fn, label) in live_figs.LIVE_FIGURES.items():  # live runs (threegate.callback), after the paper's
+        for t in found.of(name):
+            where = "" if t.folder == "." else f"-{slug(t.folder)}"
+            jobs.append(Job(t.rel, f"{slug(label)}-{slug(t.path.name.split('.')[0])}{where}",
+                            lambda df=t.df, fn=fn: fn(df), (0, len(_ORDER)), "" if t.folder == "." else t.folder))
     for t in found.of("bf16_updates"):
         where = "" if t.folder == "." else f"-{slug(t.folder)}"
         jobs.append(Job(t.rel, f"gate3-threshold-{slug(t.path.stem)}{where}",

@@ -84,6 +84,14 @@ OTHER_TABLES: dict[str, str] = {
     "counterexamples": "threegate verify's counterexamples",
     "masked_runs_final": "per-run final reward and KL of the masked runs (Fig. 9 draws 'masked_runs')",
     "lora_pissa_final": "per-run initial / final reward, KL and collapse of LoRA / PiSSA (Fig. 10 draws 'lora_pissa')",
+    # threegate.callback (live runs); the live figure draws the pooled 'step_sparsity'
+    "steps": "live run, one row per (step, matrix): bf16 changes since the previous step and the base",
+    "steps_by_layer": "live run, the per-step counts pooled per layer",
+    "steps_gate3": "live run, Gate III precision / recall per step (exact rule fed the master; update alone)",
+    "steps_gate3_by_matrix": "live run, Gate III counts per step and matrix",
+    "steps_timing": "live run, seconds per step and the callback's own seconds",
+    "snapshot_matrices": "live run, threegate compare of each snapshot against the base, one row per matrix",
+    "gate1_kl": "live run, the KL to the reference policy as the trainer logged it (Gate I)",
 }
 
 # Regime variables a check table may carry, in order of preference (with or without the ``d_`` detail prefix).
@@ -115,6 +123,20 @@ SCHEMAS: dict[str, Schema] = {
             _c("method", "str", "'RL' or 'SFT' (any RL algorithm counts as RL)"),
             _c("matrix_type", "str", "q, k, v, o, up, gate, down (or 'all')"),
             _c("sparsity", "float", "1 - changed/total in [0, 1] (Def. 2.2, eta = 1e-3)"),
+            *RUN_COLUMNS,
+        )),
+        Schema("step_sparsity", "Sec. 2 / Table 1 per step, Fig. 12 over steps",
+               "live bf16 update counts per optimizer step, pooled by matrix type (threegate.callback)", (
+            _c("step", "int", "optimizer step t (the counts compare the stored bf16 weights after step t)"),
+            _c("matrix_type", "str", "q, k, v, o, up, gate, down, other, or 'all' (every tracked matrix)"),
+            _c("numel", "int", "entries pooled"),
+            _c("changed_prev", "int", "|M_t|: entries whose stored bf16 value changed at step t"),
+            _c("changed_base", "int", "entries whose stored bf16 value differs from the base after step t"),
+            _c("sparsity_step", "float", "1 - |M_t| / n: per-step bf16 update sparsity"),
+            _c("sparsity_base", "float", "1 - changed_base / n: sparsity against the base (Def. 2.2)"),
+            _c("jaccard_prev", "float?", "|M_t and M_{t-1}| / |M_t or M_{t-1}| (NaN at the first step)"),
+            _c("baseline_prev", "float?", "independent-Bernoulli E[J] for the two densities", False),
+            _c("run", "str", "run label", False),
             *RUN_COLUMNS,
         )),
         Schema("consensus", "Fig. 2", "consensus ratio C_ij = mean over R runs of the update masks", (

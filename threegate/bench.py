@@ -77,6 +77,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=1, help="--compare: tuned checkpoints")
     parser.add_argument("--k", type=int, default=16, help="--compare: top-k subspace size")
     parser.add_argument("--no-embeddings", action="store_true", help="--compare: leave out embeddings / lm_head")
+    parser.add_argument("--callback", action="store_true",
+                        help="instead: time ThreeGateCallback per step on real TRL steps (threegate.bench_callback)")
+    parser.add_argument("--callback-trainer", nargs="+", default=["sft", "grpo"], choices=["sft", "grpo"],
+                        help="with --callback: which TRL trainers to run (default both)")
+    parser.add_argument("--callback-steps", type=int, default=4, help="with --callback: optimizer steps per trainer")
+    parser.add_argument("--callback-gate3", action="store_true",
+                        help="with --callback: also run the Gate III predictors and report precision / recall")
+    parser.add_argument("--callback-model", default=None,
+                        help="with --callback: a local HF model folder or .gguf (default: SmolLM2-135M GGUF)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -349,6 +358,16 @@ def format_report(res: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "callback", False):
+        from threegate.bench_callback import bench_callback, format_callback_report
+
+        res = bench_callback(args.callback_trainer, steps=args.callback_steps, model=args.callback_model,
+                             device=args.device, seed=args.seed, gate3=args.callback_gate3)
+        print(format_callback_report(res))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(res, fh, indent=2)
+        return 0
     if args.repeats < 1:
         raise InputError(f"--repeats must be >= 1, got {args.repeats}")
     say = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
