@@ -235,7 +235,7 @@ class ThreeGateCallback(TrainerCallback):
                  only: str | None = None):
         from threegate.compare import _validate_options
 
-        _validate_options(k, alpha, eta, device or "cpu")
+        _validate_options(k, alpha, eta, device or "cpu", None, 0)
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
             raise InputError(f"flush_every must be a positive integer, got {flush_every!r}")
         for nm, v in (("gate3", gate3), ("fast", fast), ("save_snapshots", save_snapshots),
