@@ -61,7 +61,8 @@ from sims.experiments.config import section_config
 from sims.hf.loading import LoadedLM, cached_causal_lm, transformers_quiet
 from sims.hf.recorder import Recorder
 from sims.hf.word_problems import WordProblem, format_prompt, reward, sample_problems
-from sims.tinygpt.probe import RunResult, deterministic, seed_everything
+from sims.tinygpt.determinism import deterministic, seed_everything
+from sims.tinygpt.probe import RunResult
 from sims.tinygpt.rlvr import ALGORITHMS, group_advantages, k3_kl, policy_loss
 from sims.tinygpt.storage import MixedPrecisionAdamW, check_precision
 from theory.errors import InputError
