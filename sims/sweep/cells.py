@@ -31,12 +31,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
-import torch
-from threadpoolctl import threadpool_limits
 
 from sims.experiments import registry
 from sims.hf import backend as hf_backend
 from sims.sweep.store import CellOutcome, encode_table
+from sims.tinygpt.determinism import deterministic
 from theory.errors import InputError
 from theory.spectral import GATE2_IDS, gate2_synthetic
 
@@ -171,10 +170,8 @@ def execute_cell(task: Mapping[str, Any]) -> CellOutcome:
     cfg = task["config"]
     out = CellOutcome(cell_id=task["cell_id"], status="failed", host=socket.gethostname(),
                       device=str(cfg.get("device", "cpu")), started=time.time())
-    prev_threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(int(task.get("threads", 1)))
-        with threadpool_limits(int(task.get("threads", 1))):
+        with deterministic(int(task.get("threads", 1)), algorithms=False):
             tables = run_cell_tables(task["experiment"], cfg)
         out.tables = {name: encode_table(df) for name, df in tables.items()}
         out.status = "done"
@@ -182,6 +179,5 @@ def execute_cell(task: Mapping[str, Any]) -> CellOutcome:
         out.error = f"{type(e).__name__}: {e}"
         out.traceback = "".join(traceback.format_exception(e))[-8000:]
     finally:
-        torch.set_num_threads(prev_threads)
         out.finished = time.time()
     return out
