@@ -811,6 +811,14 @@ def check_cor36(w: Any, direction: Any = 1, semantics: Semantics = "exact") -> C
     ratio 2 at a power of two stepping towards zero; ratio 1 with ``tie_mismatch`` for even mantissas; ratio
     slightly off 1 under fp32 double rounding. ``details['disagreeing_delta']`` is a step where rule and truth
     differ (None when they agree).
+
+    Examples
+    --------
+    >>> check_cor36(1.0078125, 1).verdict  # an odd mantissa: "changes iff |delta| >= ULP/2" is exact
+    'holds'
+    >>> c = check_cor36(1.0, -1)  # a power of two stepping down: the exact threshold is ULP/4
+    >>> c.verdict, c.ratio
+    ('violated', 2.0)
     """
     rid = "cor3.6"
     if semantics not in SEMANTICS:
@@ -876,6 +884,12 @@ def check_lemE1(x: Any, y: Any) -> Check:
 
     ratio = 1 for neighbours (tight). Pairs of opposite sign lie in different binades in the sense of the lemma
     (the binade is of the signed value), so they fail the assumption.
+
+    Examples
+    --------
+    >>> c = check_lemE1(1.0, 1.0078125)  # neighbours in [1, 2): the gap is exactly 2^-7
+    >>> c.verdict, c.lhs == c.rhs == 2.0**-7
+    ('holds', True)
     """
     rid = "lemE.1"
     xv, yv, bad = _distinct_normal_pair(x, y, rid)
@@ -905,6 +919,12 @@ def check_lemE1_across(x: Any, y: Any) -> Check:
 
     Violated (ratio exactly 1) at x = 2^e, y = its lower neighbour 2^e - 2^(e-8), e.g. (1, 0.99609375).
     ``details['corrected_holds']`` is the corrected statement (lhs <= rhs, equality only at such a pair).
+
+    Examples
+    --------
+    >>> c = check_lemE1_across(1.0, 0.99609375)  # 1 and its lower neighbour: relative gap exactly 2^-8
+    >>> c.verdict, c.details["corrected_holds"]
+    ('violated', True)
     """
     rid = "lemE.1-across"
     xv, yv, bad = _distinct_normal_pair(x, y, rid)
@@ -958,7 +978,14 @@ def _lemE1_across_campaign(seed: int) -> Iterator[Check]:
     paper_ref="Lemma E.2",
 )
 def check_lemE2(x: Any) -> Check:
-    """lhs = ULP(x)/|x|, rhs = 2^-7; holds iff 2^-8 < lhs <= rhs. Tight (ratio 1) at powers of two."""
+    """lhs = ULP(x)/|x|, rhs = 2^-7; holds iff 2^-8 < lhs <= rhs. Tight (ratio 1) at powers of two.
+
+    Examples
+    --------
+    >>> c = check_lemE2(1.5)  # ULP(1.5) / 1.5 = 2^-7 / 1.5
+    >>> c.verdict, c.lhs == 2.0**-7 / 1.5
+    ('holds', True)
+    """
     rid = "lemE.2"
     xv, bad = _normal_value(x, "x", rid)
     if bad:
@@ -989,6 +1016,13 @@ def check_propE3(w: Any, w_hat: Any, eta: float = 1e-3) -> Check:
 
     For distinct values lhs = eta and rhs = |w_hat - w|/max(|w|,|w_hat|) (the probe must see rhs > lhs);
     for equal values lhs = 0 (the relative change) and rhs = eta.
+
+    Examples
+    --------
+    >>> check_propE3(0.99609375, 1.0, 1e-3).verdict  # neighbours: the probe sees the change
+    'holds'
+    >>> check_propE3(0.99609375, 1.0, 1e-2).verdict  # eta >= 2^-9 is outside the proposition
+    'assumption-failed'
     """
     rid = "propE.3"
     wv, bad = _normal_value(w, "w", rid)

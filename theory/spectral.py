@@ -56,7 +56,7 @@ import pandas as pd
 from jaxtyping import Float
 from threadpoolctl import threadpool_limits
 
-from theory.check import Check, assumption_failed, make_check, register
+from theory.check import RESULTS, Check, assumption_failed, make_check, register
 from theory.errors import InputError, NonFiniteError, ShapeMismatchError
 from theory.linalg import SVD, sin_theta, to_f64
 from theory.synthetic import PERTURBATION_FAMILIES, SPECTRUM_FAMILIES, synthetic_pair
@@ -621,3 +621,65 @@ def _attach_campaign(fn: Callable[..., Check], rid: str) -> None:
 
 for _fn in (thm33_as_stated, thm33_wedin, thm33_rigorous, corF13, cor34_weyl, cor34_mirsky, cor35_kyfan):
     _attach_campaign(_fn, _fn.result_id)  # type: ignore[attr-defined]
+
+
+_GATE2_DOC = """Check {rid} on the pair (W0, W1 = W0 + dW) at k: {statement} ({paper_ref}).
+
+Parameters
+----------
+W0, W1 : array_like, shape (m, n)
+    The matrix before and after the update (numpy or torch, any float dtype, bf16 included; upcast to float64).
+k : int
+    Number of top singular values / vectors compared, 1 <= k <= min(m, n).
+delta_W, mu_W : float, optional
+    Lemma F.10's KL budget of the block and the smallest eigenvalue of its curvature: the KL-form right side
+    sqrt(2 delta_W / mu_W) goes into ``details``.
+device : str or torch.device, optional
+    Where the SVDs run (torch, float64); None or "cpu" uses LAPACK.
+
+Returns
+-------
+Check
+    ``lhs``, ``rhs``, ``verdict`` and ``details``; bad inputs give an assumption failure naming the problem (see
+    the module docstring for the tolerances).
+
+Examples
+--------
+{example}
+"""
+_SMALL_PAIR = """>>> import numpy as np
+>>> W0 = np.diag([3.0, 1.0])
+>>> W1 = W0 + 0.1 * np.array([[0.0, 1.0], [1.0, 0.0]])  # ||dW||_2 = 0.1, gamma_1 = 2
+"""
+_GATE2_EXAMPLES = {
+    thm33_as_stated: """The top singular pair swaps while ||dW||_2 / gamma_1 = 0.6 < 1 (``counterexample_as_stated``):
+
+>>> W0, W1, k = counterexample_as_stated()
+>>> c = thm33_as_stated(W0, W1, k)
+>>> c.verdict, round(c.lhs, 9), round(c.rhs, 9)
+('violated', 1.0, 0.6)""",
+    thm33_wedin: _SMALL_PAIR + """>>> c = thm33_wedin(W0, W1, 1)
+>>> c.verdict, round(c.lhs, 6), round(c.rhs, 6)
+('holds', 0.049814, 0.049876)""",
+    thm33_rigorous: _SMALL_PAIR + """>>> c = thm33_rigorous(W0, W1, 1)
+>>> c.verdict, round(c.lhs, 6), round(c.rhs, 6)
+('holds', 0.049814, 0.052632)
+>>> thm33_rigorous(W0, W0 + np.array([[0.0, 2.5], [2.5, 0.0]]), 1).verdict  # ||dW||_2 >= gamma_1
+'assumption-failed'""",
+    corF13: _SMALL_PAIR + """>>> c = corF13(W0, W1, 1)
+>>> c.verdict, round(c.lhs, 6), round(c.rhs, 6)
+('holds', 0.049814, 0.049876)""",
+    cor34_weyl: _SMALL_PAIR + """>>> c = cor34_weyl(W0, W1, 1)
+>>> c.verdict, round(c.lhs, 6), round(c.rhs, 6)
+('holds', 0.004988, 0.1)""",
+    cor34_mirsky: _SMALL_PAIR + """>>> c = cor34_mirsky(W0, W1, 1)
+>>> c.verdict, round(c.lhs, 6), round(c.rhs, 6)
+('holds', 0.007053, 0.141421)""",
+    cor35_kyfan: _SMALL_PAIR + """>>> c = cor35_kyfan(W0, W1, 1)
+>>> c.verdict, round(c.lhs, 6), round(c.rhs, 6)
+('holds', 0.004988, 0.1)""",
+}
+for _fn, _example in _GATE2_EXAMPLES.items():  # one numpydoc docstring per registered Gate II check
+    _res = RESULTS[_fn.result_id]  # type: ignore[attr-defined]
+    _fn.__doc__ = _GATE2_DOC.format(rid=_res.id, statement=_res.statement, paper_ref=_res.paper_ref,
+                                    example=_example)
