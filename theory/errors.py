@@ -27,5 +27,9 @@ class CheckpointError(ThreegateError, OSError):
     """A checkpoint that is missing, truncated, pickle-based, or otherwise unreadable."""
 
 
+class ConfigError(InputError):
+    """A config file or sweep spec with a value of the wrong type, an unknown key or an unknown preset."""
+
+
 class MissingExtraError(ThreegateError, ImportError):
     """An optional dependency a requested feature needs is not installed; the message names the extra to install."""
