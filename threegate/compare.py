@@ -36,9 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -576,24 +574,15 @@ def write_tables(t: CompareTables, out: str | Path, *, model: str = "") -> list[
     return written
 
 
-FIGURE_TABLES = ("sparsity", "spectrum", "angles", "mask_overlap", "jaccard", "checks")
-
-
 def _render_figures(out: Path) -> Path | None:
-    """Figures through ``paper_figs.report.render_all`` into ``out/report`` (None when rendering failed).
-
-    Only the CSV copy of each figure table is shown to the renderer (it would draw the Parquet twin twice).
-    """
-    with tempfile.TemporaryDirectory(prefix="threegate-figs-") as tmp:
-        for name in FIGURE_TABLES:
-            for f in (out / f"{name}.csv", out / f"{name}.csv.meta.json"):
-                if f.is_file():
-                    shutil.copyfile(f, Path(tmp) / f.name)
-        try:
-            return render_all(tmp, out / "report").page
-        except Exception as e:  # figures are extras: a figure problem must not lose the tables
-            print(f"threegate compare: figures skipped ({type(e).__name__}: {e})", file=sys.stderr)
-            return None
+    """Figures and the report page through ``paper_figs.report.render_all`` into ``out/report`` (None when
+    rendering failed). The report reads ``out`` itself (so it names the real results folder and finds the
+    per-matrix table for its summary); of each CSV + Parquet twin it draws one."""
+    try:
+        return render_all(out, out / "report").page
+    except Exception as e:  # figures are extras: a figure problem must not lose the tables
+        print(f"threegate compare: figures skipped ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
 
 
 SCREEN_COLUMNS = {
