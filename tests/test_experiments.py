@@ -143,8 +143,9 @@ def test_gate3_rows_catch_a_probe_that_disagrees_with_bits():
     w = torch.tensor([[1.0, 2.0], [3.0, 0.5]], dtype=torch.bfloat16)
     nudged = w.clone()
     nudged[0, 0] = torch.tensor(1.0078125, dtype=torch.bfloat16)  # the next bf16 value above 1: a real change
-    rows = gate3_probe_rows({"m": w}, {1: {"m": nudged}}, "x", eta=2**-7)  # eta >= 2^-8: the probe misses it
-    assert rows.loc[0, "lhs"] == 1 and not rows.loc[0, "holds"]
+    rows = gate3_probe_rows({"m": w}, {1: {"m": nudged}}, "x", eta=2**-7)  # eta >= 2^-8: the probe misses it,
+    assert rows.loc[0, "lhs"] == 1 and not rows.loc[0, "holds"]  # which is outside Prop E.3 (eta < 2^-9), not a
+    assert not rows.loc[0, "assumptions_hold"] and rows.loc[0, "failed_assumption"] == "0 <= eta < 2^-9"  # violation
     rows = gate3_probe_rows({"m": w}, {1: {"m": nudged}}, "x")  # eta = 1e-3 < 2^-8: exact
     assert rows.loc[0, "lhs"] == 0 and rows.loc[0, "n_changed"] == 1 and rows.loc[0, "n_entries"] == 4
 

@@ -586,3 +586,41 @@ def test_campaigns_seeded_and_exact_results_never_violated(rid):
         assert "violated" not in verdicts and "holds" in verdicts
     else:
         assert "violated" in verdicts  # the as-stated forms are broken on their own campaigns
+    assert all(row["verdict"] in ("holds", "violated", "assumption-failed") for row in a)  # exact: tol 0
+
+
+# ---- issue 11: every real scalar type, converted exactly; bad arguments named ------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda x: np.float32(x), lambda x: np.float64(x), lambda x: np.array(x), lambda x: np.array(x, dtype=np.float32),
+    lambda x: ml_dtypes.bfloat16(x), lambda x: np.array(x, dtype=ml_dtypes.bfloat16),
+    lambda x: torch.tensor(x, dtype=torch.bfloat16), lambda x: torch.tensor(x, dtype=torch.float32),
+    lambda x: Fraction(x),
+])
+@pytest.mark.parametrize("w", [1.0, 1 + 2.0**-7, -0.0, 2.0**-130, -3.0])
+def test_cor36_accepts_every_scalar_type_exactly(make, w):
+    """Fraction(np.float32), Fraction(torch bf16 scalar) and Fraction(0-d array) raised a raw TypeError."""
+    for sgn in (1, -1):
+        for sem in ("exact", "fp32"):
+            ref, got = P.check_cor36(w, sgn, sem), P.check_cor36(make(w), sgn, sem)
+            assert (got.verdict, got.lhs, got.rhs, dict(got.details)) == (ref.verdict, ref.lhs, ref.rhs,
+                                                                          dict(ref.details))
+    if w == 0 and not isinstance(make(w), Fraction):
+        assert P.round_to_bf16(make(w)) == 0x8000  # -0.0 keeps its sign through every type
+
+
+def test_scalar_arguments_that_are_wrong_are_named():
+    from theory.errors import ComplexInputError
+
+    for bad in (0, 0.5, "sideways", np.array([1, -1])):
+        with pytest.raises(InputError, match="direction"):
+            P.check_cor36(1.0, bad)  # used to blame w
+    with pytest.raises(ComplexInputError, match="w"):
+        P.check_cor36(1 + 1j)
+    with pytest.raises(ComplexInputError, match="w"):
+        P.check_cor36(torch.tensor(1.0, dtype=torch.complex64))
+    assert P.check_cor36(np.array([1.0, 2.0])).failed_assumption == "w is a finite bf16 value"  # not a scalar
+    assert P.check_cor36(np.float32("nan")).failed_assumption == "w is finite"
+    with pytest.raises(ComplexInputError, match="delta"):
+        P.bf16_step_array(np.ones(2, dtype=ml_dtypes.bfloat16), np.ones(2) * 1j)
+    with pytest.raises(ComplexInputError, match="w"):
+        P.probe_unchanged(torch.ones(2, dtype=torch.complex64), np.ones(2))

@@ -108,21 +108,11 @@ def _svd_on(A: np.ndarray, name: str, device: str | torch.device) -> SVD:
     return SVD(U.cpu().numpy(), S.cpu().numpy(), Vh.cpu().numpy())
 
 
-def principal_mask_from_svd(svd0: SVD, k: int, alpha: float) -> np.ndarray:
-    """``theory.metrics.principal_mask`` from an SVD already computed (saves one SVD of W0 per matrix).
-
-    Same rule, bit for bit: score ``|U_k diag(σ_k) V_kᵀ|`` (the expression of ``metrics.rank_k_reconstruction``),
-    the top ``metrics.selection_count(alpha, n)`` entries, ties broken by lower flat index. ``svd0`` must come
-    from ``numpy.linalg.svd`` of the float64 matrix (``theory.linalg.svd64``), as ``principal_mask`` computes it;
-    ``tests/test_compare.py`` checks the two agree.
-    """
-    U, S, Vh = svd0
-    score = np.abs((U[:, :k] * S[:k]) @ Vh[:k, :])
-    count = metrics.selection_count(alpha, score.size)
-    order = np.argsort(-score.ravel(), kind="stable")
-    mask = np.zeros(score.size, dtype=bool)
-    mask[order[:count]] = True
-    return mask.reshape(score.shape)
+def principal_mask_from_svd(svd0: SVD, k: int, alpha: float, gap: float | None = None) -> np.ndarray:
+    """``theory.metrics.principal_mask`` from an SVD already computed (saves one SVD of W0 per matrix): the one
+    rule lives in ``theory.metrics.principal_mask_from_svd`` (``gap``: a certified σ_k - σ_{k+1} when ``svd0``
+    holds only k triplets, as from the fast path)."""
+    return metrics.principal_mask_from_svd(svd0, k, alpha, gap=gap)
 
 
 def _overlap_or_nan(ref: np.ndarray, mask: np.ndarray) -> float:
@@ -174,7 +164,11 @@ def _compare_matrix(name, W0, tuned, runs, *, k, alpha, eta, device, keep_spectr
     A = _as_f64(W0)
     # W0's SVD and reference masks depend on W0 only: computed once, shared by every run.
     svd0 = _svd_on(A, name, device)
-    M_princ = principal_mask_from_svd(svd0, kk, alpha)
+    try:
+        M_princ = principal_mask_from_svd(svd0, kk, alpha)
+        princ_ok = True
+    except ZeroGapError:  # sigma_k = sigma_k+1 to rounding: W0^(k), so M_princ, is not determined (as in the fast path)
+        M_princ, princ_ok = np.zeros(A.shape, dtype=bool), False
     M_low = metrics.low_magnitude_mask(A, alpha)
     refs = {"princ": M_princ, "low": M_low, "princ_not_low": M_princ & ~M_low}
     W0_dev = W0.to(device)
@@ -206,6 +200,8 @@ def _compare_matrix(name, W0, tuned, runs, *, k, alpha, eta, device, keep_spectr
                                for i, a in enumerate(ang)]
         row["angles_note"] = "" if gap_ok else f"sigma_{kk} = sigma_{kk + 1}: top-k subspace not unique"
         _mask_metrics(row, res, refs, mask, run, meta)
+        if not princ_ok:
+            row["overlap_princ"] = row["overlap_princ_not_low"] = math.nan
         for rid, chk in gate2_checks(pair, kk).items():
             row[f"check_{rid}"] = chk.verdict
             res.checks.append({"run": run, **meta, **chk.as_row()})
@@ -251,7 +247,7 @@ def _compare_matrix_fast(name, W0, tuned, runs, *, k, alpha, eta, device, keep_s
     else:
         gap_note = ""
     if top0 is not None:
-        M_princ = principal_mask_from_svd(SVD(top0.U, top0.S, top0.V.T), kk, alpha)
+        M_princ = principal_mask_from_svd(SVD(top0.U, top0.S, top0.V.T), kk, alpha, top0.gap_lower)
     else:  # no top-k subspace: M_princ undefined, so is its overlap
         M_princ = np.zeros(A.shape, dtype=bool)
     M_low = metrics.low_magnitude_mask(A, alpha)
