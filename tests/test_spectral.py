@@ -439,13 +439,13 @@ def test_gate2_all_decomposes_once_and_matches_single_checks(monkeypatch):
     calls = {"svd": 0, "svdvals": 0}
 
     def counting(name, real):
-        def wrapped(A, device=None, label="W"):
+        def wrapped(A, label="W", *, device=None):
             calls[name] += 1
-            return real(A, device, label)
+            return real(A, label, device=device)
         return wrapped
 
-    monkeypatch.setattr(spectral, "_svd", counting("svd", spectral._svd))
-    monkeypatch.setattr(spectral, "_svdvals", counting("svdvals", spectral._svdvals))
+    monkeypatch.setattr(spectral, "svd64", counting("svd", spectral.svd64))
+    monkeypatch.setattr(spectral, "singular_values", counting("svdvals", spectral.singular_values))
     together = gate2_all(inst["W0"], inst["W1"], 2)
     assert calls == {"svd": 2, "svdvals": 1}
     for rid in GATE2_IDS:

@@ -67,7 +67,7 @@ from threadpoolctl import threadpool_limits
 
 from theory.check import RESULTS, Check, assumption_failed, decide, make_check, refine, register
 from theory.errors import ComplexInputError, DecompositionError, InputError, NonFiniteError, ShapeMismatchError
-from theory.linalg import SVD, pow2_exponent, scale_pow2, sin_theta, to_f64
+from theory.linalg import SVD, pow2_exponent, scale_pow2, sin_theta, singular_values, spectral_gap, svd64, to_f64
 from theory.synthetic import PERTURBATION_FAMILIES, SPECTRUM_FAMILIES, synthetic_pair
 
 __all__ = [
@@ -98,31 +98,6 @@ GATE2_IDS = ("thm3.3", "thm3.3-wedin", "thm3.3-rigorous", "corF.13", "cor3.4-wey
 # ----------------------------------------------------------------------------------------------------------------
 # Shared internals: one SVD of W0, one of W1, the singular values of dW
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _svd(A: np.ndarray, device: Any = None, name: str = "W") -> SVD:
-    """Thin float64 SVD, on ``device`` through torch when one other than the CPU is asked for."""
-    try:
-        if device is None or str(device) == "cpu":
-            U, S, Vh = np.linalg.svd(A, full_matrices=False)
-            return SVD(U, S, Vh)
-        import torch  # optional device path: torch only when a device is asked for
-
-        U, S, Vh = torch.linalg.svd(torch.from_numpy(A).to(device=device, dtype=torch.float64), full_matrices=False)
-        return SVD(U.cpu().numpy(), S.cpu().numpy(), Vh.cpu().numpy())
-    except (np.linalg.LinAlgError, RuntimeError) as e:
-        raise DecompositionError(f"{name}: the float64 SVD failed ({type(e).__name__}: {e})") from None
-
-
-def _svdvals(A: np.ndarray, device: Any = None, name: str = "W") -> np.ndarray:
-    try:
-        if device is None or str(device) == "cpu":
-            return np.linalg.svd(A, compute_uv=False)
-        import torch  # optional device path, as in _svd
-
-        return torch.linalg.svdvals(torch.from_numpy(A).to(device=device, dtype=torch.float64)).cpu().numpy()
-    except (np.linalg.LinAlgError, RuntimeError) as e:
-        raise DecompositionError(f"{name}: the float64 singular values failed ({type(e).__name__}: {e})") from None
 
 
 def _ldexp(x: float, e: int) -> float:
@@ -225,8 +200,7 @@ class SpectralPair:
         return 8.0 * max(self.shape) * EPS64
 
     def gap_s(self, k: int) -> float:
-        S = self.svd0_s.S
-        return float(S[k - 1] - (S[k] if k < S.shape[0] else 0.0))
+        return spectral_gap(self.svd0_s.S, k)
 
     def subspace_gap_s(self, which: int, k: int) -> float:
         """The gap that determines the top-k singular subspaces of W``which`` (0 or 1), scaled units:
@@ -274,13 +248,14 @@ def spectral_pair(W0: Any, W1: Any, *, svd0: SVD | None = None, device: Any = No
     e = pow2_exponent(A, B)
     A, B = scale_pow2(A, e), scale_pow2(B, e)
     if svd0 is None:
-        svd0_s = _svd(A, device, "W0")
+        svd0_s = svd64(A, "W0", device=device)
     elif svd0.U.shape[0] != A.shape[0] or svd0.Vh.shape[1] != A.shape[1]:
         raise ShapeMismatchError(f"svd0 is for a {svd0.U.shape[0]}x{svd0.Vh.shape[1]} matrix, W0 is {A.shape}")
     else:
         svd0_s = SVD(svd0.U, scale_pow2(svd0.S, e), svd0.Vh)
     dW = B - A
-    return SpectralPair(A, B, dW, svd0_s, _svd(B, device, "W1"), _svdvals(dW, device, "W1 - W0"), e)
+    svd1_s = svd64(B, "W1", device=device)
+    return SpectralPair(A, B, dW, svd0_s, svd1_s, singular_values(dW, "W1 - W0", device=device), e)
 
 
 def wedin_gap(
