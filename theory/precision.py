@@ -6,9 +6,9 @@ bf16 = 1 sign bit, 8 exponent bits (bias 127), 7 stored mantissa bits. For bits 
 - subnormal / zero (E = 0): x = (-1)^s * m * 2^-133,                  ULP(x) = 2^-133
 - E = 255: inf (m = 0) or nan.
 
-**The oracle** (``decode_bf16``, ``round_to_bf16``, ``round_to_f32``, ``bf16_step``) works on Python integers and
-``fractions.Fraction``: no float cast is ever the reference. Rounding is IEEE 754 round-to-nearest, ties to the even
-mantissa, with gradual underflow and overflow to +-inf (a value at or above ``2^128 - 2^119`` -- the midpoint between
+**The oracle** (``decode_bf16``, ``round_to_bf16_bits``, ``round_to_f32_bits``, ``bf16_step``) works on Python
+integers and ``fractions.Fraction``: no float cast is ever the reference. Rounding is IEEE 754 round-to-nearest, ties
+to the even mantissa, with gradual underflow and overflow to +-inf (a value at or above ``2^128 - 2^119`` -- the midpoint between
 the largest bf16 ``2^128 - 2^120`` and ``2^128`` -- rounds to inf).
 
 **Two semantics for one step** ``w -> w + delta`` (w a stored bf16 value):
@@ -61,7 +61,7 @@ __all__ = [
     "BF16_MAX", "BF16_MIN_NORMAL", "BF16_MIN_SUBNORMAL",
     "Decoded", "decode_bf16", "decode_f32", "bf16_bits", "bf16_value", "is_bf16_representable",
     "ulp_bf16", "next_up", "next_down",
-    "round_to_bf16", "round_to_f32", "bf16_step",
+    "round_to_bf16_bits", "round_to_f32_bits", "bf16_step",
     "SEMANTICS", "bf16_step_array", "bf16_round_array",
     "Threshold", "realization_threshold", "realization_threshold_array",
     "predict_change_mask", "rule_of_thumb_mask", "half_ulp_mask", "probe_unchanged",
@@ -173,7 +173,7 @@ def _round(q: Fraction, fmt: _Fmt, negative_zero: bool = False) -> int:
     return sign | body
 
 
-def round_to_bf16(q: Fraction | int | float) -> int:
+def round_to_bf16_bits(q: Fraction | int | float) -> int:
     """Bits of the bf16 nearest the exact value q (IEEE round-to-nearest-even, subnormals, overflow to +-inf).
 
     A negative q that rounds to zero gives -0 (0x8000). Floats are taken at their exact value (``Fraction(x)``);
@@ -183,7 +183,7 @@ def round_to_bf16(q: Fraction | int | float) -> int:
     return _round(v, _BF16, negative_zero=v < 0 or neg_zero)
 
 
-def round_to_f32(q: Fraction | int | float) -> int:
+def round_to_f32_bits(q: Fraction | int | float) -> int:
     """Bits of the float32 nearest the exact value q (IEEE round-to-nearest-even)."""
     v, neg_zero = exact_scalar(q, "q")
     return _round(v, _F32, negative_zero=v < 0 or neg_zero)
