@@ -37,6 +37,7 @@ from typing import Sequence
 import pandas as pd
 
 from paper_figs import collect, schemas, summary
+from theory import RESULTS
 from theory.errors import CheckpointError, InputError, ThreegateError
 
 __all__ = ["add_arguments", "run", "write_report", "render_all", "RenderedFigure", "Report", "TutorialPage",
@@ -249,10 +250,6 @@ def _verdict_table(df: pd.DataFrame) -> str:
 
 
 def _statements() -> str:
-    try:
-        from theory import RESULTS
-    except Exception as e:  # pragma: no cover - the report still renders without the theory package
-        return f'<p class="error">theory.RESULTS could not be imported: {_e(e)}</p>'
     if not RESULTS:
         return "<p>No results registered.</p>"
     rows = []

@@ -22,7 +22,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from theory.errors import InputError, NonFiniteError
+from theory.errors import CheckpointError, InputError, NonFiniteError
 
 __all__ = [
     "Column",
@@ -328,8 +328,6 @@ def identify(df: pd.DataFrame, filename: str | Path | None = None) -> str | None
 
 def read_table(path: str | Path) -> pd.DataFrame:
     """Read a CSV or Parquet table and its optional ``<file>.meta.json`` sidecar into ``attrs``."""
-    from theory.errors import CheckpointError
-
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"results table {str(p)!r} does not exist")

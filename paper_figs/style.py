@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # headless: figures are files, never windows
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FixedLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 __all__ = [
     "OKABE_ITO",
@@ -255,8 +256,6 @@ def _thin_tick_labels(axis: Any, renderer: Any) -> bool:
     A log axis first drops its minor labels when at least two major ones show. Dropped ticks are removed through a
     ``FixedLocator`` (the formatter is kept, so offsets and units stay right). Returns whether anything changed.
     """
-    from matplotlib.ticker import FixedLocator, NullFormatter
-
     pad = 2.0  # pixels between neighbouring labels
 
     def overlapping(labels) -> bool:
@@ -306,6 +305,4 @@ def add_identity_line(ax: Any, lo: float, hi: float) -> Any:
 
 def integer_ticks(ax: Any, axis: str = "x") -> None:
     """Integer-only tick labels (layers, indices, steps)."""
-    from matplotlib.ticker import MaxNLocator
-
     (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))

@@ -32,6 +32,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from theory import RESULTS
 from theory.errors import ThreegateError
 from theory.naming import MATRIX_TYPES, matrix_type
 
@@ -47,8 +48,6 @@ VERDICTS = ("holds", "violated", "assumption-failed")
 
 def gate2_ids() -> tuple[str, ...]:
     """Result ids of Gate II (the spectral results) in ``theory.RESULTS``."""
-    from theory import RESULTS
-
     return tuple(rid for rid, r in RESULTS.items() if r.gate == "II")
 
 

@@ -1,8 +1,8 @@
 """Figures from a ``threegate sweep`` store: bounds against the regime across cells, claims across learning rates.
 
-Both functions take ``sims.sweep.store.load_store(path)`` (a dict of tables, each concatenated over the done cells
-with the grid values as columns and ``cell_id``; ``"_cells"`` is the cells table) and return a matplotlib
-``Figure`` in the project style; neither reruns a cell.
+Both functions take the tables of a sweep store (``sims.sweep.store.load_store(path)``: a dict of DataFrames, each
+concatenated over the done cells with the grid values as columns and ``cell_id``; ``"_cells"`` is the cells table)
+and return a matplotlib ``Figure`` in the project style; neither reads a file nor reruns a cell.
 
 * :func:`sweep_bounds` — for the ``checks`` table: per cell and result id, the worst tightness lhs / rhs over the
   cell's rows whose assumptions hold, against the regime (``dW_over_gap`` = ||dW||_2 / gamma_k by default), one
@@ -13,14 +13,12 @@ with the grid values as columns and ``cell_id``; ``"_cells"`` is the cells table
   one line per run through the mean over the cells at each learning rate, every cell a point; and the computed
   verdicts of the ``verdicts`` table (one marker per cell and claim) when the cells carry them.
 
-``python -m paper_figs.sweep_figs STORE --out DIR`` writes whichever of the two the store has data for.
+``python -m threegate.sweep_figs STORE --out DIR`` reads a store and writes whichever of the two it has data for.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -38,7 +36,7 @@ from paper_figs.style import (
 )
 from theory.errors import InputError
 
-__all__ = ["bounds_by_cell", "sweep_bounds", "claims_by_lr", "sweep_claims", "grid_keys", "main"]
+__all__ = ["bounds_by_cell", "sweep_bounds", "claims_by_lr", "sweep_claims", "grid_keys"]
 
 _REGIME_PREFERENCE = ("dW_over_gap", "target_ratio")
 _REGIME_LABELS = {"dW_over_gap": r"$\|\Delta W\|_2 / \gamma_k$ (measured)",
@@ -297,33 +295,5 @@ def sweep_claims(tables: Mapping[str, pd.DataFrame], *, metric: str | None = Non
     return set_caption(fig, "Claims across learning rates", " ".join(parts) + " " + _describe_store(tables))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    from sims.sweep.store import load_store
-
-    p = argparse.ArgumentParser(prog="python -m paper_figs.sweep_figs", description="figures from a sweep store")
-    p.add_argument("store", type=Path)
-    p.add_argument("--out", type=Path, default=Path("."))
-    p.add_argument("--by", default=None, help="grid key that splits sweep_bounds into panels")
-    args = p.parse_args(argv)
-    tables = load_store(args.store)
-    args.out.mkdir(parents=True, exist_ok=True)
-    wrote = []
-    for name, make in (("sweep_bounds", lambda: sweep_bounds(tables, by=args.by)),
-                       ("sweep_claims", lambda: sweep_claims(tables))):
-        try:
-            fig = make()
-        except InputError as e:
-            print(f"{name}: skipped ({e})")
-            continue
-        fig.savefig(args.out / f"{name}.png")
-        wrote.append(str(args.out / f"{name}.png"))
-    print("wrote " + (", ".join(wrote) if wrote else "nothing"))
-    return 0 if wrote else 1
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit("python -m paper_figs.sweep_figs moved: run python -m threegate.sweep_figs STORE --out DIR")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pandas as pd
 from matplotlib.colors import LogNorm, Normalize
@@ -31,7 +32,9 @@ from paper_figs.style import (
     no_data_panel,
     set_caption,
 )
+from theory import RESULTS
 from theory.errors import InputError
+from theory.precision import predict_change_mask, realization_threshold_array
 
 __all__ = [
     "THM33_FORMS",
@@ -86,10 +89,6 @@ def _regime_label(col: str | None) -> str:
 
 
 def _statement(result_id: str) -> str:
-    try:
-        from theory import RESULTS
-    except Exception:  # pragma: no cover - theory package broken: figures still render
-        return ""
     r = RESULTS.get(result_id)
     return r.statement if r is not None else ""
 
@@ -354,8 +353,6 @@ def _bf16_bits_to_f64(bits: np.ndarray) -> np.ndarray:
 
 def _as_bf16(w: np.ndarray) -> np.ndarray:
     """float64 -> ml_dtypes.bfloat16, refusing values that are not exactly representable (they would be rounded)."""
-    import ml_dtypes
-
     wb = w.astype(np.float32).astype(ml_dtypes.bfloat16)
     bad = wb.astype(np.float64) != w
     if bad.any():
@@ -373,8 +370,6 @@ def bf16_threshold_curve(lo: float, hi: float, semantics: str = "exact") -> pd.D
     ``down_incl``: the threshold itself changes w (a tie that rounds to an even neighbour).
     Columns: w, up, down, up_incl, down_incl.
     """
-    from theory.precision import realization_threshold_array
-
     if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi):
         raise InputError(f"threshold curve needs 0 < lo <= hi, finite; got lo={lo!r}, hi={hi!r}")
     e_lo = max(math.floor(math.log2(lo)), -126)
@@ -399,8 +394,6 @@ def fig_bf16_threshold(df: pd.DataFrame, *, semantics: str | None = None) -> Fig
     ``"exact"`` (one rounding of the exact sum) or ``"fp32"`` (add in float32, then round to bf16); default
     ``df.attrs['semantics']`` or ``"exact"``.
     """
-    from theory.precision import predict_change_mask
-
     semantics = semantics or df.attrs.get("semantics", "exact")
     d = schemas.validate(df, "bf16_updates", source="bf16 update table")
     w = d["w"].to_numpy(float)

@@ -42,7 +42,7 @@ RIGOROUS_IDS = ("cor3.4-weyl", "cor3.4-mirsky", "thm3.3-rigorous", "thm3.3-wedin
 @pytest.fixture
 def one_thread():
     """Tiny tensors: one thread is fastest on a shared machine, and reruns stay bit-identical."""
-    from sims.tinygpt.probe import deterministic
+    from sims.tinygpt.determinism import deterministic
 
     with deterministic():
         yield

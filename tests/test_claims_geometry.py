@@ -14,7 +14,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from paper_figs.schemas import validate
-from sims.claims.base import VERDICTS, claim_experiments
+from sims.claims.base import VERDICTS
 from sims.claims.geometry import (
     ACC_MATCH_TOL,
     MIN_DRIFT_REDUCTION,
@@ -313,10 +313,6 @@ def test_sft_probe_grid_contains_the_matched_step_and_the_end():
     assert len(c.seeds) >= 3
 
 
-def test_geometry_is_a_registered_claim_experiment():
-    assert claim_experiments()["geometry"] is geometry_experiment
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The fast preset on real runs
 
@@ -400,7 +396,7 @@ def test_fast_accuracy_match_is_consistent(fast_run):
 
 @pytest.mark.slow
 def test_default_preset_runs_and_its_tables_are_valid(tmp_path):
-    from sims.claims.base import run_claims
+    from sims.experiments.registry import run_claims
 
     run, out = run_claims("geometry", {"pretrain": {"cache_dir": ".cache/threegate"}}, tmp_path / "geometry")
     assert len(run.verdicts) == 5 and all(v.verdict in VERDICTS for v in run.verdicts)

@@ -12,9 +12,18 @@ import pytest
 import yaml
 from hypothesis import example, given, strategies as st
 
-from sims.experiments.config import Section, check_value, config_schema, section_config, validate_config
+from sims.experiments.config import (
+    Section,
+    check_value,
+    config_schema,
+    experiment_hash,
+    load_config,
+    section_config,
+    validate_config,
+)
 from sims.experiments.registry import EXPERIMENTS, check_config
-from sims.sweep.runner import SweepTable, TheoryCellConfig, parse_spec
+from sims.sweep.cells import TheoryCellConfig
+from sims.sweep.spec import SweepTable, parse_spec
 from theory.errors import ConfigError, InputError
 
 #: (experiment, section name, Section) for every section any experiment reads
@@ -224,3 +233,27 @@ def test_check_value_knows_every_hint_the_config_classes_use():
     with pytest.raises(ConfigError, match="does not know"):
         check_value(1, set[int], "k")
     assert issubclass(ConfigError, InputError)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config files and the experiment hash
+
+
+def test_load_config_toml_json_and_errors(tmp_path):
+    (tmp_path / "c.toml").write_text('seed = 3\n[rlvr]\nsteps = 4\n[rlvr.probe]\nsteps = [1, 2]\n')
+    assert load_config(tmp_path / "c.toml") == {"seed": 3, "rlvr": {"steps": 4, "probe": {"steps": [1, 2]}}}
+    (tmp_path / "c.json").write_text('{"seed": 3}')
+    assert load_config(tmp_path / "c.json") == {"seed": 3}
+    with pytest.raises(InputError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("seed = = 3")
+    with pytest.raises(InputError, match="not valid TOML"):
+        load_config(tmp_path / "bad.toml")
+    (tmp_path / "c.yaml").write_text("seed: 3\nrlvr: {lr: 1e-4}\n")
+    assert load_config(tmp_path / "c.yaml") == {"seed": 3, "rlvr": {"lr": "1e-4"}}  # YAML 1.1: 1e-4 is a string
+    (tmp_path / "c.ini").write_text("seed = 3")
+    with pytest.raises(InputError, match="unsupported extension"):
+        load_config(tmp_path / "c.ini")
+    assert experiment_hash("rlvr", {"a": 1}) != experiment_hash("sft", {"a": 1})
+    assert experiment_hash("rlvr", {"a": 1, "b": 2}) == experiment_hash("rlvr", {"b": 2, "a": 1})  # key order
+    assert len(experiment_hash("rlvr", {})) == 12

@@ -130,7 +130,8 @@ def test_smollm2_two_sft_steps_are_in_the_quadratic_kl_regime():
     """SmolLM2-135M, two real SFT steps (bf16 storage): along the stored update the Fisher quadratic predicts the
     KL to within a few percent at scale 1, and the error shrinks with the scale (Prop. 3.2's (1 + o(1)))."""
     from threegate.checkpoints import smollm2_gguf_path
-    from sims.hf.backend import HFSFTConfig, load_causal_lm, sample_completions, train_hf_sft, _eos_id, _pad_id
+    from sims.hf.backend import HFSFTConfig, sample_completions, train_hf_sft, _eos_id, _pad_id
+    from sims.hf.loading import load_causal_lm
     from sims.hf.backend import _prompt_ids, SHORT_SYSTEM_PROMPT
     from sims.hf.word_problems import sample_problems
     from theory.errors import CheckpointError

@@ -7,6 +7,7 @@ import math
 
 import ml_dtypes
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import HealthCheck, example, find, given, settings
@@ -16,6 +17,7 @@ import theory
 from theory.errors import ComplexInputError
 from theory.synthetic import PERTURBATION_FAMILIES, SPECTRUM_FAMILIES, synthetic_pair
 from theory import spectral
+from paper_figs.schemas import validate
 from theory.spectral import (
     GATE2_IDS,
     counterexample_as_stated,
@@ -27,6 +29,7 @@ from theory.spectral import (
     gate2_checks,
     projector_distance_lowrank,
     spectral_pair,
+    synthetic_sweep,
     thm33_as_stated,
     thm33_rigorous,
     thm33_wedin,
@@ -436,13 +439,13 @@ def test_gate2_all_decomposes_once_and_matches_single_checks(monkeypatch):
     calls = {"svd": 0, "svdvals": 0}
 
     def counting(name, real):
-        def wrapped(A, device=None, label="W"):
+        def wrapped(A, label="W", *, device=None):
             calls[name] += 1
-            return real(A, device, label)
+            return real(A, label, device=device)
         return wrapped
 
-    monkeypatch.setattr(spectral, "_svd", counting("svd", spectral._svd))
-    monkeypatch.setattr(spectral, "_svdvals", counting("svdvals", spectral._svdvals))
+    monkeypatch.setattr(spectral, "svd64", counting("svd", spectral.svd64))
+    monkeypatch.setattr(spectral, "singular_values", counting("svdvals", spectral.singular_values))
     together = gate2_all(inst["W0"], inst["W1"], 2)
     assert calls == {"svd": 2, "svdvals": 1}
     for rid in GATE2_IDS:
@@ -527,6 +530,66 @@ def test_kl_inputs_validated():
     _all_failed(gate2_all(W0, W1, 1, delta_W=0.1), "go together")
     _all_failed(gate2_all(W0, W1, 1, delta_W=0.1, mu_W=0.0), "mu_W > 0")
     _all_failed(gate2_all(W0, W1, 1, delta_W=math.nan, mu_W=1.0), "finite")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Gate II sweep on synthetic pairs (synthetic_sweep, gate2_grid)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sweep() -> pd.DataFrame:
+    return synthetic_sweep(0)
+
+
+def test_sweep_keeps_every_row_with_the_promised_columns(sweep):
+    n_inst = len(SPECTRUM_FAMILIES) * len(PERTURBATION_FAMILIES) * 2 * 19
+    assert len(sweep) == n_inst * len(GATE2_IDS) and sweep["instance"].nunique() == n_inst
+    for col in ("instance", "spectrum", "perturbation", "m", "n", "k", "dW_over_gap", "result_id", "lhs", "rhs",
+                "ratio", "holds", "assumptions_hold", "failed_assumption"):
+        assert col in sweep.columns, col
+    # measured vs prescribed ratio: they differ only by rounding W0 + dW and the SVD's backward error,
+    # i.e. by <= eps_s / gamma_k in ratio units (eps_s = 8 max(m, n) eps ||W||_2, the checks' own allowance)
+    rows = sweep[sweep.result_id == "thm3.3"]
+    err = np.abs(rows["dW_over_gap"] - rows["target_ratio"]) * rows["d_gamma_k"]
+    assert (err <= 3 * rows["d_eps_s"] * (1 + rows["target_ratio"])).all()
+    assert rows["target_ratio"].min() == pytest.approx(1e-4, rel=1e-12)
+    assert rows["target_ratio"].max() == pytest.approx(10**0.5, rel=1e-12)
+
+
+def test_sweep_exact_results_hold_and_as_stated_breaks_only_below_ratio_one(sweep):
+    exact = sweep[sweep.result_id != "thm3.3"]
+    assert not (exact.verdict == "violated").any()
+    bad = sweep[(sweep.result_id == "thm3.3") & (sweep.verdict == "violated")]
+    assert len(bad) > 0 and (bad.dW_over_gap < 1).all() and (bad.lhs > bad.rhs).all()
+    # rigorous is assumption-failed exactly where ||dW||_2 >= gamma_k, or where gamma_k - ||dW||_2 > 0 is not
+    # resolved above float64 rounding (the target ratio 1: a difference of rounding errors)
+    rig = sweep[sweep.result_id == "thm3.3-rigorous"]
+    unresolved = rig.failed_assumption.str.contains("resolved above float64 rounding", na=False)
+    assert ((rig.dW_over_gap >= 1) | unresolved == ~rig.assumptions_hold).all()
+    assert (rig[unresolved].target_ratio == 1).all()
+
+
+def test_sweep_matches_the_figures_checks_schema(sweep):
+    validate(sweep, "checks", source="synthetic_sweep")
+
+
+def test_sweep_is_reproducible_and_seed_dependent():
+    kw = dict(ratios=[1e-2, 0.5], spectra=("power_law",), perturbations=("gaussian", "kl_budget"))
+    a, b, c = synthetic_sweep(1, **kw), synthetic_sweep(1, **kw), synthetic_sweep(2, **kw)
+    pd.testing.assert_frame_equal(a, b)
+    assert not np.array_equal(a["lhs"].to_numpy(), c["lhs"].to_numpy())
+
+
+def test_the_campaign_is_the_grid_of_the_sweep_plus_the_counterexample():
+    """One grid loop: the thm3.3 campaign's instances are gate2_grid's over its families, after the structured
+    counterexample, bit for bit."""
+    grid = list(spectral.gate2_grid(3, (1e-3, 0.1, 0.7, 2.0), spectra=SPECTRUM_FAMILIES,
+                                    perturbations=PERTURBATION_FAMILIES, shapes=((10, 6), (6, 10)), k=2))
+    campaign = theory.RESULTS["thm3.3"].campaign(3)
+    assert len(campaign) == 1 + len(grid)
+    assert campaign[0].lhs == gate2_all(*counterexample_as_stated())["thm3.3"].lhs
+    assert [c.as_row()["lhs"] for c in campaign[1:]] == [checks["thm3.3"].lhs for _, checks in grid]
 
 
 # ---------------------------------------------------------------------------------------------------------------

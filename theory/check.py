@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from theory.errors import ToleranceError
 
@@ -334,9 +334,3 @@ def register(
         return fn
 
     return deco
-
-
-def iter_results(gate: str | None = None) -> Iterator[Result]:
-    for r in _RESULTS.values():
-        if gate is None or r.gate == gate:
-            yield r

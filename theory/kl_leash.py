@@ -342,6 +342,17 @@ def prop31(
     MLP says whether the curved class beats or misses the identity), the optimizer residual and the class.
     ``holds`` means constant 1 (lhs <= rhs up to rounding and the optimizer residual); the as-stated bound allows
     (1 + o(1)), so on curved classes a violation at finite beta is a measurement, not a bug.
+
+    Examples
+    --------
+    On a tabular softmax the M-projection of the tilt is the tilt itself, so the bound is attained (ratio 1):
+
+    >>> import numpy as np
+    >>> from theory.policies import TabularSoftmax
+    >>> policy = TabularSoftmax(n_outputs=4)
+    >>> c = prop31(policy, policy.init_theta(0), R=np.array([[1.0, 0.0, 0.0, -1.0]]), beta=2.0)
+    >>> round(c.ratio, 6)
+    1.0
     """
     rid = "prop3.1"
     th = policy._np(policy._t(theta))
@@ -467,6 +478,15 @@ def lemF5(policy: Policy, theta: Any, delta: Any) -> Check:
     For tabular and log-linear policies u = J D exactly and the second term is 0; for the MLP it is the logits'
     own curvature, u - J D = O(||D||^2), so the whole bound is O(||D||^3). ``details["cubic_ratio"]`` is the
     measured |KL - quad| / ||D||^3 (see ``lemF5_scaling`` for the curve as D shrinks).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from theory.policies import TabularSoftmax
+    >>> policy = TabularSoftmax(n_outputs=4)
+    >>> c = lemF5(policy, policy.init_theta(0), 1e-2 * np.array([1.0, -2.0, 0.5, 0.0]))
+    >>> c.verdict, c.lhs < c.rhs  # |KL - D^T F D / 2| is inside the O(||D||^3) remainder bound
+    ('holds', True)
     """
     d = as_real_array(delta, "delta").reshape(-1)
     if d.shape[0] != policy.n_params:
@@ -539,6 +559,17 @@ def lemF6(policy: Policy, theta: Any, q_tilde: Any = None, *, R: Any = None, bet
     hess log pi(y|x) = -F_x for every y, so H_q~ = F and lhs = 0 (to rounding): the lemma is trivial there and
     nontrivial only for the MLP. L is computed exactly (eigenvalues of every per-(x, y) Hessian); a caller-supplied
     L is verified when the policy is small enough, and an L below the true maximum fails the assumption.
+
+    Examples
+    --------
+    Tabular softmax: every Hessian of log pi is -F_x, so H_q~ = F and the left side is 0 up to rounding:
+
+    >>> import numpy as np
+    >>> from theory.policies import TabularSoftmax
+    >>> policy = TabularSoftmax(n_outputs=4)
+    >>> c = lemF6(policy, policy.init_theta(0), R=np.array([[1.0, 0.0, 0.0, -1.0]]), beta=2.0)
+    >>> c.verdict, c.lhs < 1e-12 < c.rhs
+    ('holds', True)
     """
     rid = "lemF.6"
     pi = policy.probs(theta)
@@ -646,6 +677,14 @@ def lemF9(ratios: Any, eps: float) -> Check:
     Ragged batches are fine (a list of 1-d arrays). If any ratio leaves the band the assumption fails and
     ``details["n_violations"]`` says how many. ``details`` also carries k3 (<= E[T] (-eps - log(1-eps)) under the
     band), the O(eps^2) small-step quantity and its band bound E[T] max((r-1)^2/2) = E[T] eps^2 / 2.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> lemF9([np.array([0.95, 1.05, 1.0]), np.array([0.9, 1.1])], eps=0.2).verdict
+    'holds'
+    >>> lemF9([np.array([0.5, 1.0])], eps=0.2).verdict  # a token ratio outside [0.8, 1.2]
+    'assumption-failed'
     """
     rid = "lemF.9"
     if not (isinstance(eps, (int, float, np.floating)) and 0 < eps < 1):
@@ -746,7 +785,18 @@ def prop32_from_fisher(F: Any, delta: Any, K: float, *, subspace: Any = None, K_
 )
 def prop32(policy: Policy, theta: Any, theta_plus: Any, *, subspace: Any = None) -> Check:
     """Prop 3.2 on a policy step theta -> theta_plus, with K = KL(pi_theta+ || pi_theta) and F = F(theta); K's
-    rounding (a KL from log-probability differences, ``_kl_with_err``) enters the tolerance."""
+    rounding (a KL from log-probability differences, ``_kl_with_err``) enters the tolerance.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from theory.policies import TabularSoftmax
+    >>> policy = TabularSoftmax(n_outputs=4)
+    >>> theta = policy.init_theta(0)
+    >>> c = prop32(policy, theta, theta + 1e-2 * np.array([1.0, -2.0, 0.5, 0.0]))
+    >>> c.verdict, round(c.ratio, 2)  # ||P_U D||_2 against sqrt(2K / mu) for a small step
+    ('holds', 0.98)
+    """
     th = policy._np(policy._t(theta))
     tp = policy._np(policy._t(theta_plus, "theta_plus"))
     K, K_err = _kl_with_err(policy.rho, policy.log_probs(tp), policy.log_probs(th),
@@ -786,6 +836,16 @@ def eq7(F: Any, delta: Any, block: Any, *, shape: tuple[int, int] | None = None,
     ||DW||_2 <= ||DW||_F. The paper's "delta_W <= K" additionally needs 1/2 D^T F D <= K, true only to first order
     (``details["half_quad_le_K"]`` reports it when K is given). ``F_err``: a bound on ||F_computed - F_exact||_2
     when F was computed (``Policy.fisher_with_error``; ``eq7_policy`` passes it), else F is taken as exact.
+
+    Examples
+    --------
+    Block {0, 1} of a diagonal Fisher: S_W = diag(1, 4), x = (1, 1), delta_W = 5/2, mu_W = 1, so
+    ||x|| = sqrt(2) <= sqrt(2 delta_W / mu_W) = sqrt(5):
+
+    >>> import numpy as np
+    >>> c = eq7(np.diag([1.0, 4.0, 1.0]), np.array([1.0, 1.0, 0.5]), [0, 1])
+    >>> c.verdict, round(c.lhs ** 2, 12), round(c.rhs ** 2, 12)
+    ('holds', 2.0, 5.0)
     """
     rid = "eq7"
     A0 = _sym(F)

@@ -16,7 +16,14 @@ from typing import Any, NamedTuple
 import numpy as np
 from jaxtyping import Float
 
-from theory.errors import ComplexInputError, InputError, NonFiniteError, NotOrthonormalError, ShapeMismatchError
+from theory.errors import (
+    ComplexInputError,
+    DecompositionError,
+    InputError,
+    NonFiniteError,
+    NotOrthonormalError,
+    ShapeMismatchError,
+)
 
 __all__ = [
     "to_f64",
@@ -138,27 +145,56 @@ def scale_pow2(a: Array64, e: int) -> Array64:
     return np.ldexp(np.asarray(a, dtype=np.float64), -int(e))
 
 
-def same_shape(a: Array64, b: Array64, names: tuple[str, str] = ("W0", "W1")) -> None:
-    if a.shape != b.shape:
-        raise ShapeMismatchError(f"{names[0]} has shape {a.shape} but {names[1]} has shape {b.shape}")
-
-
 class SVD(NamedTuple):
     U: Float[np.ndarray, "m r"]
     S: Float[np.ndarray, " r"]
     Vh: Float[np.ndarray, "r n"]
 
 
-def svd64(W: Any, name: str = "W") -> SVD:
-    """Thin SVD in float64: ``W = U @ diag(S) @ Vh`` with ``S`` descending, ``r = min(m, n)``."""
+def _on_cpu(device: Any) -> bool:
+    return device is None or str(device) == "cpu"
+
+
+def _torch_f64(A: Array64, device: Any) -> Any:
+    import torch  # optional device path: torch only when a device other than the CPU is asked for
+
+    return torch, torch.from_numpy(A).to(device=device, dtype=torch.float64)
+
+
+def svd64(W: Any, name: str = "W", *, device: Any = None) -> SVD:
+    """Thin SVD in float64: ``W = U @ diag(S) @ Vh`` with ``S`` descending, ``r = min(m, n)``.
+
+    ``device``: where it runs (torch, float64); None or "cpu" uses LAPACK. A decomposition that fails is a
+    ``DecompositionError`` naming ``name``.
+
+    Examples
+    --------
+    >>> U, S, Vh = svd64([[3.0, 0.0], [0.0, -2.0]])
+    >>> S.tolist(), bool(np.allclose((U * S) @ Vh, [[3, 0], [0, -2]]))
+    ([3.0, 2.0], True)
+    """
     A = to_f64(W, name)
-    U, S, Vh = np.linalg.svd(A, full_matrices=False)
-    return SVD(U, S, Vh)
+    try:
+        if _on_cpu(device):
+            U, S, Vh = np.linalg.svd(A, full_matrices=False)
+            return SVD(U, S, Vh)
+        torch, T = _torch_f64(A, device)
+        U, S, Vh = torch.linalg.svd(T, full_matrices=False)
+        return SVD(U.cpu().numpy(), S.cpu().numpy(), Vh.cpu().numpy())
+    except (np.linalg.LinAlgError, RuntimeError) as e:  # torch's LinAlgError is a RuntimeError
+        raise DecompositionError(f"{name}: the float64 SVD failed ({type(e).__name__}: {e})") from None
 
 
-def singular_values(W: Any, name: str = "W") -> Float[np.ndarray, " r"]:
-    """Singular values of ``W`` in float64, descending."""
-    return np.linalg.svd(to_f64(W, name), compute_uv=False)
+def singular_values(W: Any, name: str = "W", *, device: Any = None) -> Float[np.ndarray, " r"]:
+    """Singular values of ``W`` in float64, descending (``device`` and errors as ``svd64``)."""
+    A = to_f64(W, name)
+    try:
+        if _on_cpu(device):
+            return np.linalg.svd(A, compute_uv=False)
+        torch, T = _torch_f64(A, device)
+        return torch.linalg.svdvals(T).cpu().numpy()
+    except (np.linalg.LinAlgError, RuntimeError) as e:
+        raise DecompositionError(f"{name}: the float64 singular values failed ({type(e).__name__}: {e})") from None
 
 
 def top_k_subspaces(W: Any, k: int, name: str = "W") -> tuple[Float[np.ndarray, "m k"], Float[np.ndarray, "n k"], Float[np.ndarray, " r"]]:

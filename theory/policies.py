@@ -214,13 +214,6 @@ class Policy:
             lq = np.log(q)
         return float(self.rho @ kl_rows(lq, self.log_probs(theta)))
 
-    def kl_to(self, theta: Any, q: Any) -> float:
-        """E_rho KL(pi_theta(.|x) || q(.|x))."""
-        q = as_distribution(q, self.shape)
-        with np.errstate(divide="ignore"):
-            lq = np.log(q)
-        return float(self.rho @ kl_rows(self.log_probs(theta), lq))
-
     def tv(self, q: Any, theta: Any) -> float:
         """E_rho TV(q(.|x), pi_theta(.|x)) = E_rho 1/2 sum_y |q - pi|."""
         q = as_distribution(q, self.shape)

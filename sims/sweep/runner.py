@@ -1,42 +1,6 @@
 """``threegate sweep SPEC``: a resumable grid of experiment cells, written atomically to one SQLite store.
 
-A **spec** (TOML or YAML, the same structure)::
-
-    [sweep]
-    name = "gate2-theory"            # default: the spec file's stem
-    experiment = "theory"            # a cell kind (below)
-    store = "runs/sweeps/gate2.sqlite"   # default runs/sweeps/<name>.sqlite (relative to the working directory)
-    workers = 2                      # local process pool size; 0 runs the cells in this process
-    threads = 1                      # BLAS / torch threads inside each cell (1 keeps cells bit-reproducible)
-
-    [base]                           # the fixed config, nested as ``threegate run`` configs take it
-    m = 12
-    n = 8
-
-    [grid]                           # dotted paths into the config -> lists; the cells are the Cartesian product
-    k = [2, 3]
-    target_ratio = [0.01, 0.1, 1.0]
-    "rlvr.lr" = [1e-4, 1e-3]         # (a nested table rlvr = {lr = [...]} means the same)
-
-    [[cells]]                        # optional extra cells: dotted overrides of [base] (may set "experiment")
-    k = 5
-
-A **cell** is (experiment, resolved config); its id is ``sims.experiments.registry.config_hash(experiment, config)``, so the
-same cell has the same id in every spec and every store. Cell kinds:
-
-* ``"theory"`` — the Gate II checks of ``theory.RESULTS`` (``theory.spectral.gate2_all``) on seeded synthetic pairs
-  (``theory.synthetic.synthetic_pair``) at the cell's regime. Config keys (defaults in ``THEORY_DEFAULTS``):
-  ``spectrum``, ``perturbation``, ``m``, ``n``, ``k``, ``target_ratio`` (= ||dW||_2 / gamma_k, the noise scale),
-  ``seed``,
-  ``instances`` (seeded pairs per cell), ``ids`` (Gate II result ids), ``spectrum_params``, ``device``.
-  Table ``checks``: one row per (instance, result id), the columns of ``Check.as_row()`` plus the regime.
-* every ``threegate run`` experiment (``sims.experiments.registry.EXPERIMENTS``: ``rlvr``, ``sft``, ``rl_vs_sft``, ...):
-  ``run_experiment`` into a temporary directory; the cell's tables are its ``*.parquet`` tables (and ``verdicts``).
-* ``"hf_rlvr"`` / ``"hf_sft"`` — ``sims.hf.backend.run_cell(config)`` on a real Hugging Face model, with its *flat*
-  config (``model``, ``algorithm``, ``lr``, ``beta``, ``eps``, ``precision``, ``steps``, ``seed``, ``device``,
-  ``preset``, ...; ``hf_sft`` sets ``algorithm = "sft"``). The module is imported when the cell runs; if it is
-  missing the cell fails with the import error recorded.
-* ``"package.module:function"`` — any importable ``function(config: dict) -> dict[str, DataFrame]``.
+The spec and its cells: ``sims.sweep.spec``; what a cell computes: ``sims.sweep.cells``.
 
 **Store and resume** (``sims.sweep.store``): only this (parent) process writes the store, one transaction per
 finished cell. Cells whose id is ``done`` are skipped, so an interrupted sweep (Ctrl-C, SIGKILL, a crashed machine)
@@ -54,432 +18,35 @@ when torch sees no CUDA device.
 Progress: one line per finished cell on stderr (done / total, failed, elapsed, ETA = mean cell time x remaining /
 workers); a tqdm bar instead when stderr is a terminal. Exit status 0 when every cell of the spec is done, 1 when
 some cell failed, with one line on stderr naming the failed cells (``failed_cells_line``). Every cell's resolved
-config is validated (``validate_cell``: types, unknown keys, each section's own checks) before any cell runs.
+config is validated (``sims.sweep.spec.validate_cell``: types, unknown keys, each section's own checks) before any
+cell runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import importlib
-import itertools
-import json
 import math
+import multiprocessing as mp
 import os
 import socket
 import sys
-import tempfile
 import time
-import traceback
-from dataclasses import dataclass, field, fields
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 import numpy as np
-import pandas as pd
+import torch
+from tqdm import tqdm
 
-from sims.sweep.store import CellOutcome, SweepStore, encode_table, load_store, store_cells
+from sims.sweep.cells import execute_cell
+from sims.sweep.spec import Cell, SweepSpec, load_spec
+from sims.sweep.store import CellOutcome, SweepStore, store_cells
 from theory.errors import InputError
 
-__all__ = ["THEORY_DEFAULTS", "TheoryCellConfig", "validate_cell", "SPECIAL_KINDS", "Cell", "SweepSpec", "SweepSummary", "load_spec", "parse_spec",
-           "expand_cells", "run_cell_tables", "execute_cell", "theory_cell", "run_sweep", "load_store",
-           "add_arguments", "run", "failed_cells_line"]
-
-SPECIAL_KINDS = ("theory", "hf_rlvr", "hf_sft")
-
-
-
-@dataclass(frozen=True)
-class TheoryCellConfig:
-    """The config of a ``theory`` cell (its schema: ``sims.experiments.config`` checks every key against it)."""
-
-    spectrum: str = "gapped"
-    perturbation: str = "gaussian"
-    m: int = 12
-    n: int = 8
-    k: int = 3
-    target_ratio: float = 0.1
-    seed: int = 0
-    instances: int = 1
-    ids: str | tuple[str, ...] | None = None  # None: every Gate II id (theory.spectral.GATE2_IDS)
-    spectrum_params: dict = field(default_factory=dict)
-    device: str = "cpu"
-
-
-THEORY_DEFAULTS: dict[str, Any] = {f.name: getattr(TheoryCellConfig(), f.name) for f in fields(TheoryCellConfig)}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Spec and cells
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One unit of work: an experiment (cell kind) and its fully resolved config; ``grid`` = the values it varies."""
-
-    experiment: str
-    config: Mapping[str, Any]
-    grid: Mapping[str, Any]
-
-    @property
-    def cell_id(self) -> str:
-        from sims.experiments.registry import config_hash
-
-        return config_hash(self.experiment, self.config)
-
-    @property
-    def device(self) -> str:
-        return str(self.config.get("device", "cpu"))
-
-    def label(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.grid.items()) or "(base)"
-
-
-@dataclass(frozen=True)
-class SweepTable:
-    """The ``[sweep]`` table of a spec (its schema; see the module docstring)."""
-
-    experiment: str
-    name: str | None = None
-    store: str | None = None
-    workers: int = 2
-    threads: int = 1
-
-
-@dataclass
-class SweepSpec:
-    """A parsed spec: ``cells()`` expands ``grid`` (Cartesian product, keys in file order) then ``extra_cells``."""
-
-    name: str
-    experiment: str
-    store: Path
-    workers: int = 2
-    threads: int = 1
-    base: dict = field(default_factory=dict)
-    grid: dict[str, list] = field(default_factory=dict)
-    extra_cells: list[dict] = field(default_factory=list)
-    source: str = "<spec>"
-
-    def cells(self) -> list[Cell]:
-        return expand_cells(self)
-
-
-def _read_spec_file(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError(f"sweep spec {path} does not exist")
-    text = path.read_text()
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            raise InputError(f"sweep spec {path}: unsupported extension {path.suffix!r} (use .toml, .yaml or .yml)")
-    except InputError:
-        raise
-    except Exception as e:  # tomllib.TOMLDecodeError, yaml.YAMLError
-        raise InputError(f"sweep spec {path} is not valid {suffix[1:].upper()}: {e}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"sweep spec {path}: the top level must be a table / mapping")
-    return data
-
-
-def load_spec(path: str | Path, *, store: str | Path | None = None, workers: int | None = None) -> SweepSpec:
-    """Read and validate a TOML / YAML sweep spec (``store`` / ``workers`` override the file's)."""
-    path = Path(path)
-    return parse_spec(_read_spec_file(path), source=str(path), default_name=path.stem, store=store, workers=workers)
-
-
-def _flatten_grid(grid: Mapping, prefix: str = "") -> dict[str, Any]:
-    """{"rlvr": {"lr": [..]}, "seed": [..]} -> {"rlvr.lr": [..], "seed": [..]} (a quoted "rlvr.lr" key stays)."""
-    out: dict[str, Any] = {}
-    for key, value in grid.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten_grid(value, prefix=f"{full}."))
-        else:
-            out[full] = value
-    return out
-
-
-def _set_dotted(cfg: dict, key: str, value: Any, *, where: str) -> None:
-    parts = key.split(".")
-    if any(not p for p in parts):
-        raise InputError(f"{where}: key {key!r} is not a valid dotted path")
-    node = cfg
-    for i, p in enumerate(parts[:-1]):
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise InputError(f"{where}: key {key!r} goes through {'.'.join(parts[:i + 1])!r}, which is "
-                             f"{nxt!r}, not a table")
-        node = nxt
-    node[parts[-1]] = copy.deepcopy(value)
-
-
-def _check_experiment(name: Any, where: str) -> str:
-    from sims.experiments.registry import EXPERIMENTS
-
-    if not isinstance(name, str) or not name:
-        raise InputError(f"{where}: experiment must be a non-empty string, got {name!r}")
-    if name in SPECIAL_KINDS or name in EXPERIMENTS:
-        return name
-    if ":" in name:
-        _import_cell_function(name)  # fails here, with the reason, rather than in every cell
-        return name
-    raise InputError(f"{where}: unknown experiment {name!r}; known: {sorted(set(SPECIAL_KINDS) | set(EXPERIMENTS))}"
-                     " or 'package.module:function'")
-
-
-def _import_cell_function(name: str) -> Callable[[dict], Mapping[str, pd.DataFrame]]:
-    modname, _, fname = name.partition(":")
-    try:
-        fn = getattr(importlib.import_module(modname), fname)
-    except (ImportError, AttributeError) as e:
-        raise InputError(f"cell function {name!r} cannot be imported: {type(e).__name__}: {e}") from None
-    if not callable(fn):
-        raise InputError(f"cell function {name!r} is not callable")
-    return fn
-
-
-def _as_int(value: Any, key: str, where: str, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise InputError(f"{where}: {key} must be an integer >= {lo}, got {value!r}")
-    return value
-
-
-def parse_spec(data: Mapping, *, source: str = "<spec>", default_name: str = "sweep",
-               store: str | Path | None = None, workers: int | None = None) -> SweepSpec:
-    """Validate a spec mapping (the parsed TOML / YAML): every problem is an ``InputError`` naming the key."""
-    from sims.experiments.config import check_fields, unknown_keys_message
-
-    known = ["sweep", "base", "grid", "cells"]
-    unknown = [k for k in data if k not in known]
-    if unknown:
-        raise InputError(f"sweep spec {source}: top level: {unknown_keys_message(unknown, known)}")
-    sw = data.get("sweep", {})
-    if not isinstance(sw, Mapping):
-        raise InputError(f"sweep spec {source}: [sweep] must be a table")
-    try:
-        sw = check_fields(SweepTable, sw, "[sweep]")
-    except InputError as e:
-        raise type(e)(f"sweep spec {source}: {e}") from None
-    if "experiment" not in sw:
-        raise InputError(f"sweep spec {source}: [sweep] needs 'experiment' (a cell kind)")
-    experiment = _check_experiment(sw["experiment"], f"sweep spec {source}: [sweep] experiment")
-    name = str(sw.get("name") or default_name)
-    store_path = Path(store if store is not None else sw.get("store") or Path("runs") / "sweeps" / f"{name}.sqlite")
-    n_workers = _as_int(workers if workers is not None else sw.get("workers", 2), "workers", f"sweep spec {source}", 0)
-    threads = _as_int(sw.get("threads", 1), "threads", f"sweep spec {source}", 1)
-
-    base = data.get("base", {})
-    if not isinstance(base, Mapping):
-        raise InputError(f"sweep spec {source}: [base] must be a table")
-    raw_grid = data.get("grid", {})
-    if not isinstance(raw_grid, Mapping):
-        raise InputError(f"sweep spec {source}: [grid] must be a table of lists")
-    grid = _flatten_grid(raw_grid)
-    for key, values in grid.items():
-        if not isinstance(values, list):
-            raise InputError(f"sweep spec {source}: grid key {key!r} must be a list of values, got {values!r}")
-        if not values:
-            raise InputError(f"sweep spec {source}: grid key {key!r} is an empty list (the grid would have no cells)")
-    extra = data.get("cells", [])
-    if not isinstance(extra, list) or not all(isinstance(c, Mapping) for c in extra):
-        raise InputError(f"sweep spec {source}: [[cells]] must be a list of tables")
-    if not grid and not extra:
-        raise InputError(f"sweep spec {source}: empty grid: give [grid] keys with lists of values, or [[cells]]")
-    spec = SweepSpec(name=name, experiment=experiment, store=store_path, workers=n_workers, threads=threads,
-                     base=copy.deepcopy(dict(base)), grid=grid, extra_cells=[_flatten_grid(c) for c in extra],
-                     source=source)
-    expand_cells(spec)  # validates the cells (dotted paths, duplicates, theory keys) before anything runs
-    return spec
-
-
-def expand_cells(spec: SweepSpec) -> list[Cell]:
-    """The grid's Cartesian product (first key varies slowest), then the extra cells; duplicates are an error."""
-    cells: list[Cell] = []
-    keys = list(spec.grid)
-    combos = itertools.product(*(spec.grid[k] for k in keys)) if keys else []
-    for combo in combos:
-        cfg = copy.deepcopy(spec.base)
-        for key, value in zip(keys, combo):
-            _set_dotted(cfg, key, value, where=f"sweep spec {spec.source}: [grid]")
-        cells.append(Cell(spec.experiment, cfg, dict(zip(keys, combo))))
-    for i, over in enumerate(spec.extra_cells):
-        over = dict(over)
-        exp = _check_experiment(over.pop("experiment", spec.experiment), f"sweep spec {spec.source}: cells[{i}]")
-        cfg = copy.deepcopy(spec.base)
-        for key, value in over.items():
-            _set_dotted(cfg, key, value, where=f"sweep spec {spec.source}: cells[{i}]")
-        grid = dict(over) if exp == spec.experiment else {"experiment": exp, **over}
-        cells.append(Cell(exp, cfg, grid))
-    seen: dict[str, Cell] = {}
-    for c in cells:
-        validate_cell(c, where=f"sweep spec {spec.source}: cell ({c.label()})")
-        if c.cell_id in seen:
-            raise InputError(f"sweep spec {spec.source}: duplicated cell: ({c.label()}) resolves to the same config "
-                             f"as ({seen[c.cell_id].label()}) (cell id {c.cell_id})")
-        seen[c.cell_id] = c
-    return cells
-
-
-def validate_cell(cell: Cell, *, where: str) -> None:
-    """Check a cell's resolved config before any cell runs, with the schema of its kind: the theory-cell keys,
-    an experiment's config sections (``sims.experiments.registry.check_config``), an HF run's flat config; a
-    ``package.module:function`` cell has no schema. Errors start with ``where``."""
-    from sims.experiments.registry import EXPERIMENTS, check_config
-
-    if cell.experiment == "theory":
-        _theory_config(cell.config, where=where)
-    elif cell.experiment in ("hf_rlvr", "hf_sft"):
-        flat = _hf_flat(cell.experiment, cell.config, where=where)
-        try:
-            hf_backend = importlib.import_module("sims.hf.backend")
-        except ImportError:
-            return  # the cell fails when it runs, with the import error recorded
-        try:
-            hf_backend.cell_config(flat)
-        except InputError as e:
-            raise type(e)(f"{where}: {e}") from None
-    elif cell.experiment in EXPERIMENTS:
-        check_config(cell.experiment, cell.config, source=where)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Cell kinds
-
-
-def _theory_config(cfg: Mapping, *, where: str = "theory cell") -> dict:
-    from sims.experiments.config import check_fields
-    from theory.spectral import GATE2_IDS
-
-    try:
-        c = {**THEORY_DEFAULTS, **check_fields(TheoryCellConfig, cfg, "[theory cell]")}
-    except InputError as e:
-        raise type(e)(f"{where}: {e}") from None
-    ids = c["ids"] if c["ids"] is not None else list(GATE2_IDS)
-    if isinstance(ids, str):
-        ids = [ids]
-    bad = [i for i in ids if i not in GATE2_IDS]
-    if bad or not ids:
-        raise InputError(f"{where}: ids {bad or list(ids)} are not Gate II result ids; choose from {list(GATE2_IDS)}")
-    c["ids"] = list(ids)
-    return c
-
-
-def theory_cell(cfg: Mapping) -> dict[str, pd.DataFrame]:
-    """Gate II checks on ``instances`` seeded synthetic pairs at the cell's regime -> ``{"checks": rows}``.
-
-    Instance i uses the seed ``SeedSequence([seed, i])``; ``dW_over_gap`` is ||W1 - W0||_2 / gamma_k measured on
-    the float64 matrices (the x axis of ``paper_figs.sweep_figs.sweep_bounds``).
-    """
-    from theory.synthetic import synthetic_pair
-    from theory.spectral import gate2_all
-
-    c = _theory_config(cfg)
-    rows = []
-    for i in range(c["instances"]):
-        inst_seed = int(np.random.SeedSequence([c["seed"], i]).generate_state(1)[0])
-        pair = synthetic_pair(inst_seed, c["spectrum"], c["perturbation"], c["m"], c["n"], c["k"],
-                              float(c["target_ratio"]), **dict(c["spectrum_params"]))
-        kl = {key: pair[key] for key in ("delta_W", "mu_W") if key in pair}
-        checks = gate2_all(pair["W0"], pair["W1"], c["k"], device=c["device"], **kl)
-        dW_over_gap = float(np.linalg.norm(pair["W1"] - pair["W0"], 2) / pair["gap"])
-        for rid in c["ids"]:
-            row = {"instance": i, "instance_seed": inst_seed, "spectrum": c["spectrum"],
-                   "perturbation": c["perturbation"], "m": c["m"], "n": c["n"], "k": c["k"],
-                   "target_ratio": float(c["target_ratio"]), "dW_over_gap": dW_over_gap, **checks[rid].as_row()}
-            row["failed_assumption"] = row["failed_assumption"] or ""
-            rows.append(row)
-    return {"checks": pd.DataFrame(rows)}
-
-
-def _experiment_cell(name: str, cfg: Mapping) -> dict[str, pd.DataFrame]:
-    from sims.experiments.registry import run_experiment
-
-    with tempfile.TemporaryDirectory(prefix="threegate-sweep-") as tmp:
-        out = run_experiment(name, copy.deepcopy(dict(cfg)), Path(tmp) / "run")
-        tables = {p.stem: pd.read_parquet(p) for p in sorted(out.glob("*.parquet"))}
-        verdicts = out / "verdicts.json"
-        if verdicts.is_file():
-            v = pd.DataFrame(json.loads(verdicts.read_text()))
-            if "numbers" in v.columns:
-                v["numbers"] = [json.dumps(x, sort_keys=True, default=float) for x in v["numbers"]]
-            tables["verdicts"] = v
-    return tables
-
-
-def _hf_flat(kind: str, cfg: Mapping, *, where: str = "cell") -> dict:
-    """The flat config of ``sims.hf.backend.run_cell``: ``hf_sft`` is its ``algorithm = "sft"``."""
-    cell = copy.deepcopy(dict(cfg))
-    algorithm = cell.get("algorithm")
-    if kind == "hf_sft":
-        if algorithm not in (None, "sft"):
-            raise InputError(f"{where}: an hf_sft cell trains SFT; it cannot take algorithm={algorithm!r} "
-                             "(use hf_rlvr)")
-        cell["algorithm"] = "sft"
-    elif algorithm == "sft":
-        raise InputError(f"{where}: an hf_rlvr cell cannot take algorithm='sft' (use experiment hf_sft)")
-    return cell
-
-
-def _hf_cell(kind: str, cfg: Mapping) -> Mapping[str, pd.DataFrame]:
-    """``sims.hf.backend.run_cell`` with a flat config."""
-    cell = _hf_flat(kind, cfg)
-    hf_backend = importlib.import_module("sims.hf.backend")  # the cell fails (recorded) if it is missing
-    return hf_backend.run_cell(cell)
-
-
-def run_cell_tables(experiment: str, cfg: Mapping) -> dict[str, pd.DataFrame]:
-    """Run one cell in this process and return its result tables (raises whatever the cell raises)."""
-    from sims.experiments.registry import EXPERIMENTS
-
-    if experiment == "theory":
-        tables = theory_cell(cfg)
-    elif experiment in ("hf_rlvr", "hf_sft"):
-        tables = _hf_cell(experiment, cfg)
-    elif experiment in EXPERIMENTS:
-        tables = _experiment_cell(experiment, cfg)
-    elif ":" in experiment:
-        tables = _import_cell_function(experiment)(copy.deepcopy(dict(cfg)))
-    else:
-        raise InputError(f"unknown experiment {experiment!r}")
-    if not isinstance(tables, Mapping) or not all(isinstance(v, pd.DataFrame) for v in tables.values()):
-        raise TypeError(f"cell kind {experiment!r} must return dict[str, pandas.DataFrame], got {type(tables).__name__}")
-    return dict(tables)
-
-
-def execute_cell(task: Mapping[str, Any]) -> CellOutcome:
-    """Worker entry point: run one cell with ``threads`` BLAS/torch threads; never raises for a cell's error.
-
-    ``task`` = {"cell_id", "experiment", "config", "threads"} (plain data: it crosses process and machine
-    boundaries). The tables come back encoded (Parquet bytes) so the parent only writes them.
-    """
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    cfg = task["config"]
-    out = CellOutcome(cell_id=task["cell_id"], status="failed", host=socket.gethostname(),
-                      device=str(cfg.get("device", "cpu")), started=time.time())
-    prev_threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(int(task.get("threads", 1)))
-        with threadpool_limits(int(task.get("threads", 1))):
-            tables = run_cell_tables(task["experiment"], cfg)
-        out.tables = {name: encode_table(df) for name, df in tables.items()}
-        out.status = "done"
-    except (Exception, SystemExit) as e:  # a failed cell is a result, not a crash of the sweep
-        out.error = f"{type(e).__name__}: {e}"
-        out.traceback = "".join(traceback.format_exception(e))[-8000:]
-    finally:
-        torch.set_num_threads(prev_threads)
-        out.finished = time.time()
-    return out
+__all__ = ["Progress", "SweepSummary", "run_sweep", "add_arguments", "run", "failed_cells_line"]
 
 
 def _task(cell: Cell, threads: int) -> dict[str, Any]:
@@ -508,8 +75,6 @@ class Progress:
         self.t0 = time.perf_counter()
         self.bar = None
         if enabled and total and getattr(self.stream, "isatty", lambda: False)():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, desc=f"sweep {name}", file=self.stream, unit="cell")
 
     def eta(self) -> float:
@@ -567,10 +132,6 @@ def _run_inprocess(todo: Sequence[Cell], threads: int, finish: Callable[[Cell, C
 def _run_pool(todo: Sequence[Cell], workers: int, threads: int,
               finish: Callable[[Cell, CellOutcome], None]) -> None:
     """A spawn process pool with at most ``workers`` cells in flight (so a broken pool has few suspects)."""
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
-
     queue = list(todo)
     ctx = mp.get_context("spawn")
     while queue:
@@ -609,7 +170,7 @@ def _run_pool(todo: Sequence[Cell], workers: int, threads: int,
 
 def _run_dask(todo: Sequence[Cell], scheduler: Any, threads: int,
               finish: Callable[[Cell, CellOutcome], None], connect_timeout: float) -> None:
-    from dask.distributed import Client, as_completed
+    from dask.distributed import Client, as_completed  # heavy (~1 s, starts a tornado loop): --scheduler only
 
     if isinstance(scheduler, Client):
         client = scheduler
@@ -646,8 +207,6 @@ def _run_dask(todo: Sequence[Cell], scheduler: Any, threads: int,
 
 
 def _cuda_available() -> bool:
-    import torch
-
     return bool(torch.cuda.is_available())
 
 

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from sims.tinygpt.model import TinyGPT, generate, sequence_logprobs
-from sims.tinygpt.probe import ProbeConfig, Prober, RunResult, deterministic, start_run
+from sims.tinygpt.determinism import deterministic
+from sims.tinygpt.probe import ProbeConfig, Prober, RunResult, start_run
 from sims.tinygpt.progress import RunMonitor, equal_reward_groups, stored_unchanged
 from sims.tinygpt.storage import check_precision
 from theory.errors import InputError
@@ -165,7 +166,7 @@ def _kl_to_ref(model, ref_model, ids, attn, cmask, logp, estimator: str) -> torc
 def train_rlvr(model: TinyGPT, cfg: RLConfig, ref_model: TinyGPT | None = None, *, run_name: str = "rlvr") -> RunResult:
     """Train ``model`` in place by RLVR; returns the run's history, probe metrics, theory checks and snapshots.
 
-    Runs under ``sims.tinygpt.probe.deterministic()`` (deterministic kernels, one thread): the same config and starting
+    Runs under ``sims.tinygpt.determinism.deterministic()`` (deterministic kernels, one thread): the same config and starting
     weights give bit-identical weights and tables on the same machine."""
     with deterministic():
         return _train_rlvr(model, cfg, ref_model, run_name)

@@ -17,7 +17,8 @@ import pandas as pd
 import torch
 
 from sims.tinygpt.model import TinyGPT, sequence_logprobs
-from sims.tinygpt.probe import ProbeConfig, Prober, RunResult, deterministic, start_run
+from sims.tinygpt.determinism import deterministic
+from sims.tinygpt.probe import ProbeConfig, Prober, RunResult, start_run
 from sims.tinygpt.progress import RunMonitor, stored_unchanged
 from sims.tinygpt.storage import check_precision
 from sims.tinygpt.tasks import encode_demonstrations
@@ -64,7 +65,7 @@ def demonstration_loss(model: TinyGPT, ids: torch.Tensor, attn: torch.Tensor, cm
 
 
 def train_sft(model: TinyGPT, cfg: SFTConfig, *, run_name: str = "sft") -> RunResult:
-    """Train ``model`` in place by SFT; deterministic (see ``sims.tinygpt.probe.deterministic``)."""
+    """Train ``model`` in place by SFT; deterministic (see ``sims.tinygpt.determinism.deterministic``)."""
     with deterministic():
         return _train_sft(model, cfg, run_name)
 
