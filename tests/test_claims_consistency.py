@@ -261,7 +261,7 @@ def test_stripes_verdict_on_constructed_tables():
 
 
 def test_config_errors_name_the_problem():
-    with pytest.raises(InputError, match="unknown keys"):
+    with pytest.raises(InputError, match="unknown key '"):
         consistency_experiment({"consistency": {"preset": "fast", "runz": 3}})
     with pytest.raises(InputError, match="unknown task"):
         ConsistencyConfig.fast(tasks=("counting", "chess"))

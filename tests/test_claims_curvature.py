@@ -25,7 +25,8 @@ from sims.claims.curvature import (
     fisher_quadratic_forms,
     smollm2_curvature_verdict,
 )
-from sims.tinygpt.probe import deterministic, hvp_quadratic_forms, restricted_fisher
+from sims.tinygpt.determinism import deterministic
+from sims.tinygpt.probe import hvp_quadratic_forms, restricted_fisher
 from theory.errors import InputError
 from theory.update_geometry import rank_one_directions
 

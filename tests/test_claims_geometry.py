@@ -297,7 +297,7 @@ def test_overlap_verdict_ignores_other_k_and_alpha():
 
 
 def test_config_rejects_unknown_keys_and_bad_sweeps():
-    with pytest.raises(InputError, match="unknown keys"):
+    with pytest.raises(InputError, match="unknown key '"):
         geometry_experiment({"pretrain": FAST_PRETRAIN, "geometry": {"preset": "fast", "kz": [1]}})
     with pytest.raises(InputError, match="ks must be positive"):
         geometry_experiment({"pretrain": FAST_PRETRAIN, "geometry": {"preset": "fast", "ks": [0, 4]}})

@@ -408,7 +408,7 @@ def test_paper_figures_draw_the_fast_tables(interventions_run, kl_run):
 
 
 def test_config_errors_name_the_problem():
-    with pytest.raises(InputError, match="unknown keys"):
+    with pytest.raises(InputError, match="unknown key '"):
         interventions_experiment({"pretrain": FAST_PRETRAIN, "interventions": {"preset": "fast", "layerz": [1]}})
     with pytest.raises(InputError, match="out of range"):
         interventions_experiment({"pretrain": FAST_PRETRAIN,

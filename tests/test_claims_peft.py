@@ -276,7 +276,7 @@ def test_claim_runs_are_threegate_run_names_and_write_verdicts(masked_written):
 def test_config_errors_name_the_problem():
     with pytest.raises(InputError, match="masks"):
         masked_runs_experiment({"pretrain": FAST_PRETRAIN, "masked_runs": {"preset": "fast", "masks": ["nope"]}})
-    with pytest.raises(InputError, match="unknown keys"):
+    with pytest.raises(InputError, match="unknown key '"):
         lora_pissa_experiment({"pretrain": FAST_PRETRAIN, "lora_pissa": {"preset": "fast", "rankz": [2]}})
     with pytest.raises(InputError, match="methods"):
         lora_pissa_experiment({"pretrain": FAST_PRETRAIN, "lora_pissa": {"preset": "fast", "methods": ["DoRA"]}})

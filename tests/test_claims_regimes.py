@@ -70,7 +70,7 @@ def test_opd_moves_the_student_towards_the_teacher_and_is_deterministic():
     """A sharper teacher (lm_head x 2): a few small OPD steps lower the reverse KL to it on fixed held-out
     prefixes (0.55 -> 0.28 nats at lr 1e-3 in 6 steps, measured), and two runs are bit-identical."""
     from sims.claims.curvature import _sample_prefixes
-    from sims.tinygpt.probe import deterministic
+    from sims.tinygpt.determinism import deterministic
 
     model = start_model({"pretrain": FAST_PRETRAIN}, True)
     teacher = copy.deepcopy(model)

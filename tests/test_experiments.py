@@ -52,6 +52,7 @@ def test_registry_lists_every_experiment_in_one_place():
 
 def test_clip_eps_sweep_reports_lemma_f9_per_step(tmp_path, cache):
     cfg = _fast_config(cache)
+    cfg.pop("sft")  # clip_eps reads [pretrain], [rlvr] and [clip_eps] only
     cfg["rlvr"].update(steps=2, minibatches=4, lr=2e-3)
     cfg["clip_eps"] = {"eps": [0.05, 0.4]}
     out = run_experiment("clip_eps", cfg, tmp_path / "clip")
@@ -108,7 +109,8 @@ def test_cli_run_and_errors(tmp_path, capsys, cache):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"rlvr": {"stepz": 3}}))
     assert main(["run", "rlvr", "--config", str(bad), "--out", str(tmp_path / "o2")]) == 1
-    assert "unknown keys ['stepz']" in capsys.readouterr().err
+    assert "[rlvr]: unknown key 'stepz' (did you mean 'steps'?)" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
     assert main(["run", "--list"]) == 0
 
 
@@ -142,8 +144,9 @@ def test_gate3_rows_catch_a_probe_that_disagrees_with_bits():
     w = torch.tensor([[1.0, 2.0], [3.0, 0.5]], dtype=torch.bfloat16)
     nudged = w.clone()
     nudged[0, 0] = torch.tensor(1.0078125, dtype=torch.bfloat16)  # the next bf16 value above 1: a real change
-    rows = gate3_probe_rows({"m": w}, {1: {"m": nudged}}, "x", eta=2**-7)  # eta >= 2^-8: the probe misses it
-    assert rows.loc[0, "lhs"] == 1 and not rows.loc[0, "holds"]
+    rows = gate3_probe_rows({"m": w}, {1: {"m": nudged}}, "x", eta=2**-7)  # eta >= 2^-8: the probe misses it,
+    assert rows.loc[0, "lhs"] == 1 and not rows.loc[0, "holds"]  # which is outside Prop E.3 (eta < 2^-9), not a
+    assert not rows.loc[0, "assumptions_hold"] and rows.loc[0, "failed_assumption"] == "0 <= eta < 2^-9"  # violation
     rows = gate3_probe_rows({"m": w}, {1: {"m": nudged}}, "x")  # eta = 1e-3 < 2^-8: exact
     assert rows.loc[0, "lhs"] == 0 and rows.loc[0, "n_changed"] == 1 and rows.loc[0, "n_entries"] == 4
 
@@ -159,35 +162,6 @@ def test_default_simulation_checks_default_budget_no_exact_violation():
     assert len(met) > 100
     assert met["holds"].astype(bool).all(), met.loc[~met["holds"].astype(bool), ["result_id", "source", "matrix"]]
     assert {"eq7", "prop3.2", "lemF.9", "thm3.3-rigorous", "propE.3"} <= set(df["result_id"])
-
-
-def test_summary_tables_read_hf_names_with_exact_sparsity():
-    """A run of a Hugging Face model (HF parameter names) gets the same sparsity / spectrum / angles tables as
-    TinyGPT's: here exactly 3 of 32 q entries and 0 of the others change, norms and embeddings are left out."""
-    import pandas as pd
-    import torch
-
-    from sims.experiments.registry import summary_tables
-    from sims.tinygpt.probe import RunResult
-
-    g = torch.Generator().manual_seed(0)
-    base = {"model.layers.0.self_attn.q_proj.weight": torch.randn(4, 8, generator=g).to(torch.bfloat16),
-            "model.layers.0.mlp.down_proj.weight": torch.randn(8, 4, generator=g).to(torch.bfloat16),
-            "model.layers.0.input_layernorm.weight": torch.ones(8, dtype=torch.bfloat16),
-            "model.embed_tokens.weight": torch.randn(16, 8, generator=g).to(torch.bfloat16)}
-    final = {n: w.clone() for n, w in base.items()}
-    q = final["model.layers.0.self_attn.q_proj.weight"].view(-1)
-    q[[0, 5, 9]] = q[[0, 5, 9]] * 2  # three entries change (none is zero: randn)
-    final["model.layers.0.input_layernorm.weight"] += 1  # not a block matrix: must not count
-    metrics = pd.DataFrame(columns=["run", "kind", "step", "matrix", "metric", "value"])
-    res = RunResult("rlvr", "hf-run", {"steps": 2, "seed": 0, "model": "some/hf-dir"}, pd.DataFrame(),
-                    metrics, pd.DataFrame(), {0: base, 2: final}, {}, 0.0)
-    t = summary_tables([res], k=2)
-    sp = t["sparsity"].set_index("matrix_type")
-    assert sp.loc["q", "changed"] == 3 and sp.loc["q", "total"] == 32
-    assert sp.loc["down", "changed"] == 0 and sp.loc["all", "total"] == 64
-    assert sp.loc["all", "sparsity"] == 1 - 3 / 64 and set(sp["model"]) == {"some/hf-dir"}
-    assert set(t["spectrum"]["matrix_type"]) == {"q", "down"} and set(t["angles"]["layer"]) == {0}
 
 
 def test_section_config_turns_every_list_of_a_config_file_into_a_tuple():

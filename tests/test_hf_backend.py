@@ -27,7 +27,8 @@ from sims.hf.backend import (
 )
 from sims.hf.loading import load_causal_lm, smollm2_gguf_path
 from sims.hf.recorder import probe_matrix_names
-from sims.experiments.config import load_config
+from sims.experiments.config import load_config, resolve_section
+from sims.experiments.registry import check_config
 from sims.tinygpt.storage import save_snapshot
 from theory.errors import CheckpointError, InputError
 
@@ -248,7 +249,7 @@ def test_bad_configs_name_the_problem(tiny_dir):
         HFRLConfig(steps=5, snapshot_steps=(9,))
     with pytest.raises(InputError, match="precision"):
         HFSFTConfig(precision="fp16")
-    with pytest.raises(InputError, match="unknown keys"):
+    with pytest.raises(InputError, match="unknown key '"):
         run_cell({"model": str(tiny_dir), "nonsense": 1})
 
 
@@ -414,7 +415,9 @@ def test_smollm2_cpu_smoke_rlvr_run_goes_through_threegate_compare(tmp_path, cap
 def test_example_configs_build_valid_run_configs(path):
     cfg = load_config(path)
     section = "hf_rlvr" if "hf_rlvr" in cfg else "hf_sft"
-    c = hb.experiment_config(cfg, section, HFRLConfig if section == "hf_rlvr" else HFSFTConfig)
+    check_config(section, cfg, source=str(path))  # the whole file, as threegate run checks it
+    c = resolve_section(hb.SECTIONS[section], cfg, section)[0]
+    assert isinstance(c, HFRLConfig if section == "hf_rlvr" else HFSFTConfig)
     assert c.snapshot_steps[0] == 0 and c.snapshot_steps[-1] == c.steps
     assert c.device == cfg["device"]
     if "paper" in path.name:

@@ -11,7 +11,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sims.tinygpt.probe import deterministic
+from sims.tinygpt.determinism import deterministic
 from sims.tinygpt.storage import MixedPrecisionAdamW, load_snapshot, round_tensor_to_bf16, save_snapshot
 from theory.errors import CheckpointError, InputError, NonFiniteError
 

@@ -146,7 +146,7 @@ def test_cli_exit_status_and_list(tmp_path, capsys):
     assert out.count("pending") == 3 and "3 cells, 0 done" in out
     assert main(["sweep", str(spec), "--quiet"]) == 1  # k = 9 > min(m, n) fails
     captured = capsys.readouterr()
-    assert "ran 3 (2 done, 1 failed)" in captured.out and "1 cells failed" in captured.err
+    assert "ran 3 (2 done, 1 failed)" in captured.out and "1 of 3 cells failed" in captured.err
     assert main(["sweep", str(spec), "--list"]) == 0
     out = capsys.readouterr().out
     assert out.count(" done ") == 2 and out.count("failed") == 1

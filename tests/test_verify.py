@@ -59,7 +59,7 @@ def test_only_failed_assumptions_gives_no_verdict():
 
 def test_nan_lhs_never_holds():
     c = make_check("fake", float("nan"), 1.0)
-    assert not c.holds and c.verdict == "violated"
+    assert not c.holds and c.verdict == "indeterminate"  # a NaN side decides nothing: neither holds nor violated
 
 
 def test_run_writes_json_with_one_row_per_selected_id(tmp_path):
@@ -80,10 +80,13 @@ def test_run_writes_json_with_one_row_per_selected_id(tmp_path):
 
 def test_noise_floor_instances_do_not_set_the_worst_ratio():
     tiny = make_check("fake", 1e-15, 1e-16, tol=1e-13)  # two roundoffs: ratio 10, but inside the tolerance
+    floor = make_check("fake", 1e-15, 1.0, tol=1e-13)  # lhs at the noise floor, decided: holds
     real = make_check("fake", 0.5, 1.0, tol=1e-13)
-    row, _ = verify.summarize(_result(True), [tiny, real], source="theory")
+    assert tiny.verdict == "indeterminate" and floor.verdict == "holds"
+    row, _ = verify.summarize(_result(True), [tiny, floor, real], source="theory")
     assert row.verdict == "holds" and row.worst_ratio == pytest.approx(0.5)
-    assert "1 at the float64 noise floor" in row.notes
+    assert "1 indeterminate" in row.notes and "1 at the float64 noise floor" in row.notes
+    assert row.assumptions_met == 2 and row.violations == 0
 
 
 def test_failed_assumptions_group_without_their_measured_numbers():

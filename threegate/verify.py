@@ -9,6 +9,9 @@ how many met the assumptions, the worst ratio lhs/rhs among those, and the verdi
                  first-order forms) that is a finding, for an exact theorem it is a bug; the first counterexample
                  is saved to ``counterexamples.json``.
 
+Instances whose check is ``indeterminate`` (lhs and rhs within the error model's tolerance, e.g. an attained
+bound) are counted in the notes and neither hold nor violate.
+
 Then the simulation checks (the same results on real RLVR/SFT training steps of the small transformer) are
 appended, then one row per **claim** of the paper's experiments at small scale (``sims.claims``: every claim
 experiment of ``sims.experiments.registry.CLAIM_EXPERIMENTS`` run at its ``fast`` preset by default, ``--claims default`` for the full runs, ``--claims none`` to skip;
@@ -81,13 +84,16 @@ def assumption_name(text: str | None) -> str:
 
 def summarize(result: Result, checks: Iterable[Check], *, source: str, seconds: float = 0.0) -> tuple[Row, list[dict]]:
     """Aggregate the checks of one result into a verdict row (and the flat check rows)."""
-    rows, n, met, viol, worst, first_bad, noise = [], 0, 0, 0, -math.inf, None, 0
+    rows, n, met, viol, worst, first_bad, noise, undecided = [], 0, 0, 0, -math.inf, None, 0, 0
     failed: Counter[str] = Counter()
     for i, c in enumerate(checks):
         n += 1
         r = c.as_row()
         r.update(instance=i, source=source)
         rows.append(r)
+        if c.verdict == "indeterminate":
+            undecided += 1  # the error model cannot separate lhs from rhs: neither holds nor violated
+            continue
         if not c.assumptions_hold:
             failed[assumption_name(c.failed_assumption)] += 1
             continue
@@ -113,6 +119,9 @@ def summarize(result: Result, checks: Iterable[Check], *, source: str, seconds: 
         notes.append("EXACT RESULT VIOLATED: a bug or a wrong statement")
     if failed:
         notes.append("assumption failed: " + ", ".join(f"{k} x{v}" for k, v in failed.most_common(3)))
+    if undecided:
+        notes.append(f"{undecided} indeterminate (lhs and rhs within the error model's tolerance: attained bounds "
+                     "or the float64 noise floor)")
     if noise:
         notes.append(f"{noise} at the float64 noise floor (left out of the worst ratio)")
     row = Row(

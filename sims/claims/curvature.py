@@ -62,7 +62,8 @@ from sims.claims.base import (
     verdicts_frame,
 )
 from sims.tinygpt.model import generate
-from sims.tinygpt.probe import _action_positions, deterministic, restricted_fisher
+from sims.tinygpt.determinism import deterministic
+from sims.tinygpt.probe import _action_positions, restricted_fisher
 from sims.tinygpt.tasks import Tokenizer, task_by_name
 from theory.errors import InputError
 from theory.power import (

@@ -89,7 +89,8 @@ from sims.claims.base import (
     start_model,
     verdicts_frame,
 )
-from sims.tinygpt.probe import ProbeConfig, deterministic
+from sims.tinygpt.determinism import deterministic
+from sims.tinygpt.probe import ProbeConfig
 from sims.tinygpt.rlvr import RLConfig, train_rlvr
 from sims.tinygpt.sft import SFTConfig, train_sft
 from theory.errors import InputError, ZeroGapError

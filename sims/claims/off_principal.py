@@ -55,7 +55,7 @@ from sims.claims.base import (
     start_model,
     verdicts_frame,
 )
-from sims.tinygpt.probe import deterministic
+from sims.tinygpt.determinism import deterministic
 from theory.errors import InputError, ZeroGapError
 from theory.metrics import principal_mask
 from theory.update_geometry import (

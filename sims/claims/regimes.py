@@ -58,7 +58,8 @@ from sims.claims.sparsity import MIN_SPARSITY_GAP, _sparsity_rows
 from sims.tinygpt.model import GPTConfig
 from sims.tinygpt.opd import OPDConfig, train_opd
 from sims.tinygpt.pretrain import PretrainConfig, evaluate_accuracy, pretrain
-from sims.tinygpt.probe import ProbeConfig, deterministic
+from sims.tinygpt.determinism import deterministic
+from sims.tinygpt.probe import ProbeConfig
 from sims.tinygpt.rlvr import RLConfig, train_rlvr
 from sims.tinygpt.tasks import Tokenizer, task_by_name
 from theory.errors import InputError

@@ -21,7 +21,8 @@ Every experiment ``threegate run`` knows is in ``EXPERIMENTS`` (this module is t
 the TinyGPT runs above, the claim experiments of ``sims.claims`` (``CLAIM_EXPERIMENTS``: each also writes its own
 tables and ``verdicts.json``) and ``hf_rlvr`` / ``hf_sft`` on a real Hugging Face model (``sims.hf.backend``).
 
-Config files are TOML or JSON::
+Config files are TOML, JSON or YAML, checked before any work (``check_config``: every value's type, unknown keys
+at every level, each section's own checks; one line naming the file, section and key otherwise)::
 
     seed = 0                       # optional: overrides the seed of every run
     device = "cpu"                 # optional: overrides every run's device
@@ -38,41 +39,73 @@ Config files are TOML or JSON::
     high_over_low = 1.4
 
 The probed steps always include 0 and the last step (the sparsity / spectrum tables compare those two).
+
+The tables are written into a temporary sibling of ``--out`` that is renamed to it only when the run succeeded (a
+failed run leaves no folder). RL runs print one progress line per step on stderr (step, reward, KL; ``--quiet``
+silences them) and warnings at the end of a run (``sims.tinygpt.progress``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import difflib
 import json
 import platform
+import shutil
+import tempfile
+import textwrap
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import pandas as pd
 import torch
 
 from sims.claims import consistency, curvature, geometry, interventions, off_principal, peft, regimes, sparsity
 from sims.claims.base import ClaimRun, print_verdicts, verdicts_frame, verdicts_json, write_claim_run
-from sims.experiments.config import experiment_hash, load_config, section_config
-from sims.experiments.pretrained import base_model
-from sims.hf.backend import run_hf_rlvr, run_hf_sft
-from sims.hf.curvature import hf_curvature_table
+from sims.experiments.config import Section, experiment_hash, load_config, resolve_section, validate_config
+from sims.experiments.pretrained import PRETRAIN, base_model
+from sims.hf import backend as hf
+from sims.hf.curvature import HFCurvatureConfig, hf_curvature_table
 from sims.tables import concat_tables, summary_tables, write_tables
 from sims.tinygpt.probe import ProbeConfig, RunResult
 from sims.tinygpt.rlvr import RLConfig, train_rlvr
 from sims.tinygpt.sft import SFTConfig, train_sft
+from sims.tinygpt.progress import show_progress
 from sims.tinygpt.storage import save_snapshot
 from theory.errors import InputError
 
-__all__ = ["Experiment", "EXPERIMENTS", "CLAIM_EXPERIMENTS", "load_config", "experiment_hash", "section_config",
-           "run_experiment", "run_claims", "add_arguments", "run"]
+__all__ = ["Experiment", "EXPERIMENTS", "CLAIM_EXPERIMENTS", "CLAIM_CONFIGS", "SECTIONS", "ClipEpsConfig",
+           "load_config", "experiment_hash", "check_config", "first_paragraph", "run_experiment", "run_claims",
+           "add_arguments", "run"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration of the TinyGPT runs
+
+
+@dataclass(frozen=True)
+class ClipEpsConfig:
+    """``[clip_eps]``: the clip widths of the DAPO runs (eps_low; eps_high = high_over_low * eps_low)."""
+
+    eps: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
+    high_over_low: float = 1.4  # DAPO clip-higher
+
+    def __post_init__(self) -> None:
+        if not self.eps or any(not 0 < e < 1 for e in self.eps) or self.high_over_low <= 1:
+            raise InputError(f"need eps in (0, 1) and high_over_low > 1, got {list(self.eps)}, {self.high_over_low}")
+
+
+#: The config sections of the TinyGPT experiments.
+SECTIONS: dict[str, Section] = {
+    "pretrain": PRETRAIN,
+    "rlvr": Section(RLConfig, forced=("seed", "device")),
+    "sft": Section(SFTConfig, forced=("seed", "device")),
+    "clip_eps": Section(ClipEpsConfig),
+}
 
 
 def _with_endpoints(probe: ProbeConfig, steps: int) -> ProbeConfig:
@@ -80,13 +113,13 @@ def _with_endpoints(probe: ProbeConfig, steps: int) -> ProbeConfig:
 
 
 def _rl_config(cfg: Mapping) -> RLConfig:
-    rc = section_config(RLConfig, cfg.get("rlvr"), where="rlvr", seed=cfg.get("seed"), device=cfg.get("device"))
+    rc = resolve_section(SECTIONS["rlvr"], cfg, "rlvr")[0]
     rc.probe = _with_endpoints(rc.probe, rc.steps)
     return rc
 
 
 def _sft_config(cfg: Mapping) -> SFTConfig:
-    sc = section_config(SFTConfig, cfg.get("sft"), where="sft", seed=cfg.get("seed"), device=cfg.get("device"))
+    sc = resolve_section(SECTIONS["sft"], cfg, "sft")[0]
     sc.probe = _with_endpoints(sc.probe, sc.steps)
     return sc
 
@@ -119,18 +152,12 @@ def exp_rl_vs_sft(cfg: dict) -> list[RunResult]:
 
 def exp_clip_eps(cfg: dict) -> list[RunResult]:
     """Lemma F.9 on real clip-only (DAPO) runs over a sweep of clip widths eps: band violations and KL vs eps."""
-    sweep = dict(cfg.get("clip_eps", {}))
-    eps_list = [float(e) for e in sweep.pop("eps", [0.05, 0.1, 0.2, 0.4])]
-    ratio_high = float(sweep.pop("high_over_low", 1.4))  # DAPO clip-higher: eps_high = ratio * eps_low
-    if sweep:
-        raise InputError(f"[clip_eps] unknown keys {sorted(sweep)}; known: ['eps', 'high_over_low']")
-    if not eps_list or any(not 0 < e < 1 for e in eps_list) or ratio_high <= 1:
-        raise InputError(f"[clip_eps] need eps in (0, 1) and high_over_low > 1, got {eps_list}, {ratio_high}")
+    sweep = resolve_section(SECTIONS["clip_eps"], cfg, "clip_eps")[0]
     model, _ = base_model(cfg)
     out = []
-    for eps in eps_list:
+    for eps in sweep.eps:
         rl = dict(cfg.get("rlvr", {}))
-        rl.update(algorithm="dapo", beta=0.0, eps_low=eps, eps_high=min(ratio_high * eps, 0.99))
+        rl.update(algorithm="dapo", beta=0.0, eps_low=eps, eps_high=min(sweep.high_over_low * eps, 0.99))
         probe = dict(rl.pop("probe", {}))
         steps = int(rl.get("steps", 10))
         probe.update(steps=list(range(0, steps + 1)), checks=["lemF.9"])
@@ -156,11 +183,19 @@ def exp_curvature_smollm2(cfg: dict) -> ClaimRun:
 
 @dataclass(frozen=True)
 class Experiment:
-    """A ``threegate run`` name: ``fn(cfg)`` returns the training runs, or a ``ClaimRun`` (runs, tables, verdicts)."""
+    """A ``threegate run`` name: its description (the first paragraph of its docstring), the function (returning
+    the training runs, or a ``ClaimRun``: runs, tables, verdicts), and the config sections it reads
+    (``{name: Section}``; the schema ``check_config`` validates a config against)."""
 
     name: str
     doc: str
     fn: Callable[[dict], list[RunResult] | ClaimRun]
+    sections: Mapping[str, Section] = field(default_factory=dict)
+
+
+def first_paragraph(doc: str | None) -> str:
+    """The first paragraph of a docstring as one line (``run --list`` prints it whole)."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
 
 
 #: The claim experiments (``fn(cfg) -> ClaimRun``, config section ``[name]``, ``preset = "fast"`` in seconds).
@@ -179,40 +214,100 @@ CLAIM_EXPERIMENTS: dict[str, Callable[[Mapping], ClaimRun]] = {
     "opd": regimes.opd_experiment,
     "sgd_vs_adamw": regimes.sgd_experiment,
 }
+#: The config dataclass of each claim experiment's section ``[name]`` (its schema for ``threegate run`` / sweep).
+CLAIM_CONFIGS: dict[str, type] = {
+    "sparsity": sparsity.SparsityConfig,
+    "mask_predictor": sparsity.MaskPredictorConfig,
+    "consistency": consistency.ConsistencyConfig,
+    "geometry": geometry.GeometryConfig,
+    "interventions": interventions.InterventionsConfig,
+    "kl_beta0": interventions.KLBeta0Config,
+    "masked_runs": peft.MaskedRunsConfig,
+    "lora_pissa": peft.LoraPissaConfig,
+    "off_principal": off_principal.OffPrincipalConfig,
+    "curvature": curvature.CurvatureConfig,
+    "opd": regimes.OPDExperimentConfig,
+    "sgd_vs_adamw": regimes.SGDConfig,
+}
+
+_TINY = {"pretrain": SECTIONS["pretrain"]}
 
 
-def _experiment(name: str, fn: Callable) -> Experiment:
-    return Experiment(name, (fn.__doc__ or name).strip().splitlines()[0], fn)
+def _experiment(name: str, fn: Callable, sections: Mapping[str, Section]) -> Experiment:
+    return Experiment(name, first_paragraph(fn.__doc__) or name, fn, dict(sections))
 
 
 #: Every experiment ``threegate run`` knows, in the order ``threegate run --list`` shows them.
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
-    _experiment("rlvr", exp_rlvr),
-    _experiment("sft", exp_sft),
-    _experiment("rl_vs_sft", exp_rl_vs_sft),
-    _experiment("clip_eps", exp_clip_eps),
-    *(_experiment(name, fn) for name, fn in CLAIM_EXPERIMENTS.items()),
-    _experiment("hf_rlvr", run_hf_rlvr),
-    _experiment("hf_sft", run_hf_sft),
+    _experiment("rlvr", exp_rlvr, {**_TINY, "rlvr": SECTIONS["rlvr"]}),
+    _experiment("sft", exp_sft, {**_TINY, "sft": SECTIONS["sft"]}),
+    _experiment("rl_vs_sft", exp_rl_vs_sft, {**_TINY, "rlvr": SECTIONS["rlvr"], "sft": SECTIONS["sft"]}),
+    _experiment("clip_eps", exp_clip_eps, {**_TINY, "rlvr": SECTIONS["rlvr"], "clip_eps": SECTIONS["clip_eps"]}),
+    *(_experiment(name, fn, {**_TINY, name: Section(CLAIM_CONFIGS[name], presets=("fast", "default"),
+                                                     default="default")})
+      for name, fn in CLAIM_EXPERIMENTS.items()),
+    _experiment("hf_rlvr", hf.run_hf_rlvr, {"hf_rlvr": hf.SECTIONS["hf_rlvr"]}),
+    _experiment("hf_sft", hf.run_hf_sft, {"hf_sft": hf.SECTIONS["hf_sft"]}),
     # a real-model claim run (minutes on CPU): threegate run only, not in verify's claim sweep
-    _experiment("curvature_smollm2", exp_curvature_smollm2),
+    _experiment("curvature_smollm2", exp_curvature_smollm2, {"curvature_smollm2": Section(HFCurvatureConfig)}),
 )}
+
+
+def check_config(name: str, cfg: Mapping, *, source: str = "config") -> None:
+    """Validate ``cfg`` for experiment ``name`` before any work (types, unknown keys at every level, each section's
+    own checks); a ``ConfigError`` / ``InputError`` starting with ``source`` otherwise."""
+    if name not in EXPERIMENTS:
+        raise InputError(f"unknown experiment {name!r}; known: {sorted(EXPERIMENTS)}")
+    validate_config(cfg, EXPERIMENTS[name].sections, source=source, experiment=name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Running and writing
 
 
+@contextlib.contextmanager
+def _atomic_dir(out: Path) -> Iterator[Path]:
+    """A fresh sibling folder of ``out`` to write into; renamed to ``out`` when the block succeeds, removed (with the
+    parent folders this made) when it raises, so a failed run leaves no empty or partial results folder. An
+    existing ``out`` is replaced only when it is empty or an earlier run's folder (it has ``run.json``)."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "run.json").is_file())):
+        raise InputError(f"output folder {out} exists and is not an earlier run's results folder (no run.json); "
+                         "choose another --out")
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():  # an earlier run of the same config: swap it out, then drop it
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / "run")
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:  # innermost first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
 def run_experiment(name: str, cfg: dict, out: str | Path | None = None) -> Path:
     """Run experiment ``name`` with config ``cfg`` and write its tables into ``out``; returns the directory.
 
-    A claim experiment's verdicts are printed, and its own tables and ``verdicts.json`` written next to the
-    standard tables of its runs, then each run's own tables (``RunResult.tables``, concatenated over the runs); a
-    name already written wins."""
-    if name not in EXPERIMENTS:
-        raise InputError(f"unknown experiment {name!r}; known: {sorted(EXPERIMENTS)}")
+    The config is validated first (``check_config``); the tables are written into a temporary sibling folder that
+    becomes ``out`` only when the run succeeded. A claim experiment's verdicts are printed, and its own tables and
+    ``verdicts.json`` written next to the standard tables of its runs, then each run's own tables
+    (``RunResult.tables``, concatenated over the runs); a name already written wins."""
+    check_config(name, cfg)
     out = Path(out) if out is not None else Path("runs") / f"{name}-{experiment_hash(name, cfg)}"
-    out.mkdir(parents=True, exist_ok=True)
+    with _atomic_dir(out) as tmp:
+        _run_into(name, cfg, tmp)
+    return out
+
+
+def _run_into(name: str, cfg: dict, out: Path) -> None:
     t0 = time.perf_counter()
     produced = EXPERIMENTS[name].fn(cfg)
     run = produced if isinstance(produced, ClaimRun) else ClaimRun(list(produced))
@@ -242,7 +337,6 @@ def run_experiment(name: str, cfg: dict, out: str | Path | None = None) -> Path:
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
     }
     (out / "run.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-    return out
 
 
 def run_claims(name: str, cfg: Mapping, out: str | Path | None = None) -> tuple[ClaimRun, Path]:
@@ -269,19 +363,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="override the seed of every run")
     parser.add_argument("--device", default=None, help="override the device of every run (cpu, cuda)")
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
+    parser.add_argument("--quiet", action="store_true", help="no per-step progress lines (warnings still print)")
+
+
+def _print_list() -> None:
+    width = max(len(n) for n in EXPERIMENTS) + 2
+    for e in EXPERIMENTS.values():
+        print(textwrap.fill(e.doc, width=110, initial_indent=e.name.ljust(width), subsequent_indent=" " * width))
 
 
 def run(args: argparse.Namespace) -> int:
     if args.list or not args.name:
-        for e in EXPERIMENTS.values():
-            print(f"{e.name:12s} {e.doc}")
+        _print_list()
         return 0 if args.list else 2
+    if args.name not in EXPERIMENTS:
+        close = difflib.get_close_matches(args.name, list(EXPERIMENTS), n=1)
+        raise InputError(f"unknown experiment {args.name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + "; see threegate run --list")
     cfg = load_config(args.config)
     if args.seed is not None:
         cfg["seed"] = args.seed
     if args.device is not None:
         cfg["device"] = args.device
-    out = run_experiment(args.name, cfg, args.out)
+    check_config(args.name, cfg, source=f"config file {args.config}" if args.config else "command line")
+    with show_progress(quiet=args.quiet):
+        out = run_experiment(args.name, cfg, args.out)
     sp = pd.read_parquet(out / "sparsity.parquet")
     chk = pd.read_parquet(out / "checks.parquet")
     print(f"threegate run {args.name}: wrote {out}")

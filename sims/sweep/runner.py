@@ -17,7 +17,9 @@ when torch sees no CUDA device.
 
 Progress: one line per finished cell on stderr (done / total, failed, elapsed, ETA = mean cell time x remaining /
 workers); a tqdm bar instead when stderr is a terminal. Exit status 0 when every cell of the spec is done, 1 when
-some cell failed.
+some cell failed, with one line on stderr naming the failed cells (``failed_cells_line``). Every cell's resolved
+config is validated (``sims.sweep.spec.validate_cell``: types, unknown keys, each section's own checks) before any
+cell runs.
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ from tqdm import tqdm
 
 from sims.sweep.cells import execute_cell
 from sims.sweep.spec import Cell, SweepSpec, load_spec
-from sims.sweep.store import CellOutcome, SweepStore
+from sims.sweep.store import CellOutcome, SweepStore, store_cells
 from theory.errors import InputError
 
-__all__ = ["Progress", "SweepSummary", "run_sweep", "add_arguments", "run"]
+__all__ = ["Progress", "SweepSummary", "run_sweep", "add_arguments", "run", "failed_cells_line"]
 
 
 def _task(cell: Cell, threads: int) -> dict[str, Any]:
@@ -298,7 +300,26 @@ def run(args: argparse.Namespace) -> int:
     print(f"threegate sweep {spec.name}: {s.total} cells, {s.skipped} already in the store, ran {s.ran} "
           f"({s.done} done, {s.failed} failed) in {s.seconds:.1f}s; store {s.store}")
     if s.failed_in_store:
-        print(f"  {s.failed_in_store} cells failed (errors in the store's 'cells' table; rerun them with "
-              "--retry-failed)", file=sys.stderr)
+        print(failed_cells_line(spec), file=sys.stderr)
         return 1
     return 0
+
+
+#: Failed cells named one by one in the summary line; the rest are counted.
+SHOWN_FAILURES = 3
+
+
+def failed_cells_line(spec: SweepSpec) -> str:
+    """One line: how many of the spec's cells are recorded as failed, the first ``SHOWN_FAILURES`` of them (id,
+    grid values, error) and how to rerun them."""
+    cells = {c.cell_id: c for c in spec.cells()}
+    table = store_cells(spec.store)
+    failed = table[(table["status"] == "failed") & table["cell_id"].isin(list(cells))]
+    parts = []
+    for _, row in failed.head(SHOWN_FAILURES).iterrows():
+        error = " ".join(str(row["error"]).split())
+        parts.append(f"{row['cell_id']} ({cells[row['cell_id']].label()}): "
+                     f"{error if len(error) <= 200 else error[:197] + '...'}")
+    more = f"; and {len(failed) - SHOWN_FAILURES} more" if len(failed) > SHOWN_FAILURES else ""
+    return (f"threegate sweep {spec.name}: {len(failed)} of {len(cells)} cells failed: {'; '.join(parts)}{more} "
+            f"(errors in the store's 'cells' table; rerun them with --retry-failed)")

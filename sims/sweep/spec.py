@@ -37,12 +37,13 @@ from typing import Any, Mapping
 
 import yaml
 
-from sims.experiments.config import experiment_hash
-from sims.experiments.registry import EXPERIMENTS
-from sims.sweep.cells import SPECIAL_KINDS, import_cell_function, theory_config
+from sims.experiments.config import check_fields, experiment_hash, unknown_keys_message
+from sims.experiments.registry import EXPERIMENTS, check_config
+from sims.hf.backend import cell_config
+from sims.sweep.cells import SPECIAL_KINDS, hf_flat_config, import_cell_function, theory_config
 from theory.errors import InputError
 
-__all__ = ["Cell", "SweepSpec", "load_spec", "parse_spec", "expand_cells"]
+__all__ = ["Cell", "SweepTable", "SweepSpec", "load_spec", "parse_spec", "expand_cells", "validate_cell"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,17 @@ class Cell:
 
     def label(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.grid.items()) or "(base)"
+
+
+@dataclass(frozen=True)
+class SweepTable:
+    """The ``[sweep]`` table of a spec (its schema; see the module docstring)."""
+
+    experiment: str
+    name: str | None = None
+    store: str | None = None
+    workers: int = 2
+    threads: int = 1
 
 
 @dataclass
@@ -157,22 +169,22 @@ def _as_int(value: Any, key: str, where: str, lo: int) -> int:
 def parse_spec(data: Mapping, *, source: str = "<spec>", default_name: str = "sweep",
                store: str | Path | None = None, workers: int | None = None) -> SweepSpec:
     """Validate a spec mapping (the parsed TOML / YAML): every problem is an ``InputError`` naming the key."""
-    known = {"sweep", "base", "grid", "cells"}
-    unknown = sorted(set(data) - known)
+    known = ["sweep", "base", "grid", "cells"]
+    unknown = [k for k in data if k not in known]
     if unknown:
-        raise InputError(f"sweep spec {source}: unknown top-level keys {unknown}; known: {sorted(known)}")
+        raise InputError(f"sweep spec {source}: top level: {unknown_keys_message(unknown, known)}")
     sw = data.get("sweep", {})
     if not isinstance(sw, Mapping):
         raise InputError(f"sweep spec {source}: [sweep] must be a table")
-    sw_known = {"name", "experiment", "store", "workers", "threads"}
-    bad = sorted(set(sw) - sw_known)
-    if bad:
-        raise InputError(f"sweep spec {source}: unknown keys {bad} in [sweep]; known: {sorted(sw_known)}")
+    try:
+        sw = check_fields(SweepTable, sw, "[sweep]")
+    except InputError as e:
+        raise type(e)(f"sweep spec {source}: {e}") from None
     if "experiment" not in sw:
         raise InputError(f"sweep spec {source}: [sweep] needs 'experiment' (a cell kind)")
     experiment = _check_experiment(sw["experiment"], f"sweep spec {source}: [sweep] experiment")
-    name = str(sw.get("name", default_name))
-    store_path = Path(store if store is not None else sw.get("store", Path("runs") / "sweeps" / f"{name}.sqlite"))
+    name = str(sw.get("name") or default_name)
+    store_path = Path(store if store is not None else sw.get("store") or Path("runs") / "sweeps" / f"{name}.sqlite")
     n_workers = _as_int(workers if workers is not None else sw.get("workers", 2), "workers", f"sweep spec {source}", 0)
     threads = _as_int(sw.get("threads", 1), "threads", f"sweep spec {source}", 1)
 
@@ -220,10 +232,25 @@ def expand_cells(spec: SweepSpec) -> list[Cell]:
         cells.append(Cell(exp, cfg, grid))
     seen: dict[str, Cell] = {}
     for c in cells:
-        if c.experiment == "theory":
-            theory_config(c.config, where=f"sweep spec {spec.source}: cell ({c.label()})")
+        validate_cell(c, where=f"sweep spec {spec.source}: cell ({c.label()})")
         if c.cell_id in seen:
             raise InputError(f"sweep spec {spec.source}: duplicated cell: ({c.label()}) resolves to the same config "
                              f"as ({seen[c.cell_id].label()}) (cell id {c.cell_id})")
         seen[c.cell_id] = c
     return cells
+
+
+def validate_cell(cell: Cell, *, where: str) -> None:
+    """Check a cell's resolved config before any cell runs, with the schema of its kind: the theory-cell keys,
+    an experiment's config sections (``sims.experiments.registry.check_config``), an HF run's flat config; a
+    ``package.module:function`` cell has no schema. Errors start with ``where``."""
+    if cell.experiment == "theory":
+        theory_config(cell.config, where=where)
+    elif cell.experiment in ("hf_rlvr", "hf_sft"):
+        try:
+            cell_config(hf_flat_config(cell.experiment, cell.config, where=where))
+        except InputError as e:
+            msg = str(e)
+            raise type(e)(msg if msg.startswith(where) else f"{where}: {msg}") from None
+    elif cell.experiment in EXPERIMENTS:
+        check_config(cell.experiment, cell.config, source=where)

@@ -29,7 +29,8 @@ import pandas as pd
 import torch
 
 from sims.tinygpt.model import TinyGPT, generate
-from sims.tinygpt.probe import ProbeConfig, Prober, RunResult, _action_positions, deterministic, start_run
+from sims.tinygpt.determinism import deterministic
+from sims.tinygpt.probe import ProbeConfig, Prober, RunResult, _action_positions, start_run
 from sims.tinygpt.storage import OPTIMIZERS, check_precision
 from theory.errors import InputError
 

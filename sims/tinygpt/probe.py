@@ -40,24 +40,22 @@ approximation it is:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 import os
-import random
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 import torch
-from threadpoolctl import threadpool_limits
 from torch.func import functional_call, jvp, vmap
 
 from sims.tables import write_tables
+from sims.tinygpt.determinism import seed_everything
 from sims.tinygpt.model import TinyGPT, generate, matrix_params
 from sims.tinygpt.storage import MixedPrecisionAdamW, save_snapshot
 from sims.tinygpt.tasks import Task, Tokenizer, encode_demonstrations, task_by_name
@@ -74,8 +72,6 @@ __all__ = [
     "FISHER_ESTIMATOR",
     "CHECK_COLUMNS",
     "CHECK_FAMILIES",
-    "seed_everything",
-    "deterministic",
     "restricted_fisher",
     "hvp_quadratic_forms",
     "history_basis",
@@ -87,31 +83,6 @@ CHECK_COLUMNS = ["run", "kind", "step", "matrix", "reference", "result_id", "lhs
                  "assumptions_hold", "failed_assumption", "verdict", "fisher_estimator"]
 OTHER_BLOCK = "other"
 CHECK_FAMILIES = ("gate2", "fisher", "lemF.9")  # Gate II per matrix; Prop 3.2 + Eq 7; Lemma F.9
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def deterministic(num_threads: int = 1) -> Iterator[None]:
-    """torch deterministic algorithms and ``num_threads`` intra-op threads for torch and for BLAS (restored after).
-
-    The simulation matrices are tiny (64 x 176): one thread is fastest, and a multithreaded OpenBLAS on a shared,
-    oversubscribed 2-core machine measured 75x slower per SVD. A fixed thread count also keeps reruns bit-identical.
-    """
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at first CUDA use)
-    prev, prev_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns
-    torch.set_num_threads(num_threads)
-    try:
-        with threadpool_limits(num_threads):
-            yield
-    finally:
-        torch.use_deterministic_algorithms(prev)
-        torch.set_num_threads(prev_threads)
 
 
 @dataclass

@@ -49,7 +49,7 @@ def check_precision(precision: str) -> str:
 
 def round_tensor_to_bf16(x: torch.Tensor) -> torch.Tensor:
     """A float32 tensor rounded to a bfloat16 tensor by IEEE round-to-nearest-even (one rounding; torch's cast does
-    exactly this). The exact oracle on one number, returning bf16 bits, is ``theory.precision.round_to_bf16``."""
+    exactly this). The exact oracle on one number, returning bf16 bits, is ``theory.precision.round_to_bf16_bits``."""
     if x.dtype != torch.float32:
         raise InputError(f"round_tensor_to_bf16 expects a float32 master tensor, got {x.dtype}")
     return x.to(torch.bfloat16)
