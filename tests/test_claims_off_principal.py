@@ -170,7 +170,7 @@ def test_fast_verdicts_are_computed_from_the_table(fast_run):
 
 
 def test_config_rejects_unknown_keys():
-    with pytest.raises(InputError, match="unknown keys"):
+    with pytest.raises(InputError, match=r"\[off_principal\]: unknown key 'kk'"):
         off_principal_experiment({"pretrain": FAST_PRETRAIN, "off_principal": {"preset": "fast", "kk": 3}})
 
 

@@ -23,6 +23,7 @@ from theory.update_geometry import (
     energy_outside_coordinate_mask,
     fixed_spectrum_reconstruction,
     iso_residual_share,
+    iso_residual_share_from_spectra,
     principal_subspace_projection,
     random_energy_off_principal_subspace,
 )
@@ -240,6 +241,7 @@ def test_residual_is_the_spectrum_shift_over_the_displacement_and_at_most_one(se
     assert share == pytest.approx(np.linalg.norm(s1 - s0) / np.linalg.norm(dW), abs=tol)
     assert share <= 1.0 + tol
     assert iso_residual_share(W0, W1, squared=True) == pytest.approx(share**2, rel=1e-12)
+    assert iso_residual_share_from_spectra(s0, s1, np.linalg.norm(dW)) == pytest.approx(share, abs=tol)
 
 
 @given(st.integers(-40, 40), st.integers(0, 2**16))
@@ -270,6 +272,10 @@ def test_sign_alignment_flips_pairs_jointly_and_keeps_sign_of_zero_positive():
 
 
 def test_iso_bad_inputs():
+    with pytest.raises(InputError, match="must be finite and > 0"):
+        iso_residual_share_from_spectra([1.0], [2.0], 0.0)
+    with pytest.raises(ShapeMismatchError):
+        iso_residual_share_from_spectra([1.0], [2.0, 1.0], 1.0)
     with pytest.raises(InputError, match="no displacement"):
         iso_residual_share(np.eye(3), np.eye(3))
     with pytest.raises(ShapeMismatchError):

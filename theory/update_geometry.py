@@ -61,6 +61,7 @@ __all__ = [
     "align_singular_signs",
     "fixed_spectrum_reconstruction",
     "iso_residual_share",
+    "iso_residual_share_from_spectra",
     "rank_one_directions",
 ]
 
@@ -268,6 +269,28 @@ def iso_residual_share(W0: Any, W1: Any, *, squared: bool = False) -> float:
     R = B - fixed_spectrum_reconstruction(A, B)
     share2 = float(np.sum(R * R)) / disp
     return share2 if squared else math.sqrt(share2)
+
+
+def iso_residual_share_from_spectra(sigma0: Any, sigma1: Any, displacement_fro: float, *,
+                                    squared: bool = False) -> float:
+    """``iso_residual_share`` from the singular values alone: ``||W1 - U1 Σ0 V1ᵀ||_F = ||σ(W1) - σ(W0)||_2``
+    (unitary invariance of the Frobenius norm), divided by ``||W1 - W0||_F`` (given). For callers that already hold
+    every singular value of both matrices (``threegate.compare``'s exact routes); the tests check it against the
+    reconstruction.
+
+    Examples
+    --------
+    >>> iso_residual_share_from_spectra([2.0, 1.0], [3.0, 1.0], 1.0)
+    1.0
+    """
+    s0, s1 = to_f64(sigma0, "sigma0", ndim=1), to_f64(sigma1, "sigma1", ndim=1)
+    if s0.shape != s1.shape:
+        raise ShapeMismatchError(f"sigma0 has {s0.shape[0]} values but sigma1 has {s1.shape[0]}")
+    d = float(displacement_fro)
+    if not (math.isfinite(d) and d > 0):
+        raise InputError(f"the displacement ||W1 - W0||_F must be finite and > 0, got {displacement_fro}")
+    share = float(np.linalg.norm(s1 - s0)) / d
+    return share * share if squared else share
 
 
 def rank_one_directions(W0: Any, k: int, n_complement: int | None) -> list[tuple[str, int, float, np.ndarray]]:

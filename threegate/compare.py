@@ -12,6 +12,11 @@ Per 2-D weight matrix ``W0`` (base) and each tuned ``W+`` (``ΔW = W+ - W0``, al
   and ``M_princ ∩ M_low^c``, each with its random baseline (the density of ``M•``);
 * row / column update ratios ``ρ_i = mean_j M_ij``, ``κ_j = mean_i M_ij`` (std and max: stripes show as a large
   spread);
+* where ΔW lies against W0's singular structure (``theory.update_geometry``; a *subspace projection*, unlike the
+  coordinate mask ``M_princ`` above): ``energy_off_principal_subspace`` = ``‖ΔW - P_U ΔW P_V‖_F² / ‖ΔW‖_F²`` with
+  ``P_U``, ``P_V`` the projectors onto W0's top-k singular subspaces, beside ``random_energy_off_principal_subspace``
+  = ``1 - k²/(m n)`` (a random direction's expectation); ``iso_residual_share`` = ``‖W+ - U+ Σ0 V+ᵀ‖_F / ‖ΔW‖_F``
+  (ISO's fixed-spectrum residual, unsquared; exact routes only); pooled per layer / type / run by energy;
 * the Gate II checks of ``theory.spectral`` on the pair (Thm 3.3 as stated / Wedin / rigorous with the measured
   gap ``γ_k``, Cor F.13, Cor 3.4 Weyl and Mirsky, Cor 3.5), flagged ``assumption-failed`` where a hypothesis fails.
 

@@ -24,7 +24,8 @@ from theory.naming import MATRIX_TYPES
 from theory.spectral import GATE2_IDS
 from threegate.matrix_metrics import FAST_SKIP_REASON, FAST_SKIPS, MatrixResult
 
-__all__ = ["CompareTables", "collect", "aggregate", "pooled", "summary_table", "headline", "format_report",
+__all__ = ["CompareTables", "collect", "aggregate", "pooled", "pooled_update_geometry", "summary_table", "headline",
+           "format_report",
            "write_tables", "TYPE_ORDER", "VERDICTS", "SUMMARY_COLUMNS"]
 
 TYPE_ORDER = (*MATRIX_TYPES, "other")
@@ -83,6 +84,27 @@ def pooled(g: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
+def pooled_update_geometry(g: pd.DataFrame) -> dict[str, float]:
+    """The update-geometry shares pooled over the matrices of ``g`` as one concatenated update would have them:
+    ``energy_off_principal_subspace`` weighted by ||dW||_F² (sum of the off-subspace energies over the sum of the
+    energies) and ``iso_residual_share`` as sqrt(sum residual²) / sqrt(sum ||dW||_F²), each over the matrices where
+    it is defined (NaN when none is)."""
+    out = {}
+    w = g["dW_fro"].to_numpy(float) ** 2
+    for col, norm_ratio in (("energy_off_principal_subspace", False), ("iso_residual_share", True)):
+        if col not in g:
+            continue
+        v = g[col].to_numpy(float)
+        ok = np.isfinite(v) & (w > 0)
+        if not ok.any():
+            out[col] = math.nan
+        elif norm_ratio:
+            out[col] = float(np.sqrt(np.sum(v[ok] ** 2 * w[ok]) / np.sum(w[ok])))
+        else:
+            out[col] = float(np.sum(v[ok] * w[ok]) / np.sum(w[ok]))
+    return out
+
+
 def _type_sorted(df: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:
     rank = df["matrix_type"].map({t: i for i, t in enumerate(TYPE_ORDER)}).fillna(len(TYPE_ORDER))
     return df.assign(_o=rank).sort_values(["run", *extra, "_o"], kind="stable").drop(columns="_o").reset_index(drop=True)
@@ -98,6 +120,7 @@ def aggregate(matrices: pd.DataFrame, by: str) -> pd.DataFrame:
         row["dW_fro"] = float(np.sqrt((g["dW_fro"] ** 2).sum()))
         row["dW_2_max"] = float(g["dW_2"].max())
         row["nss_mean"] = float(g["nss"].mean()) if g["nss"].notna().any() else math.nan
+        row.update(pooled_update_geometry(g))
         for side in ("U", "V"):
             row[f"angle_{side}_max_deg"] = float(g[f"angle_{side}_max_deg"].max())
             row[f"angle_{side}_mean_deg"] = float(g[f"angle_{side}_mean_deg"].mean())
@@ -134,6 +157,7 @@ def summary_table(matrices: pd.DataFrame, method: str = "") -> pd.DataFrame:
             row["max_angle_deg"] = float(np.nanmax(angles)) if np.isfinite(angles).any() else math.nan
             row["angle_U_max_deg"] = float(gg["angle_U_max_deg"].max())
             row["angle_V_max_deg"] = float(gg["angle_V_max_deg"].max())
+            row.update(pooled_update_geometry(gg))
             out.append(row)
     df = pd.DataFrame(out)
     first = [c for c in SUMMARY_COLUMNS if c in df.columns]

@@ -24,13 +24,18 @@ from theory.errors import ZeroGapError
 from theory.linalg import SVD, pow2_exponent, principal_angles, scale_pow2
 from theory.naming import layer_index, matrix_type
 from theory.spectral import GATE2_IDS, SpectralPair, gate2_checks
+from theory.update_geometry import (
+    energy_off_principal_subspace_of_bases,
+    iso_residual_share_from_spectra,
+    random_energy_off_principal_subspace,
+)
 from threegate.decompose import Decomposition
 
 __all__ = ["MatrixResult", "matrix_result", "FAST_SKIPS"]
 
 EPS64 = float(np.finfo(np.float64).eps)
 #: what the fast route does not compute, and why (printed by compare and written to the rows)
-FAST_SKIPS = ("nss", *GATE2_IDS)
+FAST_SKIPS = ("nss", *GATE2_IDS, "iso_residual_share")
 FAST_SKIP_REASON = "need every singular value of W0 and W+ (fast route computes the top k+1)"
 
 
@@ -153,6 +158,7 @@ def matrix_result(
             if keep_spectra and gap_ok:
                 res.angles += [{"run": run, **meta, "side": side, "i": i, "angle_deg": float(a), "k": k}
                                for i, a in enumerate(ang)]
+        _update_geometry(row, dW, dec0, dec1, ok0, exact, k)
         row["angle_err_deg"] = math.degrees(dec0.angle_err + dec1.angle_err)
         row["angles_note"] = "" if gap_ok else f"sigma_{k} = sigma_{k + 1}: top-k subspace not unique"
         _mask_metrics(row, res, refs, mask, run, meta)
@@ -175,6 +181,24 @@ def matrix_result(
     if len(masks) >= 2:
         _cross_run(res, list(masks), runs)
     return res
+
+
+def _update_geometry(row: dict, dW: np.ndarray, dec0: Decomposition, dec1: Decomposition, ok0: bool, exact: bool,
+                     k: int) -> None:
+    """Where dW lies against W0's singular structure (``theory.update_geometry``), named by operator:
+    ``energy_off_principal_subspace`` (a subspace projection: share of ||dW||_F² outside the top-k left / right
+    singular subspaces of W0; NaN when they are not determined or dW = 0) beside ``random_energy_off_principal_
+    subspace`` = 1 - k²/(m n), a random direction's expectation; ``iso_residual_share`` (ISO:
+    ||W+ - U+ Σ0 V+ᵀ||_F / ||dW||_F = ||σ(W+) - σ(W0)||_2 / ||dW||_F; exact routes only, it needs every singular
+    value). The paper's coordinate mask M_princ is the ``overlap_princ`` column, a different operator."""
+    m, n = dW.shape
+    row["random_energy_off_principal_subspace"] = random_energy_off_principal_subspace(m, n, k)
+    moved = row["dW_fro"] > 0
+    row["energy_off_principal_subspace"] = (
+        energy_off_principal_subspace_of_bases(dW, dec0.svd.U[:, :k], dec0.svd.Vh[:k].T) if ok0 and moved
+        else math.nan)
+    row["iso_residual_share"] = (iso_residual_share_from_spectra(dec0.svd.S, dec1.svd.S, row["dW_fro"])
+                                 if exact and moved else math.nan)
 
 
 def _mask_metrics(row: dict, res: MatrixResult, refs: dict, mask: np.ndarray, run: str, meta: dict) -> None:
