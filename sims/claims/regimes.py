@@ -24,7 +24,8 @@ stored bf16 entries that changed at that step; their sum is the run's realized-u
 ``sgd_sparser_than_adamw``
     effect per seed = s_SGD(matched) - s_AdamW (final vs base, pooled), min effect
     ``sims.claims.sparsity.MIN_SPARSITY_GAP``; inconclusive when some seed's matched gains differ by more than
-    ``GAIN_MATCH_TOL`` or AdamW's gain is within ``GAIN_MATCH_TOL`` of zero (nothing learned: any run "matches").
+    ``GAIN_MATCH_TOL`` or AdamW's gain is not above ``GAIN_MATCH_TOL`` (nothing learned, or the reward fell: a
+    "matched gain" would compare nothing).
     The realized-update counts of both are in the numbers.
 
 Constants (chosen before measuring): ``MIN_BETWEEN_GAP = 0.01``, ``ROTATION_K = 16``, ``GAIN_MATCH_TOL = 0.05``.
@@ -144,11 +145,11 @@ def sgd_sparser_than_adamw(sparsity: pd.DataFrame, match: pd.DataFrame,
     if far:
         return SGD_CLAIM.verdict("inconclusive", f"no SGD run matches AdamW's reward gain within {GAIN_MATCH_TOL:g} "
                                                  f"on seed(s) {far} (gaps {np.round(gap, 4).tolist()})", nums)
-    flat = match.loc[~(match["adamw_gain"].abs() > GAIN_MATCH_TOL), "seed"].astype(int).tolist()
+    flat = match.loc[~(match["adamw_gain"] > GAIN_MATCH_TOL), "seed"].astype(int).tolist()
     if flat:
-        return SGD_CLAIM.verdict("inconclusive", f"AdamW's reward gain is within {GAIN_MATCH_TOL:g} of zero on seed(s) "
-                                                 f"{flat} ({np.round(match['adamw_gain'], 4).tolist()}): nothing was "
-                                                 f"learned, so any run 'matches' it", nums)
+        return SGD_CLAIM.verdict("inconclusive", f"AdamW's reward gain is not above {GAIN_MATCH_TOL:g} on seed(s) {flat} "
+                                                 f"({np.round(match['adamw_gain'], 4).tolist()}): nothing was learned "
+                                                 f"(or the reward fell), so a 'matched gain' compares nothing", nums)
     effects = {int(r["seed"]): float(s[r["sgd_run"]] - s[r["adamw_run"]]) for _, r in match.iterrows()}
     v = effect_verdict(SGD_CLAIM, effects, min_effect=MIN_SPARSITY_GAP, what="bf16 sparsity SGD - AdamW")
     return replace(v, numbers={**v.numbers, **nums})
