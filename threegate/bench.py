@@ -40,7 +40,8 @@ import torch
 from theory.errors import InputError
 from theory.fast_spectral import spectral_norm_fast, topk_svd
 from theory.linalg import principal_angles
-from threegate.bench_compare import ARCHS
+from threegate.bench_callback import bench_callback, format_callback_report
+from threegate.bench_compare import ARCHS, bench_compare, format_compare_report
 from theory.bf16_kernel import BACKENDS, changed_count, kernel_info
 
 TARGET_SPEEDUP = 20.0
@@ -359,8 +360,6 @@ def format_report(res: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "callback", False):
-        from threegate.bench_callback import bench_callback, format_callback_report
-
         res = bench_callback(args.callback_trainer, steps=args.callback_steps, model=args.callback_model,
                              device=args.device, seed=args.seed, gate3=args.callback_gate3)
         print(format_callback_report(res))
@@ -372,8 +371,6 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--repeats must be >= 1, got {args.repeats}")
     say = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if args.compare:
-        from threegate.bench_compare import bench_compare, format_compare_report
-
         if args.runs < 1:
             raise InputError(f"--runs must be >= 1, got {args.runs}")
         with threads_context(args.threads) as threads:

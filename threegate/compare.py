@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from theory import metrics
+from paper_figs.report import render_all
 from theory.errors import InputError, ThreegateError
 from threegate.checkpoints import Checkpoint, as_checkpoint, select_names
 from threegate.compare_tables import CompareTables, aggregate, collect, format_report, headline, write_tables
@@ -345,13 +346,9 @@ def compare(base: Any, tuned: Any, *, k: int = 16, alpha: float = 0.5, eta: floa
 
 
 def _render_figures(out: Path) -> Path | None:
-    """Figures and the report page through ``paper_figs`` into ``out/report`` when it is installed; silently
-    nothing otherwise. The report reads ``out`` itself (so it names the real results folder and finds the
-    per-matrix table for its summary); of each CSV + Parquet twin it draws one."""
-    try:
-        from paper_figs.report import render_all
-    except ImportError:
-        return None
+    """Figures and the report page through ``paper_figs`` into ``out/report``. The report reads ``out`` itself (so
+    it names the real results folder and finds the per-matrix table for its summary); of each CSV + Parquet twin it
+    draws one."""
     try:
         return render_all(out, out / "report").page
     except Exception as e:  # figures are extras: a figure problem must not lose the tables
