@@ -23,7 +23,14 @@ from theory.check import Check, assumption_failed, make_check, register
 from theory.errors import ComplexInputError, InputError, NonFiniteError
 
 __all__ = [
-    "check_cor36", "check_lemE1", "check_lemE1_across", "check_lemE2", "check_propE3",
+    "BF16_MAX", "BF16_MIN_NORMAL", "BF16_MIN_SUBNORMAL",
+    "Decoded", "decode_bf16", "decode_f32", "bf16_bits", "bf16_value", "is_bf16_representable",
+    "ulp_bf16", "next_up", "next_down",
+    "round_to_bf16_bits", "round_to_f32_bits", "bf16_step",
+    "SEMANTICS", "bf16_step_array", "bf16_round_array",
+    "Threshold", "realization_threshold", "realization_threshold_array",
+    "predict_change_mask", "rule_of_thumb_mask", "half_ulp_mask", "probe_unchanged",
+    "exact_scalar", "check_cor36", "check_lemE1", "check_lemE1_across", "check_lemE2", "check_propE3",
 ]
 
 
