@@ -24,12 +24,13 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from theory.check import Check, assumption_failed, decide, make_check, refine, register
+from theory.check import Check, assumption_failed, decide, ldexp_sat, make_check, refine, register
 from theory.errors import InputError, ShapeMismatchError
 from theory.linalg import as_real_scalar, pow2_exponent, scale_pow2
 from theory.policies import Policy, TabularSoftmax, campaign_policies, m_project, tilt
 from theory.leash_linalg import (
-    _sym, _vec, _not_psd, psd_rank_tol, fisher_norm, _index, schur_complement_with_tol, _subspace_mu, _ldexp, _radius_tol, _kl_with_err, _logprob_err, _class_name, EPS,
+    EPS, _class_name, _index, _kl_with_err, _logprob_err, _not_psd, _radius_tol, _subspace_mu, _sym, _vec,
+    fisher_norm, psd_rank_tol, schur_complement_with_tol,
 )
 
 __all__ = [
@@ -176,10 +177,10 @@ def eq7(F: Any, delta: Any, block: Any, *, shape: tuple[int, int] | None = None,
     half_quad = 0.5 * float(d @ A @ d)
     x_on, x_off, mu, failed, dim, e_mu, e_proj = _subspace_mu(S, x, subspace, s_tol)
     eq = eF + 2 * eD  # units of delta_W
-    details: dict[str, Any] = {"delta_W": _ldexp(dW, eq), "half_quad": _ldexp(half_quad, eq),
-                               "mu_W": _ldexp(mu, eF), "block_size": int(w.size), "subspace_dim": dim,
-                               "frobenius": _ldexp(math.sqrt(xx), eD),
-                               "off_subspace_norm": _ldexp(float(np.linalg.norm(x_off)), eD)}
+    details: dict[str, Any] = {"delta_W": ldexp_sat(dW, eq), "half_quad": ldexp_sat(half_quad, eq),
+                               "mu_W": ldexp_sat(mu, eF), "block_size": int(w.size), "subspace_dim": dim,
+                               "frobenius": ldexp_sat(math.sqrt(xx), eD),
+                               "off_subspace_norm": ldexp_sat(float(np.linalg.norm(x_off)), eD)}
     # x^T S x and D^T F D: S_W carries rounding s_tol (schur_complement_with_tol), each product n eps |x|^T|M||x|
     e_q = xx * s_tol + 4 * w.size * EPS * float(np.abs(x) @ np.abs(S) @ np.abs(x))
     scale = (64 * EPS * A.shape[0] * float(np.abs(d) @ np.abs(A) @ np.abs(d)) + F_err_s * float(d @ d) + e_q) / 2
@@ -189,7 +190,7 @@ def eq7(F: Any, delta: Any, block: Any, *, shape: tuple[int, int] | None = None,
         if int(np.prod(shape)) != w.size:
             raise ShapeMismatchError(f"block shape {shape} does not match the {w.size} selected parameters")
         spec = float(np.linalg.norm(x.reshape(shape), 2))
-        details["spectral"] = _ldexp(spec, eD)
+        details["spectral"] = ldexp_sat(spec, eD)
         links["||DW||_2 <= ||DW||_F"] = decide(spec, math.sqrt(xx), 64 * EPS * max(shape) * math.sqrt(xx))
     if K is not None:
         details["K"] = float(K)
@@ -197,7 +198,7 @@ def eq7(F: Any, delta: Any, block: Any, *, shape: tuple[int, int] | None = None,
     lhs = float(np.linalg.norm(x_on))
     failed = failed or _not_psd(A, err=F_err_s)
     if failed:
-        return assumption_failed(rid, failed, lhs=_ldexp(lhs, eD), details=details)
+        return assumption_failed(rid, failed, lhs=ldexp_sat(lhs, eD), details=details)
     rhs = math.sqrt(2 * max(dW, 0.0) / mu)
     # Error model: lhs = ||P x|| with the projector onto range(S_W) known to e_proj; rhs = sqrt(x^T S x / mu) with
     # x^T S x known to e_q and mu to e_mu = s_tol (both finite: mu > 3 s_tol is required above). No division by

@@ -24,7 +24,7 @@ from theory.errors import InputError, NonFiniteError, ShapeMismatchError
 from theory.linalg import as_real_array, as_real_scalar
 from theory.policies import MLPPolicy, Policy, TabularSoftmax, campaign_policies, m_project, tilt
 from theory.leash_linalg import (
-    _table, psd_rank_tol, _logit_err, _kl_with_err, _logprob_err, _class_name, EPS,
+    EPS, _class_name, _kl_with_err, _logit_err, _logprob_err, _table, psd_rank_tol,
 )
 
 __all__ = [

@@ -229,16 +229,6 @@ def _subspace_mu(F: np.ndarray, delta: np.ndarray, subspace: Any, tol: float | N
     return d_on, delta - d_on, mu, None, Q.shape[1], t, 0.0
 
 
-def _ldexp(x: float, e: int) -> float:
-    """x * 2**e (inf where it overflows; NaN and inf as they are)."""
-    if not math.isfinite(x):
-        return x
-    try:
-        return math.ldexp(x, e)
-    except OverflowError:
-        return math.copysign(math.inf, x)
-
-
 def _radius_tol(q: float, e_q: float, mu: float, e_mu: float) -> float:
     """Worst-case change of sqrt(q / mu) when q moves by e_q and mu by e_mu (mu > e_mu), plus its rounding."""
     r = math.sqrt(max(q, 0.0) / mu)

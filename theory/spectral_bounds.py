@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from jaxtyping import Float
 
-from theory.check import Check, assumption_failed, decide, make_check, refine
+from theory.check import Check, assumption_failed, decide, ldexp_sat, make_check, refine
 from theory.errors import ComplexInputError, InputError, NonFiniteError, ShapeMismatchError
 from theory.linalg import SVD, pow2_exponent, scale_pow2, sin_theta, singular_values, spectral_gap, svd64, to_f64
 
@@ -39,16 +39,6 @@ GATE2_IDS = ("thm3.3", "thm3.3-wedin", "thm3.3-rigorous", "corF.13", "cor3.4-wey
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _ldexp(x: float, e: int) -> float:
-    """x * 2**e (exact where representable, +-inf where it overflows)."""
-    if not math.isfinite(x) or e == 0:
-        return float(x)
-    try:
-        return math.ldexp(x, e)
-    except OverflowError:
-        return math.copysign(math.inf, x)
-
-
 @dataclass(frozen=True)
 class SpectralPair:
     """W0, W1 scaled by one power of two ``2**-exponent`` (exact) with their thin float64 SVDs and the singular
@@ -69,7 +59,7 @@ class SpectralPair:
 
     # ---- the units of the inputs ---------------------------------------------------------------------------
     def unscale(self, x: float) -> float:
-        return _ldexp(float(x), self.exponent)
+        return ldexp_sat(float(x), self.exponent)
 
     def _arr(self, a: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):
@@ -302,6 +292,16 @@ def _unresolved(rid: str, what: str, value: float, e: float, P: SpectralPair, d:
              f"{P.unscale(RESOLVED * e):.3e})", details=d)
 
 
+def _wedin_gap_unresolved(rid: str, delta: float, P: SpectralPair, d: dict) -> Check | None:
+    """The failed-assumption check when Wedin's delta (scaled units) is not > 0 or not resolved above rounding."""
+    if delta > RESOLVED * 2 * P.eps_s:
+        return None
+    if not delta > 0:
+        return assumption_failed(
+            rid, f"Wedin gap delta = sigma_k(W1) - sigma_(k+1)(W0) > 0 (delta = {P.unscale(delta):.3e})", details=d)
+    return _unresolved(rid, "Wedin gap delta = sigma_k(W1) - sigma_(k+1)(W0)", delta, 2 * P.eps_s, P, d)
+
+
 def _lhs_error(P: SpectralPair, k: int, rid: str, d: dict) -> tuple[float, Check | None]:
     """Bound on |computed sin_k - exact sin_k|, or the failed check when a subspace is not determined.
 
@@ -363,12 +363,9 @@ def _thm33_wedin(P: SpectralPair, k: int, kl: float | None) -> Check:
     R = float(np.linalg.norm(P.dW_s @ P.V1(k), 2))
     S = float(np.linalg.norm(P.dW_s.T @ P.U1(k), 2))
     d.update(residual_R=P.unscale(R), residual_S=P.unscale(S))
-    if not delta > RESOLVED * 2 * es:
-        if not delta > 0:
-            return assumption_failed(
-                rid, f"Wedin gap delta = sigma_k(W1) - sigma_(k+1)(W0) > 0 (delta = {P.unscale(delta):.3e})",
-                details=d)
-        return _unresolved(rid, "Wedin gap delta = sigma_k(W1) - sigma_(k+1)(W0)", delta, 2 * es, P, d)
+    bad = _wedin_gap_unresolved(rid, delta, P, d)
+    if bad:
+        return bad
     e_lhs, bad = _lhs_error(P, k, rid, d)
     if bad:
         return bad
@@ -423,12 +420,9 @@ def _corF13(P: SpectralPair, k: int, kl: float | None) -> Check:
     if gap > 0:
         d["rhs_as_stated"] = P.dW2_s / gap
     delta = float(P.svd1_s.S[k - 1]) - wedin_gap(P.svd0_s.S, P.svd1_s.S, k, P.shape)[0]
-    if not delta > RESOLVED * 2 * es:
-        if not delta > 0:
-            return assumption_failed(
-                rid, f"Wedin gap delta = sigma_k(W1) - sigma_(k+1)(W0) > 0 (delta = {P.unscale(delta):.3e})",
-                details=d)
-        return _unresolved(rid, "Wedin gap delta = sigma_k(W1) - sigma_(k+1)(W0)", delta, 2 * es, P, d)
+    bad = _wedin_gap_unresolved(rid, delta, P, d)
+    if bad:
+        return bad
     e_lhs, bad = _lhs_error(P, k, rid, d)
     if bad:
         return bad
