@@ -2,11 +2,10 @@
 registered checks (``theory.RESULTS[id]``) with seeded campaigns, and the beta sweep behind the plots and the
 tutorial (Prop 3.1 and 3.2 along beta).
 
-- ``"lemF.9"``   clip band => batch KL estimate <= E[T] max(-log(1-eps), log(1+eps)); counts band violations.
 - ``"prop3.2"``  K = KL(pi+ || pi) => ||D||_{F(theta)} <= sqrt(2K)(1+o(1)), ||D||_2 <= sqrt(2K/mu)(1+o(1)) on the
                  update subspace (corrected: F is singular for softmax policies).
 - ``"eq7"``      per-block Schur complement S_W, delta_W = 1/2 vec(DW)^T S_W vec(DW) <= 1/2 D^T F D,
-
+                 ||DW||_2 <= ||DW||_F <= sqrt(2 delta_W / mu_W).
 
 "Update subspace", precisely. F(theta) of a softmax policy is singular (shifting all logits of a context changes
 nothing: F 1 = 0), so "F >= mu I" fails on R^d and the unrestricted Prop 3.2 is false: D = c 1 has K = 0 and

@@ -132,14 +132,6 @@ class GeometryConfig(RLRecipe):
         return replace(cls(seeds=(0,), rl_steps=2, prompts_per_step=4, group_size=4, sft_batch_size=8,
                            sft_max_factor=2, sft_probe_every=2, n_eval_prompts=4), **kw)
 
-    @classmethod
-    def default(cls, **kw) -> "GeometryConfig":
-        return replace(cls(), **kw)
-
-    @property
-    def updates(self) -> int:
-        return self.rl_steps * self.minibatches
-
     def sft_probe_steps(self) -> tuple[int, ...]:
         top = self.sft_max_factor * self.updates
         return tuple(sorted({0, self.updates, top, *range(self.sft_probe_every, top + 1, self.sft_probe_every)}))

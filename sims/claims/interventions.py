@@ -182,10 +182,6 @@ class InterventionsConfig(RLRecipe):
         return replace(cls(seeds=(0,), rl_steps=2, prompts_per_step=4, group_size=4, n_eval_prompts=4,
                            n_check_prompts=8), **kw)
 
-    @classmethod
-    def default(cls, **kw) -> "InterventionsConfig":
-        return replace(cls(), **kw)
-
 
 @dataclass(frozen=True)
 class KLBeta0Config:

@@ -15,13 +15,15 @@ Examples
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from sims.tinygpt.probe import ProbeConfig
 from sims.tinygpt.rlvr import RLConfig
 
 __all__ = ["RLRecipe", "recipe_rl_config"]
+
+_Recipe = TypeVar("_Recipe", bound="RLRecipe")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,16 @@ class RLRecipe:
     minibatches: int = 2
     prompts_per_step: int = 8
     group_size: int = 8
+
+    @classmethod
+    def default(cls: type[_Recipe], **kw: Any) -> _Recipe:
+        """The default preset with the fields in ``kw`` replaced."""
+        return replace(cls(), **kw)
+
+    @property
+    def updates(self) -> int:
+        """AdamW updates of one RL run: ``rl_steps * minibatches``."""
+        return self.rl_steps * self.minibatches
 
 
 def recipe_rl_config(c: Any, *, seed: int, device: str, probe: ProbeConfig, lr: float | None = None,

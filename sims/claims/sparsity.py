@@ -234,14 +234,6 @@ class SparsityConfig(RLRecipe):
         return replace(cls(seeds=(0, 1), rl_steps=2, prompts_per_step=4, group_size=4, sft_batch_size=8,
                            lrs=(1e-5, 1e-3), n_eval_prompts=4), **kw)
 
-    @classmethod
-    def default(cls, **kw) -> "SparsityConfig":
-        return replace(cls(), **kw)
-
-    @property
-    def updates(self) -> int:
-        return self.rl_steps * self.minibatches
-
 
 @dataclass(frozen=True)
 class MaskPredictorConfig:
