@@ -11,6 +11,7 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from jaxtyping import Bool, Float
 
@@ -129,8 +130,6 @@ def _round_f64_bits(s: np.ndarray, err: np.ndarray, fmt: _Fmt) -> np.ndarray:
 def _to_bits_bf16(w: Any, name: str) -> tuple[np.ndarray, str, Any]:
     """(uint16 bits, kind, torch device or None) of a bf16 array: ml_dtypes.bfloat16 numpy or torch.bfloat16
     (float32/float64 arrays are accepted when every entry is exactly a bf16 value)."""
-    import ml_dtypes
-
     reject_complex(w, name)
     torch = _torch_if_tensor(w)
     if torch is not None:
@@ -196,7 +195,7 @@ def _prepare(w: Any, delta: Any) -> tuple[np.ndarray, np.ndarray, str, Any]:
 
 def _step_torch(w: Any, delta: Any, semantics: str, device: Any) -> Any:
     """The step on torch tensors, computed on ``device`` (CUDA works: only int64/float64 elementwise ops)."""
-    import torch
+    import torch  # torch only for torch inputs: numpy callers never load it
 
     if not isinstance(w, torch.Tensor):
         wb_np, _, _ = _to_bits_bf16(w, "w")
@@ -336,8 +335,6 @@ def predict_change_mask(w_bf16: Any, delta: Any, semantics: Semantics = "exact")
 
 
 def _bf16_dtype() -> Any:
-    import ml_dtypes
-
     return ml_dtypes.bfloat16
 
 

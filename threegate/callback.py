@@ -59,6 +59,8 @@ from transformers import TrainerCallback
 from theory import metrics
 from theory.errors import InputError, ThreegateError
 from theory.naming import layer_index, matrix_type
+from threegate.checkpoints import save_safetensors
+from threegate.compare import _validate_options, compare_tables
 from threegate.live import LiveCounter, MatrixCounts, dtensor_class, local_shard, stored_bf16
 
 __all__ = ["ThreeGateCallback", "steps_frame", "pool_steps", "gate3_tables", "table1_from_steps", "RL_CONFIGS"]
@@ -233,8 +235,6 @@ class ThreeGateCallback(TrainerCallback):
                  save_snapshots: bool = True, run_name: str | None = None, method: str | None = None,
                  flush_every: int = 50, device: str | None = None, include_frozen: bool = False,
                  only: str | None = None):
-        from threegate.compare import _validate_options
-
         _validate_options(k, alpha, eta, device or "cpu", None, 0)
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
             raise InputError(f"flush_every must be a positive integer, got {flush_every!r}")
@@ -335,8 +335,6 @@ class ThreeGateCallback(TrainerCallback):
     # ---------------------------------------------------------------------------------------- snapshots
     def _write_snapshot(self, model, step: int) -> Path:
         """Stored-bf16 weights of the tracked matrices (gathered if sharded) -> snapshots/step_{step:06d}."""
-        from threegate.checkpoints import save_safetensors
-
         DTensor = dtensor_class()
         params = dict(model.named_parameters())
         state = {}
@@ -351,8 +349,6 @@ class ThreeGateCallback(TrainerCallback):
         return path
 
     def _snapshot(self, model, step: int) -> None:
-        from threegate.compare import compare_tables
-
         path = self._write_snapshot(model, step)
         self._snapshotted.add(step)
         if not self._main:
