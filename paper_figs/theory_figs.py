@@ -204,6 +204,7 @@ def _tightness(ax: Any, d: pd.DataFrame, regime_col: str | None, rv: np.ndarray,
         ratio = np.where(rhs == 0, np.where(lhs == 0, 0.0, np.inf), lhs / np.where(rhs == 0, 1.0, rhs))
     assumed = d["assumptions_hold"].to_numpy(bool)
     violated = (d["verdict"] == "violated").to_numpy(bool)
+    indeterminate = (d["verdict"] == "indeterminate").to_numpy(bool)
     usable = assumed & np.isfinite(ratio) & np.isfinite(rv)
     levels = np.unique(rv[usable])
     if len(levels) < 2:  # a curve against the regime needs two regime values
@@ -221,18 +222,19 @@ def _tightness(ax: Any, d: pd.DataFrame, regime_col: str | None, rv: np.ndarray,
     sweep = groups == 1 and len(np.unique(rv[good[np.argsort(order)]])) == int(good.sum())
     ax.plot(rv[order][good], ratio[order][good], "o-" if sweep else "o", ms=3, lw=0.8,
             color=OKABE_ITO["blue"], alpha=0.8, label="lhs / rhs", gid="tightness")
-    # ratio > 1 yet "holds": inside the check's tolerance (float64 noise floor); say so instead of hiding it
-    within_tol = assumed & ~violated & np.isfinite(ratio) & (ratio > 1) & np.isfinite(rv)
+    # "indeterminate": |lhs - rhs| within the check's tolerance (float64 cannot decide); drawn at its ratio, neither
+    # hidden nor shown as a violation or as a failed assumption
+    within_tol = indeterminate & np.isfinite(ratio) & np.isfinite(rv)
     if within_tol.any():
         ax.scatter(rv[within_tol], ratio[within_tol], marker="o", s=30, facecolors="none",
                    edgecolors=OKABE_ITO["black"], linewidths=0.8, gid="within-tolerance",
-                   label=f"ratio > 1 within tolerance: {int(within_tol.sum())}")
+                   label=f"indeterminate (|lhs - rhs| within tolerance): {int(within_tol.sum())}")
     ax.axhline(1.0, ls="--", color=OKABE_ITO["black"], lw=1.0, label="bound attained (ratio = 1)", gid="ratio-one")
     shown_v = violated & np.isfinite(ratio) & np.isfinite(rv)
     if shown_v.any():
         ax.scatter(rv[shown_v], ratio[shown_v], label=f"{VIOLATION_LABEL}: {int(shown_v.sum())}", gid="violations",
                    **VIOLATION_STYLE)
-    fa = ~assumed & np.isfinite(rv)
+    fa = ~assumed & ~indeterminate & np.isfinite(rv)
     if fa.any():
         # A failed assumption has no meaningful ratio: mark where along the regime axis it happened.
         ax.plot(rv[fa], np.zeros(int(fa.sum())), "|", ms=14, mew=1.5, color=OKABE_ITO["black"],
