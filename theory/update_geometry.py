@@ -31,11 +31,11 @@ reconstruction and the residual do not depend on the alignment (it matters only 
 when it only turns the frames (e.g. ``W1 = Q W0`` with Q orthogonal).
 
 Numerics. Everything is float64 (``theory.linalg.to_f64``). Each input is first scaled by a power of two (exact) so
-that its largest magnitude lies in [1, 2): the shares are invariant under scaling ``dW`` (and ``W0``, ``W1``
-jointly), and after the pre-scaling an input scaled by ``2**j`` gives bit-identical results. Error model: the
+that its largest magnitude lies in [1/2, 1): the shares are invariant under scaling ``dW`` (and ``W0``, ``W1``
+jointly; ``theory.linalg.pow2_exponent``), and an input scaled by ``2**j`` gives bit-identical results. Error model: the
 projection and the norms carry a relative error of a few ``eps64 * (m + n)``; the top-k subspaces carry the SVD's
-error ``eps64 * ||W0||_2 / gap_k`` (``ZeroGapError`` when ``sigma_k = sigma_{k+1}`` to float64 resolution: the
-subspace is then not determined); the ISO residual carries an absolute error of order ``eps64 * r * ||W1||_2``,
+error ``eps64 * ||W0||_2 / gap_k`` (``ZeroGapError`` when ``sigma_k = sigma_{k+1}`` to float64 resolution,
+``theory.linalg.topk_subspace_unresolved``: the subspace is then not determined); the ISO residual carries an absolute error of order ``eps64 * r * ||W1||_2``,
 i.e. a relative error ``eps64 * r * ||W1||_2 / ||W1 - W0||_F`` of the share (about 1e-11 for a bf16-sized update of
 a unit-norm matrix).
 """
@@ -49,10 +49,9 @@ import numpy as np
 from jaxtyping import Float
 
 from theory.errors import InputError, ShapeMismatchError, ZeroGapError
-from theory.linalg import svd64, to_f64
+from theory.linalg import pow2_exponent, scale_pow2, svd64, to_f64, topk_subspace_unresolved
 
 __all__ = [
-    "GAP_RESOLUTION_FACTOR",
     "principal_subspace_projection",
     "energy_off_principal_subspace",
     "energy_off_principal_subspace_of_bases",
@@ -65,32 +64,23 @@ __all__ = [
     "rank_one_directions",
 ]
 
-#: sigma_k - sigma_{k+1} <= GAP_RESOLUTION_FACTOR * eps64 * r * sigma_1 counts as a zero gap (as in
-#: ``theory.metrics.principal_angles_topk``).
-GAP_RESOLUTION_FACTOR = 8
-
-
 def _pow2_normalised(A: np.ndarray) -> np.ndarray:
-    """``A * 2**-e`` (exact) with ``e`` the binary exponent of ``max |A|``, so the largest magnitude is in [1, 2)."""
-    top = float(np.max(np.abs(A))) if A.size else 0.0
-    if top == 0.0:
-        return A
-    return np.ldexp(A, -(math.frexp(top)[1] - 1))
+    """``A`` scaled by a power of two (exact; ``theory.linalg.pow2_exponent``): max |A| in [1/2, 1)."""
+    return scale_pow2(A, pow2_exponent(A))
 
 
 def _top_k_bases(W0: np.ndarray, k: int, name: str = "W0") -> tuple[np.ndarray, np.ndarray]:
-    """U_k (m, k), V_k (n, k) of ``W0``; InputError for k outside 1..r, ZeroGapError when sigma_k = sigma_{k+1}."""
+    """U_k (m, k), V_k (n, k) of ``W0``; InputError for k outside 1..r, ZeroGapError when the top-k subspaces are
+    not determined to float64 resolution (``theory.linalg.topk_subspace_unresolved``, the project's one rule)."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise InputError(f"{name}: k must be an integer, got {k!r}")
     U, S, Vh = svd64(_pow2_normalised(W0), name)
     r = S.shape[0]
     if not 1 <= k <= r:
         raise InputError(f"{name}: k={k} outside 1..{r}")
-    if k < r:
-        resolution = GAP_RESOLUTION_FACTOR * np.finfo(np.float64).eps * r * S[0]
-        if S[k - 1] - S[k] <= resolution:
-            raise ZeroGapError(f"{name}: sigma_{k} and sigma_{k + 1} coincide (gap <= {resolution:.3g} of the "
-                               f"normalised matrix); the top-{k} singular subspace is not determined")
+    if topk_subspace_unresolved(S, k, W0.shape):
+        raise ZeroGapError(f"{name}: sigma_{k} and sigma_{k + 1} coincide to float64 resolution; the top-{k} "
+                           f"singular subspace is not determined")
     return U[:, :k], Vh[:k, :].T
 
 
@@ -258,10 +248,8 @@ def iso_residual_share(W0: Any, W1: Any, *, squared: bool = False) -> float:
     A, B = to_f64(W0, "W0"), to_f64(W1, "W1")
     if A.shape != B.shape:
         raise ShapeMismatchError(f"W0 has shape {A.shape} but W1 has shape {B.shape}")
-    top = max(float(np.max(np.abs(A))), float(np.max(np.abs(B)))) if A.size else 0.0
-    if top > 0.0:
-        e = math.frexp(top)[1] - 1
-        A, B = np.ldexp(A, -e), np.ldexp(B, -e)
+    e = pow2_exponent(A, B)
+    A, B = scale_pow2(A, e), scale_pow2(B, e)
     D = B - A
     disp = float(np.sum(D * D))
     if disp == 0.0:

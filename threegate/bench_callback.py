@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
 
-from theory.errors import InputError
 from sims.hf.loading import load_causal_lm
 from sims.hf.word_problems import format_prompt, generate_problems, reward
+from theory.errors import InputError
 from threegate.callback import ThreeGateCallback
 
 __all__ = ["TRAINERS", "TARGET_CPU", "TARGET_GPU", "bench_callback", "format_callback_report"]
@@ -34,7 +35,7 @@ TARGET_CPU, TARGET_GPU = 0.05, 0.02
 
 
 def _datasets(kind: str, tokenizer, n: int, seed: int):
-    from datasets import Dataset  # heavy (datasets/pyarrow): only when a TRL bench runs
+    from datasets import Dataset  # heavy (pyarrow datasets), needed only when a trainer runs
 
     problems = generate_problems(n, seed=seed)
     if kind == "sft":
@@ -51,8 +52,6 @@ def trainable_copy(model):
     """The same weights in a fresh model of the same config: a GGUF-loaded model is flagged ``is_quantized`` (its
     weights are the dequantized float32 values) and ``transformers.Trainer`` refuses to train it (transformers 5.25:
     "You cannot perform fine-tuning on purely quantized models")."""
-    from transformers import AutoModelForCausalLM  # heavy (transformers): only for a GGUF-loaded model
-
     if not getattr(model, "is_quantized", False):
         return model
     with torch.random.fork_rng(devices=[]):  # from_config initialises weights that load_state_dict overwrites
@@ -63,7 +62,6 @@ def trainable_copy(model):
 
 def _run(kind: str, model_path: str | None, steps: int, batch: int, device: str, seed: int,
          gate3: bool = False) -> dict[str, Any]:
-
     lm = load_causal_lm(model_path, device="cpu")
     model, tok = trainable_copy(lm.model), lm.tokenizer
     if tok.pad_token is None:
@@ -76,12 +74,12 @@ def _run(kind: str, model_path: str | None, steps: int, batch: int, device: str,
         cb = ThreeGateCallback(out_dir=os.path.join(tmp, "tg"), save_snapshots=False, flush_every=10**9, gate3=gate3)
         data = _datasets(kind, tok, 4 * batch * steps, seed)
         if kind == "sft":
-            from trl import SFTConfig, SFTTrainer  # heavy (trl): only the trainer being timed
+            from trl import SFTConfig, SFTTrainer  # TRL (heavy) loads only when this trainer runs
 
             trainer = SFTTrainer(model=model, args=SFTConfig(max_length=128, **common), train_dataset=data,
                                  processing_class=tok, callbacks=[cb])
         else:
-            from trl import GRPOConfig, GRPOTrainer  # heavy (trl): only the trainer being timed
+            from trl import GRPOConfig, GRPOTrainer  # TRL (heavy) loads only when this trainer runs
 
             cfg = GRPOConfig(num_generations=batch, max_completion_length=32, beta=0.0, loss_type="dapo", **common)
             trainer = GRPOTrainer(model=model, reward_funcs=word_problem_reward, args=cfg, train_dataset=data,

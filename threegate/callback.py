@@ -42,7 +42,6 @@ one all-reduce per step for FSDP2 / ZeRO-3 shards); snapshots of ``DTensor`` wei
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -56,6 +55,7 @@ import pandas as pd
 import torch
 from transformers import TrainerCallback
 
+from sims import tables as sims_tables
 from theory import metrics
 from theory.errors import InputError, ThreegateError
 from theory.naming import layer_index, matrix_type
@@ -408,21 +408,11 @@ class ThreeGateCallback(TrainerCallback):
 
     def write_tables(self) -> list[Path]:
         """Write every table as CSV and Parquet under ``out_dir`` (with a ``.meta.json`` sidecar)."""
-        written = []
         meta = {"model": self._model_name,
                 "description": f"ThreeGateCallback on {self._model_name or 'a model'}: run {self.run_name} "
                                f"({self.method}), {self._last_counted} optimizer steps counted"}
         if self.snapshot_errors:
             meta["error"] = "; ".join(self.snapshot_errors)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        for name, df in self.tables().items():
-            if self._model_name and "model" not in df.columns:
-                df = df.assign(model=self._model_name)
-            for ext in ("parquet", "csv"):
-                p = self.out_dir / f"{name}.{ext}"
-                tmp = p.with_name(p.name + ".tmp")
-                df.to_parquet(tmp, index=False) if ext == "parquet" else df.to_csv(tmp, index=False)
-                tmp.replace(p)
-                (self.out_dir / f"{name}.{ext}.meta.json").write_text(json.dumps(meta))
-                written.append(p)
-        return written
+        tables = {name: df.assign(model=self._model_name) if self._model_name and "model" not in df.columns else df
+                  for name, df in self.tables().items()}
+        return sims_tables.write_tables(tables, self.out_dir, meta=meta, atomic=True)

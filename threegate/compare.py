@@ -56,9 +56,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from theory import metrics
-from paper_figs.report import render_all
 from theory.errors import InputError, ThreegateError
 from threegate.checkpoints import Checkpoint, as_checkpoint, select_names
 from threegate.compare_tables import CompareTables, aggregate, collect, format_report, headline, write_tables
@@ -255,8 +255,6 @@ def iter_compare(
         host = [ck.get(name) for ck in cks]
         return host, (host if dev.type == "cpu" else [t.to(dev, non_blocking=True) for t in host])
 
-    from tqdm.auto import tqdm
-
     with tqdm(total=len(names), desc="compare", unit="matrix", disable=not progress, file=sys.stderr) as bar:
         for group in _same_shape_groups(prefetch(names, read, prefetch_depth), size):
             gnames = [nm for nm, _ in group]
@@ -346,9 +344,13 @@ def compare(base: Any, tuned: Any, *, k: int = 16, alpha: float = 0.5, eta: floa
 
 
 def _render_figures(out: Path) -> Path | None:
-    """Figures and the report page through ``paper_figs`` into ``out/report``. The report reads ``out`` itself (so
-    it names the real results folder and finds the per-matrix table for its summary); of each CSV + Parquet twin it
-    draws one."""
+    """Figures and the report page through ``paper_figs`` into ``out/report`` when it is installed; silently
+    nothing otherwise. The report reads ``out`` itself (so it names the real results folder and finds the
+    per-matrix table for its summary); of each CSV + Parquet twin it draws one."""
+    try:
+        from paper_figs.report import render_all  # optional drawing: matplotlib and the report cost ~4 s to import
+    except ImportError:
+        return None
     try:
         return render_all(out, out / "report").page
     except Exception as e:  # figures are extras: a figure problem must not lose the tables

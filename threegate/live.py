@@ -67,8 +67,8 @@ import numpy as np
 import torch
 
 from theory import metrics
+from theory.bf16_array import predict_change_mask
 from theory.errors import InputError, NonFiniteError, ThreegateError
-from theory.precision import predict_change_mask
 
 __all__ = ["MatrixCounts", "LiveCounter", "dtensor_class", "stored_bf16", "local_shard", "pack_mask", "popcount",
            "and_count"]
@@ -116,7 +116,7 @@ def local_shard(p: torch.Tensor) -> tuple[torch.Tensor, bool]:
 def dtensor_class():
     """``torch.distributed.tensor.DTensor``, or None where torch was built without distributed support."""
     try:
-        from torch.distributed.tensor import DTensor  # only under FSDP2 / DTensor sharding
+        from torch.distributed.tensor import DTensor  # optional: torch builds without distributed lack it
     except ImportError:  # torch built without distributed
         return None
     return DTensor

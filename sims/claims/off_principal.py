@@ -55,6 +55,7 @@ from sims.claims.base import (
     start_model,
     verdicts_frame,
 )
+from sims.claims.runs import RLRecipe
 from sims.tinygpt.determinism import deterministic
 from theory.errors import InputError, ZeroGapError
 from theory.metrics import principal_mask
@@ -82,16 +83,10 @@ ISO_CLAIM = Claim("iso_residual_rl_below_sft",
 
 
 @dataclass(frozen=True)
-class OffPrincipalConfig:
-    """``[off_principal]``: per seed RL and SFT at matched AdamW updates and learning rate."""
+class OffPrincipalConfig(RLRecipe):
+    """``[off_principal]``: per seed RL and SFT at matched AdamW updates and learning rate (the RL recipe's fields
+    first: ``RLRecipe``)."""
 
-    seeds: tuple[int, ...] = (0, 1, 2)
-    task: str = "counting"
-    algorithm: str = "dapo"
-    rl_steps: int = 20
-    minibatches: int = 2
-    prompts_per_step: int = 8
-    group_size: int = 8
     sft_batch_size: int = 32
     lr: float = 1e-5
     n_eval_prompts: int = 16
@@ -103,13 +98,6 @@ class OffPrincipalConfig:
         return replace(cls(seeds=(0, 1), rl_steps=2, prompts_per_step=4, group_size=4, sft_batch_size=8,
                            n_eval_prompts=4), **kw)
 
-    @classmethod
-    def default(cls, **kw) -> "OffPrincipalConfig":
-        return replace(cls(), **kw)
-
-    @property
-    def updates(self) -> int:
-        return self.rl_steps * self.minibatches
 
 
 def update_geometry_rows(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], k: int, *,

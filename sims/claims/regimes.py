@@ -55,13 +55,14 @@ from sims.claims.base import (
     verdicts_frame,
 )
 from sims.claims.geometry import drift_rows
+from sims.claims.runs import RLRecipe, recipe_rl_config
 from sims.claims.sparsity import MIN_SPARSITY_GAP, _sparsity_rows
 from sims.tinygpt.model import GPTConfig
 from sims.tinygpt.opd import OPDConfig, train_opd
 from sims.tinygpt.pretrain import PretrainConfig, evaluate_accuracy, pretrain
 from sims.tinygpt.determinism import deterministic
 from sims.tinygpt.probe import ProbeConfig
-from sims.tinygpt.rlvr import RLConfig, train_rlvr
+from sims.tinygpt.rlvr import train_rlvr
 from sims.tinygpt.tasks import Tokenizer, task_by_name
 from theory.errors import InputError
 
@@ -160,16 +161,10 @@ def sgd_sparser_than_adamw(sparsity: pd.DataFrame, match: pd.DataFrame,
 
 
 @dataclass(frozen=True)
-class OPDExperimentConfig:
-    """``[opd]``: per seed RL, SFT and OPD with the same AdamW updates and learning rate."""
+class OPDExperimentConfig(RLRecipe):
+    """``[opd]``: per seed RL, SFT and OPD with the same AdamW updates and learning rate (the RL recipe's fields
+    first: ``RLRecipe``; OPD uses its steps, prompts, group size and mini-batches too)."""
 
-    seeds: tuple[int, ...] = (0, 1, 2)
-    task: str = "counting"
-    algorithm: str = "dapo"
-    rl_steps: int = 20
-    minibatches: int = 2
-    prompts_per_step: int = 8
-    group_size: int = 8
     sft_batch_size: int = 32
     lr: float = 1e-5
     n_eval_prompts: int = 16
@@ -183,13 +178,6 @@ class OPDExperimentConfig:
         return replace(cls(seeds=(0, 1), rl_steps=2, prompts_per_step=4, group_size=4, sft_batch_size=8,
                            n_eval_prompts=4, teacher_pretrain="fast"), **kw)
 
-    @classmethod
-    def default(cls, **kw) -> "OPDExperimentConfig":
-        return replace(cls(), **kw)
-
-    @property
-    def updates(self) -> int:
-        return self.rl_steps * self.minibatches
 
 
 def teacher_model(cfg: Mapping, c: OPDExperimentConfig) -> tuple[torch.nn.Module, dict]:
@@ -255,16 +243,10 @@ def opd_experiment(cfg: Mapping) -> ClaimRun:
 
 
 @dataclass(frozen=True)
-class SGDConfig:
-    """``[sgd_vs_adamw]``: per seed an AdamW RL run and SGD RL runs over a learning-rate grid, probed every step."""
+class SGDConfig(RLRecipe):
+    """``[sgd_vs_adamw]``: per seed an AdamW RL run and SGD RL runs over a learning-rate grid, probed every step
+    (the RL recipe's fields first: ``RLRecipe``)."""
 
-    seeds: tuple[int, ...] = (0, 1, 2)
-    task: str = "counting"
-    algorithm: str = "dapo"
-    rl_steps: int = 20
-    minibatches: int = 2
-    prompts_per_step: int = 8
-    group_size: int = 8
     adamw_lr: float = 3e-4
     sgd_lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
     n_eval_prompts: int = 64
@@ -275,9 +257,6 @@ class SGDConfig:
         return replace(cls(seeds=(0, 1), rl_steps=2, prompts_per_step=4, group_size=4, sgd_lrs=(0.1, 1.0),
                            n_eval_prompts=4), **kw)
 
-    @classmethod
-    def default(cls, **kw) -> "SGDConfig":
-        return replace(cls(), **kw)
 
 
 def realized_update_rows(res) -> list[dict]:
@@ -322,12 +301,10 @@ def sgd_experiment(cfg: Mapping) -> ClaimRun:
     for seed in c.seeds:
         runs = []
         for opt, lr in [("adamw", c.adamw_lr)] + [("sgd", lr) for lr in c.sgd_lrs]:
-            rc = RLConfig(task=c.task, algorithm=c.algorithm, steps=c.rl_steps, prompts_per_step=c.prompts_per_step,
-                          group_size=c.group_size, minibatches=c.minibatches, lr=lr, precision="bf16", seed=seed,
-                          device=device, probe=probe, optimizer=opt)
+            rc = recipe_rl_config(c, seed=seed, device=device, probe=probe, lr=lr, optimizer=opt)
             res = train_rlvr(copy.deepcopy(model), rc, run_name=f"{opt}-lr{lr:g}-s{seed}")
             results.append(res)
-            rows, _ = _sparsity_rows(res, method="RL", lr=lr, updates=c.rl_steps * c.minibatches, storage="bf16")
+            rows, _ = _sparsity_rows(res, method="RL", lr=lr, updates=c.updates, storage="bf16")
             sp += [{**r, "optimizer": opt} for r in rows]
             realized += [{**r, "optimizer": opt, "lr": lr, "seed": seed} for r in realized_update_rows(res)]
             gain = _eval_accuracy(res, c.rl_steps) - _eval_accuracy(res, 0)
