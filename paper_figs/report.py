@@ -29,7 +29,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from paper_figs import paper_figs as pf
-from paper_figs import schemas, theory_figs
+from paper_figs import live_figs, schemas, theory_figs
 from theory.errors import CheckpointError, InputError, ThreegateError
 
 __all__ = ["add_arguments", "run", "write_report", "render_all", "RenderedFigure", "Report", "TutorialPage",
@@ -175,7 +175,7 @@ def render_all(results_dir: str | Path, out_dir: str | Path,
         jobs.append((str(path.relative_to(results_dir)), f"gate3-threshold-{_slug(path.stem)}",
                      lambda df=df: theory_figs.fig_bf16_threshold(df)))
     angles = tables.get("angles", [])
-    for name, (fn, label) in pf.PAPER_FIGURES.items():
+    for name, (fn, label) in {**pf.PAPER_FIGURES, **live_figs.LIVE_FIGURES}.items():
         for path, df in tables.get(name, []):
             if name == "spectrum":
                 ang = angles[0][1] if angles else None

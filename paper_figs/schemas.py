@@ -72,7 +72,10 @@ RUN_COLUMNS = (
 
 # Tables written next to the figure tables that no figure draws (threegate.compare, threegate verify): never guessed
 # to be a figure table from their name (``jaccard_pairs`` is per-matrix, not the pooled ``jaccard``).
-OTHER_TABLES = ("jaccard_pairs", "matrices", "by_layer", "by_type", "verify", "counterexamples")
+OTHER_TABLES = ("jaccard_pairs", "matrices", "by_layer", "by_type", "verify", "counterexamples",
+                # threegate.callback (live runs): per-matrix and per-layer detail, Gate III, timing, snapshots, KL
+                "steps", "steps_by_layer", "steps_gate3", "steps_gate3_by_matrix", "steps_timing",
+                "snapshot_matrices", "gate1_kl")
 
 # Regime variables a check table may carry, in order of preference (with or without the ``d_`` detail prefix).
 REGIME_COLUMNS = ("dW_over_gap", "beta", "step", "kl", "eps", "eta", "lr", "scale", "w")
@@ -103,6 +106,20 @@ SCHEMAS: dict[str, Schema] = {
             _c("method", "str", "'RL' or 'SFT' (any RL algorithm counts as RL)"),
             _c("matrix_type", "str", "q, k, v, o, up, gate, down (or 'all')"),
             _c("sparsity", "float", "1 - changed/total in [0, 1] (Def. 2.2, eta = 1e-3)"),
+            *RUN_COLUMNS,
+        )),
+        Schema("step_sparsity", "Sec. 2 / Table 1 per step, Fig. 12 over steps",
+               "live bf16 update counts per optimizer step, pooled by matrix type (threegate.callback)", (
+            _c("step", "int", "optimizer step t (the counts compare the stored bf16 weights after step t)"),
+            _c("matrix_type", "str", "q, k, v, o, up, gate, down, other, or 'all' (every tracked matrix)"),
+            _c("numel", "int", "entries pooled"),
+            _c("changed_prev", "int", "|M_t|: entries whose stored bf16 value changed at step t"),
+            _c("changed_base", "int", "entries whose stored bf16 value differs from the base after step t"),
+            _c("sparsity_step", "float", "1 - |M_t| / n: per-step bf16 update sparsity"),
+            _c("sparsity_base", "float", "1 - changed_base / n: sparsity against the base (Def. 2.2)"),
+            _c("jaccard_prev", "float?", "|M_t and M_{t-1}| / |M_t or M_{t-1}| (NaN at the first step)"),
+            _c("baseline_prev", "float?", "independent-Bernoulli E[J] for the two densities", False),
+            _c("run", "str", "run label", False),
             *RUN_COLUMNS,
         )),
         Schema("consensus", "Fig. 2", "consensus ratio C_ij = mean over R runs of the update masks", (
