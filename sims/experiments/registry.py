@@ -61,17 +61,22 @@ __all__ = ["EXPERIMENTS", "Experiment", "experiment", "load_config", "config_has
 
 @dataclass(frozen=True)
 class Experiment:
+    """``fn(cfg) -> runs``; a ``trainer`` experiment (a transformers Trainer run: ``hf_rlvr``, ``hf_sft``) is called
+    as ``fn(cfg, out_dir=..., trainer_callbacks=...)`` and its live callbacks may write tables into the run folder."""
+
     name: str
     doc: str
-    fn: Callable[[dict], list[RunResult]]
+    fn: Callable[..., list[RunResult]]
+    trainer: bool = False
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
 
 
-def experiment(name: str) -> Callable[[Callable[[dict], list[RunResult]]], Callable[[dict], list[RunResult]]]:
+def experiment(name: str, *, trainer: bool = False) -> Callable[[Callable[..., list[RunResult]]],
+                                                                  Callable[..., list[RunResult]]]:
     def deco(fn):
-        EXPERIMENTS[name] = Experiment(name, (fn.__doc__ or "").strip().splitlines()[0], fn)
+        EXPERIMENTS[name] = Experiment(name, (fn.__doc__ or "").strip().splitlines()[0], fn, trainer)
         return fn
 
     return deco
@@ -305,14 +310,20 @@ def _write_table(df: pd.DataFrame, out: Path, name: str) -> None:
     df.to_parquet(out / f"{name}.parquet", index=False)
 
 
-def run_experiment(name: str, cfg: dict, out: str | Path | None = None) -> Path:
-    """Run experiment ``name`` with config ``cfg`` and write its tables into ``out``; returns the directory."""
+def run_experiment(name: str, cfg: dict, out: str | Path | None = None, *, trainer_callbacks=None) -> Path:
+    """Run experiment ``name`` with config ``cfg`` and write its tables into ``out``; returns the directory.
+
+    ``trainer_callbacks(out_dir, run_config, run_name) -> [TrainerCallback, ...]`` is handed to trainer
+    experiments (``hf_rlvr``, ``hf_sft``; ``threegate run`` attaches ``ThreeGateCallback`` this way). Their empty
+    tables are not written, so a table the live callback wrote into ``out`` (``sparsity``, ``checks``, ``angles``,
+    ``spectrum``, the per-step ones) is never replaced by an empty one."""
     if name not in EXPERIMENTS:
         raise InputError(f"unknown experiment {name!r}; known: {sorted(EXPERIMENTS)}")
+    exp = EXPERIMENTS[name]
     out = Path(out) if out is not None else Path("runs") / f"{name}-{config_hash(name, cfg)}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = EXPERIMENTS[name].fn(cfg)
+    results = exp.fn(cfg, out_dir=out, trainer_callbacks=trainer_callbacks) if exp.trainer else exp.fn(cfg)
     tables = {
         "checks": _concat([r.checks for r in results]),
         "metrics": _concat([r.metrics for r in results]),
@@ -320,7 +331,8 @@ def run_experiment(name: str, cfg: dict, out: str | Path | None = None) -> Path:
         **summary_tables(results),
     }
     for tname, df in tables.items():
-        _write_table(df, out, tname)
+        if not (exp.trainer and df.empty):
+            _write_table(df, out, tname)
     # claim experiments (sims.claims.base) attach their own tables and computed verdicts to the runs they return
     claim_tables = getattr(results[0], "tables", None) if results else None
     for tname, df in (claim_tables or {}).items():
@@ -361,7 +373,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, trainer_callbacks=None) -> int:
+    """``threegate run``; ``trainer_callbacks`` as in ``run_experiment`` (the threegate side passes its own)."""
     if args.list or not args.name:
         for e in EXPERIMENTS.values():
             print(f"{e.name:12s} {e.doc}")
@@ -371,15 +384,15 @@ def run(args: argparse.Namespace) -> int:
         cfg["seed"] = args.seed
     if args.device is not None:
         cfg["device"] = args.device
-    out = run_experiment(args.name, cfg, args.out)
-    sp = pd.read_parquet(out / "sparsity.parquet")
-    chk = pd.read_parquet(out / "checks.parquet")
+    out = run_experiment(args.name, cfg, args.out, trainer_callbacks=trainer_callbacks)
+    sp, chk = (pd.read_parquet(out / f"{t}.parquet") if (out / f"{t}.parquet").is_file() else pd.DataFrame()
+               for t in ("sparsity", "checks"))
     print(f"threegate run {args.name}: wrote {out}")
     if len(sp):
         allrow = sp[sp["matrix_type"] == "all"]
         for _, r in allrow.iterrows():
             print(f"  {r['run']:6s} bf16 update sparsity (all block matrices): {r['sparsity']:.4f}")
-    if len(chk):
+    if len(chk) and {"assumptions_hold", "ratio", "holds"} <= set(chk.columns):
         met = chk[chk["assumptions_hold"].astype(bool)]
         worst = met.groupby("result_id")["ratio"].max()
         viol = met[~met["holds"].astype(bool)].groupby("result_id").size()

@@ -32,10 +32,10 @@ same cell has the same id in every spec and every store. Cell kinds:
   Table ``checks``: one row per (instance, result id), the columns of ``Check.as_row()`` plus the regime.
 * every ``threegate run`` experiment (``sims.experiments.registry.EXPERIMENTS``: ``rlvr``, ``sft``, ``rl_vs_sft``, ...):
   ``run_experiment`` into a temporary directory; the cell's tables are its ``*.parquet`` tables (and ``verdicts``).
-* ``"hf_rlvr"`` / ``"hf_sft"`` — ``sims.hf.backend.run_cell(config)`` on a real Hugging Face model, with its *flat*
-  config (``model``, ``algorithm``, ``lr``, ``beta``, ``eps``, ``precision``, ``steps``, ``seed``, ``device``,
-  ``preset``, ...; ``hf_sft`` sets ``algorithm = "sft"``). The module is imported when the cell runs; if it is
-  missing the cell fails with the import error recorded.
+* ``"hf_rlvr"`` / ``"hf_sft"`` — ``sims.hf.backend.run_cell(config)``: a TRL run on a real Hugging Face model, with
+  its *flat* config (``model``, ``algorithm`` = grpo | dapo, ``lr``, ``beta``, ``eps``, ``storage``, ``adapter``,
+  ``steps``, ``seed``, ``device``, ``preset``, ...; ``hf_sft`` sets ``algorithm = "sft"``). The module is imported
+  when the cell runs; if it is missing the cell fails with the import error recorded.
 * ``"package.module:function"`` — any importable ``function(config: dict) -> dict[str, DataFrame]``.
 
 **Store and resume** (``sims.sweep.store``): only this (parent) process writes the store, one transaction per
