@@ -373,9 +373,14 @@ def test_local_folder_loads_with_hf_names(tiny_dir):
 
 @pytest.mark.slow
 def test_smollm2_grpo_on_trl_goes_through_threegate_compare(tmp_path, capsys):
-    """SmolLM2-135M (GGUF Q4, offline) through ``threegate run hf_rlvr`` for a few GRPO steps with the exact
-    checker, then ``threegate compare`` of the base and the last snapshot on a subset of the matrices: the counts
-    equal a recount from the snapshots, and the live per-step counts agree with compare's."""
+    """SmolLM2-135M (GGUF Q4, offline) through ``threegate run hf_rlvr``: a few GRPO steps on TRL with the exact
+    checker and the live callback, then ``threegate compare`` of the base and the last snapshot on a subset of the
+    matrices. Compare's counts equal an integer recount of the two snapshots and the callback's per-step counts.
+
+    The 4-bit SmolLM2 almost never solves a problem (0 of 96 sampled completions at difficulty 1 in the
+    measurements behind this test), so a step usually has every group at -1: GRPO's advantages and gradient are then
+    exactly zero and not one stored entry may move. The test asserts that when TRL logged zero gradient norms, and
+    0 < sparsity < 1 when a group had mixed rewards."""
     import time
 
     from threegate.checkpoints import smollm2_gguf_path
@@ -393,11 +398,12 @@ def test_smollm2_grpo_on_trl_goes_through_threegate_compare(tmp_path, capsys):
     t_run = time.perf_counter() - t0
     h = pd.read_parquet(out / "history.parquet")
     r = pd.read_parquet(out / "rollouts.parquet")
-    assert list(h["step"]) == [1, 2, 3] and np.isfinite(h[["reward", "loss", "grad_norm"]].to_numpy()).all()
-    assert (r["reward"].isin([-1.0, 1.0])).all() and len(r) == 3 * 16
-    moved = (h["grad_norm"] > 0).any()
+    assert list(h["step"]) == [1, 2] and np.isfinite(h[["reward", "loss", "grad_norm"]].to_numpy()).all()
+    assert len(r) == 2 * 8 and (r["reward"] == [reward(c, a) for c, a in zip(r["completion"], r["answer"])]).all()
+    for t, g in r.groupby("step"):
+        assert math.isclose(h.set_index("step").loc[t, "reward"], g["reward"].mean(), abs_tol=1e-6)
     snaps = out / "snapshots"
-    base, last = snaps / "step_000000.safetensors", snaps / "step_000003.safetensors"
+    base, last = snaps / "step_000000.safetensors", snaps / "step_000002.safetensors"
     cmp = tmp_path / "cmp"
     only = r"layers\.(0|29)\.(self_attn\.(q|v)_proj|mlp\.down_proj)"
     capsys.readouterr()
@@ -409,30 +415,30 @@ def test_smollm2_grpo_on_trl_goes_through_threegate_compare(tmp_path, capsys):
     assert len(m) == 6
     b, f = open_checkpoint(base), open_checkpoint(last)
     steps = pd.read_parquet(out / "steps.parquet")
-    live = steps[steps["step"] == 3].set_index("matrix")
+    live = steps[steps["step"] == 2].set_index("matrix")
     for row in m.itertuples():
         n = recount(b.get(row.name), f.get(row.name))
         assert row.changed == n == live.loc[row.name, "changed_base"], row.name
+    total = int(steps.loc[steps["step"] == 2, "changed_base"].sum())
     sparsity = 1 - m["changed"].sum() / m["numel"].sum()
     print(f"\nSmolLM2 GRPO on TRL: run {t_run:.0f} s, compare {t_cmp:.0f} s; rewards per step "
-          f"{h['reward'].round(3).tolist()}, grad norms {h['grad_norm'].round(4).tolist()}, "
-          f"sparsity on the compared matrices {sparsity:.4f}")
-    if moved:
+          f"{h['reward'].round(3).tolist()}, grad norms {h['grad_norm'].round(4).tolist()}, stored entries moved "
+          f"{total}, sparsity on the compared matrices {sparsity:.4f}")
+    if (h["grad_norm"] == 0).all():
+        assert total == 0 and sparsity == 1.0  # an exactly zero gradient moves nothing (AdamW, no weight decay)
+    else:
         assert 0 < sparsity < 1
-    else:  # no group had mixed rewards: the exact gradient is zero and nothing may move
-        assert sparsity == 1.0
 
 
 SMOLLM2_TOML = """
 seed = 0
 [hf_rlvr]
 preset = "cpu_smoke"
-steps = 3
+steps = 2
 prompts_per_step = 2
-num_generations = 8
+num_generations = 4
 micro_batch = 8
 max_completion_length = 16
-templates = ["collect", "ages"]
 system_prompt = "Reply with the final number only."
 lr = 1e-5
 k = 4
