@@ -6,7 +6,12 @@
 - ``paper_figs.paper_figs``: the paper's figures at our scale (Table 1, Figs 2, 3, 4, 5, 6, 9, 10, 12, 15).
 - ``paper_figs.report``: ``write_report(results_dir, out_dir)`` / ``render_all``: every figure and ``index.html``
   (with already executed tutorials when handed ``TutorialPage`` records; ``threegate figs`` is the command).
-- ``paper_figs.style``: Okabe–Ito palette, fonts, grid, captions.
+- ``paper_figs.collect``: which tables a results folder holds and which figures they make (several runs of one
+  base in subfolders pooled: one Table 1, Figs. 4 / 5 per method).
+- ``paper_figs.summary``: the summary table the report opens with (per run, overall and per matrix type).
+- ``paper_figs.style``: Okabe–Ito palette, fonts, grid, captions, constrained layout, "not enough data" panels.
 
-Every figure function takes a DataFrame and returns a matplotlib ``Figure`` (Agg backend); none reruns an experiment.
+Every figure function takes a DataFrame and returns a matplotlib ``Figure`` (Agg canvas, layout fixed: every text
+inside the canvas, no overlapping tick labels; a degenerate input such as one step or one layer is drawn as a "not
+enough data" panel); none reruns an experiment.
 """

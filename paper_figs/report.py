@@ -1,10 +1,20 @@
 """``threegate figs RESULTS_DIR --out DIR``: render every figure the results directory has data for, and a static
-HTML report (``index.html``: figures with captions, the verdict table, each result's statement).
+HTML report (``index.html``).
+
+The page opens with a summary table (per run, overall and per matrix type: bf16 sparsity, M_princ and M_low
+overlaps beside their random baselines, Gate II verdict counts, the largest principal angle; ``paper_figs.summary``)
+before any figure, then names the results folder, then the verdict table of ``threegate verify`` where there is
+one, then the figures: Table 1 and the paper's figures in paper order, the Gate III threshold, and the theory
+checks last. Several runs of one base in subfolders (``threegate compare ... --method RL --out R/RL`` and
+``--method SFT --out R/SFT``) render into one report with one Table 1 and Figs. 4 / 5 per method (see
+``paper_figs.collect``).
 
 Tables are found by file name or columns (see ``paper_figs.schemas``), CSV or Parquet, anywhere under RESULTS_DIR
 (the output directory itself is skipped). ``verify.csv`` / ``verify.json`` (written by ``threegate verify``) give the
 verdict table. A table that cannot be drawn (missing column, NaN where none is allowed) is listed on the page with
-the error that names the problem; the other figures are still written, and the command exits 1.
+the error that names the problem; the other figures are still written, and the command exits 1. Empty tables and the
+project's tables that no figure draws (``schemas.OTHER_TABLES``, e.g. ``masked_runs_final``) are listed with a note
+and are not errors.
 
 Python: ``write_report(results_dir, out_dir) -> Path`` (the path of ``index.html``), called by ``threegate verify``.
 
@@ -19,17 +29,15 @@ import argparse
 import base64
 import html
 import json
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import pandas as pd
-from matplotlib.figure import Figure
 
-from paper_figs import paper_figs as pf
-from paper_figs import live_figs, schemas, theory_figs
+from paper_figs import collect, schemas, summary
+from theory import RESULTS
 from theory.errors import CheckpointError, InputError, ThreegateError
 
 __all__ = ["add_arguments", "run", "write_report", "render_all", "RenderedFigure", "Report", "TutorialPage",
@@ -45,7 +53,8 @@ class RenderedFigure:
     caption: str
     png: Path
     pdf: Path
-    source: str  # table file the figure was drawn from
+    source: str  # table file(s) the figure was drawn from
+    group: str = ""  # the method or subfolder the figure is about ("" = the whole folder)
 
 
 @dataclass
@@ -53,7 +62,11 @@ class Report:
     figures: list[RenderedFigure] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (source, message)
     unrecognised: list[str] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (table, why no figure): empty / project tables
     verdicts: pd.DataFrame | None = None
+    summary: pd.DataFrame | None = None
+    verify_folder: bool = False  # the folder holds threegate verify's outputs
+    results_dir: Path | None = None
     page: Path | None = None
     tutorials: str = ""  # HTML of the Tutorials section
 
@@ -101,23 +114,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path,
 # ---------------------------------------------------------------------------------------------------------------
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "figure"
-
-
-def _discover(results_dir: Path, out_dir: Path) -> list[Path]:
-    """CSV / Parquet files under results_dir, outside out_dir; of a ``x.csv`` + ``x.parquet`` twin pair (as
-    ``threegate compare`` writes) only the Parquet one, so each table is drawn once."""
-    out_res = out_dir.resolve()
-    found = []
-    for p in sorted(results_dir.rglob("*")):
-        if p.suffix not in (".csv", ".parquet") or not p.is_file():
-            continue
-        if out_res == p.resolve().parent or out_res in p.resolve().parents:
-            continue
-        if p.suffix == ".csv" and p.with_suffix(".parquet").is_file():
-            continue
-        found.append(p)
-    return found
+    return collect.slug(text)
 
 
 def _load_verdicts(results_dir: Path) -> pd.DataFrame | None:
@@ -137,6 +134,12 @@ def _load_verdicts(results_dir: Path) -> pd.DataFrame | None:
     return df
 
 
+def _is_verify_folder(found: collect.Found) -> bool:
+    """``threegate verify`` writes checks with a ``source`` column and ``bf16_updates`` (and ``verify.csv``)."""
+    return any(t.schema == "bf16_updates" or (t.schema == "checks" and t.folder == "." and "source" in t.df.columns)
+               for t in found.tables)
+
+
 def render_all(results_dir: str | Path, out_dir: str | Path,
                tutorials: Sequence[TutorialPage] | None = None) -> Report:
     """Find tables, draw every figure they support (PNG + PDF), write ``index.html``; return what was done.
@@ -147,115 +150,75 @@ def render_all(results_dir: str | Path, out_dir: str | Path,
     if not results_dir.is_dir():
         raise CheckpointError(f"results directory {str(results_dir)!r} does not exist or is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    rep = Report()
-    tables: dict[str, list[tuple[Path, pd.DataFrame]]] = {}
-    for path in _discover(results_dir, out_dir):
-        if path.stem == "verify":
-            continue
-        rel = str(path.relative_to(results_dir))
-        try:
-            df = schemas.read_table(path)
-        except ThreegateError as e:
-            rep.errors.append((rel, str(e)))
-            continue
-        name = schemas.identify(df, path)
-        if name is None:
-            rep.unrecognised.append(rel)
-            continue
-        tables.setdefault(name, []).append((path, df))
+    rep = Report(results_dir=results_dir.resolve())
+    found = collect.read_all(results_dir, out_dir)
+    rep.errors += found.errors
+    rep.notes += found.notes
+    rep.unrecognised += found.unrecognised
+    collect.assign_methods(found)
     try:
         rep.verdicts = _load_verdicts(results_dir)
     except ThreegateError as e:
         rep.errors.append(("verify", str(e)))
+    rep.verify_folder = rep.verdicts is not None or _is_verify_folder(found)
+    by_name: dict[str, list[pd.DataFrame]] = {}
+    for t in found.tables:
+        by_name.setdefault(t.schema, []).append(t.df)
+    try:
+        rep.summary = summary.summary_tables(by_name)
+    except (ThreegateError, KeyError, ValueError) as e:  # a summary problem must not take the figures with it
+        rep.errors.append(("summary", f"{type(e).__name__}: {e}"))
 
-    jobs: list[tuple[str, str, Callable[[], Figure]]] = []  # (source, slug, draw)
-    for path, df in tables.get("checks", []):
-        jobs.extend(_check_jobs(results_dir, path, df, rep))
-    for path, df in tables.get("bf16_updates", []):
-        jobs.append((str(path.relative_to(results_dir)), f"gate3-threshold-{_slug(path.stem)}",
-                     lambda df=df: theory_figs.fig_bf16_threshold(df)))
-    angles = tables.get("angles", [])
-    for name, (fn, label) in {**pf.PAPER_FIGURES, **live_figs.LIVE_FIGURES}.items():
-        for path, df in tables.get(name, []):
-            if name == "spectrum":
-                ang = angles[0][1] if angles else None
-                draw = (lambda df=df, ang=ang: pf.fig4_spectrum(df, ang))
-            else:
-                draw = (lambda df=df, fn=fn: fn(df))
-            jobs.append((str(path.relative_to(results_dir)), f"{_slug(label)}-{_slug(path.stem)}", draw))
-
-    used: set[str] = set()
-    for source, slug, draw in jobs:
-        base, n = slug, 1
-        while slug in used:  # same file stem in two subdirectories: keep both figures
-            n += 1
-            slug = f"{base}-{n}"
-        used.add(slug)
+    for job in collect.figure_jobs(found, rep.errors):
         try:
-            fig = draw()
+            fig = job.draw()
         except ThreegateError as e:
-            rep.errors.append((source, str(e)))
+            rep.errors.append((job.source, str(e)))
             continue
         except Exception as e:  # a figure that breaks must not take the rest of the report with it
-            rep.errors.append((source, f"{type(e).__name__}: {e}"))
+            rep.errors.append((job.source, f"{type(e).__name__}: {e}"))
             continue
-        png, pdf = out_dir / f"{slug}.png", out_dir / f"{slug}.pdf"
+        png, pdf = out_dir / f"{job.slug}.png", out_dir / f"{job.slug}.pdf"
         fig.savefig(png)
         fig.savefig(pdf)
-        rep.figures.append(RenderedFigure(slug, getattr(fig, "threegate_title", slug),
-                                          getattr(fig, "threegate_caption", ""), png, pdf, source))
+        rep.figures.append(RenderedFigure(job.slug, getattr(fig, "threegate_title", job.slug),
+                                          getattr(fig, "threegate_caption", ""), png, pdf, job.source, job.group))
     rep.tutorials = _tutorials_section(tutorials, results_dir, out_dir, rep)
     rep.page = out_dir / "index.html"
     rep.page.write_text(_html(rep, results_dir), encoding="utf-8")
     return rep
 
 
-def _check_jobs(results_dir: Path, path: Path, df: pd.DataFrame, rep: Report):
-    """Scatter + tightness per result id; Thm 3.3 forms side by side. ``threegate verify`` mixes theory
-    campaigns and training-step checks in one table (column ``source``): each source gets its own figures."""
-    src = str(path.relative_to(results_dir))
-    if "source" in df.columns and df["source"].nunique() > 1:
-        parts = [(str(s), df[df["source"] == s].copy()) for s in sorted(df["source"].dropna().unique(), key=str)]
-    else:
-        parts = [("", df)]
-    jobs = []
-    for source, sub in parts:
-        sub.attrs = dict(df.attrs)
-        tag = _slug(path.stem) + (f"-{_slug(source)}" if source else "")
-        try:
-            ids = theory_figs.numeric_result_ids(sub)
-        except ThreegateError as e:
-            rep.errors.append((src, str(e)))
-            continue
-        if any(rid in ids for rid, _ in theory_figs.THM33_FORMS):
-            jobs.append((src, f"thm3-3-forms-{tag}", lambda sub=sub: theory_figs.fig_thm33_forms(sub)))
-        for rid in ids:
-            jobs.append((src, f"check-{_slug(rid)}-{tag}",
-                         lambda rid=rid, sub=sub: theory_figs.fig_theory_vs_empirical(sub, rid)))
-    return jobs
-
-
 # --------------------------------------------------------------------------------------------------------- HTML
 _CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1200px; margin: 2em auto;
-       padding: 0 1em; color: #222; line-height: 1.45; }
-h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
-table { border-collapse: collapse; font-size: .9em; margin: 1em 0; }
+html { -webkit-text-size-adjust: 100%; }
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1200px; margin: 1.5em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; overflow-wrap: break-word; }
+h1 { font-size: 1.5em; margin-bottom: .4em; }
+h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+.scroll { max-width: 100%; overflow-x: auto; }
+table { border-collapse: collapse; font-size: .9em; margin: .6em 0; }
+caption { caption-side: top; text-align: left; font-size: .9em; color: #444; padding-bottom: .3em; }
 th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; vertical-align: top; }
 th { background: #f2f2f2; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tr.overall td { font-weight: 600; background: #fafafa; }
+td.violated, .verdict-violated { color: #D55E00; font-weight: 600; }
 .verdict-holds { color: #009E73; font-weight: 600; }
-.verdict-violated { color: #D55E00; font-weight: 600; }
-.verdict-other { color: #555; }
+.verdict-other, .dim { color: #666; font-weight: normal; }
+.above { color: #0072B2; } .below { color: #D55E00; }
 figure { margin: 1.5em 0; border: 1px solid #e5e5e5; padding: .8em; }
 figure img { max-width: 100%; height: auto; display: block; }
 figcaption { font-size: .9em; margin-top: .5em; }
 .error { color: #D55E00; }
-code { background: #f6f6f6; padding: 0 .2em; }
+code { background: #f6f6f6; padding: 0 .2em; overflow-wrap: anywhere; }
 pre { background: #f8f8f8; padding: .5em; overflow-x: auto; font-size: .85em; }
 pre.out { background: #fff; border-left: 3px solid #ccc; }
 pre.exercise { border-left: 3px solid #0072B2; }
 section.tutorial { margin: 1em 0; }
+nav a { margin-right: 1em; }
+p.note { font-size: .85em; color: #444; margin-top: 0; }
+@media (max-width: 600px) { table { font-size: .78em; } th, td { padding: .2em .35em; } body { padding: 0 .6em; } }
 """
 
 
@@ -282,14 +245,11 @@ def _verdict_table(df: pd.DataFrame) -> str:
             else:
                 cells.append(f"<td>{_e(v)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<table id="verdicts"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return (f'<div class="scroll"><table id="verdicts"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}'
+            "</tbody></table></div>")
 
 
 def _statements() -> str:
-    try:
-        from theory import RESULTS
-    except Exception as e:  # pragma: no cover - the report still renders without the theory package
-        return f'<p class="error">theory.RESULTS could not be imported: {_e(e)}</p>'
     if not RESULTS:
         return "<p>No results registered.</p>"
     rows = []
@@ -298,44 +258,92 @@ def _statements() -> str:
         rows.append(f'<tr id="stmt-{_e(_slug(rid))}"><td><code>{_e(rid)}</code></td><td>{_e(r.gate)}</td>'
                     f"<td>{_e(r.paper_ref)}</td><td>{_e(r.statement)}</td><td>{_e(assum)}</td>"
                     f"<td>{'exact' if r.exact else 'as stated (first order)'}</td></tr>")
-    return ('<table id="statements"><thead><tr><th>result id</th><th>gate</th><th>paper</th><th>statement</th>'
-            "<th>assumptions</th><th>kind</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    return ('<div class="scroll"><table id="statements"><thead><tr><th>result id</th><th>gate</th><th>paper</th>'
+            "<th>statement</th><th>assumptions</th><th>kind</th></tr></thead><tbody>" + "".join(rows)
+            + "</tbody></table></div>")
+
+
+def _summary_section(rep: Report, results_dir: Path) -> str:
+    """The element right after the title: ``div#summary`` holding the summary table (``table#summary-table``, in
+    a horizontally scrolling box on narrow screens) and a note under it, whatever the folder holds."""
+    def block(table: str, note: str) -> str:
+        return f'<div id="summary"><div class="scroll">{table}</div><p class="note">{note}</p></div>'
+
+    if rep.summary is not None and len(rep.summary):
+        basis = rep.summary.attrs.get("basis", "")
+        table = summary.summary_html(rep.summary, "Summary: what fine-tuning changed, per run")
+        return block(table, "Per run, overall (bold) and per matrix type. Overlaps: |M<sub>•</sub> ∩ M| / |M|, "
+                            "the random baseline |M<sub>•</sub>| / n beside them (blue above it, orange below); "
+                            "Gate II: verdicts over matrices × Gate II results"
+                            + (f"; computed from {_e(basis)}" if basis else "") + ".")
+    if rep.verdicts is not None:
+        v = rep.verdicts["verdict"].astype(str).value_counts()
+        cells = "".join(f"<tr><td>{_e(k)}</td><td class=\"num\">{int(n)}</td></tr>" for k, n in v.items())
+        return block('<table id="summary-table"><caption>Summary: verdicts of threegate verify</caption>'
+                     f"<thead><tr><th>verdict</th><th>results</th></tr></thead><tbody>{cells}</tbody></table>",
+                     f"{len(rep.verdicts)} result(s) of the paper, each checked on seeded instances.")
+    rows = [("figures drawn", len(rep.figures)), ("tables that could not be drawn", len(rep.errors)),
+            ("tables without a figure", len(rep.notes) + len(rep.unrecognised))]
+    cells = "".join(f"<tr><td>{_e(k)}</td><td class=\"num\">{n}</td></tr>" for k, n in rows)
+    return block('<table id="summary-table"><caption>Summary</caption><thead><tr><th>what</th><th>count</th></tr>'
+                 f"</thead><tbody>{cells}</tbody></table>", "No run with sparsity, overlap or check tables here.")
+
+
+def _figure_html(f: RenderedFigure) -> str:
+    about = f" [{_e(f.group)}]" if f.group and f.group not in f.title else ""
+    return (f'<figure id="fig-{_e(f.slug)}"><img src="{_e(f.png.name)}" alt="{_e(f.title)}" loading="eager">'
+            f"<figcaption><b>{_e(f.title)}{about}.</b> {_e(f.caption)} "
+            f'<span>(from <code>{_e(f.source)}</code>; <a href="{_e(f.pdf.name)}">PDF</a>)</span></figcaption>'
+            "</figure>")
+
+
+def _nav(rep: Report) -> str:
+    links = [("figures", "Figures"), *([("verdicts-section", "Verdicts")] if rep.verify_folder else []),
+             *([("tutorials", "Tutorials")] if rep.tutorials else []), ("statements-section", "Statements")]
+    return "<nav>" + "".join(f'<a href="#{a}">{t}</a>' for a, t in links) + "</nav>"
 
 
 def _html(rep: Report, results_dir: Path) -> str:
+    name = (rep.results_dir or results_dir).name or str(results_dir)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        "<title>threegate report</title>",
+        f"<title>threegate report: {_e(name)}</title>",
         f"<style>{_CSS}</style></head><body>",
-        "<h1>threegate report: <i>The Path Not Taken</i> (arXiv 2511.08567), theory vs measurement</h1>",
-        f"<p>Results directory: <code>{_e(results_dir)}</code>. {len(rep.figures)} figure(s).</p>",
-        "<h2>Verdicts</h2>",
+        f"<h1>threegate report: {_e(name)}</h1>",
+        _summary_section(rep, results_dir),
+        f"<p>Results folder: <code>{_e(rep.results_dir or results_dir)}</code>. {len(rep.figures)} figure(s). "
+        "Theory vs measurement for <i>The Path Not Taken: RLVR Provably Learns Off the Principals</i> "
+        "(arXiv 2511.08567).</p>",
+        _nav(rep),
     ]
     if rep.verdicts is not None:
-        parts.append(_verdict_table(rep.verdicts))
-    else:
-        parts.append("<p>No <code>verify.csv</code> / <code>verify.json</code> in the results directory "
-                     "(run <code>threegate verify</code>).</p>")
+        parts += ['<h2 id="verdicts-section">Verdicts</h2>', _verdict_table(rep.verdicts)]
+    elif rep.verify_folder:  # verify's other outputs are here, its verdict file is not
+        parts += ['<h2 id="verdicts-section">Verdicts</h2>',
+                  "<p>No <code>verify.csv</code> / <code>verify.json</code> in the results directory "
+                  "(run <code>threegate verify</code>).</p>"]
     if rep.errors:
         parts.append("<h2>Tables that could not be drawn</h2><ul>")
         parts += [f'<li class="error"><code>{_e(s)}</code>: {_e(m)}</li>' for s, m in rep.errors]
         parts.append("</ul>")
-    parts.append("<h2>Figures</h2>")
+    parts.append('<h2 id="figures">Figures</h2>')
     if not rep.figures:
         parts.append("<p>No table in the results directory matched a known schema.</p>")
+    checks_started = False
     for f in rep.figures:
-        parts.append(
-            f'<figure id="fig-{_e(f.slug)}"><img src="{_e(f.png.name)}" alt="{_e(f.title)}" loading="eager">'
-            f"<figcaption><b>{_e(f.title)}.</b> {_e(f.caption)} "
-            f'<span>(from <code>{_e(f.source)}</code>; <a href="{_e(f.pdf.name)}">PDF</a>)</span></figcaption>'
-            "</figure>")
-    if rep.unrecognised:
-        parts.append("<p>Tables not matching any schema: " + ", ".join(f"<code>{_e(u)}</code>"
-                                                                         for u in rep.unrecognised) + "</p>")
+        if not checks_started and (f.slug.startswith(("check-", "thm3-3-forms-", "gate3-"))):
+            parts.append('<h3 id="checks">Theory vs measurement: the checks of Gates I–III</h3>')
+            checks_started = True
+        parts.append(_figure_html(f))
+    if rep.notes or rep.unrecognised:
+        parts.append('<h2 id="other-tables">Tables without a figure</h2><ul>')
+        parts += [f"<li><code>{_e(t)}</code>: {_e(why)}</li>" for t, why in rep.notes]
+        parts += [f"<li><code>{_e(u)}</code>: matches no figure schema</li>" for u in rep.unrecognised]
+        parts.append("</ul>")
     parts.append(rep.tutorials)
-    parts.append("<h2>Statements</h2>")
+    parts.append('<h2 id="statements-section">Statements</h2>')
     parts.append(_statements())
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -1,8 +1,8 @@
 """Figures from a ``threegate sweep`` store: bounds against the regime across cells, claims across learning rates.
 
-Both functions take ``sims.sweep.store.load_store(path)`` (a dict of tables, each concatenated over the done cells
-with the grid values as columns and ``cell_id``; ``"_cells"`` is the cells table) and return a matplotlib
-``Figure`` in the project style; neither reruns a cell.
+Both functions take the tables of a sweep store (``sims.sweep.store.load_store(path)``: a dict of DataFrames, each
+concatenated over the done cells with the grid values as columns and ``cell_id``; ``"_cells"`` is the cells table)
+and return a matplotlib ``Figure`` in the project style; neither reads a file nor reruns a cell.
 
 * :func:`sweep_bounds` — for the ``checks`` table: per cell and result id, the worst tightness lhs / rhs over the
   cell's rows whose assumptions hold, against the regime (``dW_over_gap`` = ||dW||_2 / gamma_k by default), one
@@ -13,24 +13,30 @@ with the grid values as columns and ``cell_id``; ``"_cells"`` is the cells table
   one line per run through the mean over the cells at each learning rate, every cell a point; and the computed
   verdicts of the ``verdicts`` table (one marker per cell and claim) when the cells carry them.
 
-``python -m paper_figs.sweep_figs STORE --out DIR`` writes whichever of the two the store has data for.
+``python -m threegate.sweep_figs STORE --out DIR`` reads a store and writes whichever of the two it has data for.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from paper_figs.style import OKABE_ITO, VIOLATION_LABEL, VIOLATION_STYLE, colors_for, new_figure, set_caption
+from paper_figs.style import (
+    OKABE_ITO,
+    VIOLATION_LABEL,
+    VIOLATION_STYLE,
+    colors_for,
+    new_figure,
+    no_data_panel,
+    set_caption,
+)
 from theory.errors import InputError
 
-__all__ = ["bounds_by_cell", "sweep_bounds", "claims_by_lr", "sweep_claims", "grid_keys", "main"]
+__all__ = ["bounds_by_cell", "sweep_bounds", "claims_by_lr", "sweep_claims", "grid_keys"]
 
 _REGIME_PREFERENCE = ("dW_over_gap", "target_ratio")
 _REGIME_LABELS = {"dW_over_gap": r"$\|\Delta W\|_2 / \gamma_k$ (measured)",
@@ -140,6 +146,13 @@ def sweep_bounds(tables: Mapping[str, pd.DataFrame], *, regime: str | None = Non
     fig, axes = new_figure(1, len(panels), width=5.2 * len(panels) + 0.8, height=4.6, sharey=True)
     colors = colors_for(agg["result_id"])
     for ax, (title, part) in zip(axes[0], panels):
+        ax.set_title(title, fontsize=9)
+        fin = part[np.isfinite(part["worst_ratio"]) & np.isfinite(part["x"])]
+        if fin["x"].nunique() < 2:  # a curve against the regime needs two regime values
+            detail = "; ".join(f"{rid}: worst lhs/rhs {r['worst_ratio'].max():.3g}"
+                               for rid, r in fin.groupby("result_id", sort=False)) or "no finite worst ratio"
+            no_data_panel(ax, f"{fin['x'].nunique()} value of {col}" if len(fin) else "no finite lhs / rhs", detail)
+            continue
         for rid, r in part.groupby("result_id", sort=False):
             r = r.sort_values(["x", "cell_id"])
             shown = r[np.isfinite(r["worst_ratio"]) & np.isfinite(r["x"])]
@@ -158,13 +171,14 @@ def sweep_bounds(tables: Mapping[str, pd.DataFrame], *, regime: str | None = Non
         if len(ys) and ys.min() > 0 and ys.max() / ys.min() > 50:
             ax.set_yscale("log")
         ax.set_xlabel(_REGIME_LABELS.get(col, col))
-        ax.set_title(title, fontsize=9)
     handles: dict[str, Any] = {}  # one legend for all panels (violations may sit in any of them)
     for ax in axes[0]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    axes[0, -1].legend(list(handles.values()), list(handles), loc="best", fontsize=7)
-    axes[0, 0].set_ylabel("worst lhs / rhs in the cell")
+    drawn = [ax for ax in axes[0] if ax.lines]
+    if drawn:
+        drawn[-1].legend(list(handles.values()), list(handles), loc="best", fontsize=7)
+        drawn[0].set_ylabel("worst lhs / rhs in the cell")
     per_id = agg.groupby("result_id", sort=False).agg(cells=("cell_id", "nunique"), violated=("n_violated", "sum"),
                                                       fa=("n_assumption_failed", "sum"))
     parts = [f"{rid}: {int(r.violated)} violated and {int(r.fa)} assumption-failed row(s) in {int(r.cells)} cell(s)"
@@ -234,20 +248,27 @@ def sweep_claims(tables: Mapping[str, pd.DataFrame], *, metric: str | None = Non
         ax = axes[0, j]
         j += 1
         m = claims_by_lr(tables, metric=metric, lr=lr)
+        label = "bf16 update sparsity (all block matrices)" if metric is None else m.attrs["metric"]
         colors = colors_for(m["run"])
-        for run, r in m.groupby("run", sort=False):
+        if m["lr"].nunique() < 2:  # a curve against the learning rate needs two of them
+            means = m.groupby("run")["value"].mean()
+            no_data_panel(ax, "1 learning rate", f"{label} at lr {m['lr'].iloc[0]:g}: "
+                          + ", ".join(f"{r} {v:.4g}" for r, v in means.items()))
+            parts.append(f"Left: {label}, {m['cell_id'].nunique()} cell(s) at one learning rate.")
+            m = None
+        for run, r in ([] if m is None else m.groupby("run", sort=False)):
             ax.scatter(r["lr"], r["value"], s=18, alpha=0.6, color=colors[run], gid=f"cells-{run}")
             mean = r.groupby("lr")["value"].mean()
             ax.plot(mean.index, mean.to_numpy(), "-", lw=1.5, color=colors[run], label=f"{run} (mean over cells)",
                     gid=f"mean-{run}")
-        if m["lr"].min() > 0 and m["lr"].max() / m["lr"].min() > 20:
-            ax.set_xscale("log")
-        ax.set_xlabel(f"learning rate ({m.attrs['lr']})")
-        label = "bf16 update sparsity (all block matrices)" if metric is None else m.attrs["metric"]
-        ax.set_ylabel(label)
-        ax.legend(loc="best")
-        parts.append(f"Left: {label} per cell (points) and the mean per learning rate (lines), "
-                     f"{m['cell_id'].nunique()} cell(s).")
+        if m is not None:
+            if m["lr"].min() > 0 and m["lr"].max() / m["lr"].min() > 20:
+                ax.set_xscale("log")
+            ax.set_xlabel(f"learning rate ({m.attrs['lr']})")
+            ax.set_ylabel(label)
+            ax.legend(loc="best")
+            parts.append(f"Left: {label} per cell (points) and the mean per learning rate (lines), "
+                         f"{m['cell_id'].nunique()} cell(s).")
     if has_verdicts:
         ax = axes[0, j]
         col = _lr_column(tables, verdicts, lr)
@@ -262,39 +283,17 @@ def sweep_claims(tables: Mapping[str, pd.DataFrame], *, metric: str | None = Non
         lrs = verdicts[col].astype(float)
         if lrs.min() > 0 and lrs.max() / lrs.min() > 20:
             ax.set_xscale("log")
+        levels = sorted(lrs.dropna().unique())
+        if len(levels) <= 6:  # few learning rates: tick exactly those (one value would get a rounding-noise axis)
+            ax.set_xticks(levels, [f"{v:g}" for v in levels])
+            ax.minorticks_off()
+            if len(levels) == 1:
+                ax.set_xlim(levels[0] * 0.5, levels[0] * 1.5) if levels[0] > 0 else ax.set_xlim(-1, 1)
         ax.set_xlabel(f"learning rate ({col})")
         ax.legend(loc="best")
         parts.append("Verdicts per cell and claim: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".")
     return set_caption(fig, "Claims across learning rates", " ".join(parts) + " " + _describe_store(tables))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    from sims.sweep.store import load_store
-
-    p = argparse.ArgumentParser(prog="python -m paper_figs.sweep_figs", description="figures from a sweep store")
-    p.add_argument("store", type=Path)
-    p.add_argument("--out", type=Path, default=Path("."))
-    p.add_argument("--by", default=None, help="grid key that splits sweep_bounds into panels")
-    args = p.parse_args(argv)
-    tables = load_store(args.store)
-    args.out.mkdir(parents=True, exist_ok=True)
-    wrote = []
-    for name, make in (("sweep_bounds", lambda: sweep_bounds(tables, by=args.by)),
-                       ("sweep_claims", lambda: sweep_claims(tables))):
-        try:
-            fig = make()
-        except InputError as e:
-            print(f"{name}: skipped ({e})")
-            continue
-        fig.savefig(args.out / f"{name}.png")
-        wrote.append(str(args.out / f"{name}.png"))
-    print("wrote " + (", ".join(wrote) if wrote else "nothing"))
-    return 0 if wrote else 1
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit("python -m paper_figs.sweep_figs moved: run python -m threegate.sweep_figs STORE --out DIR")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pandas as pd
 from matplotlib.colors import LogNorm, Normalize
@@ -21,15 +22,19 @@ from matplotlib.figure import Figure
 from paper_figs import schemas
 from paper_figs.style import (
     ASSUMPTION_LABEL,
+    NO_DATA_GID,
     OKABE_ITO,
     VIOLATION_LABEL,
     VIOLATION_STYLE,
     add_identity_line,
     colors_for,
     new_figure,
+    no_data_panel,
     set_caption,
 )
+from theory import RESULTS
 from theory.errors import InputError
+from theory.precision import predict_change_mask, realization_threshold_array
 
 __all__ = [
     "THM33_FORMS",
@@ -84,10 +89,6 @@ def _regime_label(col: str | None) -> str:
 
 
 def _statement(result_id: str) -> str:
-    try:
-        from theory import RESULTS
-    except Exception:  # pragma: no cover - theory package broken: figures still render
-        return ""
     r = RESULTS.get(result_id)
     return r.statement if r is not None else ""
 
@@ -138,21 +139,33 @@ def _scatter_sides(ax: Any, d: pd.DataFrame, regime_col: str | None, rv: np.ndar
     """lhs against rhs on log-log axes, y = x, coloured by regime; violations and assumption failures marked."""
     lhs, rhs = d["lhs"].to_numpy(float), d["rhs"].to_numpy(float)
     ok = np.isfinite(lhs) & np.isfinite(rhs)
+    assumed = d["assumptions_hold"].to_numpy(bool)
+    stats = {"n": int(len(d)), "finite": int(ok.sum()), "violated": int(((d["verdict"] == "violated").to_numpy(bool)
+                                                                          & ok).sum()),
+             "assumption_failed": int((~assumed).sum()), "zeros": int(((lhs == 0) | (rhs == 0)).sum())}
+    if not ok.any():
+        no_data_panel(ax, "no instance with finite lhs and rhs",
+                      f"{len(d)} instance(s), {stats['assumption_failed']} with a failed assumption")
+        return stats
     floor = _positive_floor(lhs[ok], rhs[ok])
     x, y = np.maximum(rhs, floor), np.maximum(lhs, floor)  # zeros drawn on the bottom edge of the log axes
-    assumed = d["assumptions_hold"].to_numpy(bool)
     violated = (d["verdict"] == "violated").to_numpy(bool)
     good = ok & assumed
-    norm = _norm_for(rv)
-    sc = ax.scatter(x[good], y[good], c=rv[good], cmap="viridis", norm=norm, s=22, alpha=0.85,
-                    edgecolors="none", label="instances", gid="instances")
-    if colorbar and np.isfinite(rv[good]).any():
-        fig.colorbar(sc, ax=ax, label=_regime_label(regime_col), pad=0.02)
+    levels = np.unique(rv[good][np.isfinite(rv[good])])
+    if len(levels) >= 2:  # colour by regime, with a colorbar
+        sc = ax.scatter(x[good], y[good], c=rv[good], cmap="viridis", norm=_norm_for(rv), s=22, alpha=0.85,
+                        edgecolors="none", label="instances", gid="instances")
+        if colorbar:
+            fig.colorbar(sc, ax=ax, label=_regime_label(regime_col), pad=0.02)
+    else:  # one regime value: a colour scale would span nothing; the legend says where the instances sit
+        where = f" ({_regime_label(regime_col)} = {levels[0]:.4g})" if len(levels) == 1 and regime_col else ""
+        ax.scatter(x[good], y[good], color=OKABE_ITO["blue"], s=22, alpha=0.85, edgecolors="none",
+                   label=f"instances{where}", gid="instances")
     fa = ok & ~assumed
     if fa.any():
         ax.scatter(x[fa], y[fa], marker="s", s=26, facecolors="none", edgecolors=OKABE_ITO["black"],
                    label=ASSUMPTION_LABEL, gid="assumption-failed")
-    nv = int((violated & ok).sum())
+    nv = stats["violated"]
     if nv:
         ax.scatter(x[violated & ok], y[violated & ok], label=f"{VIOLATION_LABEL}: {nv}", gid="violations",
                    **VIOLATION_STYLE)
@@ -168,8 +181,7 @@ def _scatter_sides(ax: Any, d: pd.DataFrame, regime_col: str | None, rv: np.ndar
     ax.set_xlabel("bound (rhs)")
     ax.set_ylabel("measured (lhs)")
     ax.legend(loc="upper left", framealpha=0.85)
-    return {"n": int(len(d)), "finite": int(ok.sum()), "violated": nv, "assumption_failed": int((~assumed).sum()),
-            "zeros": int(((lhs == 0) | (rhs == 0)).sum())}
+    return stats
 
 
 def _label_violations(ax: Any, x: np.ndarray, y: np.ndarray, rv: np.ndarray, regime_col: str | None,
@@ -187,30 +199,42 @@ def _label_violations(ax: Any, x: np.ndarray, y: np.ndarray, rv: np.ndarray, reg
 def _tightness(ax: Any, d: pd.DataFrame, regime_col: str | None, rv: np.ndarray, *,
                shade_assumption: bool = True) -> None:
     """ratio = lhs/rhs against the regime variable; 1 = bound attained; violations (> 1) marked."""
-    ratio = d["lhs"].to_numpy(float) / d["rhs"].to_numpy(float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = np.where(d["rhs"].to_numpy(float) == 0, np.where(d["lhs"].to_numpy(float) == 0, 0.0, np.inf), ratio)
+    lhs, rhs = d["lhs"].to_numpy(float), d["rhs"].to_numpy(float)
+    with np.errstate(invalid="ignore", divide="ignore"):  # rhs = 0: ratio 0 (lhs = 0) or inf, set explicitly
+        ratio = np.where(rhs == 0, np.where(lhs == 0, 0.0, np.inf), lhs / np.where(rhs == 0, 1.0, rhs))
     assumed = d["assumptions_hold"].to_numpy(bool)
     violated = (d["verdict"] == "violated").to_numpy(bool)
+    indeterminate = (d["verdict"] == "indeterminate").to_numpy(bool)
+    usable = assumed & np.isfinite(ratio) & np.isfinite(rv)
+    levels = np.unique(rv[usable])
+    if len(levels) < 2:  # a curve against the regime needs two regime values
+        what = _one_level(regime_col, levels)
+        r = ratio[usable]
+        detail = (f"lhs / rhs {r.min():.4g} to {r.max():.4g} over {r.size} instance(s)"
+                  + (f" at {_regime_label(regime_col)} = {levels[0]:.4g}" if len(levels) and regime_col else "")
+                  if r.size else f"{len(d)} instance(s), none with a finite lhs / rhs and its assumptions")
+        no_data_panel(ax, what, detail)
+        return
     order = np.argsort(rv, kind="stable")
-    good = (assumed & np.isfinite(ratio) & np.isfinite(rv))[order]
+    good = usable[order]
     # A line only for a single sweep (one matrix / one run); instances from many matrices stay points.
     groups = max([d[c].nunique() for c in ("name", "run", "layer", "matrix_type") if c in d.columns] or [1])
     sweep = groups == 1 and len(np.unique(rv[good[np.argsort(order)]])) == int(good.sum())
     ax.plot(rv[order][good], ratio[order][good], "o-" if sweep else "o", ms=3, lw=0.8,
             color=OKABE_ITO["blue"], alpha=0.8, label="lhs / rhs", gid="tightness")
-    # ratio > 1 yet "holds": inside the check's tolerance (float64 noise floor); say so instead of hiding it
-    within_tol = assumed & ~violated & np.isfinite(ratio) & (ratio > 1) & np.isfinite(rv)
+    # "indeterminate": |lhs - rhs| within the check's tolerance (float64 cannot decide); drawn at its ratio, neither
+    # hidden nor shown as a violation or as a failed assumption
+    within_tol = indeterminate & np.isfinite(ratio) & np.isfinite(rv)
     if within_tol.any():
         ax.scatter(rv[within_tol], ratio[within_tol], marker="o", s=30, facecolors="none",
                    edgecolors=OKABE_ITO["black"], linewidths=0.8, gid="within-tolerance",
-                   label=f"ratio > 1 within tolerance: {int(within_tol.sum())}")
+                   label=f"indeterminate (|lhs - rhs| within tolerance): {int(within_tol.sum())}")
     ax.axhline(1.0, ls="--", color=OKABE_ITO["black"], lw=1.0, label="bound attained (ratio = 1)", gid="ratio-one")
     shown_v = violated & np.isfinite(ratio) & np.isfinite(rv)
     if shown_v.any():
         ax.scatter(rv[shown_v], ratio[shown_v], label=f"{VIOLATION_LABEL}: {int(shown_v.sum())}", gid="violations",
                    **VIOLATION_STYLE)
-    fa = ~assumed & np.isfinite(rv)
+    fa = ~assumed & ~indeterminate & np.isfinite(rv)
     if fa.any():
         # A failed assumption has no meaningful ratio: mark where along the regime axis it happened.
         ax.plot(rv[fa], np.zeros(int(fa.sum())), "|", ms=14, mew=1.5, color=OKABE_ITO["black"],
@@ -230,6 +254,20 @@ def _tightness(ax: Any, d: pd.DataFrame, regime_col: str | None, rv: np.ndarray,
     if pos.size and pos.max() / pos.min() > 100:
         ax.set_yscale("log")
     ax.legend(loc="best", framealpha=0.85)
+
+
+_REGIME_UNITS = {"step": "training step", "beta": "beta value", "lr": "learning rate", "eps": "clip range",
+                 "eta": "probe tolerance", "scale": "perturbation scale"}
+
+
+def _one_level(regime_col: str | None, levels: np.ndarray) -> str:
+    """The reason a tightness curve cannot be drawn: "1 training step", "no instance", ..."""
+    if len(levels) == 0:
+        return "no instance with a finite lhs / rhs"
+    if regime_col is None:
+        return "1 instance"
+    name = regime_col.removeprefix("d_")
+    return f"1 {_REGIME_UNITS.get(name, 'value of ' + name)}"
 
 
 def _summary(stats: dict[str, int]) -> str:
@@ -282,13 +320,21 @@ def fig_thm33_forms(df: pd.DataFrame, *, regime: str | None = None) -> Figure:
         raise InputError("check table has none of the Thm 3.3 ids " + ", ".join(r for r, _ in THM33_FORMS))
     fig, axes = new_figure(2, len(present), width=4.6 * len(present) + 0.6, height=8.4)
     parts = []
+
+    def finite(rid: str) -> bool:
+        d = d_all[d_all["result_id"] == rid]
+        return bool((np.isfinite(d["lhs"].to_numpy(float)) & np.isfinite(d["rhs"].to_numpy(float))).any())
+
+    with_data = [j for j, (rid, _) in enumerate(present) if finite(rid)]
+    cbar_j = with_data[-1] if with_data else -1  # one colorbar, on the last panel that has points
     for j, (rid, label) in enumerate(present):
         d = d_all[d_all["result_id"] == rid]
         regime_col, rv = _regime_values(d, regime)
-        stats = _scatter_sides(axes[0, j], d, regime_col, rv, fig, colorbar=(j == len(present) - 1))
+        stats = _scatter_sides(axes[0, j], d, regime_col, rv, fig, colorbar=(j == cbar_j))
         axes[0, j].set_title(f"{rid}\n{label}", fontsize=9)
         _tightness(axes[1, j], d, regime_col, rv)
-        if regime_col is not None and regime_col.removeprefix("d_") == "dW_over_gap":
+        if (regime_col is not None and regime_col.removeprefix("d_") == "dW_over_gap"
+                and not any(t.get_gid() == NO_DATA_GID for t in axes[1, j].texts)):
             axes[1, j].axvline(1.0, color=OKABE_ITO["black"], lw=0.8, ls=":", gid="gap-line")
         parts.append(f"{rid}: {stats['violated']} violated, {stats['assumption_failed']} assumption-failed "
                      f"of {stats['n']}")
@@ -309,8 +355,6 @@ def _bf16_bits_to_f64(bits: np.ndarray) -> np.ndarray:
 
 def _as_bf16(w: np.ndarray) -> np.ndarray:
     """float64 -> ml_dtypes.bfloat16, refusing values that are not exactly representable (they would be rounded)."""
-    import ml_dtypes
-
     wb = w.astype(np.float32).astype(ml_dtypes.bfloat16)
     bad = wb.astype(np.float64) != w
     if bad.any():
@@ -328,8 +372,6 @@ def bf16_threshold_curve(lo: float, hi: float, semantics: str = "exact") -> pd.D
     ``down_incl``: the threshold itself changes w (a tie that rounds to an even neighbour).
     Columns: w, up, down, up_incl, down_incl.
     """
-    from theory.precision import realization_threshold_array
-
     if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi):
         raise InputError(f"threshold curve needs 0 < lo <= hi, finite; got lo={lo!r}, hi={hi!r}")
     e_lo = max(math.floor(math.log2(lo)), -126)
@@ -354,8 +396,6 @@ def fig_bf16_threshold(df: pd.DataFrame, *, semantics: str | None = None) -> Fig
     ``"exact"`` (one rounding of the exact sum) or ``"fp32"`` (add in float32, then round to bf16); default
     ``df.attrs['semantics']`` or ``"exact"``.
     """
-    from theory.precision import predict_change_mask
-
     semantics = semantics or df.attrs.get("semantics", "exact")
     d = schemas.validate(df, "bf16_updates", source="bf16 update table")
     w = d["w"].to_numpy(float)

@@ -66,7 +66,54 @@ def test_sparsity_row_is_exact_and_consistent(result):
     assert sp["sparsity"] == sp["expected_sparsity"] == 1 - n_changed / 5000
     assert sp["bytes"] == 4 * 5000
     assert sp["ratio"] == pytest.approx(sp["sparsity_GBps"] / sp["copy_GBps"], rel=4 * EPS64)
-    assert sp["target"] == ("met" if sp["ratio"] >= 0.5 else "MISSED")
+    assert sp["target"] == ("met" if sp["ratio"] >= bench.TARGET_COPY_RATIO else "MISSED")
+    assert bench.TARGET_COPY_RATIO == 0.8
+
+
+def test_every_kernel_backend_is_timed_and_counts_exactly():
+    sp = bench.bench_sparsity(30_000, seed=4, backends=("auto", "eager", "blocked"))
+    _, _, n_changed = bench.make_sparsity_pair(30_000, seed=4)
+    assert list(sp["backends"]) == ["auto", "eager", "blocked"]
+    for row in sp["backends"].values():
+        assert row["count"] == n_changed
+        assert row["ratio"] == pytest.approx(row["GBps"] / sp["copy_GBps"], rel=4 * EPS64)
+    assert sp["ratio"] == sp["backends"]["auto"]["ratio"] and sp["kernel"]["auto"] == "blocked"
+    with pytest.raises(InputError, match="--kernel-backends"):
+        bench.run_bench([40], [2], kernel_backends=("triton",))
+
+
+def test_arch_shapes_are_the_named_models():
+    from threegate.bench_compare import arch_shapes
+
+    smol = arch_shapes("smollm2-135m")
+    assert len(smol) == 30 * 7 + 1  # tied lm_head: the embedding once
+    shapes = dict(smol)
+    assert shapes["model.embed_tokens.weight"] == (49152, 576)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (192, 576)
+    assert shapes["model.layers.29.mlp.down_proj.weight"] == (576, 1536)
+    q7 = dict(arch_shapes("qwen2.5-7b", layers=2))
+    assert q7["lm_head.weight"] == (152064, 3584) and q7["model.layers.1.self_attn.v_proj.weight"] == (512, 3584)
+    assert dict(arch_shapes("llama-3-8b", layers=1))["model.layers.0.mlp.gate_proj.weight"] == (14336, 4096)
+    assert len(arch_shapes("qwen2.5-1.5b", layers=3, embeddings=False)) == 21
+    with pytest.raises(InputError, match="unknown architecture"):
+        arch_shapes("gpt-5")
+    with pytest.raises(InputError, match="--layers must be in 1..30"):
+        arch_shapes("smollm2-135m", layers=31)
+
+
+def test_compare_bench_times_exact_and_fast_against_the_floor():
+    from threegate.bench_compare import bench_compare, format_compare_report
+
+    row = bench_compare("smollm2-135m", layers=1, embeddings=False, changed_fraction=0.01, k=8, seed=1)
+    assert row["matrices"] == 7 and row["exact_counts_exact"] and row["fast_counts_exact"]
+    for label in ("exact", "fast"):
+        assert row[f"{label}_ratio_wall"] == row[f"{label}_wall_s"] / row["floor_wall_s"]
+        assert row[f"target_{label}"] == ("met" if row[f"{label}_ratio_cpu"] <= (2.0 if label == "exact" else 0.5)
+                                          else "MISSED")
+    assert sum(row["exact_routes"].values()) == 7 and set(row["exact_routes"]) <= {"ritz", "ritz->svd", "svd"}
+    assert row["fast_routes"] == {"fast": 7}
+    text = format_compare_report(row, threads=1)
+    assert "floor" in text and "compare exact" in text and "compare fast" in text and "counts exact: yes" in text
 
 
 def test_report_table_structure(result):

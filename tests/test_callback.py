@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -214,3 +215,47 @@ def test_import_threegate_stays_light():
         import threegate
 
         threegate.nothing_here
+
+
+def test_callback_bench_reports_per_step_ratios_on_the_tiny_model(tiny_dir):
+    """Structure only (timings are reported, never asserted): one SFT run of 2 steps with Gate III on."""
+    from threegate.bench_callback import bench_callback, format_callback_report
+
+    res = bench_callback(["sft"], steps=2, batch=2, model=str(tiny_dir), gate3=True)
+    (run,) = res["runs"]
+    assert [s["step"] for s in run["steps"]] == [1, 2] and run["ratio"] > 0
+    n = run["tracked_params"]
+    assert 4 * n + n // 8 <= run["memory_bytes"] <= 4 * n + n // 8 + 15  # 4.125 B/param (15 matrices round up)
+    assert [g["step"] for g in run["gate3"]] == [1, 2]
+    assert all(g["recall_master"] == 1.0 for g in run["gate3"] if g["changed"])
+    text = format_callback_report(res)
+    assert "SFT (21,760 tracked 2-D parameters" in text and "Gate III per step" in text
+    with pytest.raises(InputError, match="callback-steps"):
+        bench_callback(["sft"], steps=1, model=str(tiny_dir))
+    with pytest.raises(InputError, match="callback-trainer"):
+        bench_callback(["ppo"], model=str(tiny_dir))
+
+
+def test_a_failing_snapshot_analysis_is_recorded_and_training_goes_on(tiny_dir, tmp_path, monkeypatch):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    import threegate.compare
+    from threegate import ThreeGateCallback
+
+    def broken(*args, **kwargs):
+        raise InputError("tensor 'x': linear algebra failed (simulated)")
+
+    monkeypatch.setattr(threegate.compare, "compare_tables", broken)
+    model, tok = _load(tiny_dir)
+    cfg = SFTConfig(output_dir=str(tmp_path / "trainer"), max_steps=2, per_device_train_batch_size=2,
+                    learning_rate=1e-4, max_length=16, report_to="none", use_cpu=True, seed=0, save_strategy="no",
+                    disable_tqdm=True, gradient_checkpointing=False)
+    cb = ThreeGateCallback(out_dir=tmp_path / "tg", snapshot_steps=1)
+    with pytest.warns(UserWarning, match="snapshot analysis at step 1 failed"):
+        SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_dict({"text": ["1+1=2"] * 8}),
+                   processing_class=tok, callbacks=[cb]).train()
+    assert sorted(pd.read_parquet(tmp_path / "tg" / "steps.parquet")["step"].unique()) == [1, 2]
+    assert (tmp_path / "tg" / "snapshots" / "step_000002.safetensors").is_file()
+    meta = json.loads((tmp_path / "tg" / "steps.parquet.meta.json").read_text())
+    assert "step 1: tensor 'x': linear algebra failed (simulated)" in meta["error"]

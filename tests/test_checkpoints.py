@@ -8,15 +8,16 @@ import pickle
 import pytest
 import torch
 
+from theory.naming import layer_index, matrix_type
 from threegate.checkpoints import (
+    as_checkpoint,
     iter_matched,
-    match_names,
+    model_order,
     open_checkpoint,
     save_safetensors,
     select_names,
     smollm2_gguf_path,
 )
-from theory.naming import layer_index, matrix_type
 from theory.errors import CheckpointError, InputError, NonFiniteError, ShapeMismatchError
 
 
@@ -209,12 +210,20 @@ def test_mismatched_names_list_a_few_on_each_side(tmp_path):
     ca = open_checkpoint(save_safetensors(a, tmp_path / "a.safetensors"))
     cb = open_checkpoint(save_safetensors(b, tmp_path / "b.safetensors"))
     with pytest.raises(ShapeMismatchError) as ei:
-        match_names([ca, cb])
+        select_names([ca, cb], matrices_only=False)
     msg = str(ei.value)
     assert "\n" not in msg
-    assert "1 only in" in msg and "a.safetensors (ln.weight)" in msg and "b.safetensors (extra.weight)" in msg
-    with pytest.raises(ShapeMismatchError, match=r"only in \S*b\.safetensors \(extra\.weight\).*only in \S*a\.safetensors \(ln\.weight\)"):
-        match_names([cb, ca])  # both argument orders name the right side
+    assert "1 selected tensor(s) missing in" in msg and "b.safetensors (ln.weight)" in msg
+    assert "1 only in" in msg and "b.safetensors (extra.weight)" in msg and "--shared-only" in msg
+    with pytest.raises(ShapeMismatchError, match=r"missing in \S*a\.safetensors \(extra\.weight\)"):
+        select_names([cb, ca], matrices_only=False)  # both argument orders name the right side
+    # outside the selection a missing tensor does not matter; --shared-only drops the missing ones with a note
+    assert select_names([ca, cb], only="blocks") == ["blocks.0.attn.q.weight", "blocks.0.mlp.up.weight",
+                                                     "blocks.1.attn.o.weight"]
+    notes: list[str] = []
+    assert "ln.weight" not in select_names([ca, cb], matrices_only=False, shared_only=True, notes=notes)
+    assert any("1 selected tensor(s) absent" in n and "ln.weight" in n for n in notes)
+    assert any("not in the base" in n and "extra.weight" in n for n in notes)
 
 
 def test_mismatched_shape_names_tensor_and_both_files(tmp_path):
@@ -223,7 +232,8 @@ def test_mismatched_shape_names_tensor_and_both_files(tmp_path):
     ca = open_checkpoint(save_safetensors(a, tmp_path / "a.safetensors"))
     cb = open_checkpoint(save_safetensors(b, tmp_path / "b.safetensors"))
     with pytest.raises(ShapeMismatchError, match=r"'blocks\.0\.mlp\.up\.weight': shape \(12, 6\) in .*a\.safetensors but \(12, 7\) in .*b\.safetensors"):
-        match_names([ca, cb])
+        select_names([ca, cb])
+    assert select_names([ca, cb], only="attn") == ["blocks.0.attn.q.weight", "blocks.1.attn.o.weight"]
 
 
 def test_iter_matched_streams_one_name_at_a_time(tmp_path):
@@ -322,3 +332,139 @@ def test_safetensors_whose_header_length_looks_like_a_pickle_is_still_read(tmp_p
     assert p.read_bytes()[:2] == b"\x80\x02"
     ck = open_checkpoint(p)
     assert torch.equal(ck.get("w"), torch.arange(4, dtype=torch.float32).reshape(2, 2))
+
+
+# ----------------------------------------------------------------------------------------------- as users have them
+
+
+def test_model_order_is_numeric_by_layer_then_matrix_type():
+    names = [f"model.layers.{i}.{p}" for i in (10, 2, 0, 1, 11) for p in
+             ("mlp.down_proj.weight", "self_attn.q_proj.weight", "mlp.up_proj.weight", "input_layernorm.weight")]
+    names += ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+    got = model_order(names)
+    assert got[0] == "model.embed_tokens.weight" and got[-2:] == ["lm_head.weight", "model.norm.weight"]
+    layers = [layer_index(n) for n in got[1:-2]]
+    assert layers == sorted(layers) and layers[::4] == [0, 1, 2, 10, 11]
+    assert [matrix_type(n) for n in got[1:5]] == ["q", "up", "down", "other"]
+    assert model_order(["blocks.0.mlp.experts.10.up_proj.weight", "blocks.0.mlp.experts.9.up_proj.weight"])[0] \
+        == "blocks.0.mlp.experts.9.up_proj.weight"
+
+
+def test_max_matrices_follows_model_order(tmp_path):
+    sd = {f"model.layers.{i}.self_attn.q_proj.weight": torch.zeros(2, 2) for i in (0, 1, 2, 10, 11)}
+    cks = [open_checkpoint(save_safetensors(sd, tmp_path / f"{i}.safetensors")) for i in range(2)]
+    assert [layer_index(n) for n in select_names(cks, max_matrices=3)] == [0, 1, 2]  # not 0, 1, 10
+
+
+def test_trainer_checkpoint_folder_never_reads_the_trainer_pickles(tmp_path):
+    sd = small_state()
+    ck_dir = tmp_path / "run" / "checkpoint-500"
+    save_safetensors(sd, ck_dir / "model.safetensors")
+    for f in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+        (ck_dir / f).write_bytes(pickle.dumps({"would": "run code"}, protocol=4))
+    (ck_dir / "trainer_state.json").write_text("{}")
+    ck = open_checkpoint(ck_dir)
+    assert ck.names() == list(sd) and torch.equal(ck.get("blocks.0.attn.q.weight"), sd["blocks.0.attn.q.weight"])
+    # an older Trainer folder: pytorch_model.bin (a zip archive) beside the same pickles
+    old = tmp_path / "run" / "checkpoint-20"
+    old.mkdir()
+    torch.save(sd, old / "pytorch_model.bin")
+    for f in ("optimizer.pt", "rng_state_1.pth", "training_args.bin"):
+        (old / f).write_bytes(pickle.dumps([1], protocol=4))
+    assert open_checkpoint(old).format == "torch"
+    with pytest.raises(CheckpointError, match=r"run: a training run folder with 2 checkpoint folders "
+                                              r"\(checkpoint-20 \.\.\. checkpoint-500\); name one of them"):
+        open_checkpoint(tmp_path / "run")
+
+
+def test_state_dict_and_module_are_checkpoints_with_tied_weights_once():
+    lin = torch.nn.Sequential(torch.nn.Embedding(7, 4), torch.nn.Linear(4, 7, bias=False))
+    lin[1].weight = lin[0].weight  # tied
+    ck = as_checkpoint(lin)
+    assert ck.names() == ["0.weight"] and ck.format == "memory"
+    sd = {"a.weight": torch.ones(3, 2), "b": torch.zeros(2)}
+    ck2 = as_checkpoint(sd, label="mine")
+    assert ck2.names() == ["a.weight", "b"] and str(ck2.path) == "mine"
+    assert torch.equal(ck2.get("a.weight"), sd["a.weight"])
+    with pytest.raises(InputError, match="expected a path, a Checkpoint, a state dict or an nn.Module, got int"):
+        as_checkpoint(3)
+    with pytest.raises(InputError, match="entry 'x' is not a"):
+        as_checkpoint({"x": [1.0]})
+
+
+def test_dtype_difference_is_a_note(tmp_path):
+    a = {"blocks.0.attn.q.weight": torch.ones(3, 3, dtype=torch.bfloat16)}
+    b = {"blocks.0.attn.q.weight": torch.ones(3, 3, dtype=torch.float32)}
+    cks = [open_checkpoint(save_safetensors(d, tmp_path / f"{i}.safetensors")) for i, d in enumerate((a, b))]
+    notes: list[str] = []
+    select_names(cks, notes=notes)
+    assert notes == ["dtypes differ on 1 tensor(s): bfloat16 in 0.safetensors, float32 in 1.safetensors "
+                     "(the update mask compares both rounded to bf16)"]
+
+
+@pytest.fixture(scope="module")
+def lora_folders(tmp_path_factory):
+    """A tiny Llama saved as safetensors and a LoRA adapter (r=2 on q_proj, v_proj, random A and B) for it."""
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("lora")
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    model = LlamaForCausalLM.from_pretrained(root / "base")
+    lcfg = peft.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    pm = peft.get_peft_model(model, lcfg)
+    pm.save_pretrained(root / "adapter")
+    lora = {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" in n}
+    return root / "base", root / "adapter", lora
+
+
+def test_peft_adapter_is_merged_onto_its_base(lora_folders):
+    base_dir, adapter_dir, lora = lora_folders
+    base = open_checkpoint(base_dir)
+    merged = open_checkpoint(adapter_dir)
+    assert merged.format == "peft-merged" and "LORA adapter (r=2)" in merged.note
+    assert sorted(merged.names()) == sorted(base.names())
+    eps32 = float(torch.finfo(torch.float32).eps)
+    for name in base.names():
+        W0, W1 = base.get(name).double(), merged.get(name).double()
+        if matrix_type(name) in ("q", "v"):
+            stem = "base_model.model." + name.rsplit(".weight", 1)[0]
+            A, B = lora[f"{stem}.lora_A.default.weight"].double(), lora[f"{stem}.lora_B.default.weight"].double()
+            delta = (8 / 2) * B @ A  # scaling = lora_alpha / r
+            # float32 merge: one rounding of the product entries (k = 2 terms) and one of the sum
+            bound = 4 * eps32 * ((8 / 2) * B.abs() @ A.abs() + W0.abs() + delta.abs())
+            assert ((W1 - (W0 + delta)).abs() <= bound).all(), name
+            assert int((W1 != W0).sum()) > 0.9 * W1.numel()
+        else:
+            assert torch.equal(W0, W1), name  # not adapted: bit for bit the base
+
+
+def test_peft_adapter_errors_are_one_line(lora_folders, tmp_path):
+    import json
+    import shutil
+
+    base_dir, adapter_dir, _ = lora_folders
+    hub = tmp_path / "hub_adapter"
+    shutil.copytree(adapter_dir, hub)
+    cfg = json.loads((hub / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M"
+    (hub / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"base_model_name_or_path 'HuggingFaceTB/SmolLM2-135M' is not a local "
+                                              r"folder; name the base model folder with --adapter-base"):
+        open_checkpoint(hub)
+    assert open_checkpoint(hub, adapter_base=base_dir).format == "peft-merged"
+    pickled = tmp_path / "pickled_adapter"
+    pickled.mkdir()
+    shutil.copy(hub / "adapter_config.json", pickled)
+    (pickled / "adapter_model.bin").write_bytes(pickle.dumps({"w": 1}, protocol=4))
+    with pytest.raises(CheckpointError, match=r"adapter_model\.bin: pickled adapter weights are refused"):
+        open_checkpoint(pickled, adapter_base=base_dir)
+    cut = tmp_path / "cut_adapter"
+    shutil.copytree(hub, cut)
+    data = (cut / "adapter_model.safetensors").read_bytes()
+    (cut / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: not a readable safetensors file"):
+        open_checkpoint(cut, adapter_base=base_dir)

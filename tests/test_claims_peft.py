@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from paper_figs.schemas import validate
-from sims.claims.base import VERDICTS, run_claims
+from sims.claims.base import VERDICT_COLUMNS, VERDICTS
+from sims.experiments.registry import run_claims
 from sims.claims.peft import (
     COLLAPSE_MARGIN,
     MIN_COLLAPSE_GAP,
@@ -233,7 +234,7 @@ def test_masked_runs_fast_verdicts_are_computed_from_the_tables(masked_fast):
                                          safe_mask_beats_random)]
     assert [v.verdict for v in masked_fast.verdicts] == expected
     assert all(v == "inconclusive" for v in expected)  # one seed in the fast preset
-    assert list(masked_fast.tables["verdicts"].columns) == ["claim", "verdict", "reason", "numbers"]
+    assert list(masked_fast.tables["verdicts"].columns) == VERDICT_COLUMNS
 
 
 def test_lora_pissa_fast_table_is_schema_valid_over_the_grid(lora_fast):
@@ -275,7 +276,7 @@ def test_claim_runs_are_threegate_run_names_and_write_verdicts(masked_written):
 def test_config_errors_name_the_problem():
     with pytest.raises(InputError, match="masks"):
         masked_runs_experiment({"pretrain": FAST_PRETRAIN, "masked_runs": {"preset": "fast", "masks": ["nope"]}})
-    with pytest.raises(InputError, match="unknown keys"):
+    with pytest.raises(InputError, match="unknown key '"):
         lora_pissa_experiment({"pretrain": FAST_PRETRAIN, "lora_pissa": {"preset": "fast", "rankz": [2]}})
     with pytest.raises(InputError, match="methods"):
         lora_pissa_experiment({"pretrain": FAST_PRETRAIN, "lora_pissa": {"preset": "fast", "methods": ["DoRA"]}})

@@ -10,13 +10,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from theory.naming import matrix_type
 from threegate.checkpoints import open_checkpoint, save_safetensors, smollm2_gguf_path
-from threegate.compare import compare_checkpoints, compare_matrix, compare_tables, principal_mask_from_svd
+from threegate.compare import compare_checkpoints, compare_matrix, compare_tables
 from theory import metrics
 from theory.errors import CheckpointError
 from theory.linalg import svd64
+from threegate.decompose import decompose
 from threegate.cli import main
 
 EPS64 = float(np.finfo(np.float64).eps)
@@ -154,14 +157,47 @@ def test_update_on_the_smallest_entries_lies_inside_m_low():
     assert row["row_ratio_max"] == 1.0 and row["rows_touched"] == 1 / 8
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=50), st.integers(0, 50), st.booleans())
+@example([0, 0, 0], 2, True)  # all tied, -0.0 among them
+def test_linear_time_selection_equals_the_stable_sort_rule(values, count, negate):
+    """theory.metrics' O(n) top-count selection = the first ``count`` of a stable argsort of -score (ties: lower index)."""
+    score = np.array(values, dtype=np.float64) * (-1.0 if negate else 1.0)
+    count = min(count, score.size)
+    order = np.argsort(-score, kind="stable")
+    expected = np.zeros(score.size, dtype=bool)
+    expected[order[:count]] = True
+    assert np.array_equal(metrics._select_top(score, count), expected)
+
+
 @pytest.mark.parametrize("shape, k, alpha", [((9, 7), 2, 0.5), ((7, 9), 3, 0.05), ((6, 6), 6, 0.5), ((5, 8), 1, 0.3)])
-def test_principal_mask_from_svd_equals_theory_metrics(shape, k, alpha):
+def test_principal_mask_from_compare_equals_theory_metrics(shape, k, alpha):
     rng = np.random.default_rng(sum(shape) + k)
     W = rng.standard_normal(shape)
     W[0, :] = W[1, :]  # equal rows: tied scores exercise the tie-break by flat index
     expected = metrics.principal_mask(W, k, alpha)
-    got = principal_mask_from_svd(svd64(W), k, alpha)
-    assert np.array_equal(got, expected)
+    assert np.array_equal(metrics.principal_mask_from_svd(svd64(W), k, alpha), expected)
+    row = compare_matrix("blocks.0.attn.q.weight", torch.from_numpy(W), [torch.from_numpy(W)], ["r"], k=k,
+                         alpha=alpha).rows[0]
+    assert row["size_princ"] == metrics.selection_count(alpha, W.size)
+
+
+def test_principal_mask_from_ritz_vectors_differs_only_at_rounding_level_ties():
+    """The ritz route's M_princ (svdvals + Gram-Ritz vectors) against numpy's SVD: any entry that differs has a
+    score within rounding (1e-12 relative) of the selection threshold."""
+    rng = np.random.default_rng(5)
+    m, n, k, alpha = 300, 200, 8, 0.3
+    Q1, _ = np.linalg.qr(rng.standard_normal((m, n)))
+    Q2, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    W = (Q1 * (0.97 ** np.arange(n))) @ Q2.T
+    dec = decompose([torch.from_numpy(W)], k, "ritz")[0]
+    assert dec.route == "ritz"
+    got = metrics.principal_mask_from_svd(dec.svd, k, alpha)
+    ref = metrics.principal_mask(W, k, alpha)
+    score = np.abs(metrics.rank_k_reconstruction(W, k))
+    t = np.sort(score.ravel())[::-1][metrics.selection_count(alpha, W.size) - 1]
+    tie = 2 * metrics.reconstruction_tie_tol(dec.svd.S, k, W.shape)
+    assert np.all(np.abs(score[got != ref] - t) <= 2 * tie)
 
 
 def test_symmetric_metrics_do_not_depend_on_argument_order(tmp_path):
@@ -304,7 +340,7 @@ def test_unsupported_dtype_names_file_tensor_and_dtype(capsys, tmp_path, pair):
     name = list(sd)[0]
     q = dict(sd, **{name: torch.zeros(8, 6, dtype=torch.int8)})
     tuned = save_safetensors(q, tmp_path / "int8.safetensors")
-    rc, _, err = run_cli(capsys, str(base), str(tuned))
+    rc, _, err = run_cli(capsys, str(base), str(tuned), "--k", "2")
     assert rc == 1
     line = error_line(err)
     assert "int8.safetensors" in line and name in line and "unsupported dtype int8" in line
@@ -441,7 +477,7 @@ def test_weight_that_overflows_bf16_names_files_and_tensor(capsys, tmp_path, pai
     w = sd[name].float().clone()
     w[0, 0] = 3.4e38  # finite in float32, Inf once rounded to bf16 for the probe
     tuned = save_safetensors(dict(sd, **{name: w}), tmp_path / "huge.safetensors")
-    rc, _, err = run_cli(capsys, str(base), str(tuned))
+    rc, _, err = run_cli(capsys, str(base), str(tuned), "--k", "2")
     assert rc == 1
     line = error_line(err)
     assert "huge.safetensors" in line and "base.safetensors" in line and name in line and "non-finite" in line
@@ -451,16 +487,16 @@ def test_interrupt_keeps_the_rows_computed_so_far(capsys, tmp_path, pair, monkey
     import threegate.compare as cmp
 
     _, base, tuned = pair
-    real = cmp.compare_matrix
+    real = cmp._analyse
     calls = []
 
-    def interrupted_on_third(name, *a, **kw):
-        calls.append(name)
+    def interrupted_on_third(names, *a, **kw):
+        calls.extend(names)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(name, *a, **kw)
+        return real(names, *a, **kw)
 
-    monkeypatch.setattr(cmp, "compare_matrix", interrupted_on_third)
+    monkeypatch.setattr(cmp, "_analyse", interrupted_on_third)
     out = tmp_path / "out"
     rc = main(["compare", str(base), str(tuned), "--k", "2", "--out", str(out), "--no-progress", "--no-figures"])
     assert rc == 130

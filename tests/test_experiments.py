@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from sims.experiments.registry import EXPERIMENTS, config_hash, load_config, run_experiment
+import sims.claims.base
+from sims.claims import consistency, geometry, interventions, peft, sparsity
+from sims.experiments.registry import CLAIM_EXPERIMENTS, EXPERIMENTS, run_claims, run_experiment
 from sims.experiments.sim_verify import SIM_COLUMNS, default_simulation_checks
 from sims.tinygpt.storage import load_snapshot
 from theory.errors import InputError
@@ -33,12 +35,23 @@ def _fast_config(cache) -> dict:
     }
 
 
-def test_registry_names():
-    assert {"rlvr", "sft", "rl_vs_sft", "clip_eps"} <= set(EXPERIMENTS)
+FAST_PRETRAIN = {"preset": "fast", "cache_dir": ".cache/threegate"}
+
+
+def test_registry_lists_every_experiment_in_one_place():
+    assert list(EXPERIMENTS) == ["rlvr", "sft", "rl_vs_sft", "clip_eps", "sparsity", "mask_predictor", "consistency",
+                                 "geometry", "interventions", "kl_beta0", "masked_runs", "lora_pissa", "hf_rlvr",
+                                 "hf_sft"]
+    assert all(EXPERIMENTS[name].fn is fn for name, fn in CLAIM_EXPERIMENTS.items())
+    assert EXPERIMENTS["sparsity"].doc.startswith("Table 1 + Sec. 2.3 at our scale")
+    # the claim modules only define functions: nothing registers itself on import
+    for mod in (sims.claims.base, consistency, geometry, interventions, peft, sparsity):
+        assert not hasattr(mod, "CLAIM_EXPERIMENTS") and not hasattr(mod, "claim_experiments"), mod.__name__
 
 
 def test_clip_eps_sweep_reports_lemma_f9_per_step(tmp_path, cache):
     cfg = _fast_config(cache)
+    cfg.pop("sft")  # clip_eps reads [pretrain], [rlvr] and [clip_eps] only
     cfg["rlvr"].update(steps=2, minibatches=4, lr=2e-3)
     cfg["clip_eps"] = {"eps": [0.05, 0.4]}
     out = run_experiment("clip_eps", cfg, tmp_path / "clip")
@@ -52,22 +65,6 @@ def test_clip_eps_sweep_reports_lemma_f9_per_step(tmp_path, cache):
     assert (t["k3"] >= 0).all() and (t["small_step"] >= 0).all()
     with pytest.raises(InputError, match="clip_eps"):
         run_experiment("clip_eps", {**cfg, "clip_eps": {"eps": [1.5]}}, tmp_path / "bad")
-
-
-def test_load_config_toml_json_and_errors(tmp_path):
-    (tmp_path / "c.toml").write_text('seed = 3\n[rlvr]\nsteps = 4\n[rlvr.probe]\nsteps = [1, 2]\n')
-    assert load_config(tmp_path / "c.toml") == {"seed": 3, "rlvr": {"steps": 4, "probe": {"steps": [1, 2]}}}
-    (tmp_path / "c.json").write_text('{"seed": 3}')
-    assert load_config(tmp_path / "c.json") == {"seed": 3}
-    with pytest.raises(InputError, match="does not exist"):
-        load_config(tmp_path / "missing.toml")
-    (tmp_path / "bad.toml").write_text("seed = = 3")
-    with pytest.raises(InputError, match="not valid TOML"):
-        load_config(tmp_path / "bad.toml")
-    (tmp_path / "c.yaml").write_text("seed: 3")
-    with pytest.raises(InputError, match="unsupported extension"):
-        load_config(tmp_path / "c.yaml")
-    assert config_hash("rlvr", {"a": 1}) != config_hash("sft", {"a": 1})
 
 
 def test_rl_vs_sft_writes_tidy_tables_from_one_checkpoint(tmp_path, cache):
@@ -111,7 +108,8 @@ def test_cli_run_and_errors(tmp_path, capsys, cache):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"rlvr": {"stepz": 3}}))
     assert main(["run", "rlvr", "--config", str(bad), "--out", str(tmp_path / "o2")]) == 1
-    assert "unknown keys ['stepz']" in capsys.readouterr().err
+    assert "[rlvr]: unknown key 'stepz' (did you mean 'steps'?)" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
     assert main(["run", "--list"]) == 0
 
 
@@ -145,8 +143,9 @@ def test_gate3_rows_catch_a_probe_that_disagrees_with_bits():
     w = torch.tensor([[1.0, 2.0], [3.0, 0.5]], dtype=torch.bfloat16)
     nudged = w.clone()
     nudged[0, 0] = torch.tensor(1.0078125, dtype=torch.bfloat16)  # the next bf16 value above 1: a real change
-    rows = gate3_probe_rows({"m": w}, {1: {"m": nudged}}, "x", eta=2**-7)  # eta >= 2^-8: the probe misses it
-    assert rows.loc[0, "lhs"] == 1 and not rows.loc[0, "holds"]
+    rows = gate3_probe_rows({"m": w}, {1: {"m": nudged}}, "x", eta=2**-7)  # eta >= 2^-8: the probe misses it,
+    assert rows.loc[0, "lhs"] == 1 and not rows.loc[0, "holds"]  # which is outside Prop E.3 (eta < 2^-9), not a
+    assert not rows.loc[0, "assumptions_hold"] and rows.loc[0, "failed_assumption"] == "0 <= eta < 2^-9"  # violation
     rows = gate3_probe_rows({"m": w}, {1: {"m": nudged}}, "x")  # eta = 1e-3 < 2^-8: exact
     assert rows.loc[0, "lhs"] == 0 and rows.loc[0, "n_changed"] == 1 and rows.loc[0, "n_entries"] == 4
 
@@ -164,35 +163,6 @@ def test_default_simulation_checks_default_budget_no_exact_violation():
     assert {"eq7", "prop3.2", "lemF.9", "thm3.3-rigorous", "propE.3"} <= set(df["result_id"])
 
 
-def test_summary_tables_read_hf_names_with_exact_sparsity():
-    """A run of a Hugging Face model (HF parameter names) gets the same sparsity / spectrum / angles tables as
-    TinyGPT's: here exactly 3 of 32 q entries and 0 of the others change, norms and embeddings are left out."""
-    import pandas as pd
-    import torch
-
-    from sims.experiments.registry import summary_tables
-    from sims.tinygpt.probe import RunResult
-
-    g = torch.Generator().manual_seed(0)
-    base = {"model.layers.0.self_attn.q_proj.weight": torch.randn(4, 8, generator=g).to(torch.bfloat16),
-            "model.layers.0.mlp.down_proj.weight": torch.randn(8, 4, generator=g).to(torch.bfloat16),
-            "model.layers.0.input_layernorm.weight": torch.ones(8, dtype=torch.bfloat16),
-            "model.embed_tokens.weight": torch.randn(16, 8, generator=g).to(torch.bfloat16)}
-    final = {n: w.clone() for n, w in base.items()}
-    q = final["model.layers.0.self_attn.q_proj.weight"].view(-1)
-    q[[0, 5, 9]] = q[[0, 5, 9]] * 2  # three entries change (none is zero: randn)
-    final["model.layers.0.input_layernorm.weight"] += 1  # not a block matrix: must not count
-    metrics = pd.DataFrame(columns=["run", "kind", "step", "matrix", "metric", "value"])
-    res = RunResult("rlvr", "hf-run", {"steps": 2, "seed": 0, "model": "some/hf-dir"}, pd.DataFrame(),
-                    metrics, pd.DataFrame(), {0: base, 2: final}, {}, 0.0)
-    t = summary_tables([res], k=2)
-    sp = t["sparsity"].set_index("matrix_type")
-    assert sp.loc["q", "changed"] == 3 and sp.loc["q", "total"] == 32
-    assert sp.loc["down", "changed"] == 0 and sp.loc["all", "total"] == 64
-    assert sp.loc["all", "sparsity"] == 1 - 3 / 64 and set(sp["model"]) == {"some/hf-dir"}
-    assert set(t["spectrum"]["matrix_type"]) == {"q", "down"} and set(t["angles"]["layer"]) == {0}
-
-
 def test_section_config_turns_every_list_of_a_config_file_into_a_tuple():
     """TOML / YAML give lists; config dataclasses are frozen and hashed into cache keys, so every list becomes a
     tuple in the one parser (no module converts its own keys)."""
@@ -206,3 +176,25 @@ def test_section_config_turns_every_list_of_a_config_file_into_a_tuple():
     lp = config_from_section(LoraPissaConfig, {"lora_pissa": {"ranks": [2, 4], "lrs": [1e-3]}}, "lora_pissa")
     assert lp.ranks == (2, 4) and lp.lrs == (1e-3,)
     hash(lp)
+
+
+def test_run_claims_writes_tables_and_verdicts(tmp_path, capsys):
+    cfg = {"pretrain": FAST_PRETRAIN, "mask_predictor": {"preset": "fast", "rl_steps": 1}}
+    run, out = run_claims("mask_predictor", cfg, tmp_path / "mp")
+    assert (out / "mask_predictor.parquet").is_file() and (out / "history.csv").is_file()
+    saved = json.loads((out / "verdicts.json").read_text())
+    assert [s["verdict"] for s in saved] == [v.verdict for v in run.verdicts]
+    assert pd.read_csv(out / "verdicts.csv")["verdict"].tolist() == [v.verdict for v in run.verdicts]
+    assert run.verdicts[0].verdict.upper() in capsys.readouterr().out
+    assert {"sparsity", "mask_predictor"} <= set(EXPERIMENTS)
+    with pytest.raises(InputError, match="unknown claim experiment"):
+        run_claims("nope", cfg, tmp_path / "x")
+
+
+def test_threegate_run_writes_claim_tables_and_verdicts(tmp_path, capsys):
+    """`threegate run mask_predictor` writes the claim tables and verdicts.json, not only the standard tables."""
+    cfg = {"pretrain": FAST_PRETRAIN, "mask_predictor": {"preset": "fast", "rl_steps": 1}}
+    out = run_experiment("mask_predictor", cfg, tmp_path / "mp")
+    assert (out / "mask_predictor.csv").is_file()
+    verdicts = json.loads((out / "verdicts.json").read_text())
+    assert verdicts and all(v["verdict"] in {"reproduced", "not reproduced", "inconclusive"} for v in verdicts)

@@ -291,3 +291,111 @@ def test_krylov_basis_stays_orthonormal_and_projection_is_exact(k):
     assert torch.linalg.matrix_norm(U.T @ U - torch.eye(d, dtype=torch.float64)) <= 100 * d * EPS64
     assert torch.linalg.matrix_norm(V.T @ V - torch.eye(d, dtype=torch.float64)) <= 100 * d * EPS64
     assert torch.allclose(kr._B, U.T @ Wt @ V, rtol=0, atol=100 * 150 * EPS64 * s[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 11: certificates at every scale, named errors, complex input
+# ---------------------------------------------------------------------------------------------------------------
+
+SPECTRA = ("power_law", "clustered", "gap_at_k")
+
+
+def scale_spectrum(kind: str, r: int, k: int) -> np.ndarray:
+    if kind == "clustered":  # clusters of near-equal values, k on a cluster boundary
+        return np.sort(np.concatenate([np.full(k, 2.0), np.full(r - k, 1.0)]) + np.linspace(0, 1e-3, r))[::-1]
+    if kind == "gap_at_k":  # flat above and below, one clear gap exactly at k
+        return np.concatenate([np.linspace(3.0, 2.9, k), np.linspace(1.0, 0.9, r - k)])
+    return power_law(r, 1.0)
+
+
+@given(st.integers(0, 2**16), st.sampled_from(SPECTRA), st.sampled_from(["exact", "randomized", "lanczos"]),
+       st.sampled_from([1, 2, "r-1", "r"]), st.integers(-1000, 1000))
+@example(0, "power_law", "randomized", 2, -997)  # ~1e-300: Gram matrices underflowed
+@example(1, "power_law", "randomized", 1, -565)  # ~1e-170
+@example(2, "gap_at_k", "lanczos", 2, 531)  # ~1e160: Gram matrices overflowed
+@example(3, "clustered", "randomized", "r-1", 996)  # ~1e300, k near n
+@example(4, "gap_at_k", "exact", "r", -1000)
+def test_certificates_contain_the_truth_at_every_scale(seed, kind, method, kk, j):
+    """topk_svd's certified angle, sigma and gap bounds and spectral_norm_fast's interval contain the values of a
+    float64 full SVD of the unscaled matrix, for W scaled by 2^j from 1e-300 to 1e300 (scaling is exact)."""
+    m, n = 40, 24
+    r = min(m, n)
+    k = {"r-1": r - 1, "r": r}.get(kk, kk)
+    s = scale_spectrum(kind, r, k)
+    W, U, V = known_matrix(m, n, s, seed)
+    top = np.abs(W).max()
+    j = int(min(max(j, -1021 - int(np.frexp(np.abs(W[W != 0]).min())[1])), 1023 - int(np.frexp(top)[1])))
+    Ws = np.ldexp(W, j)
+    assert np.array_equal(np.ldexp(Ws, -j), W)
+    try:
+        out = topk_svd(Ws, k, method=method, tol=1e-6, seed=seed)
+    except ZeroGapError:
+        assert kind == "clustered" and s[k - 1] - (s[k] if k < r else 0) < 1e-12
+        return
+    Ur, Sr, Vhr = np.linalg.svd(W, full_matrices=False)  # the reference, in W's own units
+    gap = Sr[k - 1] - (Sr[k] if k < r else 0.0)
+    ref_err = 10 * max(m, n) * EPS64 * Sr[0] / gap
+    angle = max(principal_angles(Ur[:, :k], out.U).max(), principal_angles(Vhr[:k].T, out.V).max())
+    assert angle <= out.angle_err_bound + ref_err, (angle, out)
+    S_back = np.ldexp(out.S, -j)
+    assert np.max(np.abs(S_back - Sr[:k])) <= math.ldexp(out.sigma_err_bound, -j) + 4 * max(m, n) * EPS64 * Sr[0]
+    nrm = spectral_norm_fast(Ws, method=method, seed=seed)
+    lo, hi = math.ldexp(nrm.value, -j), math.ldexp(nrm.value + nrm.err_bound, -j)
+    slack = 4 * max(m, n) * EPS64 * Sr[0]
+    assert lo - slack <= Sr[0] <= hi + slack, (lo, Sr[0], hi, nrm)
+
+
+@pytest.mark.parametrize("j", [-1000, -560, 0, 530, 1000])
+def test_certify_topk_sees_triplets_that_are_pi_over_2_off_at_any_scale(j):
+    """The old residual norms went through Gram matrices that underflowed: triplets pi/2 off were certified ~1e-15."""
+    W, U, V = known_matrix(6, 5, np.array([3.0, 2.0, 1.0, 0.5, 0.1]), seed=0)
+    Ur, Sr, Vhr = np.linalg.svd(W, full_matrices=False)
+    swapped = [2, 1, 0]  # the third singular pair where the first belongs
+    angle, _, gap = certify_topk(np.ldexp(W, j), Ur[:, swapped], np.ldexp(Sr[swapped], j), Vhr[swapped].T, 1)
+    assert angle == pytest.approx(math.pi / 2) and gap <= 0
+    good, err, _ = certify_topk(np.ldexp(W, j), Ur[:, :2], np.ldexp(Sr[:2], j), Vhr[:2].T, 1)
+    assert good < 1e-12 and err >= 0
+
+
+def test_float32_phase_above_float32_range_does_not_overflow():
+    """Entries ~1e39 overflow float32 (max 3.4e38): the randomized phase used to raise a raw LinAlgError."""
+    s = power_law(300, 1.0)
+    W, U, V = known_matrix(320, 300, s, seed=3)
+    out = topk_svd(W * 1e39, 4, method="randomized", tol=1e-6)
+    assert out.method_used == "randomized"
+    assert true_angle(U, V, 4, out) <= out.angle_err_bound + reference_slack(W.shape, s, 4)
+    assert np.max(np.abs(out.S / 1e39 - s[:4])) <= out.sigma_err_bound / 1e39 + 1e-14
+
+
+def test_solver_failures_fall_back_or_raise_a_named_error(monkeypatch):
+    from scipy.sparse.linalg import ArpackNoConvergence
+
+    from theory import fast_spectral
+    from theory.errors import DecompositionError
+
+    s = power_law(60, 1.0)
+    W, U, V = known_matrix(70, 60, s, seed=1)
+
+    def no_arpack(*a, **kw):
+        raise ArpackNoConvergence("no convergence", np.zeros(0), np.zeros((0, 0)))
+
+    monkeypatch.setattr("scipy.sparse.linalg.svds", no_arpack)
+    out = topk_svd(W, 3, method="lanczos")
+    assert out.method_used == "lanczos->exact" and true_angle(U, V, 3, out) <= out.angle_err_bound + 1e-12
+
+    def broken_svd(*a, **kw):
+        raise torch.linalg.LinAlgError("The algorithm failed to converge")
+
+    monkeypatch.setattr(fast_spectral.torch.linalg, "svd", broken_svd)
+    with pytest.raises(DecompositionError, match="W: the float64 SVD failed"):
+        topk_svd(W, 3, method="exact")
+
+
+def test_complex_input_is_refused_by_name():
+    from theory.errors import ComplexInputError
+
+    for f in (lambda W: topk_svd(W, 1), lambda W: spectral_norm_fast(W)):
+        with pytest.raises(ComplexInputError):
+            f(torch.eye(4, dtype=torch.complex128))
+        with pytest.raises(ComplexInputError):
+            f(np.eye(4) * 1j)

@@ -130,8 +130,7 @@ def test_smollm2_two_sft_steps_are_in_the_quadratic_kl_regime():
     """SmolLM2-135M, two real SFT steps on TRL (fp32 master, bf16 stored weights): along the stored update the
     Fisher quadratic predicts the KL to within a few percent at scale 1, and the error shrinks with the scale
     (Prop. 3.2's (1 + o(1)))."""
-    from threegate.checkpoints import smollm2_gguf_path
-    from sims.hf.backend import load_causal_lm
+    from sims.hf.loading import load_causal_lm, smollm2_gguf_path
     from sims.hf.trl_runs import SHORT_SYSTEM_PROMPT, HFSFTConfig, train_hf_sft
     from sims.hf.word_problems import format_prompt, sample_problems
     from theory.errors import CheckpointError

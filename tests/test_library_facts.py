@@ -106,8 +106,8 @@ def test_oracles_once_and_twice_agree_with_fraction_rounding_and_separate_on_the
     once, twice = P.bf16_round_array(x), P.bf16_round_array(x, via_f32=True)
     assert (once != twice).sum() > 1000  # otherwise the library tests below could not fail
     for i in range(0, x.size, 97):  # the scalar Fraction oracle, independent of the array code
-        assert once[i] == P.round_to_bf16(Fraction(float(x[i])))
-        assert twice[i] == P.round_to_bf16(Fraction(P.decode_f32(P.round_to_f32(Fraction(float(x[i])))).value))
+        assert once[i] == P.round_to_bf16_bits(Fraction(float(x[i])))
+        assert twice[i] == P.round_to_bf16_bits(Fraction(P.decode_f32(P.round_to_f32_bits(Fraction(float(x[i])))).value))
     # they differ only where float32 landed exactly on a bf16 midpoint (low 16 bits 0x8000: a tie it created)
     with np.errstate(over="ignore"):
         f32_bits = x.astype(np.float32).view(np.uint32)
@@ -116,8 +116,8 @@ def test_oracles_once_and_twice_agree_with_fraction_rounding_and_separate_on_the
 
 def test_double_rounding_example_from_the_docstring():
     x = 1 + 2.0**-8 + 2.0**-30
-    assert P.bf16_value(P.round_to_bf16(x)) == 1 + 2.0**-7  # one rounding: above the midpoint
-    assert P.bf16_value(P.round_to_bf16(P.decode_f32(P.round_to_f32(x)).value)) == 1.0  # via f32: tie -> even
+    assert P.bf16_value(P.round_to_bf16_bits(x)) == 1 + 2.0**-7  # one rounding: above the midpoint
+    assert P.bf16_value(P.round_to_bf16_bits(P.decode_f32(P.round_to_f32_bits(x)).value)) == 1.0  # via f32: tie -> even
     assert int(P.bf16_round_array(np.array([x]))[0]) == 0x3F81
     assert int(P.bf16_round_array(np.array([x]), via_f32=True)[0]) == 0x3F80
     expect = {"once": 1 + 2.0**-7, "twice": 1.0}

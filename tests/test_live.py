@@ -54,8 +54,10 @@ def adam_steps(model: Model, steps: int, lr: float, seed: int, counter: LiveCoun
     return views, rows
 
 
+@pytest.mark.parametrize("chunk", [8, 24, live.CHUNK_CPU])  # blocks that split the 60- and 45-entry matrices
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_counts_equal_an_independent_recount_every_step(dtype):
+def test_counts_equal_an_independent_recount_every_step(dtype, chunk, monkeypatch):
+    monkeypatch.setattr(live, "CHUNK_CPU", chunk)
     model = Model(0, dtype)
     counter = LiveCounter(model.named_parameters())
     assert counter.names == ["a", "b"]  # 1-D and frozen tensors are not tracked
@@ -115,9 +117,9 @@ def test_memory_is_4_125_bytes_per_parameter_after_a_step():
     model = Model(0)
     counter = LiveCounter(model.named_parameters())
     n = 6 * 10 + 9 * 5
-    assert counter.memory_bytes() == 2 * n  # base only (prev is the base)
+    assert counter.memory_bytes() == 2 * n + 2 * n  # base and previous bits
     adam_steps(model, 1, lr=1e-3, seed=0, counter=counter)
-    assert counter.memory_bytes() == 2 * n + 2 * n + (60 + 7) // 8 + (45 + 7) // 8
+    assert counter.memory_bytes() == 2 * n + 2 * n + (60 + 7) // 8 + (45 + 7) // 8  # + the packed previous mask
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 1001])
@@ -133,7 +135,9 @@ def test_packed_masks_match_numpy_packbits_and_count_intersections(n):
     assert live._popcount_torch(pt & pb) == int((a & b).sum())
 
 
-def test_gate3_exact_rule_fed_the_master_has_precision_and_recall_one():
+@pytest.mark.parametrize("chunk", [16, live.CHUNK_CPU])
+def test_gate3_exact_rule_fed_the_master_has_precision_and_recall_one(chunk, monkeypatch):
+    monkeypatch.setattr(live, "CHUNK_CPU", chunk)
     model = Model(2)
     counter = LiveCounter(model.named_parameters(), gate3=True)
     _, rows = adam_steps(model, 6, lr=3e-4, seed=5, counter=counter)

@@ -440,3 +440,88 @@ def test_fused_count_finds_nonfinite_in_a_late_block(bits):
         M.bf16_changed_count(w0, w1)
     with pytest.raises(NonFiniteError, match="w1: 1 non-finite"):
         M.update_mask(w0, w1)
+
+
+# ------------------------------------------------------------------------------------------------ issue 11
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200, 2.0**1000, 2.0**-1000])
+def test_nss_defined_at_every_magnitude(scale):
+    """||sigma||_2 overflowed at 1e200 (NaN) and underflowed at 1e-200 ("the zero matrix"): scaled first, NSS is
+    the same number at any magnitude (bit for bit for powers of two)."""
+    W0, W1 = np.diag([2.0, 1.0]), np.diag([2.0, 1.5])
+    ref = M.nss(W0, W1)
+    got = M.nss(W0 * scale, W1 * scale)
+    assert got == pytest.approx(ref, rel=1e-14) and math.isfinite(got)
+    if math.frexp(scale)[0] == 0.5:
+        assert got == ref
+
+
+@pytest.mark.parametrize("shape", [(4, 2), (2, 4)])
+def test_principal_angles_topk_rank_deficient_at_full_k_is_not_unique(shape):
+    """At k = min(m, n) < max(m, n) the complement holds |m - n| zero singular values: a rank-deficient tall (wide)
+    matrix has a non-unique top-k left (right) subspace, so angles would be an artefact of the solver."""
+    W0 = np.zeros(shape)
+    W0[0, 0] = 1.0  # rank 1 < k = 2
+    W1 = np.zeros(shape)
+    W1[0, 0], W1[1, 1] = 1.0, 0.5  # full rank: fine on its own
+    for a, b in ((W0, W1), (W1, W0), (W0 * 1e-300, W1 * 1e-300)):
+        with pytest.raises(ZeroGapError, match="rank-deficient at k = min"):
+            M.principal_angles_topk(a, b, 2)
+    aU, aV = M.principal_angles_topk(W1, W1 * 2.0, 2)  # full rank: unique
+    assert np.allclose(aU, 0, atol=1e-7) and np.allclose(aV, 0, atol=1e-7)
+    sq = np.diag([1.0, 0.0])  # square: both top-2 subspaces are the whole space, unique even when singular
+    assert np.allclose(M.principal_angles_topk(sq, np.eye(2), 2)[0], 0, atol=1e-7)
+
+
+def test_principal_angles_rejects_non_orthonormal_bases_and_nan():
+    from theory.errors import NotOrthonormalError
+    from theory.linalg import principal_angles
+
+    e = np.eye(3)
+    with pytest.raises(NotOrthonormalError, match="A: columns are not orthonormal"):
+        principal_angles(2 * e[:, :2], e[:, :2])
+    with pytest.raises(NotOrthonormalError, match="B"):
+        principal_angles(e[:, :2], np.array([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]]))
+    with pytest.raises(NonFiniteError, match="B"):
+        principal_angles(e[:, :1], np.array([[np.nan], [0.0], [0.0]]))
+    with pytest.raises(NotOrthonormalError, match="3 columns"):
+        principal_angles(np.ones((2, 3)), np.ones((2, 1)))
+
+
+@pytest.mark.parametrize("W0,k,alpha", [
+    (np.ones((3, 4)), 1, 0.5),  # rank one, every score 1 up to rounding
+    (np.outer([1.0, -1.0, 1.0], [3.0, 3.0]), 1, 0.5),
+    (np.array([[1.0, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]), 4, 0.25),  # Hadamard, k = r
+    (0.1 * np.ones((5, 5)) + np.diag([0, 0, 0, 0, 0.0]), 1, 0.3),
+])
+def test_principal_mask_ties_follow_the_documented_rule_despite_reconstruction_rounding(W0, k, alpha):
+    """Exact ties in |W0^(k)| (every score equal) must be broken by lower flat index; the computed reconstruction
+    carries rounding noise of a few ulps that used to decide the order instead."""
+    R = M.rank_k_reconstruction(W0, k)
+    scores = np.abs(R).ravel()
+    assert np.ptp(scores) < 1e-12  # equal in exact arithmetic, the computed ones differ by rounding (or not)
+    count = M.selection_count(alpha, W0.size)
+    mask = M.principal_mask(W0, k, alpha)
+    assert np.array_equal(mask.ravel(), np.arange(W0.size) < count)
+    from theory.linalg import svd64
+    assert np.array_equal(M.principal_mask_from_svd(svd64(W0), k, alpha), mask)
+
+
+def test_principal_mask_refuses_an_undetermined_reconstruction():
+    with pytest.raises(ZeroGapError, match="rank-1 reconstruction"):
+        M.principal_mask(np.eye(3), 1, 0.5)  # sigma_1 = sigma_2: W0^(1) depends on the solver's choice
+
+
+def test_complex_inputs_are_refused_by_name():
+    from theory.errors import ComplexInputError
+
+    z = torch.ones(3, dtype=torch.complex64)
+    with pytest.raises(ComplexInputError, match="w0"):
+        M.bf16_sparsity(z, torch.ones(3))
+    with pytest.raises(ComplexInputError, match="w1"):
+        M.update_mask(np.ones(3), np.ones(3) * 1j)
+    with pytest.raises(ComplexInputError, match="W0"):
+        M.nss(np.eye(2) * (1 + 0j), np.eye(2))
+    with pytest.raises(ComplexInputError, match="W0"):
+        M.principal_mask(torch.eye(2, dtype=torch.complex128), 1, 0.5)

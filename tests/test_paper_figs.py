@@ -623,14 +623,19 @@ def test_every_paper_figure_names_its_number():
 
 
 def test_ratio_above_one_within_tolerance_is_shown_not_hidden():
-    # lhs > rhs by less than tol: the check holds (float64 noise floor) and is drawn as such, not as a violation
+    # lhs > rhs by less than tol: the verdict is "indeterminate" (float64 cannot decide); it is drawn at its ratio,
+    # neither as a violation nor as a failed assumption
     rows = [{**make_check("cor3.4-weyl", 2e-16, 1e-16, tol=1e-15).as_row(), "d_scale": 1e-3},
-            {**make_check("cor3.4-weyl", 0.5, 1.0).as_row(), "d_scale": 1.0}]
+            {**make_check("cor3.4-weyl", 0.5, 1.0).as_row(), "d_scale": 1.0},
+            {**make_check("cor3.4-weyl", 0.25, 1.0).as_row(), "d_scale": 2.0}]
+    assert rows[0]["verdict"] == "indeterminate"
     fig = tf.fig_theory_vs_empirical(pd.DataFrame(rows), "cor3.4-weyl")
     _, ax_t = main_axes(fig)
     (tol_pts,) = by_gid(ax_t, "within-tolerance")
     np.testing.assert_allclose(offsets(tol_pts), [[1e-3, 2.0]])
+    assert "indeterminate" in tol_pts.get_label()
     assert not by_gid(ax_t, "violations")
+    assert not by_gid(ax_t, "assumption-failed")
     (line,) = by_gid(ax_t, "tightness")
     assert line.get_linestyle() == "-"  # one sweep with distinct regime values: joined
 

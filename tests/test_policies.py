@@ -283,3 +283,21 @@ def test_cuda_matches_cpu():  # pragma: no cover - runs only with a GPU
     cpu, gpu = MLPPolicy(5, 2, 12), MLPPolicy(5, 2, 12, device="cuda")
     th = cpu.init_theta(0)
     assert np.allclose(cpu.fisher(th), gpu.fisher(th), rtol=0, atol=1e-12)
+
+
+def test_complex_parameters_and_tables_are_refused_by_name():
+    """numpy/torch complex inputs were cast to their real part (with a ComplexWarning at best)."""
+    import torch as _torch
+
+    from theory.errors import ComplexInputError
+
+    pol = TabularSoftmax(3, n_contexts=2)
+    for bad in (np.zeros(6) + 0j, _torch.zeros(6, dtype=_torch.complex128)):
+        with pytest.raises(ComplexInputError, match="theta"):
+            pol.probs(bad)
+    with pytest.raises(ComplexInputError, match="features"):
+        LogLinear(np.ones((2, 3, 2)) * 1j)
+    with pytest.raises(ComplexInputError, match="R"):
+        tilt(np.full(3, 1 / 3), np.ones(3) * 1j, 1.0)
+    with pytest.raises(ComplexInputError, match="q"):
+        pol.kl_from(np.full((2, 3), 1 / 3) + 0j, np.zeros(6))

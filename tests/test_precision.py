@@ -125,14 +125,14 @@ def test_decode_rejects_non_patterns(bad):
 @example(TWO**127)  # a power of two, exact
 @example(Fraction(0))
 def test_round_to_bf16_matches_brute_force_nearest(q):
-    got = P.bf16_value(P.round_to_bf16(q))
+    got = P.bf16_value(P.round_to_bf16_bits(q))
     assert got == brute_round_bf16(q)
 
 
 def test_round_to_bf16_signed_zero_and_nan_free():
-    assert P.round_to_bf16(-TWO**-140) == 0x8000
-    assert P.round_to_bf16(TWO**-140) == 0x0000
-    assert P.round_to_bf16(-0.0) == 0x8000
+    assert P.round_to_bf16_bits(-TWO**-140) == 0x8000
+    assert P.round_to_bf16_bits(TWO**-140) == 0x0000
+    assert P.round_to_bf16_bits(-0.0) == 0x8000
 
 
 @given(st.floats(allow_nan=False, allow_infinity=False))
@@ -143,7 +143,7 @@ def test_round_to_bf16_signed_zero_and_nan_free():
 def test_round_to_f32_matches_numpy_cast(x):
     with np.errstate(over="ignore"):
         ref = np.array([x]).astype(np.float32).view(np.uint32)[0]
-    assert P.round_to_f32(x) == int(ref)
+    assert P.round_to_f32_bits(x) == int(ref)
 
 
 def test_ulp_by_definition_on_every_finite_value():
@@ -175,7 +175,7 @@ def test_next_up_next_down_are_inverse_neighbours(b):
         assert P.next_up(down) == x
     # nothing bf16 strictly between: the midpoint rounds to one of the two
     if math.isfinite(up):
-        assert P.bf16_value(P.round_to_bf16((Fraction(x) + Fraction(up)) / 2)) in (x, up)
+        assert P.bf16_value(P.round_to_bf16_bits((Fraction(x) + Fraction(up)) / 2)) in (x, up)
 
 
 def test_next_up_edges():
@@ -586,3 +586,41 @@ def test_campaigns_seeded_and_exact_results_never_violated(rid):
         assert "violated" not in verdicts and "holds" in verdicts
     else:
         assert "violated" in verdicts  # the as-stated forms are broken on their own campaigns
+    assert all(row["verdict"] in ("holds", "violated", "assumption-failed") for row in a)  # exact: tol 0
+
+
+# ---- issue 11: every real scalar type, converted exactly; bad arguments named ------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda x: np.float32(x), lambda x: np.float64(x), lambda x: np.array(x), lambda x: np.array(x, dtype=np.float32),
+    lambda x: ml_dtypes.bfloat16(x), lambda x: np.array(x, dtype=ml_dtypes.bfloat16),
+    lambda x: torch.tensor(x, dtype=torch.bfloat16), lambda x: torch.tensor(x, dtype=torch.float32),
+    lambda x: Fraction(x),
+])
+@pytest.mark.parametrize("w", [1.0, 1 + 2.0**-7, -0.0, 2.0**-130, -3.0])
+def test_cor36_accepts_every_scalar_type_exactly(make, w):
+    """Fraction(np.float32), Fraction(torch bf16 scalar) and Fraction(0-d array) raised a raw TypeError."""
+    for sgn in (1, -1):
+        for sem in ("exact", "fp32"):
+            ref, got = P.check_cor36(w, sgn, sem), P.check_cor36(make(w), sgn, sem)
+            assert (got.verdict, got.lhs, got.rhs, dict(got.details)) == (ref.verdict, ref.lhs, ref.rhs,
+                                                                          dict(ref.details))
+    if w == 0 and not isinstance(make(w), Fraction):
+        assert P.round_to_bf16_bits(make(w)) == 0x8000  # -0.0 keeps its sign through every type
+
+
+def test_scalar_arguments_that_are_wrong_are_named():
+    from theory.errors import ComplexInputError
+
+    for bad in (0, 0.5, "sideways", np.array([1, -1])):
+        with pytest.raises(InputError, match="direction"):
+            P.check_cor36(1.0, bad)  # used to blame w
+    with pytest.raises(ComplexInputError, match="w"):
+        P.check_cor36(1 + 1j)
+    with pytest.raises(ComplexInputError, match="w"):
+        P.check_cor36(torch.tensor(1.0, dtype=torch.complex64))
+    assert P.check_cor36(np.array([1.0, 2.0])).failed_assumption == "w is a finite bf16 value"  # not a scalar
+    assert P.check_cor36(np.float32("nan")).failed_assumption == "w is finite"
+    with pytest.raises(ComplexInputError, match="delta"):
+        P.bf16_step_array(np.ones(2, dtype=ml_dtypes.bfloat16), np.ones(2) * 1j)
+    with pytest.raises(ComplexInputError, match="w"):
+        P.probe_unchanged(torch.ones(2, dtype=torch.complex64), np.ones(2))

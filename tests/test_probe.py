@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from sims.tinygpt.determinism import deterministic
 from sims.tinygpt.model import GPTConfig, TinyGPT
 from sims.tinygpt.probe import (
     CHECK_COLUMNS,
-    deterministic,
     ProbeConfig,
     RunResult,
     _action_positions,

@@ -122,7 +122,7 @@ def rendered(tmp_path_factory):
 def test_every_known_table_becomes_a_figure(rendered):
     d, rep, _, _ = rendered
     slugs = sorted(f.slug for f in rep.figures)
-    assert slugs == ["check-thm3-3-checks", "gate3-threshold-bf16-updates", "table-1-sparsity",
+    assert slugs == ["check-thm3-3-checks", "gate3-threshold-bf16-updates-sub", "table-1-sparsity",
                      "thm3-3-forms-checks"]
     assert {f.source for f in rep.figures} == {"checks.csv", "sparsity.csv", "sub/bf16_updates.parquet"}
     assert rep.unrecognised == ["unrelated.csv"]
@@ -207,7 +207,8 @@ def test_write_report_returns_the_page_and_skips_its_own_output(tmp_path):
     (d / "report" / "sparsity.csv").write_text("run,method,matrix_type\n")  # inside out_dir: must be ignored
     rep = report.render_all(d, d / "report")
     assert not rep.errors and [f.slug for f in rep.figures] == ["fig-15-kl-beta0"]
-    assert "No <code>verify.csv</code>" in page.read_text()
+    # not a threegate verify folder: no "run threegate verify" banner
+    assert "verify.csv" not in page.read_text() and "run <code>threegate verify" not in page.read_text()
 
 
 def test_corrupt_verdict_json_is_reported(tmp_path):
@@ -231,8 +232,10 @@ def test_csv_parquet_twins_are_drawn_once_and_side_tables_are_not_guessed(tmp_pa
                                                                                         index=False)
     rep = report.render_all(d, d / "report")
     assert [(f.slug, f.source) for f in rep.figures] == [("fig-15-kl-beta0", "kl_beta0.parquet"),
-                                                         ("fig-15-kl-beta0-2", "sub/kl_beta0.csv")]
-    assert rep.unrecognised == ["jaccard_pairs.csv"]
+                                                         ("fig-15-kl-beta0-sub", "sub/kl_beta0.csv")]
+    assert not list((d / "report").glob("*-2.png"))
+    assert rep.unrecognised == [] and [t for t, _ in rep.notes] == ["jaccard_pairs.csv"]
+    assert "pooled 'jaccard'" in rep.notes[0][1]
 
 
 def test_theory_and_simulation_checks_get_separate_figures(tmp_path):

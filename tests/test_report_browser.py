@@ -5,15 +5,25 @@ naturalWidth > 0`` and records every error event (script errors and failed resou
 the DOM with the probe's result. A negative control truncates one PNG and checks the probe sees it fail. A
 screenshot of the page must be a valid, non-blank PNG of the requested size.
 
+The report of two compares (``two_compares`` in conftest.py) is opened at a desktop width (1280 px) and a phone
+width (390 px) through the DevTools protocol over a pipe (``--remote-debugging-pipe``: no network, no extra
+package; ``Emulation.setDeviceMetricsOverride`` sets the viewport, which a headless window cannot make narrower
+than 500 px): every image loads, the page has no horizontal scrollbar at the desktop width, and the summary table
+is the first thing after the title. Screenshots at both widths are checked and kept under ``$THREEGATE_SHOTS``
+when that is set (to look at them).
+
 Chromium is required (CI installs it): ``apt-get install -y chromium``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -128,3 +138,135 @@ def test_screenshot_is_a_valid_non_blank_png(chromium, site, tmp_path):
     assert len(colours) > 200, "a page with figures has many colours; this looks like text only or empty"
     # the heading: dark text in the top band
     assert (img[:120].mean(axis=2) < 0.3).sum() > 500
+
+
+# ------------------------------------------------------------------------------ DevTools protocol over a pipe
+class DevTools:
+    """A minimal Chrome DevTools Protocol client over ``--remote-debugging-pipe`` (fd 3: commands in, fd 4:
+    replies out, messages separated by NUL bytes). Offline: no port, no websocket library."""
+
+    def __init__(self, chromium: str, user_dir: Path):
+        cmd_r, self._w = os.pipe()
+        self._r, res_w = os.pipe()
+
+        def child_fds():  # runs in the child before exec: the pipe ends become fds 3 and 4
+            os.dup2(cmd_r, 3)
+            os.dup2(res_w, 4)
+
+        self.proc = subprocess.Popen([chromium, *FLAGS, "--remote-debugging-pipe", f"--user-data-dir={user_dir}",
+                                      "about:blank"], pass_fds=(3, 4), preexec_fn=child_fds,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(cmd_r)
+        os.close(res_w)
+        self._buf, self._id = b"", 0
+        target = self.send("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def send(self, method: str, session: str | None = None, **params) -> dict:
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            while b"\0" not in self._buf:
+                chunk = os.read(self._r, 1 << 20)
+                if not chunk:
+                    raise RuntimeError(f"chromium closed the DevTools pipe during {method}")
+                self._buf += chunk
+            raw, self._buf = self._buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+        raise TimeoutError(method)
+
+    def page(self, method: str, **params) -> dict:
+        return self.send(method, self.session, **params)
+
+    def evaluate(self, expression: str):
+        return self.page("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def open(self, url: str, width: int, height: int) -> None:
+        """Load ``url`` in a viewport of ``width`` x ``height`` CSS pixels (a phone below 600 px) and wait until
+        the page and its images have loaded."""
+        self.page("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                  mobile=width < 600)
+        self.page("Page.navigate", url=url)
+        for _ in range(300):
+            if self.evaluate("document.readyState === 'complete' && document.URL") == url:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{url} did not finish loading")
+
+    def screenshot(self) -> bytes:
+        return base64.b64decode(self.page("Page.captureScreenshot", format="png")["data"])
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close")
+        except (RuntimeError, OSError, TimeoutError):
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        os.close(self._w)
+        os.close(self._r)
+
+
+READER_PROBE = """JSON.stringify({
+  innerWidth: window.innerWidth,
+  scrollWidth: document.scrollingElement.scrollWidth,
+  images: Array.from(document.images).map(i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0})),
+  afterTitle: (function () { var e = document.querySelector('h1').nextElementSibling;
+                             return e ? {id: e.id, firstTable: (e.querySelector('table') || {}).id} : null; })(),
+  firstTableOnPage: (document.querySelector('table') || {}).id,
+  summaryTop: document.getElementById('summary-table').getBoundingClientRect().top,
+  firstFigureTop: (document.querySelector('figure') || {getBoundingClientRect: () => ({top: 1e9})})
+                    .getBoundingClientRect().top
+})"""
+
+WIDTHS = {"desktop": (1280, 900), "phone": (390, 844)}
+
+
+@pytest.fixture(scope="module")
+def devtools(chromium, tmp_path_factory):
+    dt = DevTools(chromium, tmp_path_factory.mktemp("cdp_profile"))
+    yield dt
+    dt.close()
+
+
+@pytest.mark.parametrize("device", list(WIDTHS))
+def test_compare_report_reads_well_at_desktop_and_phone_width(devtools, two_compares, device):
+    results, rep = two_compares
+    width, height = WIDTHS[device]
+    devtools.open(rep.page.as_uri(), width, height)
+    seen = json.loads(devtools.evaluate(READER_PROBE))
+    assert seen["innerWidth"] == width
+    assert len(seen["images"]) == len(rep.figures) > 5
+    assert [i["src"] for i in seen["images"] if not i["ok"]] == []  # every <img> loads (naturalWidth > 0)
+    assert seen["afterTitle"] == {"id": "summary", "firstTable": "summary-table"}
+    assert seen["firstTableOnPage"] == "summary-table" and seen["summaryTop"] < seen["firstFigureTop"]
+    if device == "desktop":
+        assert seen["scrollWidth"] <= seen["innerWidth"], "horizontal scrollbar at the desktop width"
+    shot = devtools.screenshot()
+    assert shot[:8] == b"\x89PNG\r\n\x1a\n"
+    keep = os.environ.get("THREEGATE_SHOTS")
+    path = Path(keep) if keep else results / "shots"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"report-{device}.png").write_bytes(shot)
+    img = mpimg.imread(path / f"report-{device}.png")[..., :3]
+    assert img.shape[1] == width and img.std() > 0.05
+
+
+def test_the_width_probe_sees_a_page_wider_than_the_window(devtools, tmp_path):
+    # negative control: a 2000 px wide element makes scrollWidth exceed the 1280 px viewport
+    page = tmp_path / "wide.html"
+    page.write_text('<!DOCTYPE html><html><head><meta name="viewport" content="width=device-width">'
+                    '<h1>t</h1><div id="summary"><table id="summary-table"><tr><td>x</td></tr></table></div>'
+                    '<div style="width:2000px">wide</div><img src="missing.png"></body></html>')
+    devtools.open(page.as_uri(), 1280, 900)
+    seen = json.loads(devtools.evaluate(READER_PROBE))
+    assert seen["scrollWidth"] > seen["innerWidth"] == 1280
+    assert seen["images"] == [{"src": "missing.png", "ok": False}]

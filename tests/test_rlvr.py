@@ -12,7 +12,8 @@ import torch
 
 from sims.tinygpt.model import generate, sequence_logprobs
 from sims.tinygpt.pretrain import PretrainConfig, pretrain
-from sims.tinygpt.probe import ProbeConfig, deterministic
+from sims.tinygpt.determinism import deterministic
+from sims.tinygpt.probe import ProbeConfig
 from sims.tinygpt.rlvr import RLConfig, _kl_to_ref, group_advantages, policy_loss, train_rlvr
 from sims.tinygpt.tasks import Tokenizer, task_by_name
 from theory.errors import InputError

@@ -11,8 +11,8 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sims.tinygpt.probe import deterministic
-from sims.tinygpt.storage import MixedPrecisionAdamW, load_snapshot, round_to_bf16, save_snapshot
+from sims.tinygpt.determinism import deterministic
+from sims.tinygpt.storage import MixedPrecisionAdamW, load_snapshot, round_tensor_to_bf16, save_snapshot
 from theory.errors import CheckpointError, InputError, NonFiniteError
 
 
@@ -70,7 +70,7 @@ def test_round_to_bf16_matches_integer_oracle(bits32: int):
     if not np.isfinite(x).all():
         return  # NaN payloads are not rounded values; the master is checked finite before every step
     t = torch.from_numpy(x.copy())
-    assert bf16_bits(round_to_bf16(t)).tolist() == rne_bf16_bits_oracle(x).tolist()
+    assert bf16_bits(round_tensor_to_bf16(t)).tolist() == rne_bf16_bits_oracle(x).tolist()
 
 
 def test_stored_copy_equals_rounded_master_bit_for_bit_after_training():
@@ -138,7 +138,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(NonFiniteError, match="gradient of"):
         opt.step()
     with pytest.raises(InputError, match="float32"):
-        round_to_bf16(torch.zeros(2, dtype=torch.float64))
+        round_tensor_to_bf16(torch.zeros(2, dtype=torch.float64))
 
 
 def test_snapshot_round_trip_and_bad_files(tmp_path):

@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from paper_figs.sweep_figs import bounds_by_cell, claims_by_lr, grid_keys, main, sweep_bounds, sweep_claims
-from sims.sweep.runner import parse_spec, run_sweep
+from paper_figs.sweep_figs import bounds_by_cell, claims_by_lr, grid_keys, sweep_bounds, sweep_claims
+from sims.sweep.runner import run_sweep
+from sims.sweep.spec import parse_spec
 from sims.sweep.store import load_store
 from theory.errors import InputError
 
@@ -139,16 +140,6 @@ def test_sweep_claims_chosen_metric_and_errors(claim_tables, theory_tables):
         sweep_claims(theory_tables)
     with pytest.raises(InputError, match="no learning-rate grid key"):
         sweep_claims({**theory_tables, "sparsity": pd.DataFrame({"sparsity": [0.5], "cell_id": ["x"]})})
-
-
-def test_cli_writes_the_figures_the_store_has_data_for(tmp_path, capsys):
-    spec = parse_spec({"sweep": {"experiment": "theory", "store": str(tmp_path / "s.sqlite"), "workers": 0},
-                       "base": {"ids": ["cor3.4-weyl"]}, "grid": {"target_ratio": [0.1, 0.5]}})
-    run_sweep(spec, progress=False)
-    assert main([str(spec.store), "--out", str(tmp_path / "figs")]) == 0
-    assert (tmp_path / "figs" / "sweep_bounds.png").stat().st_size > 0
-    assert not (tmp_path / "figs" / "sweep_claims.png").exists()
-    assert "sweep_claims: skipped" in capsys.readouterr().out
 
 
 @pytest.mark.slow

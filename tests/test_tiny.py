@@ -39,6 +39,20 @@ def test_folder_loads_offline_with_auto_classes(tiny_folder, monkeypatch):
     assert logits.shape == (2, 4, len(tok)) and torch.isfinite(logits).all()
 
 
+def test_weights_equal_the_hand_built_tiny_llama_of_the_hf_backend_tests():
+    """tests/test_hf_backend.py builds the same model by hand: same config, torch.manual_seed(0) then the model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(_TOK), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        by_hand = LlamaForCausalLM(cfg).state_dict()
+    ours = tiny_llama(0).state_dict()
+    assert by_hand.keys() == ours.keys() and all(torch.equal(by_hand[k], ours[k]) for k in ours)
+
+
 def test_weights_are_determined_by_the_seed_and_leave_the_global_rng_alone():
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
@@ -68,8 +82,11 @@ def test_unknown_characters_map_to_unk_and_specials_are_skipped_on_request():
                       skip_special_tokens=True) == "ok"
 
 
-def test_chat_template_writes_turns_the_vocabulary_covers():
-    tok = _TOK
+def test_chat_template_writes_turns_the_vocabulary_covers(tmp_path):
+    from transformers import AutoTokenizer
+
+    assert not _TOK.chat_template  # off by default: plain-text prompts
+    tok = AutoTokenizer.from_pretrained(save_tiny_llama(tmp_path, chat_template=True), local_files_only=True)
     text = tok.apply_chat_template([{"role": "user", "content": "1+1?"}], tokenize=False, add_generation_prompt=True)
     assert text == "<|user|>1+1?</s><|assistant|>"
     ids = tok(text, add_special_tokens=False)["input_ids"]

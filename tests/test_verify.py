@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 
 import theory
+from sims.claims.base import ClaimRun, Verdict
+from sims.experiments import registry
 from theory.check import Result, assumption_failed, make_check
 from threegate import verify
 
@@ -57,7 +59,7 @@ def test_only_failed_assumptions_gives_no_verdict():
 
 def test_nan_lhs_never_holds():
     c = make_check("fake", float("nan"), 1.0)
-    assert not c.holds and c.verdict == "violated"
+    assert not c.holds and c.verdict == "indeterminate"  # a NaN side decides nothing: neither holds nor violated
 
 
 def test_run_writes_json_with_one_row_per_selected_id(tmp_path):
@@ -78,10 +80,13 @@ def test_run_writes_json_with_one_row_per_selected_id(tmp_path):
 
 def test_noise_floor_instances_do_not_set_the_worst_ratio():
     tiny = make_check("fake", 1e-15, 1e-16, tol=1e-13)  # two roundoffs: ratio 10, but inside the tolerance
+    floor = make_check("fake", 1e-15, 1.0, tol=1e-13)  # lhs at the noise floor, decided: holds
     real = make_check("fake", 0.5, 1.0, tol=1e-13)
-    row, _ = verify.summarize(_result(True), [tiny, real], source="theory")
+    assert tiny.verdict == "indeterminate" and floor.verdict == "holds"
+    row, _ = verify.summarize(_result(True), [tiny, floor, real], source="theory")
     assert row.verdict == "holds" and row.worst_ratio == pytest.approx(0.5)
-    assert "1 at the float64 noise floor" in row.notes
+    assert "1 indeterminate" in row.notes and "1 at the float64 noise floor" in row.notes
+    assert row.assumptions_met == 2 and row.violations == 0
 
 
 def test_failed_assumptions_group_without_their_measured_numbers():
@@ -116,17 +121,14 @@ def test_assumption_names_drop_counts_in_parentheses():
     assert verify.assumption_name("finite inputs (W0)") == "finite inputs (W0)"
 
 
-def _claim_run(verdict: str):
-    from sims.claims.base import ClaimRun, Verdict
-
-    v = Verdict("toy_claim", verdict, "measured on a toy table", {"seeds": ["0", "1"], "effects": [0.3, 0.4]})
+def _claim_run(verdict: str) -> ClaimRun:
+    v = Verdict("toy_claim", "Fig. 0: a toy effect is positive", verdict, "measured on a toy table",
+                {"seeds": ["0", "1"], "effects": [0.3, 0.4]})
     table = pd.DataFrame({"seed": [0, 1], "effect": [0.3, 0.4]})
     return ClaimRun([], {"toy": table}, [v], {"preset": "fast"})
 
 
 def test_claim_verdicts_are_rows_and_a_broken_experiment_is_an_error_row(tmp_path, monkeypatch):
-    import sims.claims.base
-
     seen = {}
 
     def ok(cfg):
@@ -136,75 +138,30 @@ def test_claim_verdicts_are_rows_and_a_broken_experiment_is_an_error_row(tmp_pat
     def broken(cfg):
         raise RuntimeError("diverged at step 3")
 
-    monkeypatch.setattr(sims.claims.base, "claim_experiments", lambda: {"toy": ok, "zz_broken": broken})
+    monkeypatch.setattr(registry, "CLAIM_EXPERIMENTS", {"toy": ok, "zz_broken": broken})
     rows = verify.run_claim_experiments(7, "fast", tmp_path)
     assert seen["cfg"] == {"toy": {"preset": "fast"}, "seed": 7}  # the preset reaches the experiment's section
     by_id = {r.result_id: r for r in rows}
     assert by_id["toy_claim"].verdict == "reproduced" and by_id["toy_claim"].source == "claim:toy"
-    assert by_id["toy_claim"].instances == 2 and "[fast preset]" in by_id["toy_claim"].notes
+    assert by_id["toy_claim"].instances == 2
+    assert by_id["toy_claim"].notes == "[fast preset] Fig. 0: a toy effect is positive: measured on a toy table"
     assert by_id["zz_broken"].verdict == "error" and "RuntimeError: diverged at step 3" in by_id["zz_broken"].notes
     written = pd.read_csv(tmp_path / "claims" / "toy" / "toy.csv")  # the finished experiment's tables are kept
     assert written["effect"].tolist() == [0.3, 0.4]
+    saved = json.loads((tmp_path / "claims" / "toy" / "verdicts.json").read_text())
+    assert saved == [{"claim": "toy_claim", "statement": "Fig. 0: a toy effect is positive", "verdict": "reproduced",
+                      "reason": "measured on a toy table", "numbers": {"seeds": ["0", "1"], "effects": [0.3, 0.4]}}]
     assert not (tmp_path / "claims" / "zz_broken").exists()
 
 
 def test_verify_exits_nonzero_when_a_claim_experiment_fails(tmp_path, monkeypatch):
-    import sims.claims.base
-
     def broken(cfg):
         raise ValueError("bad config")
 
-    monkeypatch.setattr(sims.claims.base, "claim_experiments", lambda: {"broken": broken, "toy": lambda c: _claim_run("inconclusive")})
+    monkeypatch.setattr(registry, "CLAIM_EXPERIMENTS", {"broken": broken, "toy": lambda c: _claim_run("inconclusive")})
     ids = sorted(rid for rid, r in theory.RESULTS.items() if r.campaign is not None and r.gate == "III")[:1]
     args = verify.argparse.Namespace(seed=0, json_path=None, out=str(tmp_path / "v"), only=ids, no_sims=True,
                                      sim_budget="fast", no_report=True, claims="fast")
     assert verify.run(args) == 1
     table = pd.read_csv(tmp_path / "v" / "verify.csv")
     assert set(table["verdict"]) >= {"error", "inconclusive"}  # both claim rows are in the saved table
-
-
-@pytest.mark.parametrize("claim, expected", [
-    ("sparsity_rl_gt_sft", "sparsity_rl_gt_sft"),  # already an id (sims.claims.base)
-    ("Fig. 9 (safe_mask_tracks_dense): RL on the safe mask (M_princ^c or M_low) tracks", "safe_mask_tracks_dense"),
-    ("Table 2 (jaccard_above_bernoulli_seed): ... (seed group, matrix type all)", "jaccard_above_bernoulli_seed"),
-    ("Fig. 10: PiSSA (principal-initialised adapters) gives no gain", "toy#3"),  # names no id: positional
-    ("Fig. 1: a claim (lowercase) with a one-word parenthesis", "toy#3"),
-])
-def test_claim_id_is_the_sentences_snake_case_id(claim, expected):
-    assert verify.claim_id(claim, "toy", 2) == expected
-
-
-def _helper_claim_sentences() -> list[str]:
-    """Every literal claim sentence of the helper claim modules: ``claim = "..."`` and the ``_*CLAIM`` dicts."""
-    import ast
-    import importlib
-    import inspect
-
-    from sims.claims.base import CLAIM_MODULES
-
-    out = []
-    for mod in CLAIM_MODULES:
-        for node in ast.walk(ast.parse(inspect.getsource(importlib.import_module(mod)))):
-            if not isinstance(node, ast.Assign) or not isinstance(node.targets[0], ast.Name):
-                continue
-            name, value = node.targets[0].id, node.value
-            if name == "claim" and isinstance(value, ast.Constant):
-                out.append(value.value)
-            elif name.endswith("_CLAIM") and isinstance(value, ast.Dict):
-                out += [v.value for v in value.values if isinstance(v, ast.Constant)]
-    return out
-
-
-def test_every_helper_claim_has_its_own_stable_id():
-    import sims.claims.consistency as cc
-
-    sentences = _helper_claim_sentences()
-    empty = pd.DataFrame(columns=["run_a", "run_b", "group", "matrix_type", "jaccard", "density_a", "density_b",
-                                  "baseline", "baseline_exponent"])
-    sentences += [cc.consistency_above_baseline(empty, g, b).claim
-                  for g in ("seed", "task", "algorithm") for b in ("baseline", "baseline_exponent")]
-    assert len(sentences) >= 20
-    ids = [verify.claim_id(s, "x", i) for i, s in enumerate(sentences)]
-    assert not [s for s, i in zip(sentences, ids) if "#" in i], "a helper claim names no (snake_case_id)"
-    assert len(set(ids)) == len(ids), sorted(ids)
-    assert "jaccard_above_magnitude_task" in ids and "rl_overlap_princ_below_binade" in ids

@@ -45,7 +45,14 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from theory.errors import InputError, NonFiniteError, ZeroGapError
+from theory.errors import (
+    ComplexInputError,
+    DecompositionError,
+    InputError,
+    NonFiniteError,
+    ShapeMismatchError,
+    ZeroGapError,
+)
 
 __all__ = ["TopK", "SpectralNorm", "topk_svd", "spectral_norm_fast", "certify_topk"]
 
@@ -89,13 +96,18 @@ def _as_tensor64(W: Any, device: str | torch.device, name: str = "W") -> torch.T
 
 
 def _checked64(W: Any, device: str | torch.device, name: str = "W") -> tuple[torch.Tensor, float]:
-    """``W`` as a float64 tensor on ``device`` and ``max |W_ij|`` (0.0 when empty), or an error naming the problem."""
+    """``W`` as a float64 tensor on ``device`` and ``max |W_ij|`` (0.0 when empty), or an error naming the problem
+    (complex input is refused with ``ComplexInputError``, never cast to its real part)."""
     if isinstance(W, torch.Tensor):
+        if W.is_complex():
+            raise ComplexInputError(f"{name}: a complex tensor ({W.dtype}); only real matrices are supported")
         t = W.detach()
     else:
         arr = np.asarray(W)
         if arr.dtype.name == "bfloat16":
             arr = arr.astype(np.float32)
+        if arr.dtype.kind == "c":
+            raise ComplexInputError(f"{name}: a complex array ({arr.dtype}); only real matrices are supported")
         if arr.dtype.kind not in "fiub":
             raise InputError(f"{name}: cannot be read as a float array (dtype {arr.dtype})")
         t = torch.from_numpy(np.ascontiguousarray(arr))
@@ -113,12 +125,41 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+def _pow2_exponent(amax: float) -> int:
+    """e with amax * 2**-e in [1/2, 1) (0 for amax = 0): the scaling every entry point applies first."""
+    return int(np.frexp(amax)[1]) if amax > 0 and math.isfinite(amax) else 0
+
+
+def _scale(t: torch.Tensor, e: int) -> torch.Tensor:
+    """``t * 2**-e``, exact: two multiplications by powers of two that are each representable (|e| <= ~2100)."""
+    if e == 0:
+        return t
+    h = -e // 2
+    return t * (2.0**h) * (2.0 ** (-e - h))
+
+
+def _unscale(x: float, e: int) -> float:
+    """``x * 2**e`` (inf where it overflows)."""
+    if e == 0 or not math.isfinite(x):
+        return x
+    try:
+        return math.ldexp(x, e)
+    except OverflowError:
+        return math.inf
+
+
 def _norm2(A: torch.Tensor) -> float:
-    """Spectral norm of a tall-thin matrix through the small Gram matrix (k × k)."""
+    """Spectral norm of a tall-thin matrix through the small Gram matrix (k × k), on a copy scaled by a power of two
+    (so the Gram matrix neither overflows above ~1e154 nor underflows below ~1e-154)."""
     if A.numel() == 0:
         return 0.0
+    amax = float(A.abs().max())
+    if amax == 0.0:
+        return 0.0
+    e = _pow2_exponent(amax)
+    A = _scale(A, e)
     G = A.T @ A if A.shape[0] >= A.shape[1] else A @ A.T
-    return math.sqrt(max(float(torch.linalg.eigvalsh(G)[-1]), 0.0))
+    return _unscale(math.sqrt(max(float(torch.linalg.eigvalsh(G)[-1]), 0.0)), e)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,15 +235,32 @@ def _certificate(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Ten
 
 def certify_topk(W: Any, U: Any, S: Any, V: Any, k: int, *, device: str = "cpu") -> tuple[float, float, float]:
     """Certify given triplets ``(U (m, j), S (j,), V (n, j))``, ``j >= k`` (k+1 columns give the gap):
-    returns ``(angle_err_bound, sigma_err_bound, gap_lower)``. Useful to audit a decomposition from elsewhere."""
-    Wt = _as_tensor64(W, device)
-    Ut = _as_tensor64(U, device, "U")
-    Vt = _as_tensor64(V, device, "V")
-    St = torch.as_tensor(np.asarray(S, dtype=np.float64), device=Wt.device)
+    returns ``(angle_err_bound, sigma_err_bound, gap_lower)``. Useful to audit a decomposition from elsewhere.
+
+    W and S are scaled by one power of two first (exact), so the residual norms neither overflow nor underflow at
+    any scale; bases that are orthonormal only approximately widen the bound by their defect (as in the Krylov
+    path). Shapes and values are checked (``InputError`` / ``ShapeMismatchError`` / ``NonFiniteError``)."""
+    Wt, amax = _checked64(W, device)
+    Ut, _ = _checked64(U, device, "U")
+    Vt, _ = _checked64(V, device, "V")
+    S_arr = np.asarray(S, dtype=np.float64).reshape(-1)
+    m, n = Wt.shape
+    if Ut.shape[0] != m or Vt.shape[0] != n or Ut.shape[1] != Vt.shape[1] or S_arr.shape[0] < Ut.shape[1]:
+        raise ShapeMismatchError(f"U {tuple(Ut.shape)}, S {S_arr.shape}, V {tuple(Vt.shape)} do not fit W {(m, n)}")
+    if not np.all(np.isfinite(S_arr)):
+        raise NonFiniteError("S: non-finite singular values")
+    if not 1 <= int(k) <= Ut.shape[1]:
+        raise InputError(f"k={k} outside 1..{Ut.shape[1]} (the number of triplets given)")
+    k = int(k)
+    e = _pow2_exponent(max(amax, float(np.max(np.abs(S_arr))) if S_arr.size else 0.0))
+    Wt = _scale(Wt, e)
+    St = torch.as_tensor(np.ldexp(S_arr, -e), device=Wt.device)
     j = min(k + 1, Ut.shape[1])
-    probe = _missed_direction_probe(Wt, Ut[:, :j], Vt[:, :j], 0)
-    c = _certificate(Wt, Ut[:, :j], St[:j], Vt[:, :j], k, probe_norm=probe)
-    return c.angle, c.sigma_err, c.gap_lower
+    U_j, V_j = Ut[:, :j], Vt[:, :j]
+    slack = (_orth_defect(U_j) + _orth_defect(V_j)) * float(St[:j].abs().max())
+    probe = _missed_direction_probe(Wt, U_j, V_j, 0)
+    c = _certificate(Wt, U_j, St[:j], V_j, k, probe_norm=probe, extra=slack)
+    return c.angle, _unscale(c.sigma_err, e), _unscale(c.gap_lower, e)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,7 +268,7 @@ def certify_topk(W: Any, U: Any, S: Any, V: Any, k: int, *, device: str = "cpu")
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _exact(W: torch.Tensor, k: int, require_gap: bool = True) -> TopK:
+def _exact(W: torch.Tensor, k: int, require_gap: bool = True, exponent: int = 0) -> TopK:
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     r = S.shape[0]
     j = min(k + 1, r)
@@ -220,8 +278,9 @@ def _exact(W: torch.Tensor, k: int, require_gap: bool = True) -> TopK:
     resolution = max(W.shape) * EPS64 * float(S[0]) * 4
     if require_gap and float(S[k - 1]) - nxt <= resolution:
         raise ZeroGapError(
-            f"W: σ_{k} = {float(S[k - 1]):.17g} and σ_{k + 1} = {nxt:.17g} coincide to rounding "
-            f"(gap <= {resolution:.3g}); the top-{k} singular subspace is not determined")
+            f"W: σ_{k} = {_unscale(float(S[k - 1]), exponent):.17g} and σ_{k + 1} = {_unscale(nxt, exponent):.17g} "
+            f"coincide to rounding (gap <= {_unscale(resolution, exponent):.3g}); the top-{k} singular subspace is "
+            f"not determined")
     c = _certificate(W, U[:, :j], S[:j], V, k, WV=res, probe_norm=float(S[j]) if j < r else 0.0)
     return TopK(_np(U[:, :k]), _np(S[:k]), _np(V[:, :k]), c.angle, "exact", c.sigma_err, c.gap_lower, 0)
 
@@ -433,38 +492,62 @@ def _auto_method(m: int, n: int, k: int) -> str:
     return "exact" if r < 256 or 4 * max(3 * k + 1, k + 49) > r else "randomized"
 
 
+_LINALG_ERRORS: tuple[type[BaseException], ...] = (np.linalg.LinAlgError, torch.linalg.LinAlgError)
+
+
+def _arpack_errors() -> tuple[type[BaseException], ...]:
+    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence  # scipy only for the lanczos path
+
+    return (ArpackError, ArpackNoConvergence)
+
+
 def topk_svd(W: Any, k: int, *, method: str = "auto", device: str | torch.device = "cpu", tol: float = 1e-6,
              oversample: int | None = None, max_iter: int = 60, seed: int = 0) -> TopK:
     """Top-k singular triplets of ``W (m, n)`` with a certified principal-angle bound ``<= tol`` (radians).
 
     ``method``: ``"auto"`` (exact for small matrices or large k, else randomized), ``"randomized"`` (torch on
     ``device``, CPU or CUDA), ``"lanczos"`` (scipy ARPACK, CPU), ``"exact"`` (full float64 SVD on ``device``).
-    A fast method whose certified bound exceeds ``tol`` falls back to the exact path; ``method_used`` then reads
-    ``"<method>->exact"``. Deterministic for a given ``seed`` on a given machine.
+    A fast method whose certified bound exceeds ``tol`` (or whose solver fails: LinAlgError, ARPACK) falls back
+    to the exact path; ``method_used`` then reads ``"<method>->exact"``. Deterministic for a given ``seed`` on a
+    given machine. W is first scaled by a power of two (exact) so that its largest entry lies in [1/2, 1): no
+    Gram matrix, residual norm or float32 copy overflows or underflows at any scale; S, ``sigma_err_bound`` and
+    ``gap_lower`` are returned in W's units. Errors: ``InputError`` subclasses naming W (``ComplexInputError``,
+    ``NonFiniteError``, ``ZeroGapError``, ``DecompositionError`` if even the exact SVD fails).
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
     Wt, amax = _checked64(W, device)
     m, n = Wt.shape
     r = min(m, n)
-    if not 1 <= int(k) <= r:
-        raise InputError(f"W: k={k} outside 1..{r}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= r:
+        raise InputError(f"W: k={k!r} outside 1..{r}")
     k = int(k)
-    if not tol > 0:
-        raise InputError(f"tol must be > 0, got {tol}")
+    if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
+        raise InputError(f"tol must be a finite number > 0, got {tol!r}")
     if amax == 0.0:
         raise ZeroGapError("W is the zero matrix: every singular value is 0, no top-k subspace")
+    e = _pow2_exponent(amax)
+    Wt = _scale(Wt, e)
     if method == "auto":
         method = _auto_method(m, n, k)
-    if method == "exact":
-        return _exact(Wt, k)
-    if method == "randomized":
-        out = _randomized(Wt, k, tol=tol, oversample=oversample, max_iter=max_iter, seed=seed)
-    else:
-        out = _lanczos(Wt, k, tol=tol, seed=seed)
-    if out is not None:
-        return out
-    return _exact(Wt, k)._replace(method_used=f"{method}->exact")
+    out = None
+    if method != "exact":
+        try:
+            if method == "randomized":
+                out = _randomized(Wt, k, tol=tol, oversample=oversample, max_iter=max_iter, seed=seed)
+            else:
+                out = _lanczos(Wt, k, tol=tol, seed=seed)
+        except _LINALG_ERRORS + _arpack_errors():
+            out = None  # a solver failure is a reason to fall back, never a raw error
+    if out is None:
+        try:
+            out = _exact(Wt, k, exponent=e)
+        except _LINALG_ERRORS as err:
+            raise DecompositionError(f"W: the float64 SVD failed ({type(err).__name__}: {err})") from None
+        if method != "exact":
+            out = out._replace(method_used=f"{method}->exact")
+    return out._replace(S=np.ldexp(out.S, e), sigma_err_bound=_unscale(out.sigma_err_bound, e),
+                        gap_lower=_unscale(out.gap_lower, e))
 
 
 def spectral_norm_fast(M: Any, *, device: str | torch.device = "cpu", rtol: float = 1e-6, method: str = "auto",
@@ -474,7 +557,9 @@ def spectral_norm_fast(M: Any, *, device: str | torch.device = "cpu", rtol: floa
     The lower end is the Rayleigh quotient ``||M ṽ_1||`` (always a lower bound). The upper end is Temple's
     inequality for ``MᵀM``: ``σ_1² <= θ + ||MᵀM ṽ - θ ṽ||² / (θ - σ_2_up²)`` with ``θ = ||M ṽ||²`` and ``σ_2_up``
     from the certificate above (same "no missed direction" hypothesis), falling back to Weyl ``σ̃_1 + e_1``.
-    Falls back to the exact singular values when the bound exceeds ``rtol``; the zero matrix gives (0, 0).
+    Falls back to the exact singular values when the bound exceeds ``rtol`` (or a solver fails); the zero matrix
+    gives (0, 0). M is scaled by a power of two first, as in ``topk_svd``: the interval contains ``||M||_2`` at
+    every scale (values near the float64 limits: ``value`` and ``err_bound`` may round to inf).
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
@@ -483,23 +568,31 @@ def spectral_norm_fast(M: Any, *, device: str | torch.device = "cpu", rtol: floa
     r = min(m, n)
     if amax == 0.0:
         return SpectralNorm(0.0, 0.0, "zero")
+    e = _pow2_exponent(amax)
+    Wt = _scale(Wt, e)
+    res = None
     if method == "auto":
         method = "exact" if r < 64 else "randomized"
-    if method == "randomized" and r >= 3:
-        res = _randomized_norm(Wt, rtol=rtol, max_iter=max_iter, seed=seed)
-        if res is not None:
-            return res
-        method = "randomized->exact"
-    elif method == "lanczos" and r >= 3:
-        t = _lanczos(Wt, 1, tol=math.pi / 2, seed=seed)
-        if t is not None:
-            res = _norm_from_triplets(Wt, torch.from_numpy(t.V).to(Wt.device), seed, "lanczos")
-            if res.err_bound <= rtol * res.value:
-                return res
-        method = "lanczos->exact"
-    S = torch.linalg.svdvals(Wt)
-    value = float(S[0])
-    return SpectralNorm(value, max(m, n) * EPS64 * value, method if "->" in method else "exact")
+    try:
+        if method == "randomized" and r >= 3:
+            res = _randomized_norm(Wt, rtol=rtol, max_iter=max_iter, seed=seed)
+            method = method if res is not None else "randomized->exact"
+        elif method == "lanczos" and r >= 3:
+            t = _lanczos(Wt, 1, tol=math.pi / 2, seed=seed)
+            if t is not None:
+                cand = _norm_from_triplets(Wt, torch.from_numpy(t.V).to(Wt.device), seed, "lanczos")
+                res = cand if cand.err_bound <= rtol * cand.value else None
+            method = method if res is not None else "lanczos->exact"
+    except _LINALG_ERRORS + _arpack_errors():
+        res, method = None, f"{method}->exact"
+    if res is None:
+        try:
+            S = torch.linalg.svdvals(Wt)
+        except _LINALG_ERRORS as err:
+            raise DecompositionError(f"M: the float64 singular values failed ({type(err).__name__}: {err})") from None
+        value = float(S[0])
+        res = SpectralNorm(value, max(m, n) * EPS64 * value, method if "->" in method else "exact")
+    return SpectralNorm(_unscale(res.value, e), _unscale(res.err_bound, e), res.method_used)
 
 
 def _norm_from_triplets(W: torch.Tensor, V2: torch.Tensor, seed: int, label: str) -> SpectralNorm:

@@ -10,15 +10,30 @@ as ``numpy.linalg.svd`` and ``torch.linalg.svd`` do.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NamedTuple
 
 import numpy as np
 from jaxtyping import Float
 
-from theory.errors import InputError, NonFiniteError, ShapeMismatchError
+from theory.errors import (
+    ComplexInputError,
+    DecompositionError,
+    InputError,
+    NonFiniteError,
+    NotOrthonormalError,
+    ShapeMismatchError,
+)
 
 __all__ = [
     "to_f64",
+    "reject_complex",
+    "as_real_array",
+    "as_real_scalar",
+    "pow2_exponent",
+    "scale_pow2",
+    "orthonormality_defect",
+    "ORTHONORMALITY_TOL",
     "SVD",
     "svd64",
     "singular_values",
@@ -34,24 +49,71 @@ __all__ = [
 
 Array64 = np.ndarray
 
+#: Largest ``||A^T A - I||_2`` accepted for a basis said to have orthonormal columns. Bases from any float64
+#: decomposition (SVD, QR, the Krylov path of ``theory.fast_spectral``) are orthonormal to ~p * eps (~1e-13 for
+#: p ~ 1e3 rows); a defect d moves the computed principal angles by O(d), so 2^-33 (~1.2e-10) keeps them accurate
+#: to ~1e-10 rad while rejecting a basis that is not orthonormal at all (unnormalised, or a raw matrix).
+ORTHONORMALITY_TOL = 2.0**-33
+
+
+def reject_complex(x: Any, name: str) -> None:
+    """Raise ``ComplexInputError`` naming ``name`` if x is a complex numpy array/scalar, torch tensor or Python
+    complex: complex input is refused, never silently cast to its real part."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise ComplexInputError(f"{name}: a complex tensor ({x.dtype}); only real inputs are supported")
+        return
+    if isinstance(x, complex) or (isinstance(x, (np.ndarray, np.generic)) and np.iscomplexobj(x)):
+        dt = getattr(x, "dtype", type(x).__name__)
+        raise ComplexInputError(f"{name}: a complex value ({dt}); only real inputs are supported")
+
+
+def as_real_array(x: Any, name: str) -> Array64:
+    """``x`` (numpy, torch on any device, nested list, scalar) as a float64 numpy array of any shape, without the
+    finiteness test; complex input raises ``ComplexInputError``, non-numeric ``InputError``, naming ``name``."""
+    return to_f64(x, name, ndim=None, check_finite=False)
+
+
+def as_real_scalar(x: Any, name: str) -> float:
+    """A real number (Python, numpy or 0-d array/tensor, any float dtype) as a float; complex, non-numeric or
+    non-scalar input raises an ``InputError`` subclass naming ``name``."""
+    if isinstance(x, bool):
+        raise InputError(f"{name} must be a number, got a bool")
+    a = as_real_array(x, name)
+    if a.size != 1 or a.ndim > 1:
+        raise InputError(f"{name} must be a scalar, got shape {a.shape}")
+    return float(a.reshape(-1)[0])
+
 
 def to_f64(x: Any, name: str = "input", *, ndim: int | None = 2, check_finite: bool = True) -> Array64:
     """Upcast a numpy array / torch tensor / nested list of any float dtype (bf16 included) to float64 numpy.
 
-    Raises ``InputError`` (wrong rank, non-numeric) or ``NonFiniteError`` (NaN/Inf), naming ``name``.
-    """
-    try:
-        import torch
+    Raises ``InputError`` (wrong rank, non-numeric), ``ComplexInputError`` (complex dtype: refused, not cast) or
+    ``NonFiniteError`` (NaN/Inf), naming ``name``.
 
-        if isinstance(x, torch.Tensor):
-            x = x.detach().to(device="cpu", dtype=torch.float64).numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    Examples
+    --------
+    >>> to_f64([[1, 2]], "W").dtype
+    dtype('float64')
+    >>> to_f64(np.array([[1 + 1j]]), "W")
+    Traceback (most recent call last):
+    ...
+    theory.errors.ComplexInputError: W: a complex value (complex128); only real inputs are supported
+    """
+    reject_complex(x, name)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        x = x.detach().to(device="cpu", dtype=torch.float64).numpy()
     try:
         arr = np.asarray(x)
+        if arr.dtype.kind == "c":
+            raise ComplexInputError(f"{name}: a complex value ({arr.dtype}); only real inputs are supported")
         if arr.dtype.kind not in "fiub" and arr.dtype.name != "bfloat16":
             raise TypeError(arr.dtype)
         arr = arr.astype(np.float64)
+    except ComplexInputError:
+        raise
     except (TypeError, ValueError) as e:
         raise InputError(f"{name}: cannot be read as a float array ({e})") from None
     if ndim is not None and arr.ndim != ndim:
@@ -62,9 +124,25 @@ def to_f64(x: Any, name: str = "input", *, ndim: int | None = 2, check_finite: b
     return arr
 
 
-def same_shape(a: Array64, b: Array64, names: tuple[str, str] = ("W0", "W1")) -> None:
-    if a.shape != b.shape:
-        raise ShapeMismatchError(f"{names[0]} has shape {a.shape} but {names[1]} has shape {b.shape}")
+def pow2_exponent(*arrays: Array64) -> int:
+    """The exponent e with ``max |entries| * 2**-e`` in [1/2, 1) over all ``arrays`` (0 when all are zero/empty).
+
+    Scaling by ``2**-e`` is exact (unless entries fall below the normal range, where they are far below
+    eps * max and cannot matter), so a computation on the scaled copies neither overflows (Gram matrices, norms,
+    differences) nor underflows, and gives the same bits for inputs that differ by a power-of-two factor.
+    """
+    amax = 0.0
+    for a in arrays:
+        if np.size(a):
+            amax = max(amax, float(np.max(np.abs(a))))
+    if amax == 0.0 or not np.isfinite(amax):
+        return 0
+    return int(np.frexp(amax)[1])
+
+
+def scale_pow2(a: Array64, e: int) -> Array64:
+    """``a * 2**-e`` (exact; ``np.ldexp``)."""
+    return np.ldexp(np.asarray(a, dtype=np.float64), -int(e))
 
 
 class SVD(NamedTuple):
@@ -73,16 +151,50 @@ class SVD(NamedTuple):
     Vh: Float[np.ndarray, "r n"]
 
 
-def svd64(W: Any, name: str = "W") -> SVD:
-    """Thin SVD in float64: ``W = U @ diag(S) @ Vh`` with ``S`` descending, ``r = min(m, n)``."""
+def _on_cpu(device: Any) -> bool:
+    return device is None or str(device) == "cpu"
+
+
+def _torch_f64(A: Array64, device: Any) -> Any:
+    import torch  # optional device path: torch only when a device other than the CPU is asked for
+
+    return torch, torch.from_numpy(A).to(device=device, dtype=torch.float64)
+
+
+def svd64(W: Any, name: str = "W", *, device: Any = None) -> SVD:
+    """Thin SVD in float64: ``W = U @ diag(S) @ Vh`` with ``S`` descending, ``r = min(m, n)``.
+
+    ``device``: where it runs (torch, float64); None or "cpu" uses LAPACK. A decomposition that fails is a
+    ``DecompositionError`` naming ``name``.
+
+    Examples
+    --------
+    >>> U, S, Vh = svd64([[3.0, 0.0], [0.0, -2.0]])
+    >>> S.tolist(), bool(np.allclose((U * S) @ Vh, [[3, 0], [0, -2]]))
+    ([3.0, 2.0], True)
+    """
     A = to_f64(W, name)
-    U, S, Vh = np.linalg.svd(A, full_matrices=False)
-    return SVD(U, S, Vh)
+    try:
+        if _on_cpu(device):
+            U, S, Vh = np.linalg.svd(A, full_matrices=False)
+            return SVD(U, S, Vh)
+        torch, T = _torch_f64(A, device)
+        U, S, Vh = torch.linalg.svd(T, full_matrices=False)
+        return SVD(U.cpu().numpy(), S.cpu().numpy(), Vh.cpu().numpy())
+    except (np.linalg.LinAlgError, RuntimeError) as e:  # torch's LinAlgError is a RuntimeError
+        raise DecompositionError(f"{name}: the float64 SVD failed ({type(e).__name__}: {e})") from None
 
 
-def singular_values(W: Any, name: str = "W") -> Float[np.ndarray, " r"]:
-    """Singular values of ``W`` in float64, descending."""
-    return np.linalg.svd(to_f64(W, name), compute_uv=False)
+def singular_values(W: Any, name: str = "W", *, device: Any = None) -> Float[np.ndarray, " r"]:
+    """Singular values of ``W`` in float64, descending (``device`` and errors as ``svd64``)."""
+    A = to_f64(W, name)
+    try:
+        if _on_cpu(device):
+            return np.linalg.svd(A, compute_uv=False)
+        torch, T = _torch_f64(A, device)
+        return torch.linalg.svdvals(T).cpu().numpy()
+    except (np.linalg.LinAlgError, RuntimeError) as e:
+        raise DecompositionError(f"{name}: the float64 singular values failed ({type(e).__name__}: {e})") from None
 
 
 def top_k_subspaces(W: Any, k: int, name: str = "W") -> tuple[Float[np.ndarray, "m k"], Float[np.ndarray, "n k"], Float[np.ndarray, " r"]]:
@@ -100,15 +212,43 @@ def spectral_gap(S: Float[np.ndarray, " r"], k: int) -> float:
     return float(S[k - 1] - nxt)
 
 
+def orthonormality_defect(A: Float[np.ndarray, "n k"]) -> float:
+    """``||A^T A - I||_2``: how far the columns of A are from orthonormal."""
+    A = np.asarray(A, dtype=np.float64)
+    if A.shape[1] == 0:
+        return 0.0
+    return float(np.linalg.norm(A.T @ A - np.eye(A.shape[1]), 2))
+
+
+def _basis(X: Any, name: str) -> Array64:
+    """A basis argument as a finite 2-d float64 array with orthonormal columns, or a named error."""
+    A = to_f64(X, name)
+    if A.shape[1] > A.shape[0]:
+        raise NotOrthonormalError(f"{name}: {A.shape[1]} columns cannot be orthonormal in {A.shape[0]} dimensions")
+    d = orthonormality_defect(A)
+    if not d <= ORTHONORMALITY_TOL:
+        raise NotOrthonormalError(
+            f"{name}: columns are not orthonormal (||{name}^T {name} - I||_2 = {d:.3e} > {ORTHONORMALITY_TOL:.3e}); "
+            f"pass an orthonormal basis (e.g. the Q of a QR, or U / V^T rows of an SVD)")
+    return A
+
+
 def principal_angles(A: Float[np.ndarray, "n k"], B: Float[np.ndarray, "n l"]) -> Float[np.ndarray, " p"]:
     """Principal angles (radians, ascending) between span(A) and span(B); A, B with orthonormal columns.
 
     Small angles come from the sines (singular values of ``B - A A^T B``), large ones from the cosines
     (singular values of ``A^T B``), so both ends are accurate to float64 precision (Björck & Golub 1973).
-    p = min(k, l).
+    p = min(k, l). Raises ``NonFiniteError`` (NaN/Inf), ``NotOrthonormalError`` (``||A^T A - I||_2`` above
+    ``ORTHONORMALITY_TOL``), ``ShapeMismatchError`` (different row counts), each naming A or B.
+
+    Examples
+    --------
+    >>> e = np.eye(2)
+    >>> float(np.degrees(principal_angles(e[:, :1], np.array([[1.0], [1.0]]) / np.sqrt(2))[0]))
+    45.0
     """
-    A = np.asarray(A, dtype=np.float64)
-    B = np.asarray(B, dtype=np.float64)
+    A = _basis(A, "A")
+    B = _basis(B, "B")
     if A.shape[0] != B.shape[0]:
         raise ShapeMismatchError(f"bases live in different spaces: {A.shape[0]} vs {B.shape[0]} rows")
     if A.shape[1] < B.shape[1]:

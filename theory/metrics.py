@@ -18,7 +18,8 @@ Conventions (shapes ``(m, n)`` unless noted; inputs are numpy arrays or torch te
 - **Masks** are boolean arrays with ``True`` = changed / selected. Set metrics (Jaccard, overlap) take the masks as
   sets of flat indices. Ranking masks (``principal_mask``, ``low_magnitude_mask``) select exactly
   ``round_half_up(alpha * n) = floor(alpha * n + 1/2)`` entries; ties in the score are broken by the flat
-  (row-major) index, lower index first, so the result is deterministic.
+  (row-major) index, lower index first, so the result is deterministic. ``principal_mask`` scores a computed
+  rank-k reconstruction, so its ties are judged up to that reconstruction's rounding (``reconstruction_tie_tol``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float
 
-from theory.errors import InputError, NonFiniteError, ShapeMismatchError, ZeroGapError
-from theory.linalg import principal_angles, singular_values, svd64, to_f64, top_k_subspaces
+from theory import bf16_kernel
+from theory.errors import ComplexInputError, InputError, NonFiniteError, ShapeMismatchError, ZeroGapError
+from theory.linalg import SVD, pow2_exponent, principal_angles, reject_complex, scale_pow2, svd64, to_f64
 
 __all__ = [
     "ETA_DEFAULT",
@@ -55,11 +57,14 @@ __all__ = [
     "rank_k_reconstruction",
     "selection_count",
     "principal_mask",
+    "principal_mask_from_svd",
+    "reconstruction_tie_tol",
     "low_magnitude_mask",
     "overlap",
     "random_overlap_baseline",
 ]
 
+EPS64 = float(np.finfo(np.float64).eps)
 ETA_DEFAULT = 1e-3
 #: The probe equals bit equality (+0 == -0) for every eta strictly below this (sharp: at 2**-8 it does not).
 ETA_BIT_EQUALITY_LIMIT = 2.0**-8
@@ -80,6 +85,7 @@ def to_bf16(x: Any, name: str = "input", *, check: bool = True) -> torch.Tensor:
     ``Tensor.to(torch.bfloat16)`` does (float64 via float32). Values that overflow to Inf are reported too
     (``check=False`` skips the bf16-level test, for callers that fuse it into their own pass).
     """
+    reject_complex(x, name)
     if isinstance(x, torch.Tensor):
         t = x.detach()
     else:
@@ -87,6 +93,8 @@ def to_bf16(x: Any, name: str = "input", *, check: bool = True) -> torch.Tensor:
             arr = np.asarray(x)
         except Exception as e:  # pragma: no cover - defensive
             raise InputError(f"{name}: cannot be read as an array ({e})") from None
+        if arr.dtype.kind == "c":
+            raise ComplexInputError(f"{name}: a complex array ({arr.dtype}); only real weights are supported")
         if arr.dtype.name == "bfloat16":
             t = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
         elif arr.dtype.kind in "fiub":
@@ -153,18 +161,6 @@ def _check_eta(eta: float) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _bits_equal_mod_zero_sign(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    ia, ib = a.contiguous().view(torch.int16), b.contiguous().view(torch.int16)
-    if ia.device.type == "cpu":  # numpy's int16 kernels are vectorised, torch's are not (about 4x here)
-        x, y = ia.numpy(), ib.numpy()
-        eq = x == y
-        if x.size and (x.min() == -32768 or y.min() == -32768):  # a -0.0 is present: +0/-0 pairs are equal
-            eq |= ((x | y) & np.int16(_ABS_MASK)) == 0
-        return torch.from_numpy(eq)
-    both_zero = ((ia | ib) & _ABS_MASK) == 0
-    return (ia == ib) | both_zero
-
-
 def _formula_unchanged(a: torch.Tensor, b: torch.Tensor, eta: float) -> torch.Tensor:
     # float64 holds every bf16 value exactly; |b - a| and eta * max(...) are each rounded once.
     a64, b64 = a.to(torch.float64), b.to(torch.float64)
@@ -186,60 +182,53 @@ def bf16_unchanged(w0: Any, w1: Any, eta: float = ETA_DEFAULT) -> Bool[Any, "*sh
     input is a torch tensor, else a numpy bool array.
     """
     eta = _check_eta(eta)
-    a, b, as_torch = _pair_bf16(w0, w1)
     if eta < ETA_BIT_EQUALITY_LIMIT:
-        return _out(_bits_equal_mod_zero_sign(a, b), as_torch)
+        a, b, as_torch = _kernel_pair(w0, w1)
+        return _out(~bf16_kernel.changed_mask(a, b), as_torch)
+    a, b, as_torch = _pair_bf16(w0, w1)
     return _out(_formula_unchanged(a, b, eta), as_torch)
 
 
 def update_mask(w0: Any, w1: Any, eta: float = ETA_DEFAULT) -> Bool[Any, "*shape"]:
-    """Update mask ``M = 1[w1 ≉ w0]``: True where the stored bf16 value changed (``not bf16_unchanged``)."""
+    """Update mask ``M = 1[w1 ≉ w0]``: True where the stored bf16 value changed (``not bf16_unchanged``).
+
+    For ``eta < 2**-8`` one fused pass (``theory.bf16_kernel.changed_mask``: compare, Inf/NaN test, ``±0``).
+    """
+    eta = _check_eta(eta)
+    if eta < ETA_BIT_EQUALITY_LIMIT:
+        a, b, as_torch = _kernel_pair(w0, w1)
+        return _out(bf16_kernel.changed_mask(a, b), as_torch)
     return ~bf16_unchanged(w0, w1, eta)
 
 
-CHUNK_CPU = 1 << 18  # int16 entries per block: two blocks (1 MiB) stay in cache across the passes
+CHUNK_CPU = bf16_kernel.BLOCK  # entries per block of the CPU pass (theory.bf16_kernel)
 
 
-def _count_changed_bits(a: torch.Tensor, b: torch.Tensor) -> int:
-    """#(bits differ) - #(+0/-0 pairs), with the Inf/NaN test fused in, block by block (numpy on CPU, whose int16
-    kernels are vectorised; torch on other devices). Raises ``NonFiniteError`` naming the counts."""
-    x_all = a.contiguous().reshape(-1).view(torch.int16)
-    y_all = b.contiguous().reshape(-1).view(torch.int16)
-    n = x_all.shape[0]
-    if x_all.device.type != "cpu":
-        neq = x_all != y_all
-        changed = int(torch.count_nonzero(neq))
-        bad = _has_nonfinite_bits(x_all) or _has_nonfinite_bits(y_all)
-        if not bad and bool((x_all.min() == -32768) | (y_all.min() == -32768)):
-            changed -= int(torch.count_nonzero(((x_all | y_all) == -32768) & neq))
-    else:
-        xs, ys = x_all.numpy(), y_all.numpy()
-        buf = np.empty(min(CHUNK_CPU, n), dtype=bool)
-        changed, bad = 0, False
-        for s in range(0, n, CHUNK_CPU):
-            x, y = xs[s:s + CHUNK_CPU], ys[s:s + CHUNK_CPU]
-            neq = buf[: x.shape[0]]
-            np.not_equal(x, y, out=neq)
-            changed += int(np.count_nonzero(neq))
-            if _has_nonfinite_bits(x) or _has_nonfinite_bits(y):
-                bad = True
-                break
-            if x.min() == -32768 or y.min() == -32768:  # int16 -32768 is -0.0: only then can +0/-0 pairs exist
-                changed -= int(np.count_nonzero(((x | y) == np.int16(-32768)) & neq))
-    if bad:
-        for t, nm in ((a, "w0"), (b, "w1")):
-            c = _nonfinite_count(t)
-            if c:
-                raise NonFiniteError(f"{nm}: {c} non-finite entries (NaN or Inf) as bf16")
-    return changed
+def _kernel_input(x: Any, name: str) -> torch.Tensor:
+    """``x`` as the kernel takes it: bf16 and float32 tensors as they are (float32 is rounded inside the pass),
+    numpy bf16 (ml_dtypes) reinterpreted bit for bit, anything else through ``to_bf16`` (which checks and rounds)."""
+    if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float32):
+        return x.detach()
+    if isinstance(x, np.ndarray) and x.dtype == np.float32:
+        return torch.from_numpy(np.ascontiguousarray(x))
+    return to_bf16(x, name, check=False)
+
+
+def _kernel_pair(w0: Any, w1: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    as_torch = isinstance(w0, torch.Tensor) or isinstance(w1, torch.Tensor)
+    a, b = _kernel_input(w0, "w0"), _kernel_input(w1, "w1")
+    if a.shape != b.shape:
+        raise ShapeMismatchError(f"w0 has shape {tuple(a.shape)} but w1 has shape {tuple(b.shape)}")
+    return a, b.to(a.device), as_torch
 
 
 def bf16_changed_count(w0: Any, w1: Any, eta: float = ETA_DEFAULT) -> int:
-    """Number of entries whose stored bf16 value changed (the fast fused pass for ``eta < 2**-8``)."""
+    """Number of entries whose stored bf16 value changed (one fused pass, ``theory.bf16_kernel``, for
+    ``eta < 2**-8``; fp32 master weights are rounded to bf16 inside that pass)."""
     eta = _check_eta(eta)
-    a, b, _ = _pair_bf16(w0, w1, check=False)
     if eta < ETA_BIT_EQUALITY_LIMIT:
-        return _count_changed_bits(a, b)
+        return bf16_kernel.changed_count(*_kernel_pair(w0, w1)[:2])
+    a, b, _ = _pair_bf16(w0, w1, check=False)
     _raise_if_nonfinite_bits(a, "w0")
     _raise_if_nonfinite_bits(b, "w1")
     same = _formula_unchanged(a, b, eta)
@@ -249,7 +238,7 @@ def bf16_changed_count(w0: Any, w1: Any, eta: float = ETA_DEFAULT) -> int:
 def bf16_sparsity(w0: Any, w1: Any, eta: float = ETA_DEFAULT) -> float:
     """Def. 2.2: ``1 - (#changed) / n``. 1.0 = nothing changed. Raises ``InputError`` on empty tensors."""
     eta = _check_eta(eta)
-    a, b, _ = _pair_bf16(w0, w1, check=False)
+    a, b, _ = _kernel_pair(w0, w1)
     n = a.numel()
     if n == 0:
         raise InputError("bf16_sparsity: empty tensors (n = 0), sparsity undefined")
@@ -387,17 +376,31 @@ def col_ratios(M: Any) -> Float[np.ndarray, " n"]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def nss(W0: Any, W1: Any) -> float:
-    """Normalised spectrum shift ``NSS = ||σ(W1) - σ(W0)||_2 / ||σ(W0)||_2`` (float64 SVD)."""
+def _scaled_pair(W0: Any, W1: Any) -> tuple[np.ndarray, np.ndarray]:
+    """W0, W1 as float64, both scaled by one power of two (exact) so the largest entry is in [1/2, 1): norms and
+    SVDs then neither overflow (1e200 inputs) nor underflow (1e-200 inputs), and 2**j-scaled inputs give equal bits."""
     a = to_f64(W0, "W0")
     b = to_f64(W1, "W1")
     if a.shape != b.shape:
         raise ShapeMismatchError(f"W0 has shape {a.shape} but W1 has shape {b.shape}")
-    s0, s1 = singular_values(a, "W0"), singular_values(b, "W1")
-    den = float(np.linalg.norm(s0))
-    if den == 0.0:
+    e = pow2_exponent(a, b)
+    return scale_pow2(a, e), scale_pow2(b, e)
+
+
+def nss(W0: Any, W1: Any) -> float:
+    """Normalised spectrum shift ``NSS = ||σ(W1) - σ(W0)||_2 / ||σ(W0)||_2`` (float64 SVD, on copies of W0 and W1
+    scaled by one power of two: scale-free, defined at every magnitude; only an exactly zero W0 is refused).
+
+    Examples
+    --------
+    >>> nss(np.diag([2.0, 1.0]), np.diag([2.0, 1.5]))  # doctest: +ELLIPSIS
+    0.2236...
+    """
+    a, b = _scaled_pair(W0, W1)
+    if not np.any(a):
         raise InputError("nss: W0 is the zero matrix, ||σ(W0)||_2 = 0 and NSS is undefined")
-    return float(np.linalg.norm(s1 - s0) / den)
+    s0, s1 = np.linalg.svd(a, compute_uv=False), np.linalg.svd(b, compute_uv=False)
+    return float(np.linalg.norm(s1 - s0) / np.linalg.norm(s0))
 
 
 def principal_angles_topk(W0: Any, W1: Any, k: int) -> tuple[Float[np.ndarray, " k"], Float[np.ndarray, " k"]]:
@@ -405,21 +408,32 @@ def principal_angles_topk(W0: Any, W1: Any, k: int) -> tuple[Float[np.ndarray, "
 
     ``cos θ_i = σ_i(U_{0,k}ᵀ U_{1,k})``. Raises ``ZeroGapError`` if ``σ_k = σ_{k+1}`` (to float64 resolution) in
     either matrix: the top-k subspace is then not determined and any angle would be an artefact of the solver.
+    At ``k = min(m, n) < max(m, n)`` the complement still holds ``|m - n|`` zero singular values, so the top-k
+    subspace on the longer side is unique only if ``σ_k > 0``: a rank-deficient tall or wide matrix raises
+    ``ZeroGapError`` there too (for ``m = n`` both subspaces are the whole space). Both matrices are scaled by one
+    power of two first (exact), so the gaps are resolved relative to ``σ_1`` at any magnitude.
     """
-    a = to_f64(W0, "W0")
-    b = to_f64(W1, "W1")
-    if a.shape != b.shape:
-        raise ShapeMismatchError(f"W0 has shape {a.shape} but W1 has shape {b.shape}")
-    U0, V0, S0 = top_k_subspaces(a, k, "W0")
-    U1, V1, S1 = top_k_subspaces(b, k, "W1")
-    for nm, S in (("W0", S0), ("W1", S1)):
-        if k < S.shape[0]:
-            resolution = 8 * np.finfo(np.float64).eps * max(S.shape[0], 1) * S[0]
-            if S[k - 1] - S[k] <= resolution:
-                raise ZeroGapError(
-                    f"{nm}: σ_{k} = {S[k - 1]:.17g} and σ_{k + 1} = {S[k]:.17g} coincide (gap <= {resolution:.3g});"
-                    f" the top-{k} singular subspace is not unique"
-                )
+    a, b = _scaled_pair(W0, W1)
+    m, n = a.shape
+    r = min(m, n)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= r:
+        raise InputError(f"k={k!r} outside 1..{r}")
+    k = int(k)
+    bases = []
+    for nm, A in (("W0", a), ("W1", b)):
+        U, S, Vh = np.linalg.svd(A, full_matrices=False)
+        resolution = 8 * np.finfo(np.float64).eps * max(m, n) * S[0]
+        if k < r and S[k - 1] - S[k] <= resolution:
+            raise ZeroGapError(
+                f"{nm}: σ_{k} = {S[k - 1]:.17g} and σ_{k + 1} = {S[k]:.17g} coincide (gap <= {resolution:.3g} of the "
+                f"{nm} scaled to max |entry| in [1/2, 1)); the top-{k} singular subspace is not unique")
+        if k == r and m != n and S[k - 1] <= resolution:
+            side = "left" if m > n else "right"
+            raise ZeroGapError(
+                f"{nm}: rank-deficient at k = min(m, n) = {k} (σ_{k} = {S[k - 1]:.3g} <= {resolution:.3g}, relative "
+                f"to the largest entry) in a {m}x{n} matrix: the top-{k} {side} singular subspace is not unique")
+        bases.append((U[:, :k], Vh[:k].T))
+    (U0, V0), (U1, V1) = bases
     return principal_angles(U0, U1), principal_angles(V0, V1)
 
 
@@ -445,27 +459,108 @@ def selection_count(alpha: float, n: int) -> int:
 
 
 def _select_top(score: np.ndarray, count: int) -> np.ndarray:
-    # Stable sort on -score: among equal scores the lower flat index comes first.
+    """The ``count`` largest scores, among equal scores the lower flat index first (= the first ``count`` of a
+    stable argsort of ``-score``), in O(n): every score above the threshold ``t`` (the count-th largest, by
+    ``np.partition``) and the lowest-index ties at ``t``."""
     flat = score.ravel()
-    order = np.argsort(-flat, kind="stable")
-    mask = np.zeros(flat.shape[0], dtype=bool)
-    mask[order[:count]] = True
+    n = flat.shape[0]
+    mask = np.zeros(n, dtype=bool)
+    if count >= n:
+        mask[:] = True
+    elif count > 0:
+        t = np.partition(flat, n - count)[n - count]
+        np.greater(flat, t, out=mask)
+        ties = np.flatnonzero(flat == t)[: count - int(np.count_nonzero(mask))]
+        mask[ties] = True
     return mask.reshape(score.shape)
+
+
+def reconstruction_tie_tol(S: Float[np.ndarray, " r"], k: int, shape: tuple[int, int],
+                           gap: float | None = None) -> float:
+    """Bound on the entrywise error of a computed ``|W0^(k)(i, j)|``: two scores within twice this count as tied.
+
+    Error model: the float64 SVD is exact for W0 + E, ``||E||_2 <= eps_s = 8 max(m, n) eps σ_1``; the rank-k
+    truncation then moves by ``||E|| + σ_1 ||sin Θ|| <= eps_s (1 + σ_1 / (γ_k - eps_s))`` (Wedin for the top-k
+    left subspace, γ_k = σ_k - σ_{k+1}, every entry bounded by the spectral norm), and forming
+    ``(U_k diag σ_k) V_kᵀ`` adds ``<= 2 k eps σ_1`` per entry. ``gap`` overrides γ_k when ``S`` holds only k values
+    (a certified lower bound, e.g. ``theory.fast_spectral.TopK.gap_lower``); without either, the term is dropped.
+    Raises ``ZeroGapError`` when γ_k <= 2 eps_s: the rank-k reconstruction is then not determined.
+    """
+    m, n = shape
+    s1 = float(S[0]) if len(S) else 0.0
+    eps_s = 8 * max(m, n) * EPS64 * s1
+    g = gap if gap is not None else (float(S[k - 1] - S[k]) if k < len(S) else None)
+    if k == min(m, n):
+        g = None  # W0^(r) = W0: no truncation, no subspace to determine
+    if g is not None and not g > 2 * eps_s:
+        raise ZeroGapError(f"W0: σ_{k} - σ_{k + 1} = {g:.3g} <= {2 * eps_s:.3g} (rounding): the rank-{k} "
+                           f"reconstruction, and so the principal mask, is not determined")
+    return eps_s * (1 + (s1 / (g - eps_s) if g is not None else 0.0)) + 2 * k * EPS64 * s1
+
+
+def _select_top_with_ties(score: np.ndarray, count: int, tie: float) -> np.ndarray:
+    """Top ``count`` entries of ``score``; entries within ``tie`` of the cut-off score count as tied with it and
+    are taken in lower flat (row-major) index order. Every entry above the tied group is selected."""
+    flat = score.ravel()
+    mask = np.zeros(flat.shape[0], dtype=bool)
+    if count == 0:
+        return mask.reshape(score.shape)
+    cut = np.partition(flat, flat.shape[0] - count)[flat.shape[0] - count]  # the count-th largest score, O(n)
+    above = flat > cut + tie
+    tied = np.flatnonzero(~above & (flat >= cut - tie))  # ascending flat index
+    mask[above] = True
+    mask[tied[: count - int(above.sum())]] = True
+    return mask.reshape(score.shape)
+
+
+def principal_mask_from_svd(svd: SVD | tuple, k: int, alpha: float, *, gap: float | None = None) -> Bool[np.ndarray, "m n"]:
+    """``principal_mask`` from a thin SVD ``(U, S, Vh)`` of W0 computed elsewhere (same rule, same bits as
+    ``principal_mask`` when the SVD is ``svd64(W0)``); ``gap``: see ``reconstruction_tie_tol``."""
+    U, S, Vh = (np.asarray(x, dtype=np.float64) for x in svd)
+    if not 1 <= k <= len(S):
+        raise InputError(f"W0: k={k} outside 1..{len(S)}")
+    shape = (U.shape[0], Vh.shape[1])
+    score = np.abs((U[:, :k] * S[:k]) @ Vh[:k, :])
+    tie = 2 * reconstruction_tie_tol(S, k, shape, gap)
+    return _select_top_with_ties(score, selection_count(alpha, score.size), tie)
 
 
 def principal_mask(W0: Any, k: int, alpha: float) -> Bool[np.ndarray, "m n"]:
     """``M_princ``: the top-α fraction of entries by ``|W0^(k)(i, j)|`` (rank-k reconstruction), exactly
-    ``floor(α n + 1/2)`` entries, ties broken by lower flat (row-major) index."""
-    R = rank_k_reconstruction(W0, k)
-    return _select_top(np.abs(R), selection_count(alpha, R.size))
+    ``floor(α n + 1/2)`` entries, ties broken by lower flat (row-major) index.
+
+    Ties are judged on the exact reconstruction: the computed one carries rounding (``reconstruction_tie_tol``),
+    so scores within twice that bound of the cut-off score count as tied with it, and exact ties are then taken
+    by flat index as documented (a reconstruction's rounding noise never decides). Raises ``ZeroGapError`` when
+    σ_k = σ_{k+1} to rounding (the rank-k reconstruction is not unique).
+
+    Examples
+    --------
+    >>> principal_mask(np.ones((2, 3)), 1, 0.5)  # every score is 1 up to rounding: the first three flat indices
+    array([[ True,  True,  True],
+           [False, False, False]])
+    """
+    return principal_mask_from_svd(svd64(W0, "W0"), k, alpha)
+
+
+def _magnitudes(W0: Any) -> np.ndarray:
+    """``|W0|`` in a float dtype that holds every value exactly (abs is exact): float32 for bf16 / fp16 / fp32 inputs
+    (a quarter of the float64 memory traffic), float64 otherwise. Raises on NaN/Inf like ``to_f64``."""
+    t = W0.detach() if isinstance(W0, torch.Tensor) else None
+    if t is not None and t.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        A = t.to(device="cpu", dtype=torch.float32).abs().numpy()
+        if A.size and not np.isfinite(A.max()):
+            raise NonFiniteError(f"W0: {int(A.size - np.count_nonzero(np.isfinite(A)))} non-finite entries (NaN or Inf)")
+        return A
+    return np.abs(to_f64(W0, "W0", ndim=None))
 
 
 def low_magnitude_mask(W0: Any, alpha: float) -> Bool[np.ndarray, "*shape"]:
     """``M_low``: the bottom-α fraction of entries by ``|W0|``, exactly ``floor(α n + 1/2)`` entries, ties broken
     by lower flat (row-major) index."""
-    A = to_f64(W0, "W0", ndim=None)
+    A = _magnitudes(W0)
     # bottom by |W0| = top by -|W0|; stable order keeps the lower index first among ties.
-    return _select_top(-np.abs(A), selection_count(alpha, A.size))
+    return _select_top(-A, selection_count(alpha, A.size))
 
 
 def overlap(M_ref: Any, M: Any) -> float:

@@ -35,6 +35,7 @@ import torch
 from jaxtyping import Float
 
 from theory.errors import InputError, NonFiniteError, ShapeMismatchError
+from theory.linalg import as_real_array, reject_complex
 
 __all__ = [
     "Policy",
@@ -77,8 +78,8 @@ def _phi_kl(d: np.ndarray) -> np.ndarray:
 
 def kl_rows(log_p: Float[np.ndarray, "X Y"], log_q: Float[np.ndarray, "X Y"]) -> Float[np.ndarray, " X"]:
     """KL(p(.|x) || q(.|x)) per context from log-probabilities (p = 0 entries contribute 0; q = 0 under p > 0: inf)."""
-    log_p = np.asarray(log_p, dtype=np.float64)
-    log_q = np.asarray(log_q, dtype=np.float64)
+    log_p = as_real_array(log_p, "log_p")
+    log_q = as_real_array(log_q, "log_q")
     if log_p.shape != log_q.shape:
         raise ShapeMismatchError(f"log_p has shape {log_p.shape} but log_q has shape {log_q.shape}")
     q = np.exp(log_q)
@@ -97,7 +98,7 @@ def kl_rows(log_p: Float[np.ndarray, "X Y"], log_q: Float[np.ndarray, "X Y"]) ->
 
 def as_distribution(q: Any, shape: tuple[int, int], name: str = "q") -> Float[np.ndarray, "X Y"]:
     """Validate a conditional distribution table (X, Y) (a (Y,) vector is accepted for X = 1)."""
-    arr = np.asarray(q.detach().cpu().numpy() if isinstance(q, torch.Tensor) else q, dtype=np.float64)
+    arr = as_real_array(q, name)
     if arr.ndim == 1 and shape[0] == 1:
         arr = arr[None, :]
     if arr.shape != shape:
@@ -118,8 +119,8 @@ def tilt(q: Any, R: Any, beta: float) -> Float[np.ndarray, "X Y"]:
     ``q``: (X, Y) or (Y,) probabilities (rows sum to 1); ``R``: same shape, finite; ``beta > 0``. Entries with
     q = 0 stay 0. Stable for any beta: log q~ = log q + R/beta - logsumexp(log q + R/beta).
     """
-    q = np.asarray(q, dtype=np.float64)
-    R = np.asarray(R, dtype=np.float64)
+    q = as_real_array(q, "q")
+    R = as_real_array(R, "R")
     if q.shape != R.shape:
         raise ShapeMismatchError(f"q has shape {q.shape} but the reward R has shape {R.shape}")
     if not np.all(np.isfinite(R)):
@@ -161,13 +162,14 @@ class Policy:
         X = self.n_contexts
         if rho is None:
             rho = np.full(X, 1.0 / X)
-        self.rho = as_distribution(np.asarray(rho, dtype=np.float64)[None, :], (1, X), "rho")[0]
+        self.rho = as_distribution(as_real_array(rho, "rho").reshape(1, -1), (1, X), "rho")[0]
         self._rho_t = torch.as_tensor(self.rho, dtype=torch.float64, device=self.device)
         self.blocks: dict[str, slice] = {"theta": slice(0, self.n_params)}
         self.block_shapes: dict[str, tuple[int, ...]] = {"theta": (self.n_params,)}
 
     # ---- conversions -------------------------------------------------------------------------------------------
     def _t(self, theta: Any, name: str = "theta") -> torch.Tensor:
+        reject_complex(theta, name)
         if isinstance(theta, torch.Tensor):
             t = theta.detach().to(device=self.device, dtype=torch.float64)
         else:
@@ -212,13 +214,6 @@ class Policy:
             lq = np.log(q)
         return float(self.rho @ kl_rows(lq, self.log_probs(theta)))
 
-    def kl_to(self, theta: Any, q: Any) -> float:
-        """E_rho KL(pi_theta(.|x) || q(.|x))."""
-        q = as_distribution(q, self.shape)
-        with np.errstate(divide="ignore"):
-            lq = np.log(q)
-        return float(self.rho @ kl_rows(self.log_probs(theta), lq))
-
     def tv(self, q: Any, theta: Any) -> float:
         """E_rho TV(q(.|x), pi_theta(.|x)) = E_rho 1/2 sum_y |q - pi|."""
         q = as_distribution(q, self.shape)
@@ -255,6 +250,22 @@ class Policy:
         """Exact Fisher F(theta) = sum_x rho(x) J_x^T (diag pi_x - pi_x pi_x^T) J_x (symmetrised)."""
         return self._np(self._fisher_t(self._t(theta)))
 
+    def fisher_with_error(self, theta: Any) -> tuple[Float[np.ndarray, "d d"], float]:
+        """``(F(theta), e_F)`` with e_F a bound on ||F_computed - F_exact||_2.
+
+        Error model: F = A^T A - B^T B (``_fisher_from``) cancels when pi is concentrated; each product of sums over
+        Y outputs and the softmax / Jacobian inputs carry relative ~(Y + d) eps, so the entrywise error is
+        <= c (Y + d) eps (|A|^T |A| + |B|^T |B|) and e_F its spectral norm (c = 8)."""
+        t = self._t(theta)
+        J = self._jacobian_t(t)
+        p = torch.softmax(self._logits(t), dim=-1)
+        d = J.shape[-1]
+        A = (torch.sqrt(self._rho_t[:, None] * p)[..., None] * J).reshape(-1, d).abs()
+        B = (torch.sqrt(self._rho_t)[:, None] * torch.einsum("xy,xyd->xd", p, J)).abs()
+        M = self._np(A.T @ A + B.T @ B)
+        err = 8 * (self.n_outputs + d) * EPS * float(np.linalg.norm(M, 2))
+        return self._np(self._fisher_from(J, p)), err
+
     def fisher_per_context(self, theta: Any) -> Float[np.ndarray, "X d d"]:
         """F_x = J_x^T (diag pi_x - pi_x pi_x^T) J_x (unweighted by rho)."""
         t = self._t(theta)
@@ -288,7 +299,7 @@ class Policy:
     def weighted_hessian_logp(self, theta: Any, w: Any) -> Float[np.ndarray, "d d"]:
         """sum_{x,y} w(x,y) hess log pi(y|x) as one d x d matrix (cheap: one Hessian of a scalar)."""
         t = self._t(theta)
-        w_t = torch.as_tensor(np.asarray(w, dtype=np.float64), dtype=torch.float64, device=self.device)
+        w_t = torch.as_tensor(as_real_array(w, "w"), dtype=torch.float64, device=self.device)
         if tuple(w_t.shape) != self.shape:
             raise ShapeMismatchError(f"weights have shape {tuple(w_t.shape)}, the policy's outputs {self.shape}")
 
@@ -378,7 +389,7 @@ class LogLinear(Policy):
     linear_in_theta = True
 
     def __init__(self, features: Any, rho: Any = None, device: str | torch.device = "cpu"):
-        Phi = np.asarray(features, dtype=np.float64)
+        Phi = as_real_array(features, "features")
         if Phi.ndim == 2:
             Phi = Phi[None]
         if Phi.ndim != 3 or Phi.shape[1] < 2:
@@ -458,7 +469,7 @@ class MLPPolicy(Policy):
         self.n_contexts, self.hidden, self.n_outputs = int(n_contexts), int(hidden), int(n_outputs)
         if self.n_outputs < 2 or self.hidden < 1 or self.n_contexts < 1:
             raise InputError("need n_outputs >= 2, hidden >= 1, n_contexts >= 1")
-        E = np.eye(self.n_contexts) if inputs is None else np.asarray(inputs, dtype=np.float64)
+        E = np.eye(self.n_contexts) if inputs is None else as_real_array(inputs, "inputs")
         if E.ndim != 2 or E.shape[0] != self.n_contexts:
             raise ShapeMismatchError(f"inputs must be ({self.n_contexts}, n_in), got {E.shape}")
         if not np.all(np.isfinite(E)):
@@ -553,7 +564,7 @@ class MLPPolicy(Policy):
 
     def curvature(self, theta: Any, c: Any) -> Float[np.ndarray, "d d"]:
         """sum_{x,y} c(x,y) hess_theta z_y(x), analytic (the term by which H_q~ differs from F in Lemma F.6)."""
-        c_t = torch.as_tensor(np.asarray(c, dtype=np.float64), dtype=torch.float64, device=self.device)
+        c_t = torch.as_tensor(as_real_array(c, "c"), dtype=torch.float64, device=self.device)
         if tuple(c_t.shape) != self.shape:
             raise ShapeMismatchError(f"weights have shape {tuple(c_t.shape)}, the policy's outputs {self.shape}")
         return self._np(self._curvature_t(self._t(theta), c_t))

@@ -6,9 +6,9 @@ bf16 = 1 sign bit, 8 exponent bits (bias 127), 7 stored mantissa bits. For bits 
 - subnormal / zero (E = 0): x = (-1)^s * m * 2^-133,                  ULP(x) = 2^-133
 - E = 255: inf (m = 0) or nan.
 
-**The oracle** (``decode_bf16``, ``round_to_bf16``, ``round_to_f32``, ``bf16_step``) works on Python integers and
-``fractions.Fraction``: no float cast is ever the reference. Rounding is IEEE 754 round-to-nearest, ties to the even
-mantissa, with gradual underflow and overflow to +-inf (a value at or above ``2^128 - 2^119`` -- the midpoint between
+**The oracle** (``decode_bf16``, ``round_to_bf16_bits``, ``round_to_f32_bits``, ``bf16_step``) works on Python
+integers and ``fractions.Fraction``: no float cast is ever the reference. Rounding is IEEE 754 round-to-nearest, ties
+to the even mantissa, with gradual underflow and overflow to +-inf (a value at or above ``2^128 - 2^119`` -- the midpoint between
 the largest bf16 ``2^128 - 2^120`` and ``2^128`` -- rounds to inf).
 
 **Two semantics for one step** ``w -> w + delta`` (w a stored bf16 value):
@@ -54,17 +54,18 @@ import numpy as np
 from jaxtyping import Bool, Float
 
 from theory.check import Check, assumption_failed, make_check, register
-from theory.errors import InputError, NonFiniteError, ShapeMismatchError
+from theory.errors import ComplexInputError, InputError, NonFiniteError, ShapeMismatchError
+from theory.linalg import reject_complex
 
 __all__ = [
     "BF16_MAX", "BF16_MIN_NORMAL", "BF16_MIN_SUBNORMAL",
     "Decoded", "decode_bf16", "decode_f32", "bf16_bits", "bf16_value", "is_bf16_representable",
     "ulp_bf16", "next_up", "next_down",
-    "round_to_bf16", "round_to_f32", "bf16_step",
+    "round_to_bf16_bits", "round_to_f32_bits", "bf16_step",
     "SEMANTICS", "bf16_step_array", "bf16_round_array",
     "Threshold", "realization_threshold", "realization_threshold_array",
     "predict_change_mask", "rule_of_thumb_mask", "half_ulp_mask", "probe_unchanged",
-    "check_cor36", "check_lemE1", "check_lemE1_across", "check_lemE2", "check_propE3",
+    "exact_scalar", "check_cor36", "check_lemE1", "check_lemE1_across", "check_lemE2", "check_propE3",
 ]
 
 Semantics = Literal["exact", "fp32"]
@@ -172,47 +173,83 @@ def _round(q: Fraction, fmt: _Fmt, negative_zero: bool = False) -> int:
     return sign | body
 
 
-def round_to_bf16(q: Fraction | int | float) -> int:
+def round_to_bf16_bits(q: Fraction | int | float) -> int:
     """Bits of the bf16 nearest the exact value q (IEEE round-to-nearest-even, subnormals, overflow to +-inf).
 
-    A negative q that rounds to zero gives -0 (0x8000). Floats are taken at their exact value (``Fraction(x)``).
+    A negative q that rounds to zero gives -0 (0x8000). Floats are taken at their exact value (``Fraction(x)``);
+    numpy / ml_dtypes / torch scalars and 0-d arrays are accepted and converted losslessly (``exact_scalar``).
     """
-    return _round(_as_fraction(q, "q"), _BF16, negative_zero=_is_negative(q))
+    v, neg_zero = exact_scalar(q, "q")
+    return _round(v, _BF16, negative_zero=v < 0 or neg_zero)
 
 
-def round_to_f32(q: Fraction | int | float) -> int:
+def round_to_f32_bits(q: Fraction | int | float) -> int:
     """Bits of the float32 nearest the exact value q (IEEE round-to-nearest-even)."""
-    return _round(_as_fraction(q, "q"), _F32, negative_zero=_is_negative(q))
+    v, neg_zero = exact_scalar(q, "q")
+    return _round(v, _F32, negative_zero=v < 0 or neg_zero)
 
 
-def _is_negative(q: Any) -> bool:
-    return (q < 0) or (isinstance(q, float) and q == 0 and math.copysign(1.0, q) < 0)
+def exact_scalar(x: Any, name: str) -> tuple[Fraction, bool]:
+    """``(Fraction(x), x is -0.0)`` for a finite real scalar of any kind, converted losslessly.
 
+    Accepted: Fraction, int, float, numpy integer and float scalars (float16/32/64), ml_dtypes scalars (bf16),
+    0-d numpy arrays, 0-d torch tensors (any real dtype, any device): each of these float formats is a subset of
+    float64, so the value is exact. Refused with an ``InputError`` subclass naming ``name``: bool, complex
+    (``ComplexInputError``), a non-0-d array or tensor, a float wider than float64, NaN/Inf (``NonFiniteError``).
 
-def _as_fraction(x: Any, name: str) -> Fraction:
+    Examples
+    --------
+    >>> exact_scalar(np.float32(0.1), "w")
+    (Fraction(13421773, 134217728), False)
+    >>> exact_scalar(np.array(-0.0), "w")
+    (Fraction(0, 1), True)
+    """
     if isinstance(x, Fraction):
-        return x
+        return x, False
+    reject_complex(x, name)
+    torch = _torch_if_tensor(x)
+    if torch is not None:
+        if x.ndim != 0:
+            raise InputError(f"{name} must be a scalar (a 0-d tensor), got shape {tuple(x.shape)}")
+        x = x.detach().cpu()
+        x = x.item() if (x.dtype == torch.bool or not x.is_floating_point()) else x.double().item()
+    elif isinstance(x, np.ndarray):
+        if x.ndim != 0:
+            raise InputError(f"{name} must be a scalar (a 0-d array), got shape {x.shape}")
+        x = x[()]
     if isinstance(x, (bool, np.bool_)):
         raise InputError(f"{name} must be a number, got a bool")
     if isinstance(x, (int, np.integer)):
-        return Fraction(int(x))
+        return Fraction(int(x)), False
+    if isinstance(x, complex):
+        raise ComplexInputError(f"{name} is complex ({x!r}); a real number is needed")
+    itemsize = getattr(getattr(x, "dtype", None), "itemsize", 8)
+    if itemsize > 8:
+        raise InputError(f"{name}: dtype {x.dtype} is wider than float64 and cannot be converted exactly")
     try:
         xf = float(x)
     except (TypeError, ValueError) as e:
         raise InputError(f"{name} must be a real number (float, int or Fraction), got {type(x).__name__}") from e
     if not math.isfinite(xf):
         raise NonFiniteError(f"{name} is {xf}: a finite value is needed")
-    return Fraction(xf)
+    return Fraction(xf), xf == 0 and math.copysign(1.0, xf) < 0
+
+
+def _as_fraction(x: Any, name: str) -> Fraction:
+    return exact_scalar(x, name)[0]
 
 
 def bf16_bits(x: Fraction | int | float) -> int:
-    """Bits of x, which must be exactly a bf16 value (inf and -0.0 allowed as floats; nan gives 0x7FC0)."""
+    """Bits of x, which must be exactly a bf16 value (inf and -0.0 allowed as floats; nan gives 0x7FC0).
+
+    Any real scalar type is accepted (see ``exact_scalar``): numpy float32, ml_dtypes / torch bf16 scalars, 0-d
+    arrays and tensors."""
     if isinstance(x, float) and math.isnan(x):
         return 0x7FC0
     if isinstance(x, float) and math.isinf(x):
         return 0xFF80 if x < 0 else 0x7F80
-    q = _as_fraction(x, "x")
-    b = _round(q, _BF16, negative_zero=_is_negative(x))
+    q, neg_zero = exact_scalar(x, "x")
+    b = _round(q, _BF16, negative_zero=q < 0 or neg_zero)
     d = decode_bf16(b)
     if d.value != q:
         raise InputError(f"x = {x!r} is not exactly a bf16 value (nearest bf16 is {bf16_value(b)!r})")
@@ -245,7 +282,7 @@ def _finite_bf16(x: Any, name: str) -> tuple[int, Fraction]:
     try:
         b = bf16_bits(x)
     except InputError as e:
-        raise InputError(f"{name}: {e}") from None
+        raise type(e)(f"{name}: {e}") from None
     return b, decode_bf16(b).value  # type: ignore[return-value]
 
 
@@ -332,10 +369,6 @@ def bf16_step(w: Fraction | int | float, delta: Fraction | int | float, semantic
 def _i64_bits(xp: Any, s: Any) -> Any:
     """int64 view of float64 values (the IEEE bit pattern; the sign bit makes it negative)."""
     return s.view(np.int64) if xp is np else s.view(xp.int64)
-
-
-def _as_int64(xp: Any, b: Any) -> Any:
-    return b.astype(np.int64) if xp is np else b.to(xp.int64)
 
 
 def _bits32_to_f64(xp: Any, bits: Any) -> Any:
@@ -437,6 +470,7 @@ def _to_bits_bf16(w: Any, name: str) -> tuple[np.ndarray, str, Any]:
     (float32/float64 arrays are accepted when every entry is exactly a bf16 value)."""
     import ml_dtypes
 
+    reject_complex(w, name)
     torch = _torch_if_tensor(w)
     if torch is not None:
         if w.dtype != torch.bfloat16:
@@ -458,7 +492,9 @@ def _to_bits_bf16(w: Any, name: str) -> tuple[np.ndarray, str, Any]:
 
 
 def _to_f64(x: Any, name: str) -> np.ndarray:
-    """float64 numpy copy of a float32/float64 (or bf16) numpy array or torch tensor; exact (an upcast)."""
+    """float64 numpy copy of a float32/float64 (or bf16) numpy array or torch tensor; exact (an upcast).
+    Complex input raises ``ComplexInputError`` (never cast to its real part)."""
+    reject_complex(x, name)
     torch = _torch_if_tensor(x)
     if torch is not None:
         x = x.detach().cpu()
@@ -579,11 +615,23 @@ class Threshold:
 
 
 def _direction(direction: Any) -> int:
-    if direction in (1, "up", "+"):
-        return 1
-    if direction in (-1, "down", "-"):
-        return -1
-    raise InputError(f"direction must be +1/'up' or -1/'down', got {direction!r}")
+    """+1 or -1 from +1/'up'/'+' or -1/'down'/'-' (numbers of any real scalar type); else an InputError naming
+    ``direction`` (0 included: a step has a sign)."""
+    if isinstance(direction, str):
+        if direction in ("up", "+"):
+            return 1
+        if direction in ("down", "-"):
+            return -1
+    else:
+        try:
+            v, _ = exact_scalar(direction, "direction")
+        except InputError:
+            v = None
+        if v == 1:
+            return 1
+        if v == -1:
+            return -1
+    raise InputError(f"direction must be +1/'up' or -1/'down' (the sign of the step), got {direction!r}")
 
 
 def _virtual_neighbour(b: int, up: bool) -> tuple[Fraction, bool]:
@@ -815,13 +863,23 @@ def check_cor36(w: Any, direction: Any = 1, semantics: Semantics = "exact") -> C
     ratio 2 at a power of two stepping towards zero; ratio 1 with ``tie_mismatch`` for even mantissas; ratio
     slightly off 1 under fp32 double rounding. ``details['disagreeing_delta']`` is a step where rule and truth
     differ (None when they agree).
+
+    Examples
+    --------
+    >>> check_cor36(1.0078125, 1).verdict  # an odd mantissa: "changes iff |delta| >= ULP/2" is exact
+    'holds'
+    >>> c = check_cor36(1.0, -1)  # a power of two stepping down: the exact threshold is ULP/4
+    >>> c.verdict, c.ratio
+    ('violated', 2.0)
     """
     rid = "cor3.6"
+    sgn = _direction(direction)  # a bad direction is a bad argument (InputError naming it), not a hypothesis
     if semantics not in SEMANTICS:
         return assumption_failed(rid, "semantics is 'exact' or 'fp32'")
     try:
-        _finite_bf16(w, "w")
-        sgn = _direction(direction)
+        _, w_exact = _finite_bf16(w, "w")
+    except ComplexInputError:
+        raise
     except NonFiniteError:
         return assumption_failed(rid, "w is finite")
     except InputError:
@@ -836,7 +894,7 @@ def check_cor36(w: Any, direction: Any = 1, semantics: Semantics = "exact") -> C
     else:
         bad = (half + t.value) / 2  # t < delta < ULP/2: it changes, the rule says not
     details = {
-        "w": float(Fraction(w)), "direction": sgn, "semantics": semantics,
+        "w": float(w_exact), "direction": sgn, "semantics": semantics,
         "half_ulp": str(half), "threshold": str(t.value), "inclusive": t.inclusive,
         "tie_mismatch": bool(half == t.value and not t.inclusive),
         "power_of_two_down": bool(half == 2 * t.value),
@@ -880,6 +938,12 @@ def check_lemE1(x: Any, y: Any) -> Check:
 
     ratio = 1 for neighbours (tight). Pairs of opposite sign lie in different binades in the sense of the lemma
     (the binade is of the signed value), so they fail the assumption.
+
+    Examples
+    --------
+    >>> c = check_lemE1(1.0, 1.0078125)  # neighbours in [1, 2): the gap is exactly 2^-7
+    >>> c.verdict, c.lhs == c.rhs == 2.0**-7
+    ('holds', True)
     """
     rid = "lemE.1"
     xv, yv, bad = _distinct_normal_pair(x, y, rid)
@@ -909,6 +973,12 @@ def check_lemE1_across(x: Any, y: Any) -> Check:
 
     Violated (ratio exactly 1) at x = 2^e, y = its lower neighbour 2^e - 2^(e-8), e.g. (1, 0.99609375).
     ``details['corrected_holds']`` is the corrected statement (lhs <= rhs, equality only at such a pair).
+
+    Examples
+    --------
+    >>> c = check_lemE1_across(1.0, 0.99609375)  # 1 and its lower neighbour: relative gap exactly 2^-8
+    >>> c.verdict, c.details["corrected_holds"]
+    ('violated', True)
     """
     rid = "lemE.1-across"
     xv, yv, bad = _distinct_normal_pair(x, y, rid)
@@ -962,7 +1032,14 @@ def _lemE1_across_campaign(seed: int) -> Iterator[Check]:
     paper_ref="Lemma E.2",
 )
 def check_lemE2(x: Any) -> Check:
-    """lhs = ULP(x)/|x|, rhs = 2^-7; holds iff 2^-8 < lhs <= rhs. Tight (ratio 1) at powers of two."""
+    """lhs = ULP(x)/|x|, rhs = 2^-7; holds iff 2^-8 < lhs <= rhs. Tight (ratio 1) at powers of two.
+
+    Examples
+    --------
+    >>> c = check_lemE2(1.5)  # ULP(1.5) / 1.5 = 2^-7 / 1.5
+    >>> c.verdict, c.lhs == 2.0**-7 / 1.5
+    ('holds', True)
+    """
     rid = "lemE.2"
     xv, bad = _normal_value(x, "x", rid)
     if bad:
@@ -993,6 +1070,13 @@ def check_propE3(w: Any, w_hat: Any, eta: float = 1e-3) -> Check:
 
     For distinct values lhs = eta and rhs = |w_hat - w|/max(|w|,|w_hat|) (the probe must see rhs > lhs);
     for equal values lhs = 0 (the relative change) and rhs = eta.
+
+    Examples
+    --------
+    >>> check_propE3(0.99609375, 1.0, 1e-3).verdict  # neighbours: the probe sees the change
+    'holds'
+    >>> check_propE3(0.99609375, 1.0, 1e-2).verdict  # eta >= 2^-9 is outside the proposition
+    'assumption-failed'
     """
     rid = "propE.3"
     wv, bad = _normal_value(w, "w", rid)

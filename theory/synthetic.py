@@ -1,4 +1,4 @@
-"""Seeded synthetic matrices with a prescribed spectrum, perturbation families, and the Gate II sweep.
+"""Seeded synthetic matrices with a prescribed spectrum, and perturbation families to go with them.
 
 A synthetic weight is ``W0 = U diag(sigma) V^T`` with Haar-random orthonormal factors ``U (m, r)``, ``V (n, r)``,
 ``r = min(m, n)``, and a spectrum ``sigma`` chosen by family:
@@ -20,21 +20,21 @@ Perturbation families for ``dW`` (each scaled to a target ``||dW||_2 / gamma_k``
 - ``swap``        c (u_{k+1} v_{k+1}^T - u_k v_k^T): adversarial; for c > gamma_k / 2 it swaps sigma_k and
                   sigma_{k+1}, so sin Theta = 1 while ||dW||_2 / gamma_k < 1 (breaks the as-stated Thm 3.3)
 
-``synthetic_sweep`` evaluates every Gate II result (Thm 3.3 in three forms, Cor 3.4 Weyl and Mirsky, Cor 3.5,
-Cor F.13) on a grid of spectra x perturbations x shapes x ratios and keeps every row.
+``theory.spectral.synthetic_sweep`` evaluates every Gate II result on a grid of these spectra x perturbations x
+shapes x ratios.
 
 Every generator takes a ``numpy.random.Generator``; the same seed gives the same bits on the same machine.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
-import pandas as pd
 from jaxtyping import Float
 
 from theory.errors import InputError
+from theory.linalg import spectral_gap
 
 __all__ = [
     "SPECTRUM_FAMILIES",
@@ -51,7 +51,6 @@ __all__ = [
     "kl_budgeted_perturbation",
     "kl_quadratic",
     "synthetic_pair",
-    "synthetic_sweep",
 ]
 
 SPECTRUM_FAMILIES = ("power_law", "gapped", "clustered", "near_degenerate", "rank_deficient")
@@ -67,9 +66,8 @@ class Synthetic(NamedTuple):
     Vh: Float[np.ndarray, "r n"]
 
     def gap(self, k: int) -> float:
-        """gamma_k = sigma_k - sigma_{k+1} of the prescribed spectrum (sigma_{r+1} := 0)."""
-        nxt = self.S[k] if k < self.S.shape[0] else 0.0
-        return float(self.S[k - 1] - nxt)
+        """gamma_k = sigma_k - sigma_{k+1} of the prescribed spectrum (``theory.linalg.spectral_gap``)."""
+        return spectral_gap(self.S, k)
 
 
 def haar_orthonormal(rng: np.random.Generator, n: int, p: int | None = None) -> Float[np.ndarray, "n p"]:
@@ -284,55 +282,3 @@ def synthetic_pair(
     else:
         dW = scale_to_ratio(perturbation(perturbation_family, base, k, rng), ratio, gap)
     return {"W0": base.W, "W1": base.W + dW, "k": k, "gap": gap, "base": base, **extra}
-
-
-def synthetic_sweep(
-    seed: int = 0,
-    ratios: Iterable[float] = np.logspace(-4, 0.5, 19),
-    *,
-    spectra: Sequence[str] = SPECTRUM_FAMILIES,
-    perturbations: Sequence[str] = PERTURBATION_FAMILIES,
-    shapes: Sequence[tuple[int, int]] = ((12, 8), (8, 12)),
-    k: int = 3,
-) -> pd.DataFrame:
-    """Evaluate every Gate II check over ||dW||_2 / gamma_k = ``ratios`` (by default 1e-4 to 10^0.5 ~ 3.16, four
-    per decade) on every spectrum x perturbation family x shape; keep every row (7 checks per instance).
-
-    Columns: ``instance`` (id), ``seed``, ``spectrum``, ``perturbation``, ``m``, ``n``, ``k``, ``target_ratio``,
-    ``dW_over_gap`` (||W1 - W0||_2 / gamma_k(W0), both measured from the float64 matrices; it differs from
-    ``target_ratio`` by the rounding of W0 + dW, visible when gamma_k is tiny), then ``Check.as_row()``:
-    ``result_id``, ``lhs``, ``rhs``, ``ratio`` (= lhs / rhs), ``slack``, ``holds``, ``assumptions_hold``,
-    ``failed_assumption`` ("" if none), ``verdict``, and the scalar details as ``d_*``. Each instance has its own
-    seed derived from ``seed``. ``df.attrs["regime"] = "dW_over_gap"`` (the x axis of the figures).
-    """
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):  # tiny matrices: a multi-threaded BLAS only oversubscribes the cores
-        return _sweep(seed, ratios, spectra, perturbations, shapes, k)
-
-
-def _sweep(seed, ratios, spectra, perturbations, shapes, k) -> pd.DataFrame:
-    from theory.spectral import gate2_all  # lazy: theory.spectral imports this module for its campaigns
-
-    rows = []
-    ratios = [float(x) for x in ratios]
-    ss = np.random.SeedSequence(seed)
-    grid = [(s, p, sh, r) for s in spectra for p in perturbations for sh in shapes for r in ratios]
-    child_seeds = ss.generate_state(len(grid), dtype=np.uint32)
-    for inst, ((sfam, pfam, (m, n), target), cs) in enumerate(zip(grid, child_seeds)):
-        pair = synthetic_pair(int(cs), sfam, pfam, m, n, k, target)
-        kl = {key: pair[key] for key in ("delta_W", "mu_W") if key in pair}
-        checks = gate2_all(pair["W0"], pair["W1"], k, **kl)
-        # measured on the float64 matrices (W0 + dW rounds; the prescribed gap is exact only up to eps ||W0||)
-        dW_over_gap = float(checks["thm3.3"].details.get("dW_over_gap", np.nan))
-        for c in checks.values():
-            row = {
-                "instance": inst, "seed": int(cs), "spectrum": sfam, "perturbation": pfam, "m": m, "n": n, "k": k,
-                "target_ratio": target, "dW_over_gap": dW_over_gap, **c.as_row(),
-            }
-            if row["failed_assumption"] is None:
-                row["failed_assumption"] = ""
-            rows.append(row)
-    df = pd.DataFrame(rows)
-    df.attrs["regime"] = "dW_over_gap"
-    return df

@@ -8,7 +8,7 @@ Add it to any ``transformers.Trainer`` (TRL's ``GRPOTrainer``, ``SFTTrainer``, .
 
 **Every optimizer step** (``on_step_end``, which the Trainer calls after ``optimizer.step()``): per 2-D trainable
 weight, the stored-bf16 view is compared with the previous step's and with the base (the weights at
-``on_train_begin``), by ``threegate.live.LiveCounter`` (memory: 4.125 bytes per parameter on its device; see there).
+``on_train_begin``; after a resume, the resumed weights), by ``threegate.live.LiveCounter`` (memory: 4.125 bytes per parameter on its device; see there).
 Tables written to ``out_dir`` (CSV + Parquet, rewritten at each snapshot step, every ``flush_every`` steps and at
 the end of training; on the main process only):
 
@@ -26,8 +26,8 @@ weights go to ``out_dir/snapshots/step_{t:06d}.safetensors`` under the model's p
 ``step_000000``), ready for ``threegate compare``; the snapshot is compared with the base by
 ``threegate.compare.compare_tables`` (the same code as ``threegate compare``: Gate II checks, principal angles,
 NSS, M_princ / M_low overlaps; ``fast=True`` takes the ``theory.fast_spectral`` path, which leaves out NSS and the
-Gate II checks), giving ``checks``, ``angles``, ``mask_overlap``, ``spectrum`` (run label ``step{t}``) and
-``snapshot_matrices``. **Gate I**: where the trainer logs a KL to the reference policy (TRL's GRPO logs ``kl``
+Gate II checks), giving ``checks``, ``angles``, ``mask_overlap``, ``spectrum`` and ``snapshot_matrices`` (run
+label ``{run_name}@step{t}``, the run's method). **Gate I**: where the trainer logs a KL to the reference policy (TRL's GRPO logs ``kl``
 when ``beta > 0``), every logged value goes to ``gate1_kl`` and the ``checks`` rows of that step carry it.
 
 **Gate III** (``gate3=True``): each step's change mask against the exact realization rule fed the float32 master
@@ -44,8 +44,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
-from dataclasses import asdict
+import warnings
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -55,7 +57,7 @@ import torch
 from transformers import TrainerCallback
 
 from theory import metrics
-from theory.errors import InputError
+from theory.errors import InputError, ThreegateError
 from theory.naming import layer_index, matrix_type
 from threegate.live import LiveCounter, MatrixCounts, dtensor_class, local_shard, stored_bf16
 
@@ -71,7 +73,7 @@ _POOLED = ("numel", "changed_prev", "changed_base", "inter_prev", "size_prev")
 
 def steps_frame(rows: Iterable[MatrixCounts]) -> pd.DataFrame:
     """The per-(step, matrix) table from ``LiveCounter.count`` rows, with ``matrix_type`` and ``layer``."""
-    df = pd.DataFrame([asdict(r) for r in rows])
+    df = pd.DataFrame([vars(r) for r in rows], columns=[f.name for f in fields(MatrixCounts)])
     if df.empty:
         return df
     names = df["matrix"].drop_duplicates()
@@ -204,6 +206,9 @@ class ThreeGateCallback(TrainerCallback):
         Evaluate the Gate III predictors on every step (host copies of the master; slow on large models).
     fast : bool
         Snapshot analysis on the ``theory.fast_spectral`` path (no NSS, no Gate II checks).
+    only : str, optional
+        A regular expression: analyse only the matrices whose name matches at snapshot steps (the snapshot files
+        still hold every tracked matrix). For large models, where a full analysis costs a ``threegate compare``.
     save_snapshots : bool
         Write and analyse snapshots (False: per-step counts only).
     run_name, method : str, optional
@@ -226,10 +231,11 @@ class ThreeGateCallback(TrainerCallback):
     def __init__(self, out_dir: str | Path, *, snapshot_steps: int | Iterable[int] | None = None, k: int = 16,
                  alpha: float = 0.5, eta: float = metrics.ETA_DEFAULT, gate3: bool = False, fast: bool = False,
                  save_snapshots: bool = True, run_name: str | None = None, method: str | None = None,
-                 flush_every: int = 50, device: str | None = None, include_frozen: bool = False):
+                 flush_every: int = 50, device: str | None = None, include_frozen: bool = False,
+                 only: str | None = None):
         from threegate.compare import _validate_options
 
-        _validate_options(k, alpha, eta, device or "cpu")
+        _validate_options(k, alpha, eta, device or "cpu", None, 0)
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
             raise InputError(f"flush_every must be a positive integer, got {flush_every!r}")
         for nm, v in (("gate3", gate3), ("fast", fast), ("save_snapshots", save_snapshots),
@@ -242,6 +248,12 @@ class ThreeGateCallback(TrainerCallback):
         self.gate3, self.fast, self.save_snapshots = gate3, fast, save_snapshots
         self.run_name, self.method, self.device = run_name, method, device
         self.flush_every, self.include_frozen = flush_every, include_frozen
+        if only is not None:
+            try:
+                re.compile(only)
+            except re.error as e:
+                raise InputError(f"ThreeGateCallback: only={only!r} is not a valid regular expression ({e})") from None
+        self.only = only
         self.counter: LiveCounter | None = None
         self.rows: list[MatrixCounts] = []
         self.timing: list[dict[str, float]] = []
@@ -253,6 +265,9 @@ class ThreeGateCallback(TrainerCallback):
         self._pre_s = 0.0
         self._last_counted = 0
         self._snapshotted: set[int] = set()
+        self.snapshot_errors: list[str] = []
+        self._steps_df: pd.DataFrame | None = None
+        self._converted = 0
 
     # ---------------------------------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -288,16 +303,16 @@ class ThreeGateCallback(TrainerCallback):
         step = int(state.global_step)
         self.rows.extend(self.counter.count(step))
         self._last_counted = step
-        t1 = time.perf_counter()
         snap_s = 0.0
         is_last = state.max_steps > 0 and step >= state.max_steps
         if self.save_snapshots and (is_last or step in self.snapshot_set
                                     or (self.snapshot_interval and step % self.snapshot_interval == 0)):
+            t1 = time.perf_counter()
             self._snapshot(model, step)
             snap_s = time.perf_counter() - t1
         elif self._main and step % self.flush_every == 0:
             self.write_tables()
-        callback_s = (t1 - t0) + self._pre_s
+        callback_s = time.perf_counter() - t0 - snap_s + self._pre_s
         self.timing.append({"step": step, "step_s": t0 - self._last_end - self._pre_s, "callback_s": callback_s,
                             "snapshot_s": snap_s})
         self._pre_s = 0.0
@@ -342,13 +357,20 @@ class ThreeGateCallback(TrainerCallback):
         self._snapshotted.add(step)
         if not self._main:
             return
-        run = f"step{step}"
-        t = compare_tables(self._base_path, [path], k=self.k, alpha=self.alpha, eta=self.eta, device=self.device,
-                           method=self.method, keep_spectra=True, fast=self.fast)
+        run = f"{self.run_name}@step{step}"
+        try:
+            t = compare_tables(self._base_path, [path], k=self.k, alpha=self.alpha, eta=self.eta,
+                               device=self.device, method=self.method, keep_spectra=True, fast=self.fast,
+                               only=self.only)
+        except ThreegateError as e:  # an analysis problem must not end a training run: recorded, then go on
+            self.snapshot_errors.append(f"step {step}: {e}")
+            warnings.warn(f"ThreeGateCallback: snapshot analysis at step {step} failed: {e}", stacklevel=2)
+            self.write_tables()
+            return
         for name, df in (("checks", t.checks), ("angles", t.angles), ("mask_overlap", t.mask_overlap),
                          ("spectrum", t.spectrum), ("snapshot_matrices", t.matrices)):
             if df is not None and not df.empty:
-                df = df.assign(run=run, step=step)
+                df = df.assign(run=run, step=step, method=self.method)
                 self.snapshot_tables.setdefault(name, []).append(df)
         self.write_tables()
 
@@ -356,7 +378,7 @@ class ThreeGateCallback(TrainerCallback):
     def tables(self) -> dict[str, pd.DataFrame]:
         """Every table of the run so far (empty ones left out)."""
         out: dict[str, pd.DataFrame] = {}
-        steps = steps_frame(self.rows)
+        steps = self._steps_frame()
         if not steps.empty:
             g3 = steps[["pred_master", "tp_master", "pred_update", "tp_update"]]
             out["steps"] = steps if self.gate3 else steps.drop(columns=g3.columns)
@@ -379,12 +401,23 @@ class ThreeGateCallback(TrainerCallback):
             out[name] = df
         return {k: v for k, v in out.items() if v is not None and not v.empty}
 
+    def _steps_frame(self) -> pd.DataFrame:
+        """``steps_frame`` of every row so far, converting only the rows added since the last call."""
+        new = self.rows[self._converted:]
+        if new:
+            parts = [df for df in (self._steps_df, steps_frame(new)) if df is not None and not df.empty]
+            self._steps_df = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+            self._converted = len(self.rows)
+        return self._steps_df if self._steps_df is not None else pd.DataFrame()
+
     def write_tables(self) -> list[Path]:
         """Write every table as CSV and Parquet under ``out_dir`` (with a ``.meta.json`` sidecar)."""
         written = []
         meta = {"model": self._model_name,
                 "description": f"ThreeGateCallback on {self._model_name or 'a model'}: run {self.run_name} "
                                f"({self.method}), {self._last_counted} optimizer steps counted"}
+        if self.snapshot_errors:
+            meta["error"] = "; ".join(self.snapshot_errors)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for name, df in self.tables().items():
             if self._model_name and "model" not in df.columns:

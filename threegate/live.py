@@ -12,13 +12,16 @@ when it is bf16 -- and counts, per matrix,
   ``inter_prev / (changed_prev + size_prev - inter_prev)``.
 
 The counts come from ``theory.metrics.update_mask`` and ``theory.metrics.bf16_changed_count`` (the project's bf16
-change-count kernel), run on the parameter's device.
+change-count kernel), run on the parameter's device: in one pass over each matrix, block by block on the CPU
+(``CHUNK_CPU`` entries, so the block's bf16 view and masks stay in cache; one torch thread for the pass), the whole
+matrix at once on a GPU. The previous bits and the packed mask are overwritten in place.
 
 Memory kept per tracked parameter (``n`` entries): the base bf16 bits (2n bytes), the previous step's bf16 bits
 (2n bytes) and the previous change mask packed one bit per entry (n/8 bytes): **4.125 bytes per parameter**, on the
-parameter's device (SmolLM2-135M: 0.56 GB). A step allocates transient buffers of about 4n bytes (the new bf16 view
-and a boolean mask) for one matrix at a time. With ``gate3=True`` a float32 copy of the master before the step is
-kept too (4n bytes more, host memory) and the Gate III rules run on the host in numpy (float64).
+parameter's device (SmolLM2-135M's 134.5M tracked entries: 555 MB). Transients per step: one block on the CPU; on
+a GPU about 3.1n bytes for the matrix being counted (bf16 view, boolean mask, packed mask). With ``gate3=True`` a
+float32 copy of the master before the step is kept too (4n bytes more, host memory) and the Gate III rules run on
+the host in numpy (float64).
 
 **Gate III on live steps** (``gate3=True``; ``capture_pre_step()`` must run right before ``optimizer.step()``).
 With ``w = bf16(master_{t-1})`` the stored value before the step, it compares the real change mask ``M_t`` with
@@ -56,6 +59,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -63,7 +67,7 @@ import numpy as np
 import torch
 
 from theory import metrics
-from theory.errors import InputError, ThreegateError
+from theory.errors import InputError, NonFiniteError, ThreegateError
 
 __all__ = ["MatrixCounts", "LiveCounter", "dtensor_class", "stored_bf16", "local_shard", "pack_mask", "popcount",
            "and_count"]
@@ -117,6 +121,8 @@ def dtensor_class():
     return DTensor
 
 
+#: Entries per block on the CPU: the block's bf16 view, mask and packed mask stay in cache between the passes.
+CHUNK_CPU = 1 << 18
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
@@ -150,22 +156,44 @@ def _popcount_torch(packed: torch.Tensor) -> int:
     return int(_POPCOUNT.to(packed.device)[packed.to(torch.int64)].sum())
 
 
+def _count_true(mask: torch.Tensor) -> int:
+    if mask.device.type == "cpu":  # numpy's count is ~4x torch's on CPU bool tensors (measured)
+        return int(np.count_nonzero(mask.numpy()))
+    return int(torch.count_nonzero(mask))
+
+
 def and_count(a: torch.Tensor, b: torch.Tensor) -> int:
     """``popcount(a & b)`` of two packed masks (``pack_mask``): the size of the intersection."""
     return popcount(a & b)
 
 
+@contextlib.contextmanager
+def _one_torch_thread():
+    """One intra-op torch thread for the block-wise CPU pass, restored after. The blocks are cache-sized, so more
+    threads only add synchronisation; on a loaded 2-core machine 2 threads made the pass 30x slower (measured:
+    SmolLM2's 211 matrices, 0.6 s with one thread against 18-32 s with two)."""
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
+
+
 class _Tracked:
     """State of one parameter: base bits, previous bits, previous packed mask (and the Gate III pre-step copy)."""
 
-    __slots__ = ("name", "param", "sharded", "base", "prev", "prev_mask", "pre_master")
+    __slots__ = ("name", "param", "sharded", "base", "prev", "prev_mask", "prev_changed", "pre_master")
 
     def __init__(self, name: str, param: torch.Tensor):
         self.name, self.param = name, param
         local, self.sharded = local_shard(param)
-        self.base = stored_bf16(local)
-        self.prev = self.base
+        self.base = stored_bf16(local).contiguous()
+        self.prev = self.base.clone()
         self.prev_mask: torch.Tensor | None = None
+        self.prev_changed = 0
         self.pre_master: torch.Tensor | None = None
 
 
@@ -215,11 +243,8 @@ class LiveCounter:
 
     def memory_bytes(self) -> int:
         """Bytes held on this rank by the counting state (base + previous bits, packed masks, Gate III copies)."""
-        total = 0
-        for t in self._tracked:
-            held = [t.base, t.prev_mask, t.pre_master] + ([t.prev] if t.prev is not t.base else [])
-            total += sum(x.numel() * x.element_size() for x in held if x is not None)
-        return total
+        return sum(x.numel() * x.element_size() for t in self._tracked
+                   for x in (t.base, t.prev, t.prev_mask, t.pre_master) if x is not None)
 
     def capture_pre_step(self) -> None:
         """Gate III: keep the float32 master of every tracked weight as it is before ``optimizer.step()``."""
@@ -240,47 +265,69 @@ class LiveCounter:
         if self.gate3 and any(t.pre_master is None for t in self._tracked):
             raise InputError(f"LiveCounter: Gate III is on but capture_pre_step() was not called before step {step}")
         rows = []
-        for t in self._tracked:
-            try:
-                rows.append(self._count_one(t, step))
-            except ThreegateError as e:
-                raise type(e)(f"step {step}, matrix {t.name!r}: {e}") from None
+        with _one_torch_thread():
+            for t in self._tracked:
+                try:
+                    rows.append(self._count_one(t, step))
+                except ThreegateError as e:
+                    raise type(e)(f"step {step}, matrix {t.name!r}: {e}") from None
         if self.any_sharded and self.distributed:
             rows = self._all_reduce(rows)
         return rows
 
     def _count_one(self, t: _Tracked, step: int) -> MatrixCounts:
-        local, _ = local_shard(t.param)
-        cur = stored_bf16(local)
-        mask = metrics.update_mask(t.prev, cur, self.eta)
-        changed_prev = int(torch.count_nonzero(mask))
-        packed = pack_mask(mask)
-        if t.prev_mask is None:
-            inter, size_prev = 0, -1
-        else:
-            inter, size_prev = and_count(packed, t.prev_mask), popcount(t.prev_mask)
-        changed_base = metrics.bf16_changed_count(t.base, cur, self.eta)
-        row = MatrixCounts(step, t.name, cur.numel(), changed_prev, changed_base, inter, size_prev)
+        """One pass over the matrix in blocks of ``CHUNK_CPU`` entries on the CPU (cache-resident: no n-sized
+        temporaries), the whole tensor at once elsewhere; ``prev`` and the packed mask are updated in place."""
+        local = local_shard(t.param)[0].detach()
+        flat = local.reshape(-1)
+        n = flat.numel()
+        chunk = CHUNK_CPU if flat.device.type == "cpu" else max(n, 8)
+        prev, base = t.prev.view(-1), t.base.view(-1)
+        packed = torch.empty((n + 7) // 8, dtype=torch.uint8, device=flat.device)
+        changed_prev = changed_base = inter = 0
+        g3 = [0, 0, 0, 0]
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            cur = stored_bf16(flat[s:e])
+            try:
+                mask = metrics.update_mask(prev[s:e], cur, self.eta)
+                changed_base += metrics.bf16_changed_count(base[s:e], cur, self.eta)
+            except NonFiniteError:
+                bad = int((~torch.isfinite(stored_bf16(local))).sum())
+                raise NonFiniteError(f"{bad} non-finite entries (NaN or Inf) as bf16") from None
+            changed_prev += _count_true(mask)
+            pk = pack_mask(mask)
+            p0 = s // 8
+            packed[p0:p0 + pk.numel()] = pk
+            if t.prev_mask is not None:
+                inter += and_count(pk, t.prev_mask[p0:p0 + pk.numel()])
+            if self.gate3:
+                for i, v in enumerate(self._gate3(prev[s:e], flat[s:e], t.pre_master.view(-1)[s:e], mask)):
+                    g3[i] += v
+            prev[s:e] = cur
+        size_prev = -1 if t.prev_mask is None else t.prev_changed
+        row = MatrixCounts(step, t.name, n, changed_prev, changed_base, inter, size_prev)
         if self.gate3:
-            self._gate3(t, local, cur, mask, row)
-        t.prev, t.prev_mask = cur, packed
+            row.pred_master, row.tp_master, row.pred_update, row.tp_update = g3
+            t.pre_master = None
+        t.prev_mask, t.prev_changed = packed, changed_prev
         return row
 
-    def _gate3(self, t: _Tracked, local: torch.Tensor, cur: torch.Tensor, mask: torch.Tensor,
-               row: MatrixCounts) -> None:
+    @staticmethod
+    def _gate3(w: torch.Tensor, new: torch.Tensor, old: torch.Tensor, mask: torch.Tensor) -> tuple[int, ...]:
+        """(pred_master, tp_master, pred_update, tp_update) of one block: ``w`` the stored bf16 before the step,
+        ``new`` / ``old`` the master after / before it, ``mask`` the real change mask."""
         from theory.precision import predict_change_mask
 
-        w = t.prev.detach().cpu()
-        new = local.detach().to(device="cpu", dtype=torch.float64)
-        old = t.pre_master.to(torch.float64)
+        w = w.cpu()
+        new64 = new.to(device="cpu", dtype=torch.float64)
         actual = mask.cpu().numpy()
         # w and the masters are float32 values: each difference below is exact or is compared exactly with the
         # rule's threshold (a float64 value), see the module docstring of theory.precision.
-        by_master = predict_change_mask(w, new - w.to(torch.float64))
-        by_update = predict_change_mask(w, new - old)
-        row.pred_master, row.tp_master = int(by_master.sum()), int((by_master & actual).sum())
-        row.pred_update, row.tp_update = int(by_update.sum()), int((by_update & actual).sum())
-        t.pre_master = None
+        by_master = predict_change_mask(w, new64 - w.to(torch.float64))
+        by_update = predict_change_mask(w, new64 - old.to(torch.float64))
+        return (int(by_master.sum()), int((by_master & actual).sum()),
+                int(by_update.sum()), int((by_update & actual).sum()))
 
     def _all_reduce(self, rows: list[MatrixCounts]) -> list[MatrixCounts]:
         """Sum the counts of sharded matrices over ranks (one collective); replicated ones are left as they are."""

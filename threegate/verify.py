@@ -9,9 +9,12 @@ how many met the assumptions, the worst ratio lhs/rhs among those, and the verdi
                  first-order forms) that is a finding, for an exact theorem it is a bug; the first counterexample
                  is saved to ``counterexamples.json``.
 
+Instances whose check is ``indeterminate`` (lhs and rhs within the error model's tolerance, e.g. an attained
+bound) are counted in the notes and neither hold nor violate.
+
 Then the simulation checks (the same results on real RLVR/SFT training steps of the small transformer) are
-appended, then one row per **claim** of the paper's experiments at small scale (``sims.claims.base``: every claim
-experiment run at its ``fast`` preset by default, ``--claims default`` for the full runs, ``--claims none`` to skip;
+appended, then one row per **claim** of the paper's experiments at small scale (``sims.claims``: every claim
+experiment of ``sims.experiments.registry.CLAIM_EXPERIMENTS`` run at its ``fast`` preset by default, ``--claims default`` for the full runs, ``--claims none`` to skip;
 source ``claim:<experiment>``, verdict ``reproduced`` / ``not reproduced`` / ``inconclusive``, the reason in the
 notes; the experiment's tables go to ``<out>/claims/<experiment>/``), and the HTML report is written.
 A fast-preset verdict is computed from a run of seconds with one or two seeds: it is usually ``inconclusive`` and
@@ -21,7 +24,6 @@ says so; the claim's real verdict comes from ``--claims default`` or ``threegate
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import re
@@ -32,9 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
+import torch
 
 import theory
+from paper_figs.report import write_report
+from sims.claims.base import write_claim_run
+from sims.experiments import registry, sim_verify
 from theory.check import Check, Result
 from threegate import tutorials
 
@@ -69,13 +76,16 @@ def assumption_name(text: str | None) -> str:
 
 def summarize(result: Result, checks: Iterable[Check], *, source: str, seconds: float = 0.0) -> tuple[Row, list[dict]]:
     """Aggregate the checks of one result into a verdict row (and the flat check rows)."""
-    rows, n, met, viol, worst, first_bad, noise = [], 0, 0, 0, -math.inf, None, 0
+    rows, n, met, viol, worst, first_bad, noise, undecided = [], 0, 0, 0, -math.inf, None, 0, 0
     failed: Counter[str] = Counter()
     for i, c in enumerate(checks):
         n += 1
         r = c.as_row()
         r.update(instance=i, source=source)
         rows.append(r)
+        if c.verdict == "indeterminate":
+            undecided += 1  # the error model cannot separate lhs from rhs: neither holds nor violated
+            continue
         if not c.assumptions_hold:
             failed[assumption_name(c.failed_assumption)] += 1
             continue
@@ -101,6 +111,9 @@ def summarize(result: Result, checks: Iterable[Check], *, source: str, seconds: 
         notes.append("EXACT RESULT VIOLATED: a bug or a wrong statement")
     if failed:
         notes.append("assumption failed: " + ", ".join(f"{k} x{v}" for k, v in failed.most_common(3)))
+    if undecided:
+        notes.append(f"{undecided} indeterminate (lhs and rhs within the error model's tolerance: attained bounds "
+                     "or the float64 noise floor)")
     if noise:
         notes.append(f"{noise} at the float64 noise floor (left out of the worst ratio)")
     row = Row(
@@ -132,12 +145,6 @@ def run_campaigns(seed: int = 0, ids: list[str] | None = None, progress: bool = 
 
 def run_simulation_checks(seed: int, budget: str) -> tuple[list[Row], list[dict]]:
     """Bound checks on real RLVR / SFT steps of the small transformer (``sims.experiments.sim_verify``)."""
-    try:
-        sim_verify = importlib.import_module("sims.experiments.sim_verify")
-    except ModuleNotFoundError as e:
-        if e.name and "sims" in e.name:
-            return [], []
-        raise
     df: pd.DataFrame = sim_verify.default_simulation_checks(seed=seed, budget=budget)
     verdicts, rows = [], []
     for (rid, source), g in df.groupby(["result_id", "source"], sort=True):
@@ -170,29 +177,14 @@ def run_simulation_checks(seed: int, budget: str) -> tuple[list[Row], list[dict]
     return verdicts, rows
 
 
-def claim_id(claim: str, experiment: str, index: int) -> str:
-    """The short, stable id of a claim verdict: the claim itself when it is already an id (``sims.claims.base``), else the
-    first ``(snake_case_id)`` in its sentence ("Fig. 9 (safe_mask_tracks_dense): ..."), else ``experiment#index``
-    (1-based; a fallback for a plug-in module that names none: it moves if the module reorders its verdicts)."""
-    if re.fullmatch(r"[\w.:-]+", claim):
-        return claim
-    m = re.search(r"\(([a-z][a-z0-9]*(?:_[a-z0-9]+)+)\)", claim)
-    return m.group(1) if m else f"{experiment}#{index + 1}"
-
-
 def run_claim_experiments(seed: int, budget: str, out: Path) -> list[Row]:
-    """One Row per claim verdict of every claim experiment (``sims.claims.base.claim_experiments``) at ``budget``.
+    """One Row per claim verdict of every claim experiment (``sims.experiments.registry.CLAIM_EXPERIMENTS``) at
+    ``budget``: ``result_id`` the claim's id, the statement and the reason in the notes.
 
     An experiment that raises gets a row with verdict ``error`` naming the exception; the others still run, and
     every finished experiment's tables are written before the next starts."""
-    try:
-        claims = importlib.import_module("sims.claims.base")
-    except ModuleNotFoundError as e:
-        if e.name and "sims" in e.name:
-            return []
-        raise
     rows = []
-    for name, fn in sorted(claims.claim_experiments().items()):
+    for name, fn in sorted(registry.CLAIM_EXPERIMENTS.items()):
         t0 = time.perf_counter()
         print(f"  claim experiment {name} ({budget})", file=sys.stderr)
         try:
@@ -201,13 +193,11 @@ def run_claim_experiments(seed: int, budget: str, out: Path) -> list[Row]:
             rows.append(Row(name, "", f"claim:{name}", 0, 0, 0, math.nan, "error", False,
                             f"{type(e).__name__}: {e}", time.perf_counter() - t0))
             continue
-        claims.write_claim_run(run, out / "claims" / name)
-        for i, v in enumerate(run.verdicts):
-            seeds = v.numbers.get("seeds") if isinstance(v.numbers, dict) else None
-            short = claim_id(v.claim, name, i)
-            statement = getattr(claims, "STATEMENTS", {}).get(v.claim, "" if short == v.claim else v.claim)
-            what = f"{statement}: " if statement else ""
-            rows.append(Row(short, "", f"claim:{name}", len(seeds) if isinstance(seeds, list) else 0, 0, 0,
+        write_claim_run(run, out / "claims" / name)
+        for v in run.verdicts:
+            seeds = v.numbers.get("seeds")
+            what = f"{v.statement}: " if v.statement else ""
+            rows.append(Row(v.id, "", f"claim:{name}", len(seeds) if isinstance(seeds, list) else 0, 0, 0,
                             math.nan, v.verdict, False, f"[{budget} preset] {what}{v.reason}",
                             time.perf_counter() - t0))
     return rows
@@ -259,9 +249,6 @@ def measured_bf16_updates(seed: int = 0, n: int = 4000) -> pd.DataFrame:
     overlay it on the exact realization threshold. Weights span four binades and include exact powers of two (where
     the downward threshold is a quarter ULP); steps are scattered around the half-ULP threshold in both directions.
     """
-    import numpy as np
-    import torch
-
     rng = np.random.default_rng(seed)
     exps = rng.integers(-3, 1, size=n).astype(np.float64)
     mant = np.where(rng.random(n) < 0.2, 1.0, 1.0 + rng.integers(0, 128, size=n) / 128.0)  # 20% powers of two
@@ -316,13 +303,8 @@ def run(args: argparse.Namespace) -> int:
         write_outputs(out, verdicts, check_rows, args.json_path)
     print(format_table(verdicts))
     if not args.no_report:
-        try:
-            report = importlib.import_module("paper_figs.report")
-        except ModuleNotFoundError:
-            report = None
-        if report is not None and hasattr(report, "write_report"):
-            page = report.write_report(out, out / "report", tutorials=tutorials.read_executed(out))
-            print(f"report: {page}")
+        page = write_report(out, out / "report", tutorials=tutorials.read_executed(out))
+        print(f"report: {page}")
     bad_exact = [v for v in verdicts if v.exact and v.verdict == "violated"]
     errors = [v for v in verdicts if v.verdict == "error"]
     print(f"\n{len(verdicts)} rows in {time.perf_counter() - t0:.0f}s; tables in {out}/"

@@ -1,9 +1,12 @@
-"""The paper's experiments at small scale, each ending in a verdict computed from its own measurements.
+"""Verdicts on the paper's claims, and what every claim experiment shares.
 
 A **verdict** is ``"reproduced"``, ``"not reproduced"`` or ``"inconclusive"``, with a reason and the numbers it was
-computed from (``Verdict``). The judging functions are pure: they take a results table and return a Verdict; their
-thresholds are the named constants below. Seed-to-seed noise is respected: a claim about an effect (a difference
-between conditions) is judged on the per-seed effects e_1..e_n,
+computed from (``Verdict``: the claim's ``id`` and ``statement``, the ``verdict``, the ``reason``, the ``numbers``).
+A claim (``Claim``: a stable snake_case id and the statement, with the paper's figure or table) makes its verdicts
+through ``Claim.verdict``. The judging functions of the claim modules (``sims.claims.sparsity``, ``consistency``,
+``geometry``, ``interventions``, ``peft``) are pure: they take a results table and return a Verdict; their thresholds
+are named constants. Seed-to-seed noise is respected: a claim about an effect (a difference between conditions) is
+judged on the per-seed effects e_1..e_n (``effect_verdict``),
 
 * **reproduced** iff n >= ``MIN_SEEDS``, every e_s > ``min_effect`` and mean(e) > ``SPREAD_FACTOR`` * spread,
   spread = max(e) - min(e) (the effect is larger than the seed-to-seed spread);
@@ -12,47 +15,18 @@ between conditions) is judged on the per-seed effects e_1..e_n,
   direction included);
 * **inconclusive** otherwise, and always with fewer than ``MIN_SEEDS`` seeds (no spread to compare against).
 
-Claims judged here:
-
-``sparsity_rl_gt_sft`` (Table 1)
-    bf16 update sparsity of RL exceeds SFT's, compared **at a matched number of optimizer updates** (an RL step
-    makes ``minibatches`` AdamW updates; SFT one per step) and the same learning rate. Effect per seed:
-    sparsity_RL - sparsity_SFT, min effect ``MIN_SPARSITY_GAP``.
-``sparsity_vanishes_at_high_lr`` (Sec. 2.3)
-    raising the learning rate makes the bf16 sparsity largely disappear. Effect per seed: the vanished fraction
-    1 - s(lr_max) / s(lr_min), min effect ``VANISH_FRACTION`` ("largely" = more than that fraction gone);
-    inconclusive when s(lr_min) < ``MIN_BASE_SPARSITY`` (nothing there to vanish).
-``mask_predictor`` (Cor. 3.6, exact form; Gate III)
-    a step's fp32 master update predicts exactly which stored bf16 entries change. Exact counts, no noise: the
-    exact rule (``theory.precision.predict_change_mask``, ``"fp32"`` semantics, w = the stored value, delta = the
-    master's step) is reproduced iff it has no false positive and no false negative over all recorded steps.
-
-Experiments (``threegate run sparsity`` / ``threegate run mask_predictor``; config sections ``[sparsity]`` and
-``[mask_predictor]``, with ``preset = "fast"`` (seconds, for tests) or ``"default"`` (minutes)):
-
-``sparsity``
-    per seed: RL and SFT from the cached pretrained model with the same number of AdamW updates and learning rate,
-    in ``bf16`` precision (stored bf16 copy of an fp32 master) and ``fp32`` precision (no rounding anywhere); an
-    RL learning-rate sweep in bf16. Tables: ``sparsity`` (schema ``sparsity``: per run and matrix type, with the
-    ``storage`` compared: ``bf16``, ``fp32`` bits, or the fp32 run's weights rounded to ``bf16``),
-    ``layer_sparsity`` (per layer and matrix type), ``lr_sweep``, ``probe_errors`` (the Def 2.1 probe and the
-    fixed absolute tolerance 1e-5 against bit equality of the stored values: false positives / negatives) and
-    ``verdicts``.
-``mask_predictor``
-    RL (and SFT) in bf16 precision with every AdamW step recorded through torch's global optimizer hooks: the fp32
-    master before and after, the stored bf16 copy before and after (read from the model, which computes with it).
-    Predictors of "the stored value changes": the exact rule (both semantics), the rule of thumb |delta| > |w|/256
-    and the paper's |delta| >= ULP(w)/2; each fed the step's master update (``form = "per_step"``) and the master's
-    whole offset from the stored value after the step (``form = "accumulated"``, master_after - stored_before), over
-    every entry (``scope = "all"``) and over entries whose master sat on the bf16 grid before the step
-    (``scope = "master_on_grid"``). Table ``mask_predictor``: tp / fp / fn / tn, precision and recall.
+A claim experiment ``fn(cfg) -> ClaimRun`` reads its config section ``[name]`` (``config_from_section``:
+``preset = "fast"`` runs in seconds, ``"default"`` in minutes), trains from the cached pretrained model
+(``start_model``; ``run_rl`` / ``run_sft`` for the common RL and SFT runs) and returns the training runs, its tables
+and its verdicts; ``write_claim_run`` writes them (tables, ``verdicts.json``, ``claims_config.json``). The registry
+of every experiment is ``sims.experiments.registry``.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import asdict, dataclass, field, replace
+import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -60,91 +34,107 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sims.experiments.config import section_config
+from sims.experiments.pretrained import base_model
+from sims.tables import concat_tables, write_tables
+from sims.tinygpt.probe import ProbeConfig, RunResult
+from sims.tinygpt.rlvr import RLConfig, train_rlvr
+from sims.tinygpt.sft import SFTConfig, train_sft
 from theory.errors import InputError
+from theory.naming import layer_index, matrix_type
 
 __all__ = [
-    "VERDICTS", "MIN_SEEDS", "SPREAD_FACTOR", "MIN_SPARSITY_GAP", "VANISH_FRACTION", "MIN_BASE_SPARSITY",
-    "ABS_TOL", "STATEMENTS", "Verdict", "effect_verdict", "sparsity_rl_gt_sft", "sparsity_vanishes_at_high_lr", "mask_predictor",
-    "SparsityConfig", "MaskPredictorConfig", "ClaimRun", "sparsity_experiment", "mask_predictor_experiment",
-    "verdicts_frame", "write_claim_run", "run_claims", "print_verdicts", "CLAIM_EXPERIMENTS", "CLAIM_MODULES",
-    "claim_experiments", "StepRecorder",
-    "PREDICTORS", "as_run_results",
-    # shared with the claim plug-in modules (sims.claims_*)
-    "require_columns", "config_from_section", "start_model", "block_matrix_index", "run_rl", "run_sft",
+    "VERDICTS", "MIN_SEEDS", "SPREAD_FACTOR", "VERDICT_COLUMNS", "Claim", "Verdict", "effect_verdict",
+    "require_columns", "only_rows", "verdicts_frame", "print_verdicts", "verdicts_json", "ClaimRun",
+    "config_from_section", "start_model", "run_rl", "run_sft", "block_matrix_index",
+    "write_claim_run",
 ]
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
-#: The claim each verdict id of this module judges (``Verdict.claim`` is the id).
-STATEMENTS = {
-    "sparsity_rl_gt_sft": "Table 1: bf16 update sparsity RL > SFT (matched optimizer updates)",
-    "sparsity_vanishes_at_high_lr": "Sec. 2.3: bf16 update sparsity largely vanishes at high learning rate",
-    "mask_predictor": "Cor 3.6 (exact rule): a step's fp32 master update predicts which stored bf16 entries change",
-}
 #: Fewest seeds that give a seed-to-seed spread; with fewer, every effect claim is inconclusive.
 MIN_SEEDS = 2
 #: The mean effect must exceed this multiple of the seed-to-seed spread (max - min of the per-seed effects).
 SPREAD_FACTOR = 1.0
-#: Table 1: the smallest sparsity difference RL - SFT (absolute, in [0, 1]) that counts as "RL is sparser".
-MIN_SPARSITY_GAP = 0.05
-#: Sec. 2.3: "largely disappears" = more than this fraction of the low-lr sparsity is gone at the highest lr.
-VANISH_FRACTION = 0.5
-#: Sec. 2.3: below this sparsity at the smallest lr there is nothing to vanish (inconclusive).
-MIN_BASE_SPARSITY = 0.05
-#: App. E.1's fixed absolute tolerance, compared with bit equality in ``probe_errors``.
-ABS_TOL = 1e-5
+#: Columns of a verdicts table (``verdicts_frame``): ``claim`` is the claim's id.
+VERDICT_COLUMNS = ["claim", "statement", "verdict", "reason", "numbers"]
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """The verdict on one claim: ``verdict`` in ``VERDICTS``, why, and the numbers it was computed from."""
+    """The verdict on one claim: the claim's ``id`` and ``statement``, ``verdict`` in ``VERDICTS``, why, and the
+    numbers it was computed from."""
 
-    claim: str
+    id: str
+    statement: str
     verdict: str
     reason: str
     numbers: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
-            raise InputError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+            raise InputError(f"{self.id}: verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+    def to_dict(self) -> dict:
+        """The record for ``verdicts.json`` (keys ``VERDICT_COLUMNS``; ``numbers`` as a mapping)."""
+        return {"claim": self.id, "statement": self.statement, "verdict": self.verdict, "reason": self.reason,
+                "numbers": self.numbers}
 
     def as_row(self) -> dict:
-        import json
+        """The row of a verdicts table (``numbers`` as sorted JSON)."""
+        return {**self.to_dict(), "numbers": json.dumps(self.numbers, sort_keys=True, default=float)}
 
-        return {"claim": self.claim, "verdict": self.verdict, "reason": self.reason,
-                "numbers": json.dumps(self.numbers, sort_keys=True, default=float)}
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim of the paper: a stable snake_case ``id`` and the ``statement`` (with the figure or table it is from).
+
+    ``str(claim)`` is the id (error messages name it)."""
+
+    id: str
+    statement: str = ""
+
+    def verdict(self, verdict: str, reason: str, numbers: Mapping | None = None) -> Verdict:
+        return Verdict(self.id, self.statement, verdict, reason, dict(numbers or {}))
+
+    def __str__(self) -> str:
+        return self.id
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Verdict logic (pure)
 
 
-def effect_verdict(claim: str, effects: Mapping[Any, float], *, min_effect: float, what: str) -> Verdict:
-    """Judge per-seed effects ``{seed: e}`` (positive = supports the claim) by the module's seed rule."""
+def effect_verdict(claim: Claim | str, effects: Mapping[Any, float], *, min_effect: float, what: str) -> Verdict:
+    """Judge per-seed effects ``{seed: e}`` (positive = supports the claim) by the seed rule of the module doc.
+
+    ``claim``: the ``Claim`` judged, or only its id."""
+    claim = claim if isinstance(claim, Claim) else Claim(str(claim))
     e = np.array([float(v) for v in effects.values()], dtype=np.float64)
     if not np.isfinite(e).all():
-        return Verdict(claim, "inconclusive", f"non-finite {what} on some seed", {"effects": e.tolist()})
+        return claim.verdict("inconclusive", f"non-finite {what} on some seed", {"effects": e.tolist()})
     nums = {"seeds": [str(k) for k in effects], "effects": e.tolist(), "min_effect": min_effect,
             "spread_factor": SPREAD_FACTOR}
     if e.size < MIN_SEEDS:
-        return Verdict(claim, "inconclusive",
-                       f"{e.size} seed(s) < MIN_SEEDS={MIN_SEEDS}: no seed-to-seed spread to compare the {what} "
-                       f"with" + (f" (measured {e[0]:+.4f})" if e.size else ""), nums)
+        return claim.verdict("inconclusive",
+                             f"{e.size} seed(s) < MIN_SEEDS={MIN_SEEDS}: no seed-to-seed spread to compare the "
+                             f"{what} with" + (f" (measured {e[0]:+.4f})" if e.size else ""), nums)
     mean, spread = float(e.mean()), float(e.max() - e.min())
     nums.update(mean=mean, spread=spread)
     if e.min() > min_effect and mean > SPREAD_FACTOR * spread:
-        return Verdict(claim, "reproduced",
-                       f"{what} {mean:+.4f} (mean of {e.size} seeds) exceeds the seed-to-seed spread {spread:.4f} "
-                       f"and every seed exceeds {min_effect:g}", nums)
+        return claim.verdict("reproduced",
+                             f"{what} {mean:+.4f} (mean of {e.size} seeds) exceeds the seed-to-seed spread "
+                             f"{spread:.4f} and every seed exceeds {min_effect:g}", nums)
     if mean + SPREAD_FACTOR * spread < min_effect:
-        return Verdict(claim, "not reproduced",
-                       f"{what} {mean:+.4f} (mean of {e.size} seeds) plus the spread {spread:.4f} stays below the "
-                       f"{min_effect:g} the claim needs", nums)
-    return Verdict(claim, "inconclusive",
-                   f"{what} {mean:+.4f} (mean of {e.size} seeds, per seed {np.round(e, 4).tolist()}) is not "
-                   f"separated from {min_effect:g} by more than the seed-to-seed spread {spread:.4f}", nums)
+        return claim.verdict("not reproduced",
+                             f"{what} {mean:+.4f} (mean of {e.size} seeds) plus the spread {spread:.4f} stays below "
+                             f"the {min_effect:g} the claim needs", nums)
+    return claim.verdict("inconclusive",
+                         f"{what} {mean:+.4f} (mean of {e.size} seeds, per seed {np.round(e, 4).tolist()}) is not "
+                         f"separated from {min_effect:g} by more than the seed-to-seed spread {spread:.4f}", nums)
 
 
-def require_columns(table: pd.DataFrame, cols: Iterable[str], claim: str) -> None:
+def require_columns(table: pd.DataFrame, cols: Iterable[str], claim: Claim | str) -> None:
+    """InputError naming ``claim`` unless ``table`` is a DataFrame with every column of ``cols``."""
     if not isinstance(table, pd.DataFrame):
         raise InputError(f"{claim}: expected a pandas DataFrame, got {type(table).__name__}")
     missing = [c for c in cols if c not in table.columns]
@@ -152,7 +142,7 @@ def require_columns(table: pd.DataFrame, cols: Iterable[str], claim: str) -> Non
         raise InputError(f"{claim}: table lacks column(s) {missing}; has {list(table.columns)}")
 
 
-def _only(table: pd.DataFrame, **wanted) -> pd.DataFrame:
+def only_rows(table: pd.DataFrame, **wanted) -> pd.DataFrame:
     """Rows whose column equals the wanted value, for the columns the table has."""
     for col, val in wanted.items():
         if col in table.columns:
@@ -160,139 +150,55 @@ def _only(table: pd.DataFrame, **wanted) -> pd.DataFrame:
     return table
 
 
-def sparsity_rl_gt_sft(table: pd.DataFrame) -> Verdict:
-    """Table 1: bf16 sparsity RL > SFT at matched optimizer-update counts (and learning rate, when given).
-
-    Needs columns method ('RL' / 'SFT'), sparsity, seed, updates; uses rows with matrix_type 'all' and storage
-    'bf16' when those columns exist. Per seed, the largest update count (and lr) both methods share is compared.
-    """
-    claim = "sparsity_rl_gt_sft"
-    require_columns(table, ("method", "sparsity", "seed", "updates"), claim)
-    t = _only(table, matrix_type="all", storage="bf16")
-    keys = ["seed", "updates"] + (["lr"] if "lr" in t.columns else [])
-    per = t.groupby(keys + ["method"])["sparsity"].mean().unstack("method")
-    if not {"RL", "SFT"} <= set(per.columns):
-        return Verdict(claim, "inconclusive", "the table lacks RL or SFT rows", {})
-    per = per.dropna(subset=["RL", "SFT"])
-    if per.empty:
-        return Verdict(claim, "inconclusive", "no RL and SFT runs share a seed and an optimizer-update count", {})
-    per = per.reset_index().sort_values("updates").groupby("seed").tail(1)
-    effects = {int(r["seed"]): float(r["RL"] - r["SFT"]) for _, r in per.iterrows()}
-    v = effect_verdict(claim, effects, min_effect=MIN_SPARSITY_GAP, what="sparsity gap RL - SFT")
-    nums = {**v.numbers, "updates": per["updates"].astype(int).tolist(), "rl": per["RL"].tolist(),
-            "sft": per["SFT"].tolist()}
-    return replace(v, reason=v.reason + f" (at {sorted(set(nums['updates']))} AdamW updates per run)", numbers=nums)
-
-
-def sparsity_vanishes_at_high_lr(table: pd.DataFrame) -> Verdict:
-    """Sec. 2.3: the bf16 sparsity largely disappears at the highest learning rate of the sweep.
-
-    Needs columns lr, sparsity, seed; uses rows with matrix_type 'all', storage 'bf16' and method 'RL' when those
-    columns exist. Per seed: vanished fraction 1 - s(lr_max) / s(lr_min).
-    """
-    claim = "sparsity_vanishes_at_high_lr"
-    require_columns(table, ("lr", "sparsity", "seed"), claim)
-    t = _only(table, matrix_type="all", storage="bf16")
-    if "method" in t.columns and (t["method"] == "RL").any():
-        t = t[t["method"] == "RL"]
-    per = t.groupby(["seed", "lr"])["sparsity"].mean().unstack("lr")
-    if per.shape[1] < 2:
-        return Verdict(claim, "inconclusive", "fewer than two learning rates in the sweep", {})
-    lo, hi = min(per.columns), max(per.columns)
-    per = per.dropna(subset=[lo, hi])
-    s_lo, s_hi = per[lo], per[hi]
-    nums = {"lr_min": float(lo), "lr_max": float(hi), "sparsity_lr_min": s_lo.tolist(),
-            "sparsity_lr_max": s_hi.tolist()}
-    if per.empty:
-        return Verdict(claim, "inconclusive", "no seed has both the smallest and the largest learning rate", nums)
-    if (s_lo < MIN_BASE_SPARSITY).any():
-        return Verdict(claim, "inconclusive",
-                       f"sparsity at the smallest lr {lo:g} is already below {MIN_BASE_SPARSITY:g} on some seed "
-                       f"({np.round(s_lo.to_numpy(), 4).tolist()}): nothing to vanish", nums)
-    effects = {int(s): float(1 - s_hi[s] / s_lo[s]) for s in per.index}
-    v = effect_verdict(claim, effects, min_effect=VANISH_FRACTION,
-                       what=f"vanished fraction 1 - s(lr={hi:g}) / s(lr={lo:g})")
-    return replace(v, numbers={**v.numbers, **nums})
-
-
-def _precision_recall(tp: int, fp: int, fn: int) -> tuple[float, float]:
-    prec = tp / (tp + fp) if tp + fp else math.nan
-    rec = tp / (tp + fn) if tp + fn else math.nan
-    return prec, rec
-
-
-def mask_predictor(table: pd.DataFrame) -> Verdict:
-    """Cor. 3.6 (exact form): the exact rule on each step's fp32 master update predicts the stored bf16 change.
-
-    Needs columns predictor, form, tp, fp, fn, tn; uses rows with matrix_type 'all', scope 'all' and (for the
-    exact rule) semantics 'fp32' when those columns exist. Counts are summed over seeds and runs (exact, no noise).
-    """
-    claim = "mask_predictor"
-    require_columns(table, ("predictor", "form", "tp", "fp", "fn", "tn"), claim)
-    t = _only(table, matrix_type="all", scope="all")
-
-    def totals(predictor: str, form: str, semantics: str | None = None) -> tuple[int, int, int, int] | None:
-        rows = t[(t["predictor"] == predictor) & (t["form"] == form)]
-        if semantics is not None:
-            rows = _only(rows, semantics=semantics)
-        if rows.empty:
-            return None
-        return tuple(int(rows[c].sum()) for c in ("tp", "fp", "fn", "tn"))
-
-    nums = {}
-    for pred, sem in (("exact", "fp32"), ("exact", "exact"), ("rule_of_thumb", None), ("half_ulp", None)):
-        for form in ("per_step", "accumulated"):
-            c = totals(pred, form, sem)
-            if c is not None:
-                p, r = _precision_recall(c[0], c[1], c[2])
-                key = pred + (f"[{sem}]" if sem else "") + f"/{form}"
-                nums[key] = {"tp": c[0], "fp": c[1], "fn": c[2], "tn": c[3], "precision": p, "recall": r}
-    main = nums.get("exact[fp32]/per_step")
-    if main is None:
-        return Verdict(claim, "inconclusive", "no rows for the exact rule (fp32 semantics) on per-step updates", nums)
-    if main["tp"] + main["fn"] == 0:
-        return Verdict(claim, "inconclusive", "no stored bf16 entry changed in the recorded steps", nums)
-    if main["fp"] == 0 and main["fn"] == 0:
-        return Verdict(claim, "reproduced",
-                       f"precision = recall = 1 over {main['tp'] + main['tn']} entry-steps ({main['tp']} changes)",
-                       nums)
-    acc = nums.get("exact[fp32]/accumulated")
-    why = ""
-    if acc is not None and acc["fp"] == 0 and acc["fn"] == 0:
-        why = ("; fed the master's whole offset from the stored value (master_after - stored_before) the same rule "
-               "is exact (precision = recall = 1), so the misses come from the fp32 master's sub-ULP residual, "
-               "which a single step's update does not see")
-    if "scope" in table.columns:
-        g = _only(table[(table["scope"] == "master_on_grid") & (table["predictor"] == "exact")
-                        & (table["form"] == "per_step")], matrix_type="all", semantics="fp32")
-        tp, fp, fn = (int(g[k].sum()) for k in ("tp", "fp", "fn"))
-        nums["exact[fp32]/per_step/master_on_grid"] = {"tp": tp, "fp": fp, "fn": fn, "tn": int(g["tn"].sum())}
-        if tp + fn and fp == 0 and fn == 0:
-            why += (f"; on the entries whose master sat on the bf16 grid before the step the per-step rule is exact "
-                    f"({tp} changes, no error)")
-    return Verdict(claim, "not reproduced",
-                   f"precision {main['precision']:.4f}, recall {main['recall']:.4f} ({main['fp']} false positives, "
-                   f"{main['fn']} false negatives over {sum(main[k] for k in ('tp', 'fp', 'fn', 'tn'))} "
-                   f"entry-steps){why}", nums)
-
-
 def verdicts_frame(verdicts: Iterable[Verdict]) -> pd.DataFrame:
-    return pd.DataFrame([v.as_row() for v in verdicts], columns=["claim", "verdict", "reason", "numbers"])
+    return pd.DataFrame([v.as_row() for v in verdicts], columns=VERDICT_COLUMNS)
+
+
+def verdicts_json(verdicts: Iterable[Verdict]) -> str:
+    """The text of ``verdicts.json``: one ``Verdict.to_dict`` per verdict."""
+    return json.dumps([v.to_dict() for v in verdicts], indent=2, default=float)
 
 
 def print_verdicts(verdicts: Iterable[Verdict]) -> None:
     for v in verdicts:
-        print(f"  [{v.verdict.upper()}] {v.claim}\n      {v.reason}")
+        print(f"  [{v.verdict.upper()}] {v.id}\n      {v.reason}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Experiment configurations
+# What a claim experiment produced
+
+
+@dataclass
+class ClaimRun:
+    """What an experiment produced: the training runs, its own tables and its verdicts (none for a plain run)."""
+
+    results: list[RunResult]
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    verdicts: list[Verdict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+
+def write_claim_run(run: ClaimRun, out: str | Path) -> Path:
+    """Write the run's tables (``<name>.csv`` and ``.parquet``), the training history / probe metrics of its runs,
+    ``verdicts.json`` and ``claims_config.json`` into ``out``."""
+    out = Path(out)
+    tables = dict(run.tables)
+    for name in ("history", "metrics"):
+        frames = [getattr(r, name) for r in run.results if not getattr(r, name).empty]
+        if frames and name not in tables:
+            tables[name] = concat_tables(frames)
+    write_tables(tables, out)
+    (out / "verdicts.json").write_text(verdicts_json(run.verdicts))
+    (out / "claims_config.json").write_text(json.dumps(run.config, indent=2, sort_keys=True, default=str))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configurations and training
 
 
 def config_from_section(cls, cfg: Mapping, section: str):
     """``cls.fast()`` / ``cls.default()`` (key ``preset``) with the section's other keys overriding fields."""
-    from sims.experiments.registry import section_config
-
     c = section_config(cls, cfg.get(section, {}), where=section, presets=("fast", "default"), default="default")
     if "seed" in cfg:  # ``threegate run --seed S``: the seed list starts at S
         c = replace(c, seeds=tuple(int(cfg["seed"]) + i for i in range(len(c.seeds))))
@@ -301,97 +207,20 @@ def config_from_section(cls, cfg: Mapping, section: str):
     return c
 
 
-@dataclass(frozen=True)
-class SparsityConfig:
-    """``[sparsity]``: RL vs SFT at matched AdamW-update counts (``rl_steps * minibatches`` each), an RL lr sweep."""
-
-    seeds: tuple[int, ...] = (0, 1, 2)
-    task: str = "counting"
-    algorithm: str = "dapo"
-    rl_steps: int = 20
-    minibatches: int = 2
-    prompts_per_step: int = 8
-    group_size: int = 8
-    sft_batch_size: int = 32
-    lr: float = 1e-5  # RL and SFT of the matched comparison
-    lrs: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3)  # RL sweep (bf16)
-    fp32_runs: bool = True  # RL and SFT again in pure fp32 (storage comparison)
-    n_eval_prompts: int = 16
-    bf16_checkpoint: bool = True  # start from the base rounded to bf16 (the paper's checkpoints are bf16)
-
-    @classmethod
-    def fast(cls, **kw) -> "SparsityConfig":
-        return replace(cls(seeds=(0, 1), rl_steps=2, prompts_per_step=4, group_size=4, sft_batch_size=8,
-                           lrs=(1e-5, 1e-3), n_eval_prompts=4), **kw)
-
-    @classmethod
-    def default(cls, **kw) -> "SparsityConfig":
-        return replace(cls(), **kw)
-
-    @property
-    def updates(self) -> int:
-        return self.rl_steps * self.minibatches
-
-
-@dataclass(frozen=True)
-class MaskPredictorConfig:
-    """``[mask_predictor]``: bf16 runs with every AdamW step recorded."""
-
-    seeds: tuple[int, ...] = (0, 1)
-    task: str = "counting"
-    methods: tuple[str, ...] = ("RL", "SFT")
-    algorithm: str = "dapo"
-    rl_steps: int = 10
-    minibatches: int = 2
-    prompts_per_step: int = 8
-    group_size: int = 8
-    sft_batch_size: int = 32
-    lr: float = 1e-5
-    n_eval_prompts: int = 8
-    bf16_checkpoint: bool = True  # start from the base rounded to bf16: the fp32 master starts on the bf16 grid
-
-    @classmethod
-    def fast(cls, **kw) -> "MaskPredictorConfig":
-        return replace(cls(seeds=(0,), methods=("RL",), rl_steps=2, prompts_per_step=4, group_size=4,
-                           n_eval_prompts=4), **kw)
-
-    @classmethod
-    def default(cls, **kw) -> "MaskPredictorConfig":
-        return replace(cls(), **kw)
-
-
-@dataclass
-class ClaimRun:
-    """What a claim experiment produced: the training runs, its tables and its verdicts."""
-
-    results: list
-    tables: dict[str, pd.DataFrame]
-    verdicts: list[Verdict]
-    config: dict = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training helpers
-
-
-def _probe(steps: int, n_eval: int):
-    from sims.tinygpt.probe import ProbeConfig
-
+def _probe(steps: int, n_eval: int) -> ProbeConfig:
     return ProbeConfig(steps=(0, steps), n_eval_prompts=n_eval, theory_checks=False)
 
 
-def run_rl(model, c, *, seed: int, lr: float, precision: str, device: str, name: str):
-    from sims.tinygpt.rlvr import RLConfig, train_rlvr
-
+def run_rl(model, c, *, seed: int, lr: float, precision: str, device: str, name: str) -> RunResult:
+    """RL with the task, algorithm and batch sizes of claim config ``c``, probed at step 0 and the last step."""
     rc = RLConfig(task=c.task, algorithm=c.algorithm, steps=c.rl_steps, prompts_per_step=c.prompts_per_step,
                   group_size=c.group_size, minibatches=c.minibatches, lr=lr, precision=precision, seed=seed,
                   device=device, probe=_probe(c.rl_steps, c.n_eval_prompts))
     return train_rlvr(model, rc, run_name=name)
 
 
-def run_sft(model, c, *, seed: int, lr: float, precision: str, device: str, name: str):
-    from sims.tinygpt.sft import SFTConfig, train_sft
-
+def run_sft(model, c, *, seed: int, lr: float, precision: str, device: str, name: str) -> RunResult:
+    """SFT with as many AdamW updates as ``run_rl`` makes with the same claim config ``c``."""
     steps = c.rl_steps * c.minibatches  # the same number of AdamW updates as the RL run
     sc = SFTConfig(task=c.task, steps=steps, batch_size=c.sft_batch_size, lr=lr, precision=precision, seed=seed,
                    device=device, probe=_probe(steps, c.n_eval_prompts))
@@ -401,9 +230,7 @@ def run_sft(model, c, *, seed: int, lr: float, precision: str, device: str, name
 def start_model(cfg: Mapping, bf16_checkpoint: bool) -> torch.nn.Module:
     """The cached pretrained model; with ``bf16_checkpoint`` its weights rounded to bf16 (kept as float32), as when
     a bf16 checkpoint is loaded into an fp32 master: the master then starts exactly on the stored values."""
-    from sims.experiments.registry import _base_model
-
-    model, _ = _base_model(cfg)
+    model, _ = base_model(cfg)
     if bf16_checkpoint:
         model = copy.deepcopy(model)
         with torch.no_grad():
@@ -413,319 +240,10 @@ def start_model(cfg: Mapping, bf16_checkpoint: bool) -> torch.nn.Module:
 
 
 def block_matrix_index(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, str]]:
-    """{name: (layer, matrix_type)} of the transformer-block matrices."""
-    from theory.naming import layer_index, matrix_type
-
+    """{name: (layer, matrix_type)} of the transformer-block matrices (``theory.naming``; the rest is left out)."""
     out = {}
     for n in state:
-        if matrix_type(n) != "other" and layer_index(n) is not None:
-            out[n] = (layer_index(n), matrix_type(n))
+        mt, layer = matrix_type(n), layer_index(n)
+        if mt != "other" and layer is not None:
+            out[n] = (layer, mt)
     return out
-
-
-def _changed(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Entries whose stored value differs (float comparison: +0 == -0; inputs are finite)."""
-    return int(torch.count_nonzero(a.float() != b.float()))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Experiment: sparsity (Table 1, Sec. 2.3, App. E.1)
-
-
-def _sparsity_rows(res, *, method: str, lr: float, updates: int, storage: str) -> tuple[list[dict], list[dict]]:
-    """Per matrix type ('all' pooled) and per (layer, matrix type) sparsity of run ``res``, final vs step 0."""
-    base, final = res.snapshots[0], res.snapshots[max(res.snapshots)]
-    if storage == "fp32 rounded to bf16":
-        base = {n: v.to(torch.bfloat16) for n, v in base.items()}
-        final = {n: v.to(torch.bfloat16) for n, v in final.items()}
-    common = {"run": res.name, "method": method, "precision": res.config["precision"], "storage": storage,
-              "lr": lr, "updates": updates, "seed": res.config["seed"], "steps": res.config["steps"],
-              "model": "TinyGPT"}
-    pooled: dict[str, list[int]] = {}
-    layer_rows = []
-    for name, (layer, mt) in block_matrix_index(base).items():
-        ch, n = _changed(base[name], final[name]), base[name].numel()
-        layer_rows.append({**common, "layer": layer, "matrix_type": mt, "sparsity": 1 - ch / n, "changed": ch,
-                           "total": n})
-        for key in (mt, "all"):
-            acc = pooled.setdefault(key, [0, 0])
-            acc[0] += ch
-            acc[1] += n
-    rows = [{**common, "matrix_type": k, "sparsity": 1 - c / n, "changed": c, "total": n}
-            for k, (c, n) in pooled.items()]
-    return rows, layer_rows
-
-
-def _probe_error_rows(res, base_master: Mapping[str, torch.Tensor], *, method: str, lr: float) -> list[dict]:
-    """Def 2.1 (eta = 1e-3) and |dw| <= ABS_TOL against bit equality of the stored bf16 values, block matrices."""
-    from theory.metrics import abs_tol_unchanged
-    from theory.precision import probe_unchanged
-
-    base, final = res.snapshots[0], res.snapshots[max(res.snapshots)]
-    acc: dict[tuple[str, str], np.ndarray] = {}
-    for name in block_matrix_index(base):
-        truth = (base[name].float() != final[name].float()).numpy()
-        said = {
-            ("def2.1 eta=1e-3", "stored bf16"): ~probe_unchanged(base[name], final[name], 1e-3),
-            (f"abs tol {ABS_TOL:g}", "stored bf16"): ~abs_tol_unchanged(base[name], final[name], ABS_TOL),
-            (f"abs tol {ABS_TOL:g}", "fp32 master"): ~abs_tol_unchanged(base_master[name], res.master[name], ABS_TOL),
-        }
-        for key, pred in said.items():
-            c = np.array([(pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum(), truth.size])
-            acc[key] = acc.get(key, 0) + c
-    return [{"run": res.name, "method": method, "lr": lr, "seed": res.config["seed"], "probe": probe,
-             "values": values, "changed_probe": int(tp + fp), "changed_true": int(tp + fn),
-             "false_positive": int(fp), "false_negative": int(fn), "total": int(n)}
-            for (probe, values), (tp, fp, fn, n) in acc.items()]
-
-
-def sparsity_experiment(cfg: Mapping) -> ClaimRun:
-    """Table 1 + Sec. 2.3 at our scale: RL vs SFT at matched updates, bf16 vs fp32 storage, an RL lr sweep, the
-    Def 2.1 probe and a fixed 1e-5 tolerance against bit equality; verdicts on both sparsity claims."""
-    c = config_from_section(SparsityConfig, cfg, "sparsity")
-    device = cfg.get("device", "cpu")
-    model = start_model(cfg, c.bf16_checkpoint)
-    base_master = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in model.named_parameters()}
-    results, sp, layer, sweep, probes = [], [], [], [], []
-
-    def record(res, method: str, lr: float, storages: tuple[str, ...]) -> None:
-        results.append(res)
-        for storage in storages:
-            rows, lrows = _sparsity_rows(res, method=method, lr=lr, updates=c.updates, storage=storage)
-            sp.extend(rows)
-            layer.extend(lrows)
-        if res.config["precision"] == "bf16":
-            probes.extend(_probe_error_rows(res, base_master, method=method, lr=lr))
-
-    for seed in c.seeds:
-        kw = dict(seed=seed, device=device)
-        rl = run_rl(copy.deepcopy(model), c, lr=c.lr, precision="bf16", name=f"RL-bf16-s{seed}", **kw)
-        record(rl, "RL", c.lr, ("bf16",))
-        record(run_sft(copy.deepcopy(model), c, lr=c.lr, precision="bf16", name=f"SFT-bf16-s{seed}", **kw),
-               "SFT", c.lr, ("bf16",))
-        if c.fp32_runs:
-            for method, train in (("RL", run_rl), ("SFT", run_sft)):
-                res = train(copy.deepcopy(model), c, lr=c.lr, precision="fp32", name=f"{method}-fp32-s{seed}", **kw)
-                record(res, method, c.lr, ("fp32", "fp32 rounded to bf16"))
-        for lr in c.lrs:
-            res = rl if lr == c.lr else run_rl(copy.deepcopy(model), c, lr=lr, precision="bf16",
-                                                 name=f"RL-bf16-lr{lr:g}-s{seed}", **kw)
-            if res is not rl:
-                results.append(res)
-            rows, _ = _sparsity_rows(res, method="RL", lr=lr, updates=c.updates, storage="bf16")
-            acc = float(res.history["accuracy"].tail(max(1, c.rl_steps // 4)).mean())
-            sweep.extend({**r, "final_accuracy": acc} for r in rows if r["matrix_type"] == "all")
-    tables = {"sparsity": pd.DataFrame(sp), "layer_sparsity": pd.DataFrame(layer), "lr_sweep": pd.DataFrame(sweep),
-              "probe_errors": pd.DataFrame(probes)}
-    verdicts = [sparsity_rl_gt_sft(tables["sparsity"]), sparsity_vanishes_at_high_lr(tables["lr_sweep"])]
-    tables["verdicts"] = verdicts_frame(verdicts)
-    return ClaimRun(results, tables, verdicts, asdict(c))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Experiment: mask_predictor (Cor. 3.6 on every real AdamW step)
-
-#: (predictor, semantics) pairs evaluated on every recorded step; semantics '' = the predictor has none.
-PREDICTORS = (("exact", "fp32"), ("exact", "exact"), ("rule_of_thumb", ""), ("half_ulp", ""))
-
-
-def _predict(predictor: str, semantics: str, w: torch.Tensor, delta: np.ndarray) -> np.ndarray:
-    from theory.precision import half_ulp_mask, predict_change_mask, rule_of_thumb_mask
-
-    if predictor == "exact":
-        return predict_change_mask(w, delta, semantics)
-    return rule_of_thumb_mask(w, delta) if predictor == "rule_of_thumb" else half_ulp_mask(w, delta)
-
-
-class StepRecorder:
-    """Counts, on every AdamW step of ``model``'s mixed-precision optimizer, how each predictor's "the stored bf16
-    value changes" compares with the real change of the stored copy the model computes with.
-
-    Installed as torch's global optimizer step hooks (``with recorder:``); only the first optimizer that steps on
-    parameters of ``model``'s shapes is followed. The stored value *after* a step is read from the model at the next
-    step's pre-hook (``MixedPrecisionAdamW`` syncs it after the torch step) and, for the last step, on exit.
-    ``storage_mismatch`` counts entries where that stored value is not bf16(master) (0 unless storage is broken).
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        from theory.naming import matrix_type
-
-        self.model = model
-        self.names = [n for n, _ in model.named_parameters()]
-        self.types = {}
-        for n in self.names:
-            self.types[n] = matrix_type(n)
-        self.counts: dict[tuple[str, str, str, str, str], np.ndarray] = {}
-        self.optimizer = None
-        self.steps = 0
-        self.storage_mismatch = 0
-        self.master_on_grid = 0
-        self.entries = 0
-        self._pending: dict | None = None
-        self._handles: list = []
-
-    def _stored(self) -> list[torch.Tensor]:
-        return [p.detach().to("cpu", torch.bfloat16, copy=True) for p in self.model.parameters()]
-
-    def _masters(self, optimizer) -> list[torch.Tensor]:
-        return [p.detach().to("cpu", copy=True) for g in optimizer.param_groups for p in g["params"]]
-
-    def _pre(self, optimizer, args, kwargs) -> None:
-        if self.optimizer is None:
-            ps = [p for g in optimizer.param_groups for p in g["params"]]
-            if [tuple(p.shape) for p in ps] != [tuple(p.shape) for p in self.model.parameters()]:
-                return
-            self.optimizer = optimizer
-        if optimizer is not self.optimizer:
-            return
-        stored = self._stored()
-        self._finish(stored)
-        self._pending = {"stored": stored, "master_before": self._masters(optimizer)}
-
-    def _post(self, optimizer, args, kwargs) -> None:
-        if optimizer is self.optimizer and self._pending is not None:
-            self._pending["master_after"] = self._masters(optimizer)
-
-    def _finish(self, stored_after: list[torch.Tensor]) -> None:
-        p, self._pending = self._pending, None
-        if p is None or "master_after" not in p:
-            return
-        self.steps += 1
-        for name, w, s1, m0, m1 in zip(self.names, p["stored"], stored_after, p["master_before"], p["master_after"]):
-            truth = (s1.float() != w.float()).numpy().ravel()
-            self.storage_mismatch += int(torch.count_nonzero(m1.to(torch.bfloat16).float() != s1.float()))
-            on_grid = (m0 == w.float()).numpy().ravel()
-            self.master_on_grid += int(on_grid.sum())
-            self.entries += truth.size
-            deltas = {"per_step": (m1.double() - m0.double()).numpy(),
-                      "accumulated": (m1.double() - w.double()).numpy()}
-            for form, d in deltas.items():
-                for pred, sem in PREDICTORS:
-                    said = _predict(pred, sem, w, d).ravel()
-                    for scope, sel in (("all", slice(None)), ("master_on_grid", on_grid)):
-                        t, s = truth[sel], said[sel]
-                        c = np.array([(s & t).sum(), (s & ~t).sum(), (~s & t).sum(), (~s & ~t).sum()], np.int64)
-                        for mt in {self.types[name], "all"}:
-                            key = (form, pred, sem, scope, mt)
-                            self.counts[key] = self.counts.get(key, 0) + c
-
-    def __enter__(self) -> "StepRecorder":
-        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-        self._handles = [register_optimizer_step_pre_hook(self._pre), register_optimizer_step_post_hook(self._post)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        if exc[0] is None:
-            self._finish(self._stored())
-
-    def rows(self, **extra) -> list[dict]:
-        out = []
-        for (form, pred, sem, scope, mt), (tp, fp, fn, tn) in sorted(self.counts.items()):
-            prec, rec = _precision_recall(int(tp), int(fp), int(fn))
-            out.append({**extra, "form": form, "predictor": pred, "semantics": sem, "scope": scope,
-                        "matrix_type": mt, "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn),
-                        "precision": prec, "recall": rec, "optimizer_steps": self.steps,
-                        "storage_mismatch": self.storage_mismatch,
-                        "master_on_grid_fraction": self.master_on_grid / max(self.entries, 1)})
-        return out
-
-
-def mask_predictor_experiment(cfg: Mapping) -> ClaimRun:
-    """Cor. 3.6 on real steps: predict from each AdamW step's fp32 master update which stored bf16 entries
-    change (exact rule, rule of thumb, half ULP); precision / recall against the stored copy; a verdict."""
-    c = config_from_section(MaskPredictorConfig, cfg, "mask_predictor")
-    bad = sorted(set(c.methods) - {"RL", "SFT"})
-    if bad or not c.methods:
-        raise InputError(f"[mask_predictor] methods must be a non-empty subset of ['RL', 'SFT'], got {c.methods}")
-    device = cfg.get("device", "cpu")
-    model = start_model(cfg, c.bf16_checkpoint)
-    results, rows = [], []
-    for seed in c.seeds:
-        for method in c.methods:
-            m = copy.deepcopy(model)
-            train = run_rl if method == "RL" else run_sft
-            with StepRecorder(m) as rec:
-                res = train(m, c, seed=seed, lr=c.lr, precision="bf16", device=device, name=f"{method}-s{seed}")
-            if rec.steps == 0:
-                raise InputError(f"mask_predictor: no optimizer step of run {res.name} was recorded")
-            results.append(res)
-            rows.extend(rec.rows(run=res.name, method=method, seed=seed, lr=c.lr))
-    table = pd.DataFrame(rows)
-    verdicts = [mask_predictor(table)]
-    return ClaimRun(results, {"mask_predictor": table, "verdicts": verdicts_frame(verdicts)}, verdicts, asdict(c))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Running and writing
-
-CLAIM_EXPERIMENTS = {"sparsity": sparsity_experiment, "mask_predictor": mask_predictor_experiment}
-
-#: Further claim experiments live in their own modules; each defines ``CLAIM_EXPERIMENTS = {name: fn}`` with
-#: ``fn(cfg) -> ClaimRun`` reading its config section ``[name]`` (``preset = "fast"`` must run in seconds).
-CLAIM_MODULES = ("sims.claims.consistency", "sims.claims.geometry", "sims.claims.interventions", "sims.claims.peft")
-
-
-def claim_experiments() -> dict:
-    """Every claim experiment by name: the ones above plus those of ``CLAIM_MODULES`` that are present."""
-    import importlib
-
-    found = dict(CLAIM_EXPERIMENTS)
-    for mod in CLAIM_MODULES:
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # the module exists but something it imports is missing: say so
-                raise
-            continue
-        for name, fn in getattr(m, "CLAIM_EXPERIMENTS", {}).items():
-            if name in found and found[name] is not fn:
-                raise InputError(f"claim experiment {name!r} is defined twice ({mod})")
-            found[name] = fn
-    return found
-
-
-def write_claim_run(run: ClaimRun, out: str | Path) -> Path:
-    """Write the run's tables (``<name>.csv`` and ``.parquet``), the training history / probe metrics of its runs,
-    ``verdicts.json`` and ``claims_config.json`` into ``out``."""
-    import json
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tables = dict(run.tables)
-    for name in ("history", "metrics"):
-        frames = [getattr(r, name) for r in run.results if not getattr(r, name).empty]
-        if frames and name not in tables:
-            tables[name] = pd.concat(frames, ignore_index=True)
-    for name, df in tables.items():
-        df.to_csv(out / f"{name}.csv", index=False)
-        df.to_parquet(out / f"{name}.parquet", index=False)
-    (out / "verdicts.json").write_text(json.dumps([asdict(v) for v in run.verdicts], indent=2, default=float))
-    (out / "claims_config.json").write_text(json.dumps(run.config, indent=2, sort_keys=True, default=str))
-    return out
-
-
-def run_claims(name: str, cfg: Mapping, out: str | Path | None = None) -> tuple[ClaimRun, Path]:
-    """Run claim experiment ``name`` and write it (default ``runs/NAME-<config hash>``); prints the verdicts."""
-    from sims.experiments.registry import config_hash
-
-    known = claim_experiments()
-    if name not in known:
-        raise InputError(f"unknown claim experiment {name!r}; known: {sorted(known)}")
-    run = known[name](cfg)
-    path = write_claim_run(run, Path(out) if out is not None else Path("runs") / f"{name}-{config_hash(name, cfg)}")
-    print(f"{name}: verdicts (tables in {path})")
-    print_verdicts(run.verdicts)
-    return run, path
-
-
-def as_run_results(run: ClaimRun) -> list:
-    """For ``threegate run``: print the verdicts and hand back the training runs, with the claim tables and
-    verdicts attached as ``tables`` / ``verdicts`` attributes of each (for a writer that knows them)."""
-    print_verdicts(run.verdicts)
-    for r in run.results:
-        r.tables, r.verdicts = run.tables, run.verdicts
-    return run.results

@@ -85,27 +85,33 @@ import pandas as pd
 import torch
 
 from sims.claims.base import (
-    SPREAD_FACTOR,
+    Claim,
     ClaimRun,
+    SPREAD_FACTOR,
     Verdict,
     block_matrix_index,
     config_from_section,
+    effect_verdict,
     require_columns,
     start_model,
-    effect_verdict,
     verdicts_frame,
 )
+from sims.tinygpt.probe import ProbeConfig
+from sims.tinygpt.rlvr import ALGORITHMS, RLConfig, train_rlvr
+from sims.tinygpt.tasks import task_by_name
 from theory.errors import InputError
+from theory.metrics import bernoulli_jaccard_baseline, col_ratios, consensus, row_ratios, update_mask
+from theory.naming import MATRIX_TYPES
 
 __all__ = [
     "MIN_RUNS", "REL_MARGIN", "ABS_MARGIN", "MIN_DENSITY", "MAX_DENSITY", "STRIPE_TOP_FRACTION", "STRIPE_MIN_EXCESS",
     "GROUPS", "ConsistencyConfig", "RunSpec", "run_specs", "pair_group", "final_masks", "exponent_strata",
     "stratified_baseline", "jaccard_rows", "consensus_rows", "stripe_rows", "stripe_stats", "summary_table",
-    "consistency_above_baseline", "stripes_above_binomial", "consistency_experiment", "CLAIM_EXPERIMENTS",
+    "consistency_above_baseline", "stripes_above_binomial", "consistency_experiment",
 ]
 
-#: Fewest runs per group for a verdict. The issue asks for >= 5 runs differing in seed; only four tasks and three
-#: algorithms exist, so those groups need all three or more of their variants (three pairs).
+#: Fewest runs per group for a verdict: >= 5 runs differing in seed (Table 2 compares five RL runs); only four tasks
+#: and three algorithms exist, so those groups need all three or more of their variants (three pairs).
 MIN_RUNS = {"seed": 5, "task": 3, "algorithm": 3}
 #: Every pair must have J >= REL_MARGIN * baseline (the paper's weakest Table 2 ratio is 1.28).
 REL_MARGIN = 1.2
@@ -149,10 +155,6 @@ class ConsistencyConfig:
     bf16_checkpoint: bool = True  # the base rounded to bf16: every run starts from the same stored values
 
     def __post_init__(self) -> None:
-        from theory.naming import MATRIX_TYPES
-        from sims.tinygpt.rlvr import ALGORITHMS
-        from sims.tinygpt.tasks import task_by_name
-
         for name in ("tasks", "algorithms", "consensus_types"):  # TOML / JSON give lists
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for t in (self.task, *self.tasks):
@@ -223,9 +225,6 @@ def group_members(specs: Sequence[RunSpec], c: ConsistencyConfig, group: str) ->
 
 
 def _train(model, c: ConsistencyConfig, spec: RunSpec, device: str):
-    from sims.tinygpt.probe import ProbeConfig
-    from sims.tinygpt.rlvr import RLConfig, train_rlvr
-
     extra = {"dapo": {}, "grpo": {"beta": c.kl_beta, "eps_low": 0.2, "eps_high": 0.2},
              "reinforce_kl": {"beta": c.kl_beta}}[spec.algorithm]
     rc = RLConfig(task=spec.task, algorithm=spec.algorithm, steps=c.rl_steps, prompts_per_step=c.prompts_per_step,
@@ -242,8 +241,6 @@ def _train(model, c: ConsistencyConfig, spec: RunSpec, device: str):
 def final_masks(res, step: int | None = None, eta: float = 1e-3) -> dict[str, np.ndarray]:
     """{block matrix name: update mask (bool, True = stored bf16 value changed)} of run ``res`` at ``step``
     (default its last probed step) against its step-0 snapshot (Def. 2.1 probe)."""
-    from theory.metrics import update_mask
-
     snaps = res.snapshots
     if 0 not in snaps:
         raise InputError(f"run {res.name}: no step-0 snapshot to take the update mask against")
@@ -295,8 +292,6 @@ def _type_names(base: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
 def jaccard_rows(specs: Sequence[RunSpec], masks: Sequence[Mapping[str, np.ndarray]],
                  base: Mapping[str, torch.Tensor], steps: int) -> list[dict]:
     """Every pair of runs x (matrix type, 'all'): J, both baselines, densities and counts (exact integer counts)."""
-    from theory.metrics import bernoulli_jaccard_baseline
-
     by_type = _type_names(base)
     strata = {mt: exponent_strata(base, names) for mt, names in by_type.items()}
     pooled = [{mt: _pooled(m, names) for mt, names in by_type.items()} for m in masks]
@@ -319,8 +314,6 @@ def jaccard_rows(specs: Sequence[RunSpec], masks: Sequence[Mapping[str, np.ndarr
 def consensus_rows(masks: Sequence[Mapping[str, np.ndarray]], base: Mapping[str, torch.Tensor],
                    types: Sequence[str], steps: int) -> list[pd.DataFrame]:
     """C_ij = (1/R) sum_r M_ij over the runs (``theory.metrics.consensus``), one frame per matrix."""
-    from theory.metrics import consensus
-
     frames = []
     for n, (layer, mt) in block_matrix_index(base).items():
         if mt not in types:
@@ -335,8 +328,6 @@ def consensus_rows(masks: Sequence[Mapping[str, np.ndarray]], base: Mapping[str,
 
 def stripe_rows(res, spec: RunSpec, eta: float, steps: int) -> list[pd.DataFrame]:
     """Row / column update ratios of every block matrix of run ``res`` at each probed step > 0."""
-    from theory.metrics import col_ratios, row_ratios
-
     base = res.snapshots[0]
     frames = []
     for step in sorted(s for s in res.snapshots if s > 0):
@@ -424,45 +415,45 @@ def consistency_above_baseline(table: pd.DataFrame, group: str = "seed", baselin
     what = "magnitude-stratified Bernoulli baseline" if baseline == "baseline_exponent" else "Bernoulli baseline"
     short = (f"jaccard_above_{'magnitude' if baseline == 'baseline_exponent' else 'bernoulli'}_{group}"
              + ("" if matrix_type == "all" else f"_{re.sub(r'[^a-z0-9]+', '_', matrix_type.lower())}"))
-    claim = (f"Table 2 ({short}): cross-run Jaccard of RL update masks exceeds the {what} ({group} group, "
-             f"matrix type {matrix_type})")
+    claim = Claim(short, f"Table 2: cross-run Jaccard of RL update masks exceeds the {what} ({group} group, "
+                         f"matrix type {matrix_type})")
     require_columns(table, ("run_a", "run_b", "group", "matrix_type", "jaccard", "density_a", "density_b", baseline), claim)
     t = table[(table["group"] == group) & (table["matrix_type"] == matrix_type)]
     if t.empty:
-        return Verdict(claim, "inconclusive", f"no pairs of the {group} group in the table", {})
+        return claim.verdict("inconclusive", f"no pairs of the {group} group in the table", {})
     dens = _run_densities(t)
     J, b = t["jaccard"].to_numpy(np.float64), t[baseline].to_numpy(np.float64)
     nums = {"runs": sorted(dens), "densities": dens, "pairs": len(t), "jaccard": J.tolist(), "baseline": b.tolist(),
             "rel_margin": REL_MARGIN, "abs_margin": ABS_MARGIN}
     need = MIN_RUNS.get(group, max(MIN_RUNS.values()))
     if len(dens) < need:
-        return Verdict(claim, "inconclusive", f"{len(dens)} run(s) < {need} needed for the {group} group", nums)
+        return claim.verdict("inconclusive", f"{len(dens)} run(s) < {need} needed for the {group} group", nums)
     off = {r: p for r, p in dens.items() if not MIN_DENSITY <= p <= MAX_DENSITY}
     if off:
-        return Verdict(claim, "inconclusive",
-                       f"mask density outside [{MIN_DENSITY:g}, {MAX_DENSITY:g}] for {off}: a nearly full or empty "
-                       f"mask makes Jaccard uninformative", nums)
+        return claim.verdict("inconclusive",
+                             f"mask density outside [{MIN_DENSITY:g}, {MAX_DENSITY:g}] for {off}: a nearly full or empty "
+                             f"mask makes Jaccard uninformative", nums)
     if not (np.isfinite(J).all() and np.isfinite(b).all()) or (b <= 0).any():
-        return Verdict(claim, "inconclusive", "non-finite Jaccard or non-positive baseline on some pair", nums)
+        return claim.verdict("inconclusive", "non-finite Jaccard or non-positive baseline on some pair", nums)
     e, r = J - b, J / b
     nums.update(mean_excess=float(e.mean()), min_excess=float(e.min()), mean_ratio=float(r.mean()),
                 min_ratio=float(r.min()))
     summary = (f"{len(t)} pairs of {len(dens)} runs: J {J.mean():.4f} vs baseline {b.mean():.4f} (mean), "
                f"J - b in [{e.min():+.4f}, {e.max():+.4f}], J / b in [{r.min():.3f}, {r.max():.3f}]")
     if ((J >= REL_MARGIN * b) & (e >= ABS_MARGIN)).all():
-        return Verdict(claim, "reproduced",
-                       f"{summary}: every pair has J >= {REL_MARGIN:g} x baseline and J - baseline >= "
-                       f"{ABS_MARGIN:g}", nums)
+        return claim.verdict("reproduced",
+                             f"{summary}: every pair has J >= {REL_MARGIN:g} x baseline and J - baseline >= "
+                             f"{ABS_MARGIN:g}", nums)
     spread_e, spread_r = float(e.max() - e.min()), float(r.max() - r.min())
     hi_e, hi_r = float(e.mean() + SPREAD_FACTOR * spread_e), float(r.mean() + SPREAD_FACTOR * spread_r)
     short = ([f"mean + spread of J - b = {hi_e:+.4f} < {ABS_MARGIN:g}"] if hi_e < ABS_MARGIN else []) + \
             ([f"mean + spread of J / b = {hi_r:.3f} < {REL_MARGIN:g}"] if hi_r < REL_MARGIN else [])
     if short:
-        return Verdict(claim, "not reproduced", f"{summary}: even the optimistic reading falls short: "
-                       + "; ".join(short), nums)
-    return Verdict(claim, "inconclusive",
-                   f"{summary}: some pairs clear the margins (J / b >= {REL_MARGIN:g}, J - b >= {ABS_MARGIN:g}) "
-                   f"and some do not", nums)
+        return claim.verdict("not reproduced", f"{summary}: even the optimistic reading falls short: "
+                             + "; ".join(short), nums)
+    return claim.verdict("inconclusive",
+                         f"{summary}: some pairs clear the margins (J / b >= {REL_MARGIN:g}, J - b >= {ABS_MARGIN:g}) "
+                         f"and some do not", nums)
 
 
 def stripes_above_binomial(stripes: pd.DataFrame) -> Verdict:
@@ -470,7 +461,7 @@ def stripes_above_binomial(stripes: pd.DataFrame) -> Verdict:
 
     Needs the per-run stripe statistics (columns run, seed, matrix_type, row_dispersion, col_dispersion); per run
     (seed), effect = mean over layers and q, k, v (rows) and o (columns) of the dispersion, minus 1."""
-    claim = "Fig. 3 (stripes_above_binomial): RL updates form row stripes in Q/K/V and column stripes in O"
+    claim = Claim("stripes_above_binomial", "Fig. 3: RL updates form row stripes in Q/K/V and column stripes in O")
     require_columns(stripes, ("run", "seed", "matrix_type", "row_dispersion", "col_dispersion"), claim)
     effects = {}
     for run, t in stripes.groupby("run", sort=False):
@@ -525,5 +516,3 @@ def consistency_experiment(cfg: Mapping) -> ClaimRun:
     tables["verdicts"] = verdicts_frame(verdicts)
     return ClaimRun(results, tables, verdicts, {**asdict(c), "runs": [s.name for s in specs]})
 
-
-CLAIM_EXPERIMENTS = {"consistency": consistency_experiment}

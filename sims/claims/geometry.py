@@ -78,21 +78,27 @@ import pandas as pd
 import torch
 
 from sims.claims.base import (
+    Claim,
     ClaimRun,
     Verdict,
     block_matrix_index,
     config_from_section,
+    effect_verdict,
     require_columns,
     start_model,
-    effect_verdict,
     verdicts_frame,
 )
+from sims.tinygpt.determinism import deterministic
+from sims.tinygpt.probe import ProbeConfig
+from sims.tinygpt.rlvr import RLConfig, train_rlvr
+from sims.tinygpt.sft import SFTConfig, train_sft
 from theory.errors import InputError, ZeroGapError
+from theory.metrics import low_magnitude_mask, nss, principal_angles_topk, principal_mask, update_mask
 
 __all__ = [
     "VERDICT_K", "PAPER_K", "PAPER_ALPHA", "MIN_DRIFT_REDUCTION", "MIN_OVERLAP_GAP", "ACC_MATCH_TOL",
     "STRUCTURAL_MASKS", "GeometryConfig", "drift_rows", "overlap_rows", "pick_accuracy_match",
-    "rl_drift_below_sft", "rl_overlap_vs_random", "geometry_experiment", "CLAIM_EXPERIMENTS",
+    "rl_drift_below_sft", "rl_overlap_vs_random", "geometry_experiment",
 ]
 
 VERDICT_K = 16
@@ -166,8 +172,6 @@ def _ks_for(shape: tuple[int, ...], ks: tuple[int, ...]) -> list[int]:
 
 def _angles_deg(W0: np.ndarray, W1: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, str]:
     """Principal angles (degrees) of the top-k U and V subspaces; NaN and the reason when sigma_k = sigma_{k+1}."""
-    from theory.metrics import principal_angles_topk
-
     try:
         u, v = principal_angles_topk(W0, W1, k)
     except ZeroGapError as e:
@@ -184,8 +188,6 @@ def drift_rows(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tenso
     angles of both sides and ``gap_rel`` = (sigma_k - sigma_{k+1}) / sigma_1 of the base; spectrum: every
     singular value of both; angles: each angle at ``k = angle_k`` (when it fits the matrix). Float64 throughout.
     """
-    from theory.metrics import nss
-
     drift, spectrum, angles = [], [], []
     for name, (layer, mt) in block_matrix_index(base).items():
         W0, W1 = base[name].double().cpu().numpy(), tuned[name].double().cpu().numpy()
@@ -211,8 +213,6 @@ class StructuralMasks:
     on the base only)."""
 
     def __init__(self, base: Mapping[str, torch.Tensor], ks: tuple[int, ...], alphas: tuple[float, ...]) -> None:
-        from theory.metrics import low_magnitude_mask, principal_mask
-
         self.masks: dict[str, list[tuple[str, int, float, np.ndarray]]] = {}
         for name in block_matrix_index(base):
             W0 = base[name].double().cpu().numpy()
@@ -235,8 +235,6 @@ def overlap_rows(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Ten
     in its binade (the bf16 exponent of w0, which fixes its ULP): sum_b P(change | b) |M_s and b| / |M|. It is the
     overlap that magnitude alone (Gate III: a small |w| has a small ULP) predicts; ``binade_expected`` is the
     numerator, for pooling."""
-    from theory.metrics import update_mask
-
     rows = []
     for name, (layer, mt) in block_matrix_index(base).items():
         M = update_mask(base[name], tuned[name]).cpu().numpy()
@@ -275,8 +273,10 @@ def pick_accuracy_match(acc_rl: float, sft_acc: Mapping[int, float]) -> tuple[in
 # Verdicts (pure)
 
 _MATCH_CLAIM = {
-    "steps": "Fig 4 (rl_drift_below_sft_matched_steps): RL drifts the spectrum and rotates the top-k subspaces less than SFT (matched AdamW updates)",
-    "accuracy": "Fig 4 (rl_drift_below_sft_matched_accuracy): RL drifts the spectrum and rotates the top-k subspaces less than SFT (matched accuracy)",
+    "steps": Claim("rl_drift_below_sft_matched_steps", "Fig 4: RL drifts the spectrum and rotates the top-k "
+                   "subspaces less than SFT (matched AdamW updates)"),
+    "accuracy": Claim("rl_drift_below_sft_matched_accuracy", "Fig 4: RL drifts the spectrum and rotates the top-k "
+                      "subspaces less than SFT (matched accuracy)"),
 }
 
 
@@ -296,7 +296,7 @@ def rl_drift_below_sft(drift: pd.DataFrame, match: str, *, k: int = VERDICT_K) -
     sft = sft_rows.groupby("seed")[["nss", "mean_angle_deg"]].mean()
     seeds = sorted(set(rl.index) & set(sft.index))
     if not seeds:
-        return Verdict(claim, "inconclusive", f"no seed has both an RL and an SFT ({match}-matched) row at k={k}", {})
+        return claim.verdict("inconclusive", f"no seed has both an RL and an SFT ({match}-matched) row at k={k}", {})
     nums: dict[str, Any] = {"k": k, "seeds": [int(s) for s in seeds]}
     for col in ("nss", "mean_angle_deg"):
         nums[f"rl_{col}"] = [float(rl.loc[s, col]) for s in seeds]
@@ -308,19 +308,19 @@ def rl_drift_below_sft(drift: pd.DataFrame, match: str, *, k: int = VERDICT_K) -
         nums["accuracy_gap"] = [float(gaps[s]) for s in seeds]
         far = [int(s) for s in seeds if not gaps[s] <= ACC_MATCH_TOL]
         if far:
-            return Verdict(claim, "inconclusive",
-                           f"no SFT checkpoint matches RL's final accuracy within {ACC_MATCH_TOL:g} on seed(s) {far} "
-                           f"(gaps {[round(float(gaps[s]), 4) for s in far]})", nums)
+            return claim.verdict("inconclusive",
+                                 f"no SFT checkpoint matches RL's final accuracy within {ACC_MATCH_TOL:g} on seed(s) {far} "
+                                 f"(gaps {[round(float(gaps[s]), 4) for s in far]})", nums)
         if "accuracy" in drift.columns and "base_accuracy" in drift.columns:
             acc = t[t["method"] == "RL"].groupby("seed")[["accuracy", "base_accuracy"]].first()
             moved = {int(s): float(acc.loc[s, "accuracy"] - acc.loc[s, "base_accuracy"]) for s in seeds}
             nums["rl_accuracy_change"] = [moved[int(s)] for s in seeds]
             still = [s for s, m in moved.items() if not abs(m) > ACC_MATCH_TOL]
             if still:
-                return Verdict(claim, "inconclusive",
-                               f"RL's final accuracy is within {ACC_MATCH_TOL:g} of the base's on seed(s) {still} "
-                               f"(changes {[round(moved[s], 4) for s in still]}): RL did not move the accuracy, so "
-                               f"'the SFT checkpoint of the same accuracy' is picked by eval noise", nums)
+                return claim.verdict("inconclusive",
+                                     f"RL's final accuracy is within {ACC_MATCH_TOL:g} of the base's on seed(s) {still} "
+                                     f"(changes {[round(moved[s], 4) for s in still]}): RL did not move the accuracy, so "
+                                     f"'the SFT checkpoint of the same accuracy' is picked by eval noise", nums)
     subs = {}
     for col, what in (("nss", "NSS"), ("mean_angle_deg", f"mean principal angle (k={k})")):
         effects = {int(s): (1 - rl.loc[s, col] / sft.loc[s, col]) if sft.loc[s, col] > 0 else float("nan")
@@ -332,20 +332,21 @@ def rl_drift_below_sft(drift: pd.DataFrame, match: str, *, k: int = VERDICT_K) -
     verdict = ("reproduced" if kinds == {"reproduced"} else
                "not reproduced" if "not reproduced" in kinds else "inconclusive")
     reason = "; ".join(f"{'NSS' if c == 'nss' else 'angle'}: [{v.verdict}] {v.reason}" for c, v in subs.items())
-    return Verdict(claim, verdict, reason, nums)
+    return claim.verdict(verdict, reason, nums)
 
 
 _OVERLAP_CLAIM = {
-    "princ": "Fig 5 (rl_overlap_princ_below_random): the RL update mask overlaps M_princ less than a random mask",
-    "low": "Fig 5 (rl_overlap_low_above_random): the RL update mask overlaps M_low more than a random mask",
+    "princ": Claim("rl_overlap_princ_below_random",
+                   "Fig 5: the RL update mask overlaps M_princ less than a random mask"),
+    "low": Claim("rl_overlap_low_above_random", "Fig 5: the RL update mask overlaps M_low more than a random mask"),
 }
 
 
 _BINADE_CLAIM = {
-    "princ": "Fig 5 beyond magnitude (rl_overlap_princ_below_binade): the RL update mask overlaps M_princ less "
-             "than bf16 precision and magnitude alone predict",
-    "low": "Fig 5 beyond magnitude (rl_overlap_low_above_binade): the RL update mask overlaps M_low more than bf16 "
-           "precision and magnitude alone predict",
+    "princ": Claim("rl_overlap_princ_below_binade", "Fig 5 beyond magnitude: the RL update mask overlaps M_princ "
+                   "less than bf16 precision and magnitude alone predict"),
+    "low": Claim("rl_overlap_low_above_binade", "Fig 5 beyond magnitude: the RL update mask overlaps M_low more "
+                 "than bf16 precision and magnitude alone predict"),
 }
 
 
@@ -402,8 +403,8 @@ def rl_overlap_vs_random(table: pd.DataFrame, mask: str, *, k: int = PAPER_K, al
         nums["rl_princ_not_low_baseline"] = pnl["baseline"].tolist()
         nums["rl_princ_not_low_binade_baseline"] = pnl["binade_baseline"].tolist()
     if rl.empty:
-        return Verdict(claim, "inconclusive", f"no RL rows with a nonempty update mask at k={k}, alpha={alpha:g}",
-                       nums)
+        return claim.verdict("inconclusive", f"no RL rows with a nonempty update mask at k={k}, alpha={alpha:g}",
+                             nums)
     col = "baseline" if baseline == "random" else "binade_baseline"
     effects = {int(s): sign * float(r["overlap"] - r[col]) for s, r in rl.iterrows()}
     name = "random baseline" if baseline == "random" else "binade (magnitude-only) baseline"
@@ -426,10 +427,6 @@ def _accuracy(res, step: int) -> float:
 
 
 def _train_pair(model, c: GeometryConfig, seed: int, device: str):
-    from sims.tinygpt.probe import ProbeConfig
-    from sims.tinygpt.rlvr import RLConfig, train_rlvr
-    from sims.tinygpt.sft import SFTConfig, train_sft
-
     rc = RLConfig(task=c.task, algorithm=c.algorithm, steps=c.rl_steps, prompts_per_step=c.prompts_per_step,
                   group_size=c.group_size, minibatches=c.minibatches, lr=c.lr, precision="bf16", seed=seed,
                   device=device, probe=ProbeConfig(steps=(0, c.rl_steps), n_eval_prompts=c.n_eval_prompts,
@@ -445,8 +442,6 @@ def _train_pair(model, c: GeometryConfig, seed: int, device: str):
 def geometry_experiment(cfg: Mapping) -> ClaimRun:
     """Fig. 4 + Fig. 5 at our scale: per seed RL and SFT (matched on AdamW updates and on accuracy) from the same
     bf16 base; spectrum / angles / drift / overlap tables and five verdicts (see the module docstring)."""
-    from sims.tinygpt.probe import deterministic
-
     c = _checked(config_from_section(GeometryConfig, cfg, "geometry"))
     device = cfg.get("device", "cpu")
     model = start_model(cfg, c.bf16_checkpoint)
@@ -496,5 +491,3 @@ def _geometry(cfg: Mapping, c: GeometryConfig, model, device: str) -> ClaimRun:
     tables["verdicts"] = verdicts_frame(verdicts)
     return ClaimRun(results, tables, verdicts, asdict(c))
 
-
-CLAIM_EXPERIMENTS = {"geometry": geometry_experiment}

@@ -1,5 +1,5 @@
-"""Issue 4 items 5 and 7: function-preserving interventions (App. D, Fig. 6) and the KL to the base at beta = 0
-(Fig. 15, Lemma F.9), each ending in a verdict computed from its measurements (the rules of ``sims.claims.base``).
+"""Function-preserving interventions (App. D, Fig. 6) and the KL to the base at beta = 0 (Fig. 15, Lemma F.9),
+each ending in a verdict computed from its measurements (the rules of ``sims.claims.base``).
 
 Experiment ``interventions`` (``threegate run interventions``, section ``[interventions]``)
 -------------------------------------------------------------------------------------------------
@@ -85,17 +85,24 @@ import pandas as pd
 import torch
 
 from sims.claims.base import (
+    Claim,
     ClaimRun,
     Verdict,
     block_matrix_index,
     config_from_section,
-    require_columns,
-    start_model,
-    run_rl,
     effect_verdict,
+    require_columns,
+    run_rl,
+    start_model,
     verdicts_frame,
 )
+from sims.tables import summary_tables
+from sims.tinygpt.model import permute_kv_heads, random_orthogonal, rotate_vo
+from sims.tinygpt.probe import ProbeConfig
+from sims.tinygpt.rlvr import RLConfig, train_rlvr
+from sims.tinygpt.tasks import Tokenizer, encode_demonstrations, task_by_name
 from theory.errors import InputError, ShapeMismatchError
+from theory.metrics import update_mask
 
 __all__ = [
     "INTERVENTIONS", "SCRAMBLED", "PERMUTED", "PRESERVE_SAFETY", "MIN_UNTOUCHED_RATIO", "MIN_RATIO_DROP",
@@ -103,7 +110,7 @@ __all__ = [
     "InterventionsConfig", "KLBeta0Config", "logit_tolerance", "default_permutation", "apply_edits",
     "permutation_index", "to_original_coordinates", "function_preservation", "intervention_collapses_overlap",
     "bounded_kl_at_beta0", "lemma_f9_band_hypothesis", "per_step_kl_bound", "interventions_experiment",
-    "kl_beta0_experiment", "CLAIM_EXPERIMENTS",
+    "kl_beta0_experiment",
 ]
 
 INTERVENTIONS = ("rotate", "permute", "rotate+permute")
@@ -231,8 +238,6 @@ def default_permutation(n_kv_head: int) -> list[int]:
 
 
 def _rotation(model, layer: int, seed: int) -> torch.Tensor:
-    from sims.tinygpt.model import random_orthogonal
-
     return random_orthogonal(model.cfg.head_dim, torch.Generator().manual_seed(seed + 7919 * layer))
 
 
@@ -240,8 +245,6 @@ def apply_edits(model, edits: Sequence[tuple[int, str]], *, rotation_seed: int) 
     """Apply each ``(layer, kind)`` to ``model`` in place (permute first, then rotate, for ``rotate+permute``).
 
     Returns ``{layer: {"kind": kind, "perm": perm or None}}``, the record ``to_original_coordinates`` needs."""
-    from sims.tinygpt.model import permute_kv_heads, rotate_vo
-
     done = {}
     for layer, kind in _edits_tuple(edits):
         if kind not in INTERVENTIONS:
@@ -296,8 +299,6 @@ def logit_tolerance(cfg, logits_scale: float, dtype: torch.dtype = torch.float32
 
 
 def _check_batch(task_name: str, n: int, device):
-    from sims.tinygpt.tasks import Tokenizer, encode_demonstrations, task_by_name
-
     task = task_by_name(task_name)
     ids, attn, _ = encode_demonstrations(Tokenizer(), task.sample(np.random.default_rng([4242, n]), n), device)
     return ids, attn
@@ -340,7 +341,8 @@ def intervention_collapses_overlap(table: pd.DataFrame) -> Verdict:
     Needs columns seed, layer, matrix_type, intervention, overlap, random_baseline (``rotate_overlap``). Rows with a
     zero baseline (the rerun changed nothing: ratio undefined) are left out. See the module docstring for the rule.
     """
-    claim = "Fig. 6 (intervention_collapses_overlap): Rotate/Permute make the update overlap with a rerun collapse to random where applied"
+    claim = Claim("intervention_collapses_overlap",
+                  "Fig. 6: Rotate/Permute make the update overlap with a rerun collapse to random where applied")
     require_columns(table, ("seed", "layer", "matrix_type", "intervention", "overlap", "random_baseline"), claim)
     t = table[table["random_baseline"] > 0].copy()
     unknown = sorted(set(t["intervention"]) - set(SCRAMBLED))
@@ -351,33 +353,33 @@ def intervention_collapses_overlap(table: pd.DataFrame) -> Verdict:
     untouched, scrambled = t[t["intervention"] == "none"], t[t["scrambled"]]
     if untouched.empty or scrambled.empty:
         what = "no untouched layer" if untouched.empty else "no scrambled (rotated) matrix"
-        return Verdict(claim, "inconclusive", f"the table has {what}: nothing to compare", {})
+        return claim.verdict("inconclusive", f"the table has {what}: nothing to compare", {})
     r_un = untouched.groupby("seed")["ratio"].mean()
     r_sc = scrambled.groupby("seed")["ratio"].mean()
     seeds = sorted(set(r_un.index) & set(r_sc.index))
     if not seeds:
-        return Verdict(claim, "inconclusive", "no seed has both untouched and scrambled rows", {})
+        return claim.verdict("inconclusive", "no seed has both untouched and scrambled rows", {})
     nums = {"untouched_ratio": {str(s): float(r_un[s]) for s in seeds},
             "scrambled_ratio": {str(s): float(r_sc[s]) for s in seeds},
             "min_untouched_ratio": MIN_UNTOUCHED_RATIO, "random_level_slack": RANDOM_LEVEL_SLACK}
     mean_un, mean_sc = float(np.mean([r_un[s] for s in seeds])), float(np.mean([r_sc[s] for s in seeds]))
     if mean_un < MIN_UNTOUCHED_RATIO:
-        return Verdict(claim, "inconclusive",
-                       f"the untouched layers' overlap with the rerun is only {mean_un:.3f} x the random baseline "
-                       f"(< {MIN_UNTOUCHED_RATIO:g}): the masks are not reproducible across reruns, so there is no "
-                       f"above-random overlap to collapse", nums)
+        return claim.verdict("inconclusive",
+                             f"the untouched layers' overlap with the rerun is only {mean_un:.3f} x the random baseline "
+                             f"(< {MIN_UNTOUCHED_RATIO:g}): the masks are not reproducible across reruns, so there is no "
+                             f"above-random overlap to collapse", nums)
     v = effect_verdict(claim, {s: float(r_un[s] - r_sc[s]) for s in seeds}, min_effect=MIN_RATIO_DROP,
                        what="drop of overlap/baseline (untouched layers - scrambled matrices)")
     nums = {**v.numbers, **nums}
     tail = f" (overlap/baseline: untouched {mean_un:.3f}, scrambled {mean_sc:.3f})"
     if v.verdict == "reproduced" and mean_sc > 1 + RANDOM_LEVEL_SLACK:
-        return Verdict(claim, "inconclusive",
-                       f"the overlap drops where applied, but the scrambled matrices stay at {mean_sc:.3f} x the "
-                       f"random baseline (> 1 + {RANDOM_LEVEL_SLACK:g}): not down to the random level", nums)
+        return claim.verdict("inconclusive",
+                             f"the overlap drops where applied, but the scrambled matrices stay at {mean_sc:.3f} x the "
+                             f"random baseline (> 1 + {RANDOM_LEVEL_SLACK:g}): not down to the random level", nums)
     if v.verdict == "reproduced" and (min(r_un[s] for s in seeds) < MIN_UNTOUCHED_RATIO):
-        return Verdict(claim, "inconclusive",
-                       f"the drop is clear on average but some seed's untouched layers are below "
-                       f"{MIN_UNTOUCHED_RATIO:g} x the baseline" + tail, nums)
+        return claim.verdict("inconclusive",
+                             f"the drop is clear on average but some seed's untouched layers are below "
+                             f"{MIN_UNTOUCHED_RATIO:g} x the baseline" + tail, nums)
     return replace(v, reason=v.reason + tail, numbers=nums)
 
 
@@ -397,7 +399,9 @@ def bounded_kl_at_beta0(table: pd.DataFrame) -> Verdict:
     """Fig. 15: with beta = 0 the token-wise KL to the base grows slowly and boundedly (module docstring).
 
     Needs columns run, seed, step, kl, eps_low, eps_high (the ``kl_beta0`` table of ``kl_beta0_experiment``)."""
-    claim = "Fig. 15 (bounded_kl_at_beta0): with beta = 0 (clip only) the token-wise KL to the base stays bounded and its growth flattens"
+    claim = Claim("bounded_kl_at_beta0",
+                  "Fig. 15: with beta = 0 (clip only) the token-wise KL to the base stays bounded and its growth "
+                  "flattens")
     require_columns(table, ("run", "seed", "step", "kl", "eps_low", "eps_high"), claim)
     effects, nums = {}, {"kl_budget_multiple": KL_BUDGET_MULTIPLE, "per_run": {}}
     over = []
@@ -406,16 +410,16 @@ def bounded_kl_at_beta0(table: pd.DataFrame) -> Verdict:
                                                   eps_low=("eps_low", "first"), eps_high=("eps_high", "first"))
         g = g.sort_values("step")
         if len(g) < MIN_KL_POINTS:
-            return Verdict(claim, "inconclusive", f"run {run} has {len(g)} probed steps < MIN_KL_POINTS="
-                                                  f"{MIN_KL_POINTS}: too few for the slopes of the thirds", nums)
+            return claim.verdict("inconclusive", f"run {run} has {len(g)} probed steps < MIN_KL_POINTS="
+                                                 f"{MIN_KL_POINTS}: too few for the slopes of the thirds", nums)
         s, kl = g["step"].to_numpy(), g["kl"].to_numpy(dtype=np.float64)
         if not np.isfinite(kl).all():
-            return Verdict(claim, "inconclusive", f"run {run} has a non-finite KL", nums)
+            return claim.verdict("inconclusive", f"run {run} has a non-finite KL", nums)
         T, klT = int(s.max()), float(kl[-1])
         budget = KL_BUDGET_MULTIPLE * T * per_step_kl_bound(float(g["eps_low"].iloc[0]), float(g["eps_high"].iloc[0]))
         first, last = s <= s.min() + (T - s.min()) / 3, s >= s.min() + 2 * (T - s.min()) / 3
         if first.sum() < 2 or last.sum() < 2:
-            return Verdict(claim, "inconclusive", f"run {run}: fewer than two probed steps in a third", nums)
+            return claim.verdict("inconclusive", f"run {run}: fewer than two probed steps in a third", nums)
         sf, sl = _slope(s[first], kl[first]), _slope(s[last], kl[last])
         nums["per_run"][str(run)] = {"seed": int(g["seed"].iloc[0]), "steps": T, "kl_final": klT, "budget": budget,
                                      "slope_first_third": sf, "slope_last_third": sl}
@@ -423,16 +427,16 @@ def bounded_kl_at_beta0(table: pd.DataFrame) -> Verdict:
             over.append(f"{run}: KL_T {klT:.4g} > {budget:.4g}")
         mean_slope = klT / T if T else 0.0
         if mean_slope <= 0:
-            return Verdict(claim, "inconclusive", f"run {run}: the KL did not grow (KL_T = {klT:.3g})", nums)
+            return claim.verdict("inconclusive", f"run {run}: the KL did not grow (KL_T = {klT:.3g})", nums)
         seed = int(g["seed"].iloc[0])
         if seed in effects:
             raise InputError(f"{claim}: two runs share seed {seed}; the seed rule needs one run per seed")
         effects[seed] = (sf - sl) / mean_slope
     if not effects:
-        return Verdict(claim, "inconclusive", "the table has no runs", nums)
+        return claim.verdict("inconclusive", "the table has no runs", nums)
     if over:
-        return Verdict(claim, "not reproduced", "the KL leaves the Lemma F.9 budget KL_BUDGET_MULTIPLE * T * c(eps): "
-                                                + "; ".join(over), nums)
+        return claim.verdict("not reproduced", "the KL leaves the Lemma F.9 budget KL_BUDGET_MULTIPLE * T * c(eps): "
+                                               + "; ".join(over), nums)
     v = effect_verdict(claim, effects, min_effect=MIN_FLATTENING,
                        what="flattening (first-third slope - last-third slope) / mean slope")
     finals = [r["kl_final"] for r in nums["per_run"].values()]
@@ -445,21 +449,22 @@ def bounded_kl_at_beta0(table: pd.DataFrame) -> Verdict:
 def lemma_f9_band_hypothesis(table: pd.DataFrame) -> Verdict:
     """Lemma F.9's hypothesis on real clip-only steps: every token ratio pi_t / pi_{t-1} of the step's sampled
     tokens lies in [1 - eps_low, 1 + eps_high]. Needs columns run, step, out_of_band_frac (``band_violations``)."""
-    claim = "Lemma F.9 hypothesis (lemma_f9_band_hypothesis): after each clip-only update every token ratio lies in the clip band"
+    claim = Claim("lemma_f9_band_hypothesis",
+                  "Lemma F.9 hypothesis: after each clip-only update every token ratio lies in the clip band")
     require_columns(table, ("run", "step", "out_of_band_frac"), claim)
     t = table.dropna(subset=["out_of_band_frac"])
     if t.empty:
-        return Verdict(claim, "inconclusive", "no step has recorded token ratios", {})
+        return claim.verdict("inconclusive", "no step has recorded token ratios", {})
     bad = t[t["out_of_band_frac"] > 0]
     nums = {"steps": int(len(t)), "steps_with_violations": int(len(bad)),
             "mean_out_of_band_frac": float(t["out_of_band_frac"].mean()),
             "max_out_of_band_frac": float(t["out_of_band_frac"].max())}
     if bad.empty:
-        return Verdict(claim, "reproduced", f"no token ratio left the band in {len(t)} recorded steps", nums)
-    return Verdict(claim, "not reproduced",
-                   f"{len(bad)} of {len(t)} steps have token ratios outside the band (largest fraction "
-                   f"{nums['max_out_of_band_frac']:.4f}, mean {nums['mean_out_of_band_frac']:.4f}): clipping stops "
-                   f"the gradient of out-of-band tokens, it does not keep the ratios in the band", nums)
+        return claim.verdict("reproduced", f"no token ratio left the band in {len(t)} recorded steps", nums)
+    return claim.verdict("not reproduced",
+                         f"{len(bad)} of {len(t)} steps have token ratios outside the band (largest fraction "
+                         f"{nums['max_out_of_band_frac']:.4f}, mean {nums['mean_out_of_band_frac']:.4f}): clipping stops "
+                         f"the gradient of out-of-band tokens, it does not keep the ratios in the band", nums)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -468,8 +473,6 @@ def lemma_f9_band_hypothesis(table: pd.DataFrame) -> Verdict:
 
 def _masks(res) -> dict[str, np.ndarray]:
     """{block matrix name: update mask (stored bf16 at the last probed step != at step 0)} of run ``res``."""
-    from theory.metrics import update_mask
-
     base, final = res.snapshots[0], res.snapshots[max(res.snapshots)]
     return {n: np.asarray(update_mask(base[n], final[n]).cpu().numpy(), dtype=bool) for n in block_matrix_index(base)}
 
@@ -557,10 +560,6 @@ def interventions_experiment(cfg: Mapping) -> ClaimRun:
 def kl_beta0_experiment(cfg: Mapping) -> ClaimRun:
     """Fig. 15 / Lemma F.9: clip-only (DAPO, beta = 0) RL over seeds; token-wise KL to the base after every probed
     step, the fraction of token ratios outside the clip band per update, and verdicts."""
-    from sims.experiments.registry import summary_tables
-    from sims.tinygpt.probe import ProbeConfig
-    from sims.tinygpt.rlvr import RLConfig, train_rlvr
-
     c = config_from_section(KLBeta0Config, cfg, "kl_beta0")
     device = cfg.get("device", "cpu")
     base = start_model(cfg, c.bf16_checkpoint)
@@ -598,5 +597,3 @@ def kl_beta0_experiment(cfg: Mapping) -> ClaimRun:
     tables = {"kl_beta0": kl, "band_violations": band, "verdicts": verdicts_frame(verdicts)}
     return ClaimRun(results, tables, verdicts, asdict(c))
 
-
-CLAIM_EXPERIMENTS = {"interventions": interventions_experiment, "kl_beta0": kl_beta0_experiment}

@@ -71,7 +71,27 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sims.claims.base import ClaimRun, Verdict, config_from_section, require_columns, start_model, effect_verdict, verdicts_frame
+from sims.claims.base import (
+    Claim,
+    ClaimRun,
+    Verdict,
+    config_from_section,
+    effect_verdict,
+    require_columns,
+    start_model,
+    verdicts_frame,
+)
+from sims.tinygpt.peft import (
+    ADAPTER_METHODS,
+    MASK_NAMES,
+    adapter_parameter_count,
+    add_adapters,
+    mask_density,
+    structural_masks,
+    train_rlvr_masked,
+)
+from sims.tinygpt.probe import ProbeConfig
+from sims.tinygpt.rlvr import RLConfig, train_rlvr
 from theory.errors import InputError, NonFiniteError
 
 __all__ = [
@@ -79,7 +99,7 @@ __all__ = [
     "MaskedRunsConfig", "LoraPissaConfig", "final_values", "summarize_adapter_runs",
     "safe_mask_tracks_dense", "safe_mask_kl_tracks_dense", "princ_mask_worst", "safe_mask_beats_random",
     "pissa_no_better_than_lora", "pissa_collapses_at_high_lr",
-    "masked_runs_experiment", "lora_pissa_experiment", "CLAIM_EXPERIMENTS",
+    "masked_runs_experiment", "lora_pissa_experiment",
 ]
 
 #: A run's final value is the mean over its probed steps t >= FINAL_FRACTION * (its last step).
@@ -166,9 +186,6 @@ class LoraPissaConfig:
 
 
 def _rl_config(c, *, seed: int, lr: float, device: str):
-    from sims.tinygpt.probe import ProbeConfig
-    from sims.tinygpt.rlvr import RLConfig
-
     steps = tuple(sorted(set(range(0, c.rl_steps + 1, max(1, c.probe_every))) | {0, c.rl_steps}))
     return RLConfig(task=c.task, algorithm=c.algorithm, steps=c.rl_steps, prompts_per_step=c.prompts_per_step,
                     group_size=c.group_size, minibatches=c.minibatches, lr=lr, precision=c.precision, seed=seed,
@@ -239,11 +256,12 @@ def _masked_final(table: pd.DataFrame) -> pd.DataFrame:
 
 def safe_mask_tracks_dense(table: pd.DataFrame) -> Verdict:
     """Fig. 9 / Tables 4-5: the safe mask's final reward is within TRACK_DELTA of dense and above M_princ's."""
-    claim = "Fig. 9 (safe_mask_tracks_dense): RL on the safe mask (M_princ^c or M_low) tracks dense RL and beats the principal-only mask"
+    claim = Claim("safe_mask_tracks_dense",
+                  "Fig. 9: RL on the safe mask (M_princ^c or M_low) tracks dense RL and beats the principal-only mask")
     t = _masked_final(table)
     per, why = _per_seed_masks(t, claim, ("safe", "dense", "princ"))
     if per is None:
-        return Verdict(claim, "inconclusive", why, {})
+        return claim.verdict("inconclusive", why, {})
     effects = {int(s): float(min(TRACK_DELTA - abs(r["safe"] - r["dense"]), r["safe"] - r["princ"]))
                for s, r in per.iterrows()}
     v = effect_verdict(claim, effects, min_effect=0.0,
@@ -254,13 +272,13 @@ def safe_mask_tracks_dense(table: pd.DataFrame) -> Verdict:
 
 def safe_mask_kl_tracks_dense(table: pd.DataFrame) -> Verdict:
     """Fig. 9 (left): the safe mask's final KL to the base is within KL_TRACK_RATIO * KL_dense of dense's."""
-    claim = "Fig. 9 (safe_mask_kl_tracks_dense): the KL-to-base curve of the safe-mask run tracks dense"
+    claim = Claim("safe_mask_kl_tracks_dense", "Fig. 9: the KL-to-base curve of the safe-mask run tracks dense")
     t = _masked_final(table)
     per, why = _per_seed_masks(t, claim, ("safe", "dense"), col="final_kl")
     if per is None:
-        return Verdict(claim, "inconclusive", why, {})
+        return claim.verdict("inconclusive", why, {})
     if (per["dense"] <= 0).any():
-        return Verdict(claim, "inconclusive", "dense run has no KL to the base on some seed", {})
+        return claim.verdict("inconclusive", "dense run has no KL to the base on some seed", {})
     effects = {int(s): float(KL_TRACK_RATIO - abs(r["safe"] - r["dense"]) / r["dense"]) for s, r in per.iterrows()}
     v = effect_verdict(claim, effects, min_effect=0.0,
                        what=f"KL margin {KL_TRACK_RATIO:g} - |KL_safe - KL_dense| / KL_dense")
@@ -270,14 +288,14 @@ def safe_mask_kl_tracks_dense(table: pd.DataFrame) -> Verdict:
 
 def princ_mask_worst(table: pd.DataFrame) -> Verdict:
     """Table 4: RL restricted to M_princ ends with the lowest reward of all masks (dense included)."""
-    claim = "Table 4 (princ_mask_worst): updating only the principal mask M_princ is worst"
+    claim = Claim("princ_mask_worst", "Table 4: updating only the principal mask M_princ is worst")
     t = _masked_final(table)
     per, why = _per_seed_masks(t, claim, ("princ",))
     if per is None:
-        return Verdict(claim, "inconclusive", why, {})
+        return claim.verdict("inconclusive", why, {})
     others = [m for m in per.columns if m != "princ"]
     if not others:
-        return Verdict(claim, "inconclusive", "no mask to compare M_princ with", {})
+        return claim.verdict("inconclusive", "no mask to compare M_princ with", {})
     effects = {int(s): float(np.nanmin([r[m] - r["princ"] for m in others])) for s, r in per.iterrows()
                if r[others].notna().any()}
     v = effect_verdict(claim, effects, min_effect=0.0, what="reward gap min_m R_m - R_princ")
@@ -286,11 +304,11 @@ def princ_mask_worst(table: pd.DataFrame) -> Verdict:
 
 def safe_mask_beats_random(table: pd.DataFrame) -> Verdict:
     """Table 5: a random mask of the safe mask's density ends below the safe mask."""
-    claim = "Table 5 (safe_mask_beats_random): a random mask of the same density is below the safe mask"
+    claim = Claim("safe_mask_beats_random", "Table 5: a random mask of the same density is below the safe mask")
     t = _masked_final(table)
     per, why = _per_seed_masks(t, claim, ("safe", "random"))
     if per is None:
-        return Verdict(claim, "inconclusive", why, {})
+        return claim.verdict("inconclusive", why, {})
     effects = {int(s): float(r["safe"] - r["random"]) for s, r in per.iterrows()}
     v = effect_verdict(claim, effects, min_effect=0.0, what="reward gap R_safe - R_random")
     return replace(v, numbers={**v.numbers, "final_reward_safe": per["safe"].tolist(),
@@ -324,7 +342,8 @@ def _adapter_final(table: pd.DataFrame) -> pd.DataFrame:
 
 def pissa_no_better_than_lora(table: pd.DataFrame) -> Verdict:
     """Fig. 10: PiSSA gives no gain over LoRA: per seed, mean over the grid of R_LoRA - R_PiSSA > -NO_GAIN_MARGIN."""
-    claim = "Fig. 10 (pissa_no_better_than_lora): PiSSA (principal-initialised adapters) gives no gain over LoRA"
+    claim = Claim("pissa_no_better_than_lora",
+                  "Fig. 10: PiSSA (principal-initialised adapters) gives no gain over LoRA")
     t = _adapter_final(table)
     require_columns(t, ("method", "rank", "lr", "seed", "final_reward"), claim)
     all_cells = t.groupby(["rank", "lr", "method"])["final_reward"].mean().unstack("method")
@@ -332,10 +351,10 @@ def pissa_no_better_than_lora(table: pd.DataFrame) -> Verdict:
         t = t[t["lr"] < t["lr"].max()]
     per = t.groupby(["seed", "rank", "lr", "method"])["final_reward"].mean().unstack("method")
     if not {"LoRA", "PiSSA"} <= set(per.columns):
-        return Verdict(claim, "inconclusive", "the table lacks LoRA or PiSSA runs", {})
+        return claim.verdict("inconclusive", "the table lacks LoRA or PiSSA runs", {})
     per = per.dropna(subset=["LoRA", "PiSSA"])
     if per.empty:
-        return Verdict(claim, "inconclusive", "no (seed, rank, lr) cell has both a LoRA and a PiSSA run", {})
+        return claim.verdict("inconclusive", "no (seed, rank, lr) cell has both a LoRA and a PiSSA run", {})
     gap = (per["LoRA"] - per["PiSSA"]).groupby(level="seed").mean()
     effects = {int(s): float(g + NO_GAIN_MARGIN) for s, g in gap.items()}
     v = effect_verdict(claim, effects, min_effect=0.0,
@@ -351,16 +370,16 @@ def pissa_no_better_than_lora(table: pd.DataFrame) -> Verdict:
 
 def pissa_collapses_at_high_lr(table: pd.DataFrame) -> Verdict:
     """Fig. 10: at the highest learning rate PiSSA runs collapse more often than LoRA runs (per seed)."""
-    claim = "Fig. 10 (pissa_collapses_at_high_lr): PiSSA collapses at the high learning rate (LoRA does not)"
+    claim = Claim("pissa_collapses_at_high_lr", "Fig. 10: PiSSA collapses at the high learning rate (LoRA does not)")
     t = _adapter_final(table)
     require_columns(t, ("method", "lr", "seed", "collapsed"), claim)
     if t.empty:
-        return Verdict(claim, "inconclusive", "empty table", {})
+        return claim.verdict("inconclusive", "empty table", {})
     hi = float(t["lr"].max())
     h = t[t["lr"] == hi]
     per = h.groupby(["seed", "method"])["collapsed"].mean().unstack("method")
     if not {"LoRA", "PiSSA"} <= set(per.columns):
-        return Verdict(claim, "inconclusive", f"no LoRA and PiSSA runs at the highest lr {hi:g}", {})
+        return claim.verdict("inconclusive", f"no LoRA and PiSSA runs at the highest lr {hi:g}", {})
     per = per.dropna(subset=["LoRA", "PiSSA"])
     effects = {int(s): float(r["PiSSA"] - r["LoRA"]) for s, r in per.iterrows()}
     v = effect_verdict(claim, effects, min_effect=MIN_COLLAPSE_GAP,
@@ -380,8 +399,6 @@ def pissa_collapses_at_high_lr(table: pd.DataFrame) -> Verdict:
 def masked_runs_experiment(cfg: Mapping) -> ClaimRun:
     """Fig. 9 / Tables 4-5: RL restricted to M_princ, M_princ^c, M_low, the safe mask and a random mask of its
     density, against dense RL; reward and KL-to-base trajectories; verdicts."""
-    from sims.tinygpt.peft import MASK_NAMES, mask_density, structural_masks, train_rlvr_masked
-
     c = config_from_section(MaskedRunsConfig, cfg, "masked_runs")
     bad = sorted(set(c.masks) - set(MASK_NAMES))
     if bad or not c.masks:
@@ -415,9 +432,6 @@ def masked_runs_experiment(cfg: Mapping) -> ClaimRun:
 
 def lora_pissa_experiment(cfg: Mapping) -> ClaimRun:
     """Fig. 10: LoRA vs PiSSA adapters under RL over ranks x learning rates; reward curves, collapse; verdicts."""
-    from sims.tinygpt.peft import ADAPTER_METHODS, adapter_parameter_count, add_adapters
-    from sims.tinygpt.rlvr import train_rlvr
-
     c = config_from_section(LoraPissaConfig, cfg, "lora_pissa")
     bad = sorted(set(c.methods) - set(ADAPTER_METHODS))
     if bad or not c.methods or not c.ranks or not c.lrs:
@@ -448,5 +462,3 @@ def lora_pissa_experiment(cfg: Mapping) -> ClaimRun:
     tables = {"lora_pissa": table, "lora_pissa_final": final, "verdicts": verdicts_frame(verdicts)}
     return ClaimRun(results, tables, verdicts, asdict(c))
 
-
-CLAIM_EXPERIMENTS = {"masked_runs": masked_runs_experiment, "lora_pissa": lora_pissa_experiment}

@@ -17,7 +17,12 @@ writes into ``--out`` (default ``runs/NAME-<config hash>``):
 * ``config.json`` (the resolved configuration, seed included), ``run.json`` (seed, wall times, versions) and the
   stored-weight snapshots (safetensors) under ``snapshots/``.
 
-Config files are TOML or JSON::
+Every experiment ``threegate run`` knows is in ``EXPERIMENTS`` (this module is the only place that lists them):
+the TinyGPT runs above, the claim experiments of ``sims.claims`` (``CLAIM_EXPERIMENTS``: each also writes its own
+tables and ``verdicts.json``) and ``hf_rlvr`` / ``hf_sft`` on a real Hugging Face model (``sims.hf.backend``).
+
+Config files are TOML, JSON or YAML, checked before any work (``check_config``: every value's type, unknown keys
+at every level, each section's own checks; one line naming the file, section and key otherwise)::
 
     seed = 0                       # optional: overrides the seed of every run
     device = "cpu"                 # optional: overrides every run's device
@@ -34,140 +39,86 @@ Config files are TOML or JSON::
     high_over_low = 1.4
 
 The probed steps always include 0 and the last step (the sparsity / spectrum tables compare those two).
+
+The tables are written into a temporary sibling of ``--out`` that is renamed to it only when the run succeeded (a
+failed run leaves no folder). RL runs print one progress line per step on stderr (step, reward, KL; ``--quiet``
+silences them) and warnings at the end of a run (``sims.tinygpt.progress``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-import hashlib
+import difflib
 import json
 import platform
+import shutil
+import tempfile
+import textwrap
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
-import numpy as np
 import pandas as pd
 import torch
 
+from sims.claims import consistency, geometry, interventions, peft, sparsity
+from sims.claims.base import ClaimRun, print_verdicts, verdicts_json, write_claim_run
+from sims.experiments.config import Section, experiment_hash, load_config, resolve_section, validate_config
+from sims.experiments.pretrained import PRETRAIN, base_model
+from sims.hf import backend as hf
+from sims.tables import concat_tables, summary_tables, write_tables
 from sims.tinygpt.probe import ProbeConfig, RunResult
+from sims.tinygpt.rlvr import RLConfig, train_rlvr
+from sims.tinygpt.sft import SFTConfig, train_sft
+from sims.tinygpt.progress import show_progress
+from sims.tinygpt.storage import save_snapshot
 from theory.errors import InputError
 
-__all__ = ["EXPERIMENTS", "Experiment", "experiment", "load_config", "config_hash", "section_config", "run_experiment",
-           "summary_tables", "add_arguments", "run"]
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """``fn(cfg) -> runs``; a ``trainer`` experiment (a transformers Trainer run: ``hf_rlvr``, ``hf_sft``) is called
-    as ``fn(cfg, out_dir=..., trainer_callbacks=...)`` and its live callbacks may write tables into the run folder."""
-
-    name: str
-    doc: str
-    fn: Callable[..., list[RunResult]]
-    trainer: bool = False
-
-
-EXPERIMENTS: dict[str, Experiment] = {}
-
-
-def experiment(name: str, *, trainer: bool = False) -> Callable[[Callable[..., list[RunResult]]],
-                                                                  Callable[..., list[RunResult]]]:
-    def deco(fn):
-        EXPERIMENTS[name] = Experiment(name, (fn.__doc__ or "").strip().splitlines()[0], fn, trainer)
-        return fn
-
-    return deco
+__all__ = ["Experiment", "EXPERIMENTS", "CLAIM_EXPERIMENTS", "CLAIM_CONFIGS", "SECTIONS", "ClipEpsConfig",
+           "load_config", "experiment_hash", "check_config", "first_paragraph", "run_experiment", "run_claims",
+           "add_arguments", "run"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Configuration
+# Configuration of the TinyGPT runs
 
 
-def load_config(path: str | Path | None) -> dict:
-    """Read a TOML or JSON config file (None: empty config, every default)."""
-    if path is None:
-        return {}
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"config file {path} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            import tomllib
+@dataclass(frozen=True)
+class ClipEpsConfig:
+    """``[clip_eps]``: the clip widths of the DAPO runs (eps_low; eps_high = high_over_low * eps_low)."""
 
-            return tomllib.loads(text)
-        if path.suffix == ".json":
-            cfg = json.loads(text)
-            if not isinstance(cfg, dict):
-                raise InputError(f"config file {path}: top level must be an object")
-            return cfg
-    except (ValueError, TypeError) as e:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
-        raise InputError(f"config file {path} is not valid {path.suffix[1:].upper()}: {e}") from None
-    raise InputError(f"config file {path}: unsupported extension {path.suffix!r} (use .toml or .json)")
+    eps: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
+    high_over_low: float = 1.4  # DAPO clip-higher
+
+    def __post_init__(self) -> None:
+        if not self.eps or any(not 0 < e < 1 for e in self.eps) or self.high_over_low <= 1:
+            raise InputError(f"need eps in (0, 1) and high_over_low > 1, got {list(self.eps)}, {self.high_over_low}")
 
 
-def config_hash(name: str, cfg: Mapping) -> str:
-    return hashlib.sha256(json.dumps({"experiment": name, "config": cfg}, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def section_config(cls, section: Mapping | None, *, where: str, presets: tuple[str, ...] | None = None,
-                   default: str | None = None, **forced):
-    """A config dataclass ``cls`` from the config-file section ``[where]``.
-
-    With ``presets``, the key ``preset`` (default ``default``) picks a named constructor: the classmethod of that
-    name, or plain ``cls(...)`` when the class has none; the section's other keys override fields. ``forced`` keys
-    (e.g. ``seed`` from the command line) override the section when not None. An unknown key or preset is an
-    InputError naming the section. Lists (all a TOML / YAML file can give) become tuples: config dataclasses are
-    frozen and hash into cache keys."""
-    sec = {k: tuple(v) if isinstance(v, list) else v for k, v in (section or {}).items()}
-    sec.update({k: v for k, v in forced.items() if v is not None})
-    preset = sec.pop("preset", default) if presets is not None else None
-    if presets is not None and preset not in presets:
-        raise InputError(f"[{where}] preset must be one of {list(presets)}, got {preset!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(sec) - known)
-    if unknown:
-        raise InputError(f"[{where}] unknown keys {unknown}; known: {sorted(known)}")
-    make = getattr(cls, preset, None) if preset is not None else None
-    return make(**sec) if callable(make) else cls(**sec)
-
-
-def _pretrain_config(cfg: Mapping):
-    from sims.tinygpt.pretrain import PretrainConfig
-
-    sec = dict(cfg.get("pretrain", {}))
-    sec.pop("cache_dir", None)  # where the cache lives, not what is trained
-    return section_config(PretrainConfig, sec, where="pretrain", presets=("fast", "default"), default="default")
-
-
-def _base_model(cfg: Mapping):
-    from sims.tinygpt.pretrain import pretrain
-
-    pcfg = _pretrain_config(cfg)
-    cache = cfg.get("pretrain", {}).get("cache_dir", ".cache/threegate")
-    model, info = pretrain(pcfg, cache_dir=cache, device=cfg.get("device", "cpu"))
-    return model, info
+#: The config sections of the TinyGPT experiments.
+SECTIONS: dict[str, Section] = {
+    "pretrain": PRETRAIN,
+    "rlvr": Section(RLConfig, forced=("seed", "device")),
+    "sft": Section(SFTConfig, forced=("seed", "device")),
+    "clip_eps": Section(ClipEpsConfig),
+}
 
 
 def _with_endpoints(probe: ProbeConfig, steps: int) -> ProbeConfig:
     return replace(probe, steps=tuple(sorted(set(probe.steps) | {0, steps})))
 
 
-def _rl_config(cfg: Mapping):
-    from sims.tinygpt.rlvr import RLConfig
-
-    rc = section_config(RLConfig, cfg.get("rlvr"), where="rlvr", seed=cfg.get("seed"), device=cfg.get("device"))
+def _rl_config(cfg: Mapping) -> RLConfig:
+    rc = resolve_section(SECTIONS["rlvr"], cfg, "rlvr")[0]
     rc.probe = _with_endpoints(rc.probe, rc.steps)
     return rc
 
 
-def _sft_config(cfg: Mapping):
-    from sims.tinygpt.sft import SFTConfig
-
-    sc = section_config(SFTConfig, cfg.get("sft"), where="sft", seed=cfg.get("seed"), device=cfg.get("device"))
+def _sft_config(cfg: Mapping) -> SFTConfig:
+    sc = resolve_section(SECTIONS["sft"], cfg, "sft")[0]
     sc.probe = _with_endpoints(sc.probe, sc.steps)
     return sc
 
@@ -176,31 +127,21 @@ def _sft_config(cfg: Mapping):
 # The experiments
 
 
-@experiment("rlvr")
 def exp_rlvr(cfg: dict) -> list[RunResult]:
     """RLVR (GRPO / DAPO / REINFORCE+KL) from the pretrained model, with probes and theory checks on real steps."""
-    from sims.tinygpt.rlvr import train_rlvr
-
-    model, _ = _base_model(cfg)
+    model, _ = base_model(cfg)
     return [train_rlvr(model, _rl_config(cfg), run_name="rlvr")]
 
 
-@experiment("sft")
 def exp_sft(cfg: dict) -> list[RunResult]:
     """SFT on correct demonstrations from the pretrained model, with probes and theory checks on real steps."""
-    from sims.tinygpt.sft import train_sft
-
-    model, _ = _base_model(cfg)
+    model, _ = base_model(cfg)
     return [train_sft(model, _sft_config(cfg), run_name="sft")]
 
 
-@experiment("rl_vs_sft")
 def exp_rl_vs_sft(cfg: dict) -> list[RunResult]:
     """RLVR and SFT on the same task from the same pretrained checkpoint (Table 1 / Fig. 4 at our scale)."""
-    from sims.tinygpt.rlvr import train_rlvr
-    from sims.tinygpt.sft import train_sft
-
-    model, _ = _base_model(cfg)
+    model, _ = base_model(cfg)
     rl_cfg, sft_cfg = _rl_config(cfg), _sft_config(cfg)
     if "task" not in cfg.get("sft", {}):
         sft_cfg.task = rl_cfg.task  # the same task unless the config says otherwise
@@ -208,23 +149,14 @@ def exp_rl_vs_sft(cfg: dict) -> list[RunResult]:
             train_sft(copy.deepcopy(model), sft_cfg, run_name="sft")]
 
 
-@experiment("clip_eps")
 def exp_clip_eps(cfg: dict) -> list[RunResult]:
     """Lemma F.9 on real clip-only (DAPO) runs over a sweep of clip widths eps: band violations and KL vs eps."""
-    from sims.tinygpt.rlvr import train_rlvr
-
-    sweep = dict(cfg.get("clip_eps", {}))
-    eps_list = [float(e) for e in sweep.pop("eps", [0.05, 0.1, 0.2, 0.4])]
-    ratio_high = float(sweep.pop("high_over_low", 1.4))  # DAPO clip-higher: eps_high = ratio * eps_low
-    if sweep:
-        raise InputError(f"[clip_eps] unknown keys {sorted(sweep)}; known: ['eps', 'high_over_low']")
-    if not eps_list or any(not 0 < e < 1 for e in eps_list) or ratio_high <= 1:
-        raise InputError(f"[clip_eps] need eps in (0, 1) and high_over_low > 1, got {eps_list}, {ratio_high}")
-    model, _ = _base_model(cfg)
+    sweep = resolve_section(SECTIONS["clip_eps"], cfg, "clip_eps")[0]
+    model, _ = base_model(cfg)
     out = []
-    for eps in eps_list:
+    for eps in sweep.eps:
         rl = dict(cfg.get("rlvr", {}))
-        rl.update(algorithm="dapo", beta=0.0, eps_low=eps, eps_high=min(ratio_high * eps, 0.99))
+        rl.update(algorithm="dapo", beta=0.0, eps_low=eps, eps_high=min(sweep.high_over_low * eps, 0.99))
         probe = dict(rl.pop("probe", {}))
         steps = int(rl.get("steps", 10))
         probe.update(steps=list(range(0, steps + 1)), checks=["lemF.9"])
@@ -235,129 +167,176 @@ def exp_clip_eps(cfg: dict) -> list[RunResult]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tables
+# The registry
 
 
-def summary_tables(results: list[RunResult], k: int | None = None) -> dict[str, pd.DataFrame]:
-    """sparsity / spectrum / angles (final probed step vs step 0) and kl_beta0 from probed runs."""
-    from theory.naming import layer_index, matrix_type  # TinyGPT and HF names alike
-    from theory.linalg import singular_values
-    from theory.metrics import bf16_changed_count, principal_angles_topk
+@dataclass(frozen=True)
+class Experiment:
+    """A ``threegate run`` name: its description (the first paragraph of its docstring), the function (returning
+    the training runs, or a ``ClaimRun``: runs, tables, verdicts), and the config sections it reads
+    (``{name: Section}``; the schema ``check_config`` validates a config against). A ``trainer`` experiment
+    (``hf_rlvr``, ``hf_sft``: TRL) is called as ``fn(cfg, out_dir=..., trainer_callbacks=...)``: the callbacks
+    write their own tables into the run folder."""
 
-    sparsity, spectrum, angles, klb = [], [], [], []
-    for res in results:
-        method = "RL" if res.kind == "rlvr" else "SFT"
-        steps = res.config.get("steps")
-        seed = res.config.get("seed")
-        kk = k or res.config.get("probe", {}).get("k", 4)
-        if 0 not in res.snapshots or len(res.snapshots) < 2:
-            continue
-        last = max(res.snapshots)
-        base, final = res.snapshots[0], res.snapshots[last]
-        pooled: dict[str, list[int]] = {}
-        model = res.config.get("model") or "TinyGPT"
-        for name in base:
-            mt, layer = matrix_type(name), layer_index(name)
-            if mt == "other" or layer is None or base[name].ndim != 2:
-                continue
-            changed, n = bf16_changed_count(base[name], final[name]), base[name].numel()
-            for key in (mt, "all"):
-                acc = pooled.setdefault(key, [0, 0])
-                acc[0] += changed
-                acc[1] += n
-            s0, s1 = singular_values(base[name]), singular_values(final[name])
-            for i, (a, b) in enumerate(zip(s0, s1)):
-                spectrum.append({"run": res.name, "layer": layer, "matrix_type": mt, "i": i, "sigma_base": a,
-                                 "sigma_tuned": b, "seed": seed, "steps": steps})
-            aU, aV = principal_angles_topk(base[name], final[name], kk)
-            for side, arr in (("U", aU), ("V", aV)):
-                for i, th in enumerate(np.atleast_1d(arr)):
-                    angles.append({"run": res.name, "layer": layer, "matrix_type": mt, "side": side, "i": i,
-                                   "angle_deg": float(np.degrees(th)), "k": kk, "seed": seed, "steps": steps})
-        for mt, (c, n) in pooled.items():
-            sparsity.append({"run": res.name, "method": method, "matrix_type": mt, "sparsity": 1 - c / n,
-                             "changed": c, "total": n, "precision": res.config.get("precision"), "seed": seed,
-                             "steps": steps, "model": model})
-        if res.kind == "rlvr" and res.config.get("beta", 0) == 0:
-            m = res.metrics
-            for _, row in m[m["metric"] == "kl_tok_base"].iterrows():
-                klb.append({"run": res.name, "step": int(row["step"]), "kl": row["value"], "beta": 0.0,
-                            "seed": seed, "steps": steps, "model": model})
-    clip = []
-    for res in results:
-        c = res.checks
-        if c.empty or "lemF.9" not in set(c["result_id"]):
-            continue
-        for _, row in c[c["result_id"] == "lemF.9"].iterrows():
-            clip.append({"run": res.name, "step": int(row["step"]), "eps": row["d_eps"],
-                         "eps_low": res.config.get("eps_low"), "eps_high": res.config.get("eps_high"),
-                         "violation_fraction": row["d_violation_fraction"], "k1": row["d_k1"], "k3": row["d_k3"],
-                         "small_step": row["d_small_step"], "mean_len": row["d_mean_len"], "bound": row["rhs"],
-                         "small_step_band_bound": row["d_small_step_band_bound"],
-                         "assumptions_hold": bool(row["assumptions_hold"]), "lr": res.config.get("lr"),
-                         "seed": res.config.get("seed")})
-    return {"sparsity": pd.DataFrame(sparsity), "spectrum": pd.DataFrame(spectrum), "angles": pd.DataFrame(angles),
-            "kl_beta0": pd.DataFrame(klb), "clip_eps": pd.DataFrame(clip)}
+    name: str
+    doc: str
+    fn: Callable[..., list[RunResult] | ClaimRun]
+    sections: Mapping[str, Section] = field(default_factory=dict)
+    trainer: bool = False  # a transformers Trainer run: fn(cfg, out_dir=..., trainer_callbacks=...)
 
 
-def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    frames = [f for f in frames if f is not None and len(f.columns)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+def first_paragraph(doc: str | None) -> str:
+    """The first paragraph of a docstring as one line (``run --list`` prints it whole)."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
 
 
-def _write_table(df: pd.DataFrame, out: Path, name: str) -> None:
-    df.to_csv(out / f"{name}.csv", index=False)
-    df.to_parquet(out / f"{name}.parquet", index=False)
+#: The claim experiments (``fn(cfg) -> ClaimRun``, config section ``[name]``, ``preset = "fast"`` in seconds).
+CLAIM_EXPERIMENTS: dict[str, Callable[[Mapping], ClaimRun]] = {
+    "sparsity": sparsity.sparsity_experiment,
+    "mask_predictor": sparsity.mask_predictor_experiment,
+    "consistency": consistency.consistency_experiment,
+    "geometry": geometry.geometry_experiment,
+    "interventions": interventions.interventions_experiment,
+    "kl_beta0": interventions.kl_beta0_experiment,
+    "masked_runs": peft.masked_runs_experiment,
+    "lora_pissa": peft.lora_pissa_experiment,
+}
+#: The config dataclass of each claim experiment's section ``[name]`` (its schema for ``threegate run`` / sweep).
+CLAIM_CONFIGS: dict[str, type] = {
+    "sparsity": sparsity.SparsityConfig,
+    "mask_predictor": sparsity.MaskPredictorConfig,
+    "consistency": consistency.ConsistencyConfig,
+    "geometry": geometry.GeometryConfig,
+    "interventions": interventions.InterventionsConfig,
+    "kl_beta0": interventions.KLBeta0Config,
+    "masked_runs": peft.MaskedRunsConfig,
+    "lora_pissa": peft.LoraPissaConfig,
+}
+
+_TINY = {"pretrain": SECTIONS["pretrain"]}
+
+
+def _experiment(name: str, fn: Callable, sections: Mapping[str, Section], trainer: bool = False) -> Experiment:
+    return Experiment(name, first_paragraph(fn.__doc__) or name, fn, dict(sections), trainer)
+
+
+#: Every experiment ``threegate run`` knows, in the order ``threegate run --list`` shows them.
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
+    _experiment("rlvr", exp_rlvr, {**_TINY, "rlvr": SECTIONS["rlvr"]}),
+    _experiment("sft", exp_sft, {**_TINY, "sft": SECTIONS["sft"]}),
+    _experiment("rl_vs_sft", exp_rl_vs_sft, {**_TINY, "rlvr": SECTIONS["rlvr"], "sft": SECTIONS["sft"]}),
+    _experiment("clip_eps", exp_clip_eps, {**_TINY, "rlvr": SECTIONS["rlvr"], "clip_eps": SECTIONS["clip_eps"]}),
+    *(_experiment(name, fn, {**_TINY, name: Section(CLAIM_CONFIGS[name], presets=("fast", "default"),
+                                                     default="default")})
+      for name, fn in CLAIM_EXPERIMENTS.items()),
+    _experiment("hf_rlvr", hf.run_hf_rlvr, {"hf_rlvr": hf.SECTIONS["hf_rlvr"]}, trainer=True),
+    _experiment("hf_sft", hf.run_hf_sft, {"hf_sft": hf.SECTIONS["hf_sft"]}, trainer=True),
+)}
+
+
+def check_config(name: str, cfg: Mapping, *, source: str = "config") -> None:
+    """Validate ``cfg`` for experiment ``name`` before any work (types, unknown keys at every level, each section's
+    own checks); a ``ConfigError`` / ``InputError`` starting with ``source`` otherwise."""
+    if name not in EXPERIMENTS:
+        raise InputError(f"unknown experiment {name!r}; known: {sorted(EXPERIMENTS)}")
+    validate_config(cfg, EXPERIMENTS[name].sections, source=source, experiment=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running and writing
+
+
+@contextlib.contextmanager
+def _atomic_dir(out: Path) -> Iterator[Path]:
+    """A fresh sibling folder of ``out`` to write into; renamed to ``out`` when the block succeeds, removed (with the
+    parent folders this made) when it raises, so a failed run leaves no empty or partial results folder. An
+    existing ``out`` is replaced only when it is empty or an earlier run's folder (it has ``run.json``)."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "run.json").is_file())):
+        raise InputError(f"output folder {out} exists and is not an earlier run's results folder (no run.json); "
+                         "choose another --out")
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():  # an earlier run of the same config: swap it out, then drop it
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / "run")
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:  # innermost first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
 
 
 def run_experiment(name: str, cfg: dict, out: str | Path | None = None, *, trainer_callbacks=None) -> Path:
     """Run experiment ``name`` with config ``cfg`` and write its tables into ``out``; returns the directory.
 
-    ``trainer_callbacks(out_dir, run_config, run_name) -> [TrainerCallback, ...]`` is handed to trainer
-    experiments (``hf_rlvr``, ``hf_sft``; ``threegate run`` attaches ``ThreeGateCallback`` this way). Their empty
-    tables are not written, so a table the live callback wrote into ``out`` (``sparsity``, ``checks``, ``angles``,
-    ``spectrum``, the per-step ones) is never replaced by an empty one."""
-    if name not in EXPERIMENTS:
-        raise InputError(f"unknown experiment {name!r}; known: {sorted(EXPERIMENTS)}")
-    exp = EXPERIMENTS[name]
-    out = Path(out) if out is not None else Path("runs") / f"{name}-{config_hash(name, cfg)}"
-    out.mkdir(parents=True, exist_ok=True)
+    The config is validated first (``check_config``); the tables are written into a temporary sibling folder that
+    becomes ``out`` only when the run succeeded. A claim experiment's verdicts are printed, and its own tables and
+    ``verdicts.json`` written next to the standard tables of its runs, then each run's own tables
+    (``RunResult.tables``, concatenated over the runs); a name already written wins.
+
+    ``trainer_callbacks(out_dir, run_config, run_name) -> [TrainerCallback, ...]`` goes to trainer experiments
+    (``hf_rlvr``, ``hf_sft``; ``threegate run`` attaches ``ThreeGateCallback`` this way, see
+    ``threegate.experiments``). Their empty tables are not written, so a table a live callback wrote into the
+    folder (``sparsity``, ``checks``, ``angles``, ``spectrum``, the per-step ones) is never replaced by an empty one."""
+    check_config(name, cfg)
+    out = Path(out) if out is not None else Path("runs") / f"{name}-{experiment_hash(name, cfg)}"
+    with _atomic_dir(out) as tmp:
+        _run_into(name, cfg, tmp, trainer_callbacks)
+    return out
+
+
+def _run_into(name: str, cfg: dict, out: Path, trainer_callbacks=None) -> None:
     t0 = time.perf_counter()
-    results = exp.fn(cfg, out_dir=out, trainer_callbacks=trainer_callbacks) if exp.trainer else exp.fn(cfg)
+    exp = EXPERIMENTS[name]
+    produced = exp.fn(cfg, out_dir=out, trainer_callbacks=trainer_callbacks) if exp.trainer else exp.fn(cfg)
+    run = produced if isinstance(produced, ClaimRun) else ClaimRun(list(produced))
+    print_verdicts(run.verdicts)
+    results = run.results
     tables = {
-        "checks": _concat([r.checks for r in results]),
-        "metrics": _concat([r.metrics for r in results]),
-        "history": _concat([r.history for r in results]),
+        "checks": concat_tables(r.checks for r in results),
+        "metrics": concat_tables(r.metrics for r in results),
+        "history": concat_tables(r.history for r in results),
         **summary_tables(results),
     }
-    for tname, df in tables.items():
-        if not (exp.trainer and df.empty):
-            _write_table(df, out, tname)
-    # claim experiments (sims.claims.base) attach their own tables and computed verdicts to the runs they return
-    claim_tables = getattr(results[0], "tables", None) if results else None
-    for tname, df in (claim_tables or {}).items():
-        if tname not in tables:
-            _write_table(df, out, tname)
-    verdicts = getattr(results[0], "verdicts", None) if results else None
-    if verdicts:
-        from dataclasses import asdict
-
-        (out / "verdicts.json").write_text(json.dumps([asdict(v) for v in verdicts], indent=2, default=float))
+    tables.update({tname: df for tname, df in run.tables.items() if tname not in tables})
+    for tname in dict.fromkeys(t for r in results for t in r.tables):  # each run's own tables, over its runs
+        tables.setdefault(tname, concat_tables(r.tables.get(tname) for r in results))
+    write_tables(tables, out, skip_empty=exp.trainer)
+    if run.verdicts:
+        (out / "verdicts.json").write_text(verdicts_json(run.verdicts))
     for r in results:
         for t, sd in r.snapshots.items():
-            from sims.tinygpt.storage import save_snapshot
-
             save_snapshot(sd, out / "snapshots" / f"{r.name}_step{t:05d}.safetensors", {"run": r.name, "step": t})
     resolved = {"experiment": name, "input": cfg, "runs": {r.name: r.config for r in results}}
     (out / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str))
     info = {
         "experiment": name, "seed": cfg.get("seed", {r.name: r.config.get("seed") for r in results}),
-        "config_hash": config_hash(name, cfg), "wall_seconds": time.perf_counter() - t0,
+        "config_hash": experiment_hash(name, cfg), "wall_seconds": time.perf_counter() - t0,
         "run_wall_seconds": {r.name: r.wall_seconds for r in results},
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
     }
     (out / "run.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-    return out
+
+
+def run_claims(name: str, cfg: Mapping, out: str | Path | None = None) -> tuple[ClaimRun, Path]:
+    """Run claim experiment ``name`` and write it with ``write_claim_run`` (default ``runs/NAME-<hash>``); prints
+    the verdicts."""
+    if name not in CLAIM_EXPERIMENTS:
+        raise InputError(f"unknown claim experiment {name!r}; known: {sorted(CLAIM_EXPERIMENTS)}")
+    run = CLAIM_EXPERIMENTS[name](cfg)
+    out = Path(out) if out is not None else Path("runs") / f"{name}-{experiment_hash(name, cfg)}"
+    path = write_claim_run(run, out)
+    print(f"{name}: verdicts (tables in {path})")
+    print_verdicts(run.verdicts)
+    return run, path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,20 +350,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="override the seed of every run")
     parser.add_argument("--device", default=None, help="override the device of every run (cpu, cuda)")
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
+    parser.add_argument("--quiet", action="store_true", help="no per-step progress lines (warnings still print)")
+
+
+def _print_list() -> None:
+    width = max(len(n) for n in EXPERIMENTS) + 2
+    for e in EXPERIMENTS.values():
+        print(textwrap.fill(e.doc, width=110, initial_indent=e.name.ljust(width), subsequent_indent=" " * width))
 
 
 def run(args: argparse.Namespace, *, trainer_callbacks=None) -> int:
-    """``threegate run``; ``trainer_callbacks`` as in ``run_experiment`` (the threegate side passes its own)."""
+    """``threegate run``; ``trainer_callbacks`` as in ``run_experiment`` (``threegate.experiments`` passes them)."""
     if args.list or not args.name:
-        for e in EXPERIMENTS.values():
-            print(f"{e.name:12s} {e.doc}")
+        _print_list()
         return 0 if args.list else 2
+    if args.name not in EXPERIMENTS:
+        close = difflib.get_close_matches(args.name, list(EXPERIMENTS), n=1)
+        raise InputError(f"unknown experiment {args.name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + "; see threegate run --list")
     cfg = load_config(args.config)
     if args.seed is not None:
         cfg["seed"] = args.seed
     if args.device is not None:
         cfg["device"] = args.device
-    out = run_experiment(args.name, cfg, args.out, trainer_callbacks=trainer_callbacks)
+    check_config(args.name, cfg, source=f"config file {args.config}" if args.config else "command line")
+    with show_progress(quiet=args.quiet):
+        out = run_experiment(args.name, cfg, args.out, trainer_callbacks=trainer_callbacks)
     sp, chk = (pd.read_parquet(out / f"{t}.parquet") if (out / f"{t}.parquet").is_file() else pd.DataFrame()
                for t in ("sparsity", "checks"))
     print(f"threegate run {args.name}: wrote {out}")
@@ -392,44 +383,10 @@ def run(args: argparse.Namespace, *, trainer_callbacks=None) -> int:
         allrow = sp[sp["matrix_type"] == "all"]
         for _, r in allrow.iterrows():
             print(f"  {r['run']:6s} bf16 update sparsity (all block matrices): {r['sparsity']:.4f}")
-    if len(chk) and {"assumptions_hold", "ratio", "holds"} <= set(chk.columns):
+    if len(chk) and {"assumptions_hold", "ratio", "holds"} <= set(chk.columns):  # the live callback's differ
         met = chk[chk["assumptions_hold"].astype(bool)]
         worst = met.groupby("result_id")["ratio"].max()
         viol = met[~met["holds"].astype(bool)].groupby("result_id").size()
         for rid, w in worst.items():
             print(f"  {rid:18s} worst lhs/rhs {w:.4g}  violations {int(viol.get(rid, 0))}")
     return 0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Claim experiments (sims.claims.base): training runs plus their own tables and computed verdicts. ``threegate run``
-# writes the standard tables of the runs and prints the verdicts; ``sims.claims.base.run_claims`` writes the claim
-# tables (sparsity by storage, layer_sparsity, lr_sweep, probe_errors, mask_predictor, verdicts) as well.
-
-
-def _register_claim_experiments() -> None:
-    """Every claim experiment of ``sims.claims.base`` (built in or from ``CLAIM_MODULES``) is a ``threegate run`` name."""
-    from sims.claims.base import as_run_results, claim_experiments
-
-    for cname, fn in claim_experiments().items():
-        if cname in EXPERIMENTS:
-            continue
-        doc = (fn.__doc__ or cname).strip().splitlines()[0]
-        EXPERIMENTS[cname] = Experiment(cname, doc, lambda cfg, fn=fn: as_run_results(fn(cfg)))
-
-
-_register_claim_experiments()
-
-
-def _register_real_model_experiments() -> None:
-    """``hf_rlvr`` / ``hf_sft`` (``sims.hf.backend``, transformers imported lazily there) as ``threegate run`` names."""
-    import importlib
-
-    try:
-        importlib.import_module("sims.hf.backend")
-    except ModuleNotFoundError as e:
-        if e.name != "sims.hf.backend":
-            raise
-
-
-_register_real_model_experiments()

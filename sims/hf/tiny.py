@@ -10,8 +10,9 @@ The model is a ``LlamaForCausalLM`` with 2 layers, hidden size 32, 4 attention h
 and tied embeddings, initialised from ``seed`` inside ``torch.random.fork_rng`` (the caller's RNG is untouched), so
 the same seed gives bit-identical weights. The tokenizer maps each printable ASCII character (``string.printable``)
 to one token; ids 0-3 are ``<pad>``, ``<s>``, ``</s>``, ``<unk>``. Any text over ``string.printable`` round-trips
-through ``encode``/``decode`` exactly. A minimal chat template (``<|role|>content`` turns) makes
-conversational datasets usable too.
+through ``encode``/``decode`` exactly. ``chat_template=True`` adds a minimal chat template (``<|role|>content``
+turns) for conversational datasets; without it (the default) prompts are plain text, and the folder is bit-identical
+to the tiny model that ``tests/test_hf_backend.py`` builds by hand.
 
 Examples
 --------
@@ -44,13 +45,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def char_tokenizer():
+def char_tokenizer(*, chat_template: bool = False):
     """A ``PreTrainedTokenizerFast`` with one token per character of ``string.printable`` (plus the specials).
 
     Built from a ``tokenizers`` WordLevel model whose pre-tokenizer splits every character (newlines included) and
     whose decoder fuses tokens without spaces, so ``decode(encode(s)) == s`` for printable ``s``. Characters outside
     ``string.printable`` map to ``<unk>``. ``encode`` adds no special tokens (no post-processor): TRL's trainers
-    append EOS themselves.
+    append EOS themselves. ``chat_template=True`` sets ``CHAT_TEMPLATE``.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -61,7 +62,8 @@ def char_tokenizer():
     tk.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        clean_up_tokenization_spaces=False, chat_template=CHAT_TEMPLATE, model_max_length=512,
+        clean_up_tokenization_spaces=False, chat_template=CHAT_TEMPLATE if chat_template else None,
+        model_max_length=512,
     )
 
 
@@ -90,8 +92,8 @@ def tiny_llama(seed: int = 0, *, hidden_size: int = 32, num_hidden_layers: int =
     return model.eval()
 
 
-def save_tiny_llama(path: str | os.PathLike, seed: int = 0, *, hidden_size: int = 32,
-                    num_hidden_layers: int = 2) -> Path:
+def save_tiny_llama(path: str | os.PathLike, seed: int = 0, *, hidden_size: int = 32, num_hidden_layers: int = 2,
+                    chat_template: bool = False) -> Path:
     """Write the tiny Llama (``seed``) and ``char_tokenizer`` to the folder ``path`` (safetensors); return it.
 
     Examples
@@ -109,5 +111,5 @@ def save_tiny_llama(path: str | os.PathLike, seed: int = 0, *, hidden_size: int 
     folder.mkdir(parents=True, exist_ok=True)
     tiny_llama(seed, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers).save_pretrained(
         folder, safe_serialization=True)
-    char_tokenizer().save_pretrained(folder)
+    char_tokenizer(chat_template=chat_template).save_pretrained(folder)
     return folder

@@ -42,13 +42,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import logging
 import math
 import tempfile
 import time
+import typing
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import datasets
 import pandas as pd
@@ -58,8 +58,11 @@ from peft import LoraConfig
 from transformers import PrinterCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
+from sims.hf.loading import hub_offline
 from sims.hf.word_problems import INSTRUCTION, TEMPLATES, WordProblem, extract_answer, generate_problems, reward
-from sims.tinygpt.probe import CHECK_COLUMNS, RunResult, deterministic
+from sims.tinygpt.determinism import deterministic
+from sims.tinygpt.probe import CHECK_COLUMNS, RunResult
+from sims.tinygpt.progress import RunMonitor, stored_unchanged
 from theory.errors import InputError
 
 __all__ = [
@@ -83,13 +86,13 @@ __all__ = [
     "train_hf_sft",
 ]
 
-log = logging.getLogger("sims.progress")  # one INFO line per optimizer step; a WARNING when no step had a gradient
-
-LOSS_TYPES = ("grpo", "dapo")
-ADAPTERS = ("none", "lora", "pissa")
-STORAGE = ("fp32_master", "bf16")
-COMPUTE_DTYPES = ("fp32", "bf16")
-SCALE_REWARDS = ("group", "batch", "none")
+LossType = Literal["grpo", "dapo"]
+Adapter = Literal["none", "lora", "pissa"]
+Storage = Literal["fp32_master", "bf16"]
+ComputeDtype = Literal["fp32", "bf16"]
+ScaleRewards = Literal["group", "batch", "none"]
+LOSS_TYPES, ADAPTERS, STORAGE = typing.get_args(LossType), typing.get_args(Adapter), typing.get_args(Storage)
+COMPUTE_DTYPES, SCALE_REWARDS = typing.get_args(ComputeDtype), typing.get_args(ScaleRewards)
 #: every linear map inside the transformer blocks of a Llama-style model (not the embedding / LM head)
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHORT_SYSTEM_PROMPT = "You are a careful math tutor."  # shorter than SmolLM2's default system turn
@@ -137,10 +140,10 @@ class _RunConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 1  # torch / BLAS threads on a CPU (a fixed count keeps reruns bit-identical)
-    storage: str = "fp32_master"
-    compute_dtype: str = "fp32"
+    storage: Storage = "fp32_master"
+    compute_dtype: ComputeDtype = "fp32"
     gradient_checkpointing: bool = False
-    adapter: str = "none"
+    adapter: Adapter = "none"
     lora_rank: int = 8
     lora_alpha: float = 16.0
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
@@ -148,6 +151,7 @@ class _RunConfig:
     snapshot_steps: tuple[int, ...] = ()
     k: int = 8
     fast_analysis: bool = False  # snapshot analysis on the fast spectral path (no NSS, no Gate II checks)
+    analysis_only: str | None = None  # regex: the live callback analyses only these matrices at snapshot steps
 
     def _check_common(self) -> None:
         _positive_int(self, "steps", "micro_batch", "threads", "k", "lora_rank")
@@ -189,7 +193,7 @@ class _RunConfig:
 class HFRLConfig(_RunConfig):
     """One GRPO / DAPO run on TRL (``loss_type``; clip ``epsilon`` / ``epsilon_high``; ``beta`` x KL)."""
 
-    loss_type: str = "grpo"
+    loss_type: LossType = "grpo"
     beta: float = 0.0
     epsilon: float = 0.2
     epsilon_high: float | None = None  # None: epsilon (symmetric clip); DAPO's clip-higher is 0.28 with 0.2
@@ -198,7 +202,7 @@ class HFRLConfig(_RunConfig):
     updates_per_generation: int = 1  # optimizer steps per generation round (App. C: 4)
     max_completion_length: int = 48
     temperature: float = 1.0
-    scale_rewards: str = "group"
+    scale_rewards: ScaleRewards = "group"
     use_vllm: bool = False  # vLLM generation (a GPU and the vllm package); default: transformers' generate
     record_completions: bool = False  # keep every completion's text in tables["rollouts"]
 
@@ -431,33 +435,37 @@ def stored_bf16_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """No ``datasets`` progress bars while TRL tokenizes the task data (restored after)."""
+def _quiet_libraries() -> Iterator[None]:
+    """No ``datasets`` progress bars while TRL tokenizes the task data, and no FutureWarning for the deprecated
+    gradient-checkpointing names TRL 1.16 hands transformers 5.25 (both restored after)."""
     was_disabled = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r".*gradient_checkpointing.*deprecated", FutureWarning)
+            yield
     finally:
         if not was_disabled:
             datasets.enable_progress_bars()
 
 
 class _Progress(TrainerCallback):
-    """One INFO line per optimizer step on the ``sims.progress`` logger; counts the steps with no mixed group."""
+    """The run's progress through ``sims.tinygpt.progress.RunMonitor`` (``sims.progress`` logger): one line per
+    logged optimizer step; RL steps where every group had equal rewards are counted (zero policy gradient)."""
 
-    def __init__(self, run: str, steps: int):
-        self.run, self.steps, self.flat_steps, self.logged = run, steps, 0, 0
+    def __init__(self, run: str, steps: int, rl: bool):
+        self.monitor = RunMonitor(run, steps, "bf16", "KL_ref")
+        self.rl = rl
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         if "loss" not in logs:
             return
-        self.logged += 1
-        if logs.get("frac_reward_zero_std") == 1.0:
-            self.flat_steps += 1
-        parts = [f"{k} {logs[k]:+.3f}" for k in ("reward", "kl") if k in logs]
-        parts += [f"loss {logs['loss']:.4g}"] + ([f"{logs['step_time']:.1f} s"] if "step_time" in logs else [])
-        log.info("%s step %d/%d: %s", self.run, state.global_step, self.steps, ", ".join(parts))
+        if self.rl:
+            self.monitor.step(state.global_step, reward=float(logs.get("reward", math.nan)),
+                              kl=float(logs.get("kl", math.nan)), equal_groups=logs.get("frac_reward_zero_std") == 1.0)
+        else:
+            self.monitor.step(state.global_step, reward=math.nan, kl=math.nan, equal_groups=False)
 
 
 def _history(log_history: list[dict], run: str) -> pd.DataFrame:
@@ -487,22 +495,19 @@ def _prepare(model: torch.nn.Module, tokenizer, cfg: _RunConfig) -> None:
 
 def _train(kind: str, trainer, model, cfg: _RunConfig, *, run_name: str, model_note: str, keep_snapshots: bool,
            base: dict[str, torch.Tensor] | None, t_start: float, tables: dict[str, pd.DataFrame]) -> HFRunResult:
-    progress = _Progress(run_name, cfg.steps)
-    trainer.remove_callback(PrinterCallback)  # its dict-per-step print is replaced by _Progress's line
+    progress = _Progress(run_name, cfg.steps, rl=kind == "rlvr")
+    trainer.remove_callback(PrinterCallback)  # its dict-per-step print is replaced by the progress lines
     trainer.add_callback(progress)
-    with warnings.catch_warnings():  # TRL 1.16 calls transformers 5.25's deprecated gradient-checkpointing names
-        warnings.filterwarnings("ignore", r".*gradient_checkpointing.*deprecated", FutureWarning)
-        trainer.train()
+    trainer.train()
     trained = trainer.model
     if cfg.adapter != "none":
         trained = trained.merge_and_unload()  # W_res + (alpha / r) B A under the base model's names
     snapshots = {}
     if keep_snapshots:
         snapshots = {0: base, cfg.steps: stored_bf16_state(trained)}
-    if kind == "rlvr" and progress.logged and progress.flat_steps == progress.logged:
-        log.warning("%s: every group of every step had equal rewards (e.g. all wrong): the policy gradient was "
-                    "zero on all %d steps", run_name, progress.logged)
+    progress.monitor.finish(keep_snapshots and stored_unchanged(snapshots[0], snapshots[cfg.steps]))
     config = {**cfg.to_dict(), "model": cfg.model or "SmolLM2-135M-Instruct (GGUF)", "model_note": model_note,
+              "precision": "bf16",  # the stored view every table and snapshot holds
               "trl_arguments": {k: v for k, v in trainer.args.to_dict().items() if k in _LOGGED_ARGS}}
     return HFRunResult(kind=kind, name=run_name, config=config, history=_history(trainer.state.log_history, run_name),
                        metrics=pd.DataFrame(columns=METRIC_COLUMNS), checks=pd.DataFrame(columns=CHECK_COLUMNS),
@@ -526,7 +531,8 @@ def train_hf_rlvr(model: torch.nn.Module, tokenizer, cfg: HFRLConfig, *, callbac
     """
     _prepare(model, tokenizer, cfg)
     t_start = time.perf_counter()
-    with deterministic(cfg.threads), _quiet_datasets(), tempfile.TemporaryDirectory(prefix="threegate-trl-") as tmp:
+    with deterministic(cfg.threads), hub_offline(), _quiet_libraries(), \
+            tempfile.TemporaryDirectory(prefix="threegate-trl-") as tmp:
         base = stored_bf16_state(model) if keep_snapshots else None
         reward_fn = WordProblemReward(keep_text=cfg.record_completions)
         trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=grpo_arguments(cfg, tmp),
@@ -544,7 +550,8 @@ def train_hf_sft(model: torch.nn.Module, tokenizer, cfg: HFSFTConfig, *, callbac
     """Train ``model`` in place by SFT on TRL (``SFTTrainer``) on the worked solutions; deterministic."""
     _prepare(model, tokenizer, cfg)
     t_start = time.perf_counter()
-    with deterministic(cfg.threads), _quiet_datasets(), tempfile.TemporaryDirectory(prefix="threegate-trl-") as tmp:
+    with deterministic(cfg.threads), hub_offline(), _quiet_libraries(), \
+            tempfile.TemporaryDirectory(prefix="threegate-trl-") as tmp:
         base = stored_bf16_state(model) if keep_snapshots else None
         trainer = SFTTrainer(model=model, args=sft_arguments(cfg, tmp), train_dataset=sft_dataset(cfg, tokenizer),
                              processing_class=tokenizer, callbacks=list(callbacks), peft_config=peft_config(cfg))

@@ -12,7 +12,8 @@ every entry; ``train_rlvr_masked`` rejects ``weight_decay != 0``). Gradient clip
 whose zeros stay zero. ``train_rlvr_masked`` then checks exactly that every stored bf16 value outside the mask is
 bit-identical to the start, and raises if not.
 
-**Masks** (``structural_masks``, from the start weights W0 of each block matrix; see METRICS_AND_EXPERIMENTS.md):
+**Masks** (``structural_masks``, from the start weights W0 of each block matrix; the masks of the paper's Fig. 5
+and Fig. 9):
 ``princ`` = M_princ (top-α entries of |W0^(k)|, the rank-k reconstruction), ``princ_c`` = its complement,
 ``low`` = M_low (bottom-α of |W0|), ``safe`` = M_princ^c ∪ M_low, ``random`` = a uniformly random mask with exactly
 as many entries as ``safe`` in every matrix (seeded), ``dense`` = all entries.
@@ -49,7 +50,10 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from theory.errors import InputError, ShapeMismatchError
+from sims.tinygpt.rlvr import train_rlvr
+from theory.errors import InputError, NonFiniteError, ShapeMismatchError
+from theory.metrics import low_magnitude_mask, principal_mask
+from theory.naming import MATRIX_TYPES, layer_index, matrix_type
 
 __all__ = [
     "MASK_NAMES",
@@ -74,8 +78,6 @@ ADAPTER_METHODS = ("LoRA", "PiSSA")
 
 
 def _is_block_matrix(name: str) -> bool:
-    from theory.naming import layer_index, matrix_type
-
     return matrix_type(name) != "other" and layer_index(name) is not None
 
 
@@ -91,8 +93,6 @@ def structural_masks(
 
     ``k``: rank of the reconstruction that scores M_princ; ``alpha``: the fraction both M_princ and M_low select;
     ``seed``: the random mask's generator (matched in count to ``safe`` matrix by matrix)."""
-    from theory.metrics import low_magnitude_mask, principal_mask
-
     unknown = sorted(set(names) - set(MASK_NAMES))
     if unknown:
         raise InputError(f"structural_masks: unknown mask names {unknown}; known: {list(MASK_NAMES)}")
@@ -196,8 +196,6 @@ def train_rlvr_masked(model: nn.Module, cfg, masks: Mapping[str, Tensor], *, run
 
     Raises ``InputError`` for a weight decay other than 0 (it would move masked-out entries), and ``RuntimeError``
     if any stored value (snapshot bits) or fp32 master entry outside the mask moved — that would be a bug here."""
-    from sims.tinygpt.rlvr import train_rlvr
-
     if cfg.weight_decay != 0:
         raise InputError(f"masked training needs weight_decay = 0 (AdamW's decay moves masked-out entries), "
                          f"got {cfg.weight_decay}")
@@ -245,8 +243,6 @@ class AdaptedLinear(nn.Module):
         if not 1 <= rank <= min(W.shape):
             raise InputError(f"adapter rank {rank} outside 1..{min(W.shape)} for a {tuple(W.shape)} weight")
         if not torch.isfinite(W).all():
-            from theory.errors import NonFiniteError
-
             raise NonFiniteError("adapter base weight has non-finite entries")
         a = float(rank if alpha is None else alpha)
         if not (a > 0 and math.isfinite(a)):
@@ -306,8 +302,6 @@ def add_adapters(model: nn.Module, method: str, rank: int, *, alpha: float | Non
                  types: tuple[str, ...] | None = None) -> nn.Module:
     """Replace every block matrix (of ``types``, default all) of ``model`` in place by an ``AdaptedLinear`` and
     freeze every other parameter; returns the model. ``seed`` draws LoRA's A (matrices in name order)."""
-    from theory.naming import MATRIX_TYPES, matrix_type
-
     if method not in ADAPTER_METHODS:
         raise InputError(f"adapter method {method!r} is not one of {ADAPTER_METHODS}")
     types = tuple(MATRIX_TYPES if types is None else types)

@@ -23,7 +23,6 @@ bit-identical weights (tested on CPU).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -31,15 +30,17 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from jaxtyping import Float
-from threadpoolctl import threadpool_limits
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
+from sims.tinygpt.determinism import deterministic
 from sims.tinygpt.model import GPTConfig, TinyGPT, generate, matrix_params, sequence_logprobs
-from sims.tinygpt.tasks import Task, Tokenizer, default_tasks, pad_right, pretraining_corpus, task_by_name
+from sims.tinygpt.tasks import Task, Tokenizer, pad_right, pretraining_corpus, task_by_name
 from theory.errors import CheckpointError, InputError, NonFiniteError
 from theory.linalg import singular_values
 
@@ -218,27 +219,6 @@ def evaluate_accuracy(
 # Training
 
 
-@contextlib.contextmanager
-def _deterministic(num_threads: int, device: torch.device) -> Iterator[None]:
-    """Fixed intra-op thread count for torch and for numpy's BLAS (on a shared 2-core box OpenBLAS with 2 threads made
-    a 176x64 SVD ~100x slower in CPU time than 1 thread, measured); on an accelerator also
-    ``torch.use_deterministic_algorithms`` (warn-only: cuBLAS needs CUBLAS_WORKSPACE_CONFIG set before it starts).
-    On CPU the flag is skipped: every op used here is deterministic there, and enabling it imports torch._inductor
-    (seconds)."""
-    prev_det, prev_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    if device.type != "cpu":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.set_num_threads(num_threads)
-    try:
-        with threadpool_limits(limits=num_threads):  # numpy's OpenBLAS too (the float64 SVDs of the spectra)
-            yield
-    finally:
-        if device.type != "cpu":
-            torch.use_deterministic_algorithms(prev_det)
-        torch.set_num_threads(prev_threads)
-
-
 def _lr_at(cfg: PretrainConfig, step: int) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -327,8 +307,6 @@ def _paths(cache_dir: str | os.PathLike, key: str) -> tuple[Path, Path]:
 
 
 def _save(model: TinyGPT, info: dict, wpath: Path, ipath: Path) -> None:
-    from safetensors.torch import save_file
-
     wpath.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     tmp_w, tmp_i = wpath.with_suffix(".safetensors.tmp"), ipath.with_suffix(".json.tmp")
@@ -341,9 +319,6 @@ def _save(model: TinyGPT, info: dict, wpath: Path, ipath: Path) -> None:
 def load_pretrained(path: str | os.PathLike, cfg: PretrainConfig, device: str | torch.device = "cpu") -> TinyGPT:
     """Load cached safetensors weights into a fresh TinyGPT of ``cfg.model``; a missing/corrupt file, a pickle, or
     mismatched names/shapes raise ``CheckpointError`` naming the file and the problem."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -390,7 +365,7 @@ def pretrain(
             model = load_pretrained(wpath, cfg, device)
             model.eval()
             return model, {**info, "from_cache": True}
-    with _deterministic(cfg.num_threads, device):
+    with deterministic(cfg.num_threads, algorithms=device.type != "cpu"):
         model, info = _train(cfg, device)
     info = json.loads(json.dumps(info))  # the same plain-JSON form a cache hit returns (tuples -> lists)
     if cache_dir is not None:

@@ -40,26 +40,30 @@ approximation it is:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 import os
-import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.func import functional_call, jvp
 
+from sims.tables import write_tables
+from sims.tinygpt.determinism import seed_everything
 from sims.tinygpt.model import TinyGPT, generate, matrix_params
-from sims.tinygpt.storage import save_snapshot
-from sims.tinygpt.tasks import Task, Tokenizer, encode_demonstrations
+from sims.tinygpt.storage import MixedPrecisionAdamW, save_snapshot
+from sims.tinygpt.tasks import Task, Tokenizer, encode_demonstrations, task_by_name
 from theory.errors import InputError
+from theory.kl_leash import eq7, kl_budget_radius, lemF9, prop32_from_fisher
+from theory.linalg import spectral_norm, svd64
+from theory.metrics import bf16_sparsity
+from theory.spectral import gate2_all
 
 __all__ = [
     "ProbeConfig",
@@ -68,8 +72,6 @@ __all__ = [
     "FISHER_ESTIMATOR",
     "CHECK_COLUMNS",
     "CHECK_FAMILIES",
-    "seed_everything",
-    "deterministic",
     "restricted_fisher",
     "history_basis",
     "token_kl",
@@ -80,33 +82,6 @@ CHECK_COLUMNS = ["run", "kind", "step", "matrix", "reference", "result_id", "lhs
                  "assumptions_hold", "failed_assumption", "verdict", "fisher_estimator"]
 OTHER_BLOCK = "other"
 CHECK_FAMILIES = ("gate2", "fisher", "lemF.9")  # Gate II per matrix; Prop 3.2 + Eq 7; Lemma F.9
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def deterministic(num_threads: int = 1) -> Iterator[None]:
-    """torch deterministic algorithms and ``num_threads`` intra-op threads for torch and for BLAS (restored after).
-
-    The simulation matrices are tiny (64 x 176): one thread is fastest, and a multithreaded OpenBLAS on a shared,
-    oversubscribed 2-core machine measured 75x slower per SVD. A fixed thread count also keeps reruns bit-identical.
-    """
-    from threadpoolctl import threadpool_limits
-
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at first CUDA use)
-    prev, prev_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns
-    torch.set_num_threads(num_threads)
-    try:
-        with threadpool_limits(num_threads):
-            yield
-    finally:
-        torch.use_deterministic_algorithms(prev)
-        torch.set_num_threads(prev_threads)
 
 
 @dataclass
@@ -136,7 +111,8 @@ class ProbeConfig:
 
 @dataclass
 class RunResult:
-    """Everything a probed training run produced. ``snapshots[t]`` = stored weights at probed step t (CPU)."""
+    """Everything a probed training run produced. ``snapshots[t]`` = stored weights at probed step t (CPU);
+    ``tables``: the run's own further tables by name (e.g. the HF backend's ``hf_sparsity``)."""
 
     kind: str
     name: str
@@ -147,15 +123,13 @@ class RunResult:
     snapshots: dict[int, dict[str, torch.Tensor]]
     master: dict[str, torch.Tensor]
     wall_seconds: float
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """history / metrics / checks as CSV and Parquet, config as JSON, snapshots as safetensors."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in ("history", "metrics", "checks"):
-            df = getattr(self, name)
-            df.to_csv(out / f"{self.name}_{name}.csv", index=False)
-            df.to_parquet(out / f"{self.name}_{name}.parquet", index=False)
+        write_tables({**{name: getattr(self, name) for name in ("history", "metrics", "checks")}, **self.tables},
+                     out, prefix=f"{self.name}_")
         (out / f"{self.name}_config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True, default=str))
         for t, sd in self.snapshots.items():
             save_snapshot(sd, out / "snapshots" / f"{self.name}_step{t:05d}.safetensors",
@@ -350,9 +324,6 @@ class Prober:
             self._metric(t, f"accuracy_{mode}", float(np.mean([r > 0 for r in rewards])))
 
     def _matrix_metrics(self, t: int, stored, prev) -> None:
-        from theory.linalg import spectral_norm
-        from theory.metrics import bf16_sparsity
-
         for m in self.matrices:
             for ref_name, ref in (("base", self.base), ("prev", prev)):
                 if ref is None:
@@ -371,16 +342,11 @@ class Prober:
             self._metric(t, "token_ratio_out_of_band_frac", float(np.mean((flat < lo) | (flat > hi))))
         if not self.cfg.theory_checks or self.clip_band is None or "lemF.9" not in self.cfg.checks:
             return
-        from theory.kl_leash import lemF9
-
         # Lemma F.9 has one symmetric band [1 - eps, 1 + eps]; with DAPO's clip-higher (eps_low < eps_high) we use
         # eps = max(eps_low, eps_high): the widest band the run's clipping allows, the most generous reading.
         self._check(t, lemF9([r for r in ratios if len(r)], max(self.clip_band)), reference="prev")
 
     def _gate2_checks(self, t: int, stored, prev, kl_forms: Mapping[str, tuple[float, float]]) -> None:
-        from theory.linalg import svd64
-        from theory.spectral import gate2_all
-
         for m in self.matrices:
             if m not in self._svd_base:
                 self._svd_base[m] = svd64(self.base[m], m)
@@ -398,8 +364,6 @@ class Prober:
         """Prop 3.2 and Eq 7 on the update pi_{t-1} -> pi_t (see the module docstring for the estimator).
 
         Returns {matrix: (delta_W, mu_W)} for the blocks whose Eq 7 assumptions held (Gate II's KL-form bound)."""
-        from theory.kl_leash import eq7, kl_budget_radius, prop32_from_fisher
-
         states = [s for _, s in self.recent]
         prev = states[-2]
         deltas = [{n: b[n].double() - a[n].double() for n in self.names} for a, b in zip(states[:-1], states[1:])]
@@ -459,9 +423,6 @@ def start_run(model, cfg):
     the tokenizer, task, completion length and the mixed-precision AdamW from ``cfg``.
 
     Returns ``(device, tokenizer, task, max_new_tokens, optimizer)``."""
-    from sims.tinygpt.storage import MixedPrecisionAdamW
-    from sims.tinygpt.tasks import Tokenizer, task_by_name
-
     seed_everything(cfg.seed)
     device = torch.device(cfg.device)
     model.to(device)

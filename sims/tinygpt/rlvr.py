@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from sims.tinygpt.model import TinyGPT, generate, sequence_logprobs
-from sims.tinygpt.probe import ProbeConfig, Prober, RunResult, deterministic, start_run
+from sims.tinygpt.determinism import deterministic
+from sims.tinygpt.probe import ProbeConfig, Prober, RunResult, start_run
+from sims.tinygpt.progress import RunMonitor, equal_reward_groups, stored_unchanged
 from sims.tinygpt.storage import check_precision
 from theory.errors import InputError
 
@@ -164,7 +166,7 @@ def _kl_to_ref(model, ref_model, ids, attn, cmask, logp, estimator: str) -> torc
 def train_rlvr(model: TinyGPT, cfg: RLConfig, ref_model: TinyGPT | None = None, *, run_name: str = "rlvr") -> RunResult:
     """Train ``model`` in place by RLVR; returns the run's history, probe metrics, theory checks and snapshots.
 
-    Runs under ``sims.tinygpt.probe.deterministic()`` (deterministic kernels, one thread): the same config and starting
+    Runs under ``sims.tinygpt.determinism.deterministic()`` (deterministic kernels, one thread): the same config and starting
     weights give bit-identical weights and tables on the same machine."""
     with deterministic():
         return _train_rlvr(model, cfg, ref_model, run_name)
@@ -184,6 +186,7 @@ def _train_rlvr(model: TinyGPT, cfg: RLConfig, ref_model: TinyGPT | None, run_na
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
     history = []
+    monitor = RunMonitor(run_name, cfg.steps, cfg.precision, "KL_ref" if cfg.beta > 0 else "KL_step")
     prober.after_step(0, opt.stored_state_dict())
     for step in range(1, cfg.steps + 1):
         examples = task.sample(rng, cfg.prompts_per_step)
@@ -218,14 +221,20 @@ def _train_rlvr(model: TinyGPT, cfg: RLConfig, ref_model: TinyGPT | None, run_na
         model.eval()
         with torch.no_grad():
             new_logp = sequence_logprobs(model, ids, cmask, attn)
+        # k3 estimate of KL(pi_old || pi_new) per completion token: how far this step moved the policy
+        kl_step = float(k3_kl(new_logp, old_logp, cmask).sum()) / max(n_tok_total, 1)
+        equal_groups = equal_reward_groups(rewards, cfg.group_size)
         history.append({
             "run": run_name, "step": step, "reward_mean": float(rewards.mean()),
             "accuracy": float((rewards > 0).float().mean()), "loss": stats["loss"], "kl_ref": stats["kl_ref"],
-            "clip_frac": stats["clipped_tokens"] / max(n_tok_total, 1), "grad_norm": stats["grad_norm"],
-            "completion_tokens": n_tok_total,
+            "kl_step": kl_step, "clip_frac": stats["clipped_tokens"] / max(n_tok_total, 1),
+            "grad_norm": stats["grad_norm"], "completion_tokens": n_tok_total, "equal_reward_groups": equal_groups,
         })
+        monitor.step(step, reward=history[-1]["reward_mean"], kl=stats["kl_ref"] if cfg.beta > 0 else kl_step,
+                     equal_groups=equal_groups)
         prober.after_step(step, opt.stored_state_dict(),
                           token_ratios=_ragged_ratios(new_logp, old_logp, cmask))
+    monitor.finish(stored_unchanged(prober.base, opt.stored_state_dict()))
     return RunResult(
         kind="rlvr", name=run_name, config=cfg.to_dict(), history=pd.DataFrame(history),
         metrics=prober.metrics_frame(), checks=prober.checks_frame(), snapshots=prober.snapshots,

@@ -17,7 +17,9 @@ import pandas as pd
 import torch
 
 from sims.tinygpt.model import TinyGPT, sequence_logprobs
-from sims.tinygpt.probe import ProbeConfig, Prober, RunResult, deterministic, start_run
+from sims.tinygpt.determinism import deterministic
+from sims.tinygpt.probe import ProbeConfig, Prober, RunResult, start_run
+from sims.tinygpt.progress import RunMonitor, stored_unchanged
 from sims.tinygpt.storage import check_precision
 from sims.tinygpt.tasks import encode_demonstrations
 from theory.errors import InputError
@@ -63,7 +65,7 @@ def demonstration_loss(model: TinyGPT, ids: torch.Tensor, attn: torch.Tensor, cm
 
 
 def train_sft(model: TinyGPT, cfg: SFTConfig, *, run_name: str = "sft") -> RunResult:
-    """Train ``model`` in place by SFT; deterministic (see ``sims.tinygpt.probe.deterministic``)."""
+    """Train ``model`` in place by SFT; deterministic (see ``sims.tinygpt.determinism.deterministic``)."""
     with deterministic():
         return _train_sft(model, cfg, run_name)
 
@@ -93,6 +95,7 @@ def _train_sft(model: TinyGPT, cfg: SFTConfig, run_name: str) -> RunResult:
         history.append({"run": run_name, "step": step, "loss": float(loss.detach()), "eval_loss": eval_loss(),
                         "grad_norm": gnorm})
         prober.after_step(step, opt.stored_state_dict())
+    RunMonitor(run_name, cfg.steps, cfg.precision).finish(stored_unchanged(prober.base, opt.stored_state_dict()))
     return RunResult(
         kind="sft", name=run_name, config=cfg.to_dict(), history=pd.DataFrame(history),
         metrics=prober.metrics_frame(), checks=prober.checks_frame(), snapshots=prober.snapshots,

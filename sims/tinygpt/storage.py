@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import safe_open, save_file
 from torch import nn
 
 from theory.errors import CheckpointError, InputError, NonFiniteError
@@ -29,7 +31,7 @@ from theory.errors import CheckpointError, InputError, NonFiniteError
 __all__ = [
     "PRECISION_MODES",
     "check_precision",
-    "round_to_bf16",
+    "round_tensor_to_bf16",
     "MixedPrecisionAdamW",
     "save_snapshot",
     "load_snapshot",
@@ -44,10 +46,11 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
-    """float32 -> bfloat16 by IEEE round-to-nearest-even (one rounding; torch's cast does exactly this)."""
+def round_tensor_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor rounded to a bfloat16 tensor by IEEE round-to-nearest-even (one rounding; torch's cast does
+    exactly this). The exact oracle on one number, returning bf16 bits, is ``theory.precision.round_to_bf16_bits``."""
     if x.dtype != torch.float32:
-        raise InputError(f"round_to_bf16 expects a float32 master tensor, got {x.dtype}")
+        raise InputError(f"round_tensor_to_bf16 expects a float32 master tensor, got {x.dtype}")
     return x.to(torch.bfloat16)
 
 
@@ -94,7 +97,7 @@ class MixedPrecisionAdamW:
         """Write the stored copy into the model (bf16 mode); fp32 mode shares tensors, nothing to do."""
         if self.precision == "bf16":
             for p, m in zip(self.params, self.master):
-                p.copy_(round_to_bf16(m).to(torch.float32))
+                p.copy_(round_tensor_to_bf16(m).to(torch.float32))
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -127,14 +130,12 @@ class MixedPrecisionAdamW:
     def stored_state_dict(self) -> dict[str, torch.Tensor]:
         """The stored weights: bf16 tensors in bf16 mode (exactly ``bf16(master)``), fp32 in fp32 mode (CPU clones)."""
         if self.precision == "bf16":
-            return {n: round_to_bf16(m.detach()).to("cpu", copy=True) for n, m in zip(self.names, self.master)}
+            return {n: round_tensor_to_bf16(m.detach()).to("cpu", copy=True) for n, m in zip(self.names, self.master)}
         return self.master_state_dict()
 
 
 def save_snapshot(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, object] | None = None) -> Path:
     """Write ``tensors`` to a ``.safetensors`` file (metadata values JSON-encoded). Never pickle."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise InputError(f"snapshot path {path} must end in .safetensors")
@@ -146,9 +147,6 @@ def save_snapshot(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, 
 
 def load_snapshot(path: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Read a snapshot written by ``save_snapshot`` (optionally only ``names``); clear errors for bad files."""
-    from safetensors import SafetensorError
-    from safetensors.torch import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"snapshot {path} does not exist")

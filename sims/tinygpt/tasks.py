@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sims.tinygpt.model import left_pad
 from theory.errors import InputError
 
 __all__ = [
@@ -330,8 +331,6 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[
 
 def pad_left(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
     """(B, L) long ids left-padded (the layout ``generate`` uses for prompts) + bool mask."""
-    from sims.tinygpt.model import left_pad
-
     return left_pad(seqs, pad_id, device)
 
 

@@ -1,0 +1,210 @@
+"""``threegate bench --compare ARCH``: ``threegate compare`` on a synthetic bf16 pair of a named model shape, timed
+against the float64 singular-value floor of the same matrices, measured in the same run.
+
+The pair. For every 2-D weight of ``ARCH`` (Hugging Face names and shapes, ``ARCHS``; ``layers`` keeps the first
+N blocks) ``W0 = 0.02 G + Σ_{i<=32} s_i u_i v_iᵀ`` in bf16: a Gaussian bulk (``G`` standard normal) plus 32 spikes
+with Gaussian directions and ``s_i = e (1 + 4 / i)``, ``e = 0.02 (sqrt(m) + sqrt(n))`` the bulk's edge. That gives a
+decaying top spectrum with relative gaps at k = 16 of ~0.3 % (SmolLM2-135M's real weights: 0.01-0.8 %, measured
+with ``threegate compare``'s routes), the hard case for iterative top-k methods. Each tuned copy moves a random
+``changed_fraction`` of the entries by one bf16 step (the int16 pattern + 1), so the number of changed entries is
+known exactly and checked against compare's count. Seeded; both checkpoints are written as safetensors files and
+compare reads them from disk as a user's run would.
+
+The floor: ``torch.linalg.svdvals`` in float64 of every compared matrix of every side (base once, each tuned once),
+each matrix in its faster orientation (tall; the wide orientation is timed too and reported as
+``floor_as_given``). Compare, exact and ``--fast``, then runs on the files with the same threads. Ratios are
+printed with wall and process CPU times; the targets are judged on the CPU-time ratio: on a machine shared with other
+jobs the wall clock also counts their time slices (measured: the same run's wall ratio moved from 2.8x to 1.5x with
+the load), and CPU time counts compare's reader thread too, so it never flatters compare.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from theory.errors import InputError
+from threegate.checkpoints import save_safetensors
+
+__all__ = ["ARCHS", "Arch", "arch_shapes", "make_compare_pair", "bench_compare", "format_compare_report",
+           "TARGET_EXACT", "TARGET_FAST"]
+
+TARGET_EXACT = 2.0  # compare (exact) <= 2x the floor
+TARGET_FAST = 0.5  # compare --fast <= 0.5x the floor
+TARGET_ARCH = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Arch:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+
+#: config.json values of the named models (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+#: num_key_value_heads, head dim, vocab_size, tie_word_embeddings)
+ARCHS: dict[str, Arch] = {
+    "smollm2-135m": Arch(576, 1536, 30, 9, 3, 64, 49152, True),
+    "qwen2.5-1.5b": Arch(1536, 8960, 28, 12, 2, 128, 151936, True),
+    "qwen2.5-7b": Arch(3584, 18944, 28, 28, 4, 128, 152064, False),
+    "llama-3-8b": Arch(4096, 14336, 32, 32, 8, 128, 128256, False),
+}
+
+
+def arch_shapes(arch: str, layers: int | None = None, embeddings: bool = True) -> list[tuple[str, tuple[int, int]]]:
+    """``(name, (m, n))`` of every 2-D weight of ``arch`` in model order (``layers``: the first N blocks only)."""
+    if arch not in ARCHS:
+        raise InputError(f"--compare {arch!r}: unknown architecture; known: {', '.join(ARCHS)}")
+    a = ARCHS[arch]
+    n_layers = a.layers if layers is None else int(layers)
+    if not 1 <= n_layers <= a.layers:
+        raise InputError(f"--layers must be in 1..{a.layers} for {arch}, got {layers}")
+    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+    out = [("model.embed_tokens.weight", (a.vocab, a.hidden))] if embeddings else []
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        out += [(p + "self_attn.q_proj.weight", (q, a.hidden)), (p + "self_attn.k_proj.weight", (kv, a.hidden)),
+                (p + "self_attn.v_proj.weight", (kv, a.hidden)), (p + "self_attn.o_proj.weight", (a.hidden, q)),
+                (p + "mlp.up_proj.weight", (a.intermediate, a.hidden)),
+                (p + "mlp.gate_proj.weight", (a.intermediate, a.hidden)),
+                (p + "mlp.down_proj.weight", (a.hidden, a.intermediate))]
+    if embeddings and not a.tied:
+        out.append(("lm_head.weight", (a.vocab, a.hidden)))
+    return out
+
+
+def synthetic_weight(shape: tuple[int, int], gen: torch.Generator, spikes: int = 32) -> torch.Tensor:
+    """``0.02 G + Σ s_i u_i v_iᵀ`` in bf16 (see the module docstring)."""
+    m, n = shape
+    edge = 0.02 * (math.sqrt(m) + math.sqrt(n))
+    s = edge * (1 + 4 / torch.arange(1, spikes + 1, dtype=torch.float32))
+    U = torch.randn(m, spikes, generator=gen) / math.sqrt(m)
+    V = torch.randn(n, spikes, generator=gen) / math.sqrt(n)
+    W = 0.02 * torch.randn(m, n, generator=gen)
+    W.addmm_(U * s, V.T)
+    return W.to(torch.bfloat16)
+
+
+def bump(W: torch.Tensor, fraction: float, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """A copy of bf16 ``W`` with a random ``fraction`` of its entries moved one bf16 step; ``(copy, #moved)``."""
+    out = W.clone()
+    flat = out.view(-1).view(torch.int16)
+    hit = torch.rand(flat.shape[0], generator=gen) < fraction
+    hit &= (flat & 0x7FFF) < 0x7F7F  # keep finite (no magnitude at the top of the range in practice)
+    flat[hit] += 1
+    return out, int(hit.sum())
+
+
+def make_compare_pair(arch: str, folder: str | Path, *, layers: int | None = None, changed_fraction: float = 0.2,
+                      runs: int = 1, seed: int = 0, embeddings: bool = True) -> dict[str, Any]:
+    """Write ``base.safetensors`` and ``tuned{i}.safetensors`` of ``arch`` under ``folder``; returns the paths, the
+    names and shapes, and the exact number of changed entries per (run, name)."""
+    if not 0.0 <= changed_fraction <= 1.0:
+        raise InputError(f"--changed-fraction must be in [0, 1], got {changed_fraction}")
+    folder = Path(folder)
+    shapes = arch_shapes(arch, layers, embeddings)
+    gen = torch.Generator().manual_seed(seed)
+    base = {name: synthetic_weight(shape, gen) for name, shape in shapes}
+    tuned, changed = [], []
+    for r in range(runs):
+        sd, counts = {}, {}
+        for name, W in base.items():
+            sd[name], counts[name] = bump(W, changed_fraction, gen)
+        tuned.append(save_safetensors(sd, folder / f"tuned{r}.safetensors"))
+        changed.append(counts)
+    return {"base": save_safetensors(base, folder / "base.safetensors"), "tuned": tuned, "shapes": shapes,
+            "changed": changed, "tensors": base}
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def floor_times(tensors: list[torch.Tensor]) -> dict[str, float]:
+    """Wall / CPU seconds of ``torch.linalg.svdvals`` (float64) over ``tensors``: tall orientation, and as given."""
+    best_w = best_c = given_w = given_c = 0.0
+    for W in tensors:
+        A = W.double()
+        tall = A if A.shape[0] >= A.shape[1] else A.T
+        w, c, _ = _timed(lambda: torch.linalg.svdvals(tall))
+        best_w, best_c = best_w + w, best_c + c
+        if tall is not A:
+            w, c, _ = _timed(lambda: torch.linalg.svdvals(A))
+        given_w, given_c = given_w + w, given_c + c
+    return {"floor_wall_s": best_w, "floor_cpu_s": best_c, "floor_as_given_wall_s": given_w,
+            "floor_as_given_cpu_s": given_c}
+
+
+def bench_compare(arch: str, *, layers: int | None = None, changed_fraction: float = 0.2, runs: int = 1, k: int = 16,
+                  seed: int = 0, embeddings: bool = True, progress: Callable[[str], None] | None = None
+                  ) -> dict[str, Any]:
+    """Build the pair, time the floor, compare (exact) and compare --fast; returns one result row."""
+    from threegate.compare import compare_tables  # the thing measured
+
+    say = progress or (lambda msg: None)
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="threegate-bench-") as tmp:
+        say(f"{arch}: writing a synthetic bf16 pair ({layers or ARCHS[arch].layers} layers) ...")
+        pair = make_compare_pair(arch, tmp, layers=layers, changed_fraction=changed_fraction, runs=runs, seed=seed,
+                                 embeddings=embeddings)
+        names = [n for n, _ in pair["shapes"]]
+        from safetensors.torch import load_file
+
+        sides = [pair["tensors"]] + [load_file(str(p)) for p in pair["tuned"]]
+        say("floor: float64 svdvals of every matrix of every side ...")
+        floor = floor_times([sd[n] for sd in sides for n in names])
+        del sides
+        row: dict[str, Any] = {"arch": arch, "layers": layers or ARCHS[arch].layers, "matrices": len(names),
+                               "runs": runs, "k": k, "changed_fraction": changed_fraction, "embeddings": embeddings,
+                               "entries": sum(m * n for _, (m, n) in pair["shapes"]), **floor}
+        for label, fast in (("exact", False), ("fast", True)):
+            say(f"compare ({label}) ...")
+            w, c, t = _timed(lambda: compare_tables(pair["base"], pair["tuned"], k=k, fast=fast, keep_spectra=False))
+            m = t.matrices
+            exact_counts = all(int(r.changed) == pair["changed"][int(r.run[5:])][r.name] for r in m.itertuples())
+            row.update({f"{label}_wall_s": w, f"{label}_cpu_s": c,
+                        f"{label}_ratio_wall": w / floor["floor_wall_s"], f"{label}_ratio_cpu": c / floor["floor_cpu_s"],
+                        f"{label}_counts_exact": exact_counts,
+                        f"{label}_routes": {str(k_): int(v) for k_, v in m["spectral_route"].value_counts().items()}})
+    row["loadavg"] = [load0, os.getloadavg()[0]]
+    row["target_exact"] = _verdict(arch, row["exact_ratio_cpu"], TARGET_EXACT)
+    row["target_fast"] = _verdict(arch, row["fast_ratio_cpu"], TARGET_FAST)
+    return row
+
+
+def _verdict(arch: str, ratio: float, target: float) -> str:
+    if arch != TARGET_ARCH:
+        return "n/a"
+    return "met" if ratio <= target else "MISSED"
+
+
+def format_compare_report(row: dict[str, Any], threads: int) -> str:
+    r = row
+    lines = [
+        f"threegate bench --compare {r['arch']}  ({r['layers']} layers, {r['matrices']} matrices, {r['entries']:,} "
+        f"entries, {r['runs']} tuned run(s), changed fraction {r['changed_fraction']}, k = {r['k']}, threads = "
+        f"{threads}, load avg {r['loadavg'][0]:.1f} -> {r['loadavg'][1]:.1f})",
+        f"  floor (float64 svdvals, both sides, tall orientation): {r['floor_wall_s']:8.2f} s wall "
+        f"{r['floor_cpu_s']:8.2f} s cpu   (as given: {r['floor_as_given_wall_s']:.2f} s wall)",
+    ]
+    for label, target in (("exact", TARGET_EXACT), ("fast", TARGET_FAST)):
+        lines.append(
+            f"  compare {label:5s}: {r[f'{label}_wall_s']:8.2f} s wall {r[f'{label}_cpu_s']:8.2f} s cpu   ratio "
+            f"{r[f'{label}_ratio_wall']:5.2f}x wall {r[f'{label}_ratio_cpu']:5.2f}x cpu   target <= {target:g}x: "
+            f"{r[f'target_{label}']}   counts exact: {'yes' if r[f'{label}_counts_exact'] else 'NO'}   routes "
+            f"{r[f'{label}_routes']}")
+    return "\n".join(lines)
