@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -287,6 +288,19 @@ def test_bf16_storage_updates_the_bf16_weights(tiny_dir):
     assert recount(b["model.embed_tokens.weight"], f["model.embed_tokens.weight"]) > 0
 
 
+def test_bf16_autocast_matmuls_use_the_stored_bf16_view():
+    """torch 2.13, CPU autocast to bf16 (``compute_dtype = "bf16"``, TRL's ``bf16=True``): a linear layer computes
+    with bf16(W), the float32 master rounded to nearest even -- the stored view the callback counts and the
+    snapshots hold -- not with W itself."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(16, 32, generator=g), torch.randn(4, 32, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.nn.functional.linear(x, w)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, torch.nn.functional.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)))
+    assert not torch.equal(y, torch.nn.functional.linear(x, w).to(torch.bfloat16))
+
+
 # ----------------------------------------------------------------------------------------------- configs, sweep
 
 
@@ -330,7 +344,7 @@ def test_run_cell_gives_the_sweep_tables(tiny_dir, monkeypatch):
         run_cell({"algorithm": "reinforce_kl"})
 
 
-@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("examples/hf/*.toml")),
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("examples/hf/*.toml")),
                          ids=lambda p: p.name)
 def test_example_configs_build_valid_run_configs(path):
     cfg = load_config(path)
@@ -371,63 +385,78 @@ def test_gguf_loads_as_a_trainable_float32_model(monkeypatch):
 # ----------------------------------------------------------------------------------------------- SmolLM2 (slow)
 
 
+def _compare_live_recount(out: Path, last: int, tmp: Path, only: str, names: list[str]) -> tuple[int, float]:
+    """``threegate compare`` of a run folder's base and step-``last`` snapshots on the matrices ``only`` selects:
+    compare's counts equal an integer recount of the two snapshots and the live callback's counts. Returns
+    (stored entries moved over every tracked matrix, sparsity over the compared ones)."""
+    snaps = out / "snapshots"
+    base, final = snaps / "step_000000.safetensors", snaps / f"step_{last:06d}.safetensors"
+    assert main(["compare", str(base), str(final), "--k", "8", "--only", only, "--out", str(tmp), "--no-progress",
+                 "--no-figures"]) == 0
+    m = pd.read_parquet(tmp / "matrices.parquet")
+    assert sorted(m["name"]) == sorted(names)
+    b, f = open_checkpoint(base), open_checkpoint(final)
+    steps = pd.read_parquet(out / "steps.parquet")
+    live = steps[steps["step"] == last].set_index("matrix")
+    for row in m.itertuples():
+        n = recount(b.get(row.name), f.get(row.name))
+        assert row.changed == n == live.loc[row.name, "changed_base"], row.name
+    return int(live["changed_base"].sum()), 1 - m["changed"].sum() / m["numel"].sum()
+
+
 @pytest.mark.slow
-def test_smollm2_grpo_on_trl_goes_through_threegate_compare(tmp_path, capsys):
-    """SmolLM2-135M (GGUF Q4, offline) through ``threegate run hf_rlvr``: a few GRPO steps on TRL with the exact
-    checker and the live callback, then ``threegate compare`` of the base and the last snapshot on a subset of the
-    matrices. Compare's counts equal an integer recount of the two snapshots and the callback's per-step counts.
+def test_smollm2_grpo_and_sft_on_trl_go_through_threegate_compare(tmp_path, capsys):
+    """SmolLM2-135M (GGUF Q4, offline) through ``threegate run``: two GRPO steps on TRL with the exact checker and
+    the live callback, then one SFT step; ``threegate compare`` of each run's base and last snapshot (six matrices,
+    the ones the callback analysed) counts exactly what an integer recount of the snapshots and the callback give.
 
     The 4-bit SmolLM2 almost never solves a problem (0 of 96 sampled completions at difficulty 1 in the
-    measurements behind this test), so a step usually has every group at -1: GRPO's advantages and gradient are then
-    exactly zero and not one stored entry may move. The test asserts that when TRL logged zero gradient norms, and
-    0 < sparsity < 1 when a group had mixed rewards."""
+    measurements behind this test), so a GRPO step usually has every group at -1: the advantages and the gradient
+    are then exactly zero and not one stored entry may move (asserted when TRL logged zero gradient norms;
+    0 < sparsity < 1 otherwise). The SFT step always moves: 0 < sparsity < 1."""
     import time
 
     try:
         smollm2_gguf_path()
     except CheckpointError as e:
         pytest.skip(str(e))
-    cfg = tmp_path / "smol.toml"
-    cfg.write_text(SMOLLM2_TOML)
-    out = tmp_path / "run"
+    only = r"layers\.(0|29)\.(self_attn\.(q|v)_proj|mlp\.down_proj)"
+    names = [f"model.layers.{i}.{n}.weight" for i in (0, 29) for n in ("self_attn.q_proj", "self_attn.v_proj",
+                                                                      "mlp.down_proj")]
+    cfg = tmp_path / "rl.toml"
+    cfg.write_text(SMOLLM2_RL_TOML)
+    rl = tmp_path / "rl"
     t0 = time.perf_counter()
-    assert main(["run", "hf_rlvr", "--config", str(cfg), "--out", str(out)]) == 0
-    t_run = time.perf_counter() - t0
-    h = pd.read_parquet(out / "history.parquet")
-    r = pd.read_parquet(out / "rollouts.parquet")
+    assert main(["run", "hf_rlvr", "--config", str(cfg), "--out", str(rl)]) == 0
+    t_rl = time.perf_counter() - t0
+    h = pd.read_parquet(rl / "history.parquet")
+    r = pd.read_parquet(rl / "rollouts.parquet")
     assert list(h["step"]) == [1, 2] and np.isfinite(h[["reward", "loss", "grad_norm"]].to_numpy()).all()
     assert len(r) == 2 * 8 and (r["reward"] == [reward(c, a) for c, a in zip(r["completion"], r["answer"])]).all()
     for t, g in r.groupby("step"):
         assert math.isclose(h.set_index("step").loc[t, "reward"], g["reward"].mean(), abs_tol=1e-6)
-    snaps = out / "snapshots"
-    base, last = snaps / "step_000000.safetensors", snaps / "step_000002.safetensors"
-    cmp = tmp_path / "cmp"
-    only = r"layers\.(0|29)\.(self_attn\.(q|v)_proj|mlp\.down_proj)"
+    assert set(pd.read_parquet(rl / "checks.parquet")["name"]) == set(names)  # the callback's snapshot analysis
     capsys.readouterr()
-    t1 = time.perf_counter()
-    assert main(["compare", str(base), str(last), "--k", "8", "--only", only, "--out", str(cmp), "--no-progress",
-                 "--no-figures"]) == 0
-    t_cmp = time.perf_counter() - t1
-    m = pd.read_parquet(cmp / "matrices.parquet")
-    assert len(m) == 6
-    b, f = open_checkpoint(base), open_checkpoint(last)
-    steps = pd.read_parquet(out / "steps.parquet")
-    live = steps[steps["step"] == 2].set_index("matrix")
-    for row in m.itertuples():
-        n = recount(b.get(row.name), f.get(row.name))
-        assert row.changed == n == live.loc[row.name, "changed_base"], row.name
-    total = int(steps.loc[steps["step"] == 2, "changed_base"].sum())
-    sparsity = 1 - m["changed"].sum() / m["numel"].sum()
-    print(f"\nSmolLM2 GRPO on TRL: run {t_run:.0f} s, compare {t_cmp:.0f} s; rewards per step "
-          f"{h['reward'].round(3).tolist()}, grad norms {h['grad_norm'].round(4).tolist()}, stored entries moved "
-          f"{total}, sparsity on the compared matrices {sparsity:.4f}")
+    moved_rl, sparsity_rl = _compare_live_recount(rl, 2, tmp_path / "cmp_rl", only, names)
     if (h["grad_norm"] == 0).all():
-        assert total == 0 and sparsity == 1.0  # an exactly zero gradient moves nothing (AdamW, no weight decay)
+        assert moved_rl == 0 and sparsity_rl == 1.0  # an exactly zero gradient moves nothing (AdamW, no decay)
     else:
-        assert 0 < sparsity < 1
+        assert 0 < sparsity_rl < 1
+    cfg = tmp_path / "sft.toml"
+    cfg.write_text(SMOLLM2_SFT_TOML)
+    sft = tmp_path / "sft"
+    t1 = time.perf_counter()
+    assert main(["run", "hf_sft", "--config", str(cfg), "--out", str(sft)]) == 0  # the model is cached: no reload
+    t_sft = time.perf_counter() - t1
+    capsys.readouterr()
+    moved_sft, sparsity_sft = _compare_live_recount(sft, 1, tmp_path / "cmp_sft", only, names)
+    assert moved_sft > 0 and 0 < sparsity_sft < 1
+    print(f"\nSmolLM2 on TRL: GRPO run {t_rl:.0f} s, rewards {h['reward'].tolist()}, grad norms "
+          f"{h['grad_norm'].round(4).tolist()}, stored entries moved {moved_rl}, sparsity (6 matrices) "
+          f"{sparsity_rl:.4f}; SFT run {t_sft:.0f} s, moved {moved_sft}, sparsity (6 matrices) {sparsity_sft:.4f}")
 
 
-SMOLLM2_TOML = """
+SMOLLM2_RL_TOML = r"""
 seed = 0
 [hf_rlvr]
 preset = "cpu_smoke"
@@ -435,10 +464,24 @@ steps = 2
 prompts_per_step = 2
 num_generations = 4
 micro_batch = 8
-max_completion_length = 16
+max_completion_length = 8
 system_prompt = "Reply with the final number only."
 lr = 1e-5
+snapshot_steps = []
 k = 4
-fast_analysis = true
+analysis_only = 'layers\.(0|29)\.(self_attn\.(q|v)_proj|mlp\.down_proj)'
 record_completions = true
+"""
+
+SMOLLM2_SFT_TOML = r"""
+seed = 0
+[hf_sft]
+preset = "cpu_smoke"
+steps = 1
+batch_size = 1
+micro_batch = 1
+lr = 1e-5
+snapshot_steps = []
+k = 4
+analysis_only = 'layers\.(0|29)\.(self_attn\.(q|v)_proj|mlp\.down_proj)'
 """

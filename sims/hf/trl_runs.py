@@ -18,7 +18,8 @@ counts): App. C's 320 RL steps of 4 updates are ``steps = 1280``. With one updat
 **Precision** (``storage``). ``"fp32_master"`` (default, the paper's): the parameters are float32 and AdamW
 updates them; the *stored* weights are their bf16 rounding (round to nearest even), which is what the live callback
 counts and what the snapshots hold. ``compute_dtype = "bf16"`` runs the forward passes under bf16 autocast (TRL's
-``bf16=True``): every matmul then uses exactly the stored bf16 weights, norms and embeddings the fp32 master.
+``bf16=True``): every matmul then uses bf16(W), exactly the stored view (tested for torch 2.13's CPU autocast);
+norms and the embedding lookup use the fp32 master.
 ``"bf16"``: the model is loaded in bf16 and AdamW updates the bf16 weights themselves (no fp32 master).
 
 **Adapters** (``adapter``). ``"lora"`` / ``"pissa"``: peft ``LoraConfig(r=lora_rank, lora_alpha=lora_alpha,
