@@ -25,7 +25,7 @@ __all__ = ["write_tables", "concat_tables", "pooled_sparsity", "summary_tables"]
 
 
 def write_tables(tables: Mapping[str, pd.DataFrame], out: str | Path, *, prefix: str = "",
-                 meta: Mapping[str, Any] | None = None, skip_empty: bool = False) -> list[Path]:
+                 meta: Mapping[str, Any] | None = None, skip_empty: bool = False, atomic: bool = False) -> list[Path]:
     """Write each table as ``<out>/<prefix><name>.csv`` and ``.parquet``; returns the paths written.
 
     Parameters
@@ -40,6 +40,9 @@ def write_tables(tables: Mapping[str, pd.DataFrame], out: str | Path, *, prefix:
         When given, also ``<file>.meta.json`` next to each file (JSON of ``meta``).
     skip_empty : bool, optional
         Leave out tables with no rows.
+    atomic : bool, optional
+        Write each file to ``<file>.tmp`` and rename it into place, so a reader polling the folder (a live run)
+        never sees a half-written table.
 
     Examples
     --------
@@ -56,8 +59,11 @@ def write_tables(tables: Mapping[str, pd.DataFrame], out: str | Path, *, prefix:
         if skip_empty and (df is None or df.empty):
             continue
         csv, parquet = out / f"{prefix}{name}.csv", out / f"{prefix}{name}.parquet"
-        df.to_csv(csv, index=False)
-        df.to_parquet(parquet, index=False)
+        for path, write in ((csv, df.to_csv), (parquet, df.to_parquet)):
+            target = path.with_name(path.name + ".tmp") if atomic else path
+            write(target, index=False)
+            if atomic:
+                target.replace(path)
         for path in (csv, parquet):
             if meta is not None:
                 path.with_name(path.name + ".meta.json").write_text(json.dumps(dict(meta)))

@@ -240,13 +240,13 @@ def test_a_failing_snapshot_analysis_is_recorded_and_training_goes_on(tiny_dir, 
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    import threegate.compare
+    import threegate.callback
     from threegate import ThreeGateCallback
 
     def broken(*args, **kwargs):
         raise InputError("tensor 'x': linear algebra failed (simulated)")
 
-    monkeypatch.setattr(threegate.compare, "compare_tables", broken)
+    monkeypatch.setattr(threegate.callback, "compare_tables", broken)  # the name the callback calls
     model, tok = _load(tiny_dir)
     cfg = SFTConfig(output_dir=str(tmp_path / "trainer"), max_steps=2, per_device_train_batch_size=2,
                     learning_rate=1e-4, max_length=16, report_to="none", use_cpu=True, seed=0, save_strategy="no",

@@ -62,7 +62,8 @@ def _first_order_ratio(pol, th, R):
 def test_all_gate1_ids_registered_with_campaigns():
     for rid in IDS:
         r = theory.RESULTS[rid]
-        assert r.gate == "I" and r.campaign is not None and r.module == "theory.kl_leash"
+        home = "theory.kl_anchor" if rid in ("prop3.1", "lemF.5", "lemF.6", "lemF.9") else "theory.fisher_bounds"
+        assert r.gate == "I" and r.campaign is not None and r.module == home
     assert not theory.RESULTS["prop3.1"].exact and not theory.RESULTS["prop3.2"].exact
     assert all(theory.RESULTS[r].exact for r in ("lemF.5", "lemF.6", "lemF.9", "eq7"))
 

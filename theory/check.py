@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping
 from theory.errors import ToleranceError
 
 __all__ = ["Check", "Result", "RESULTS", "register", "make_check", "assumption_failed", "indeterminate", "decide",
-           "refine", "VERDICTS", "SEPARATION"]
+           "refine", "ldexp_sat", "VERDICTS", "SEPARATION"]
 
 VERDICTS = ("holds", "violated", "indeterminate", "assumption-failed")
 #: The failed-assumption text of an indeterminate check starts with this.
@@ -162,8 +162,8 @@ def make_check(
         # the triple the verdict was decided on (scaled units): exact, where the stored values may overflow or
         # lose bits to subnormal rounding
         d.update(scale_exponent=int(exponent), lhs_scaled=lhs, rhs_scaled=rhs, tol_scaled=tol)
-        lhs, rhs = _ldexp_sat(lhs, exponent), _ldexp_sat(rhs, exponent)
-        tol = min(_ldexp_sat(tol, exponent), sys.float_info.max)
+        lhs, rhs = ldexp_sat(lhs, exponent), ldexp_sat(rhs, exponent)
+        tol = min(ldexp_sat(tol, exponent), sys.float_info.max)
     if verdict == "indeterminate":
         return indeterminate(result_id, lhs, rhs, tol, details=d)
     return Check(
@@ -178,10 +178,16 @@ def make_check(
     )
 
 
-def _ldexp_sat(x: float, e: int) -> float:
-    """x * 2**e exactly where representable, +-inf where it overflows (NaN and inf stay as they are)."""
+def ldexp_sat(x: float, e: int) -> float:
+    """x * 2**e as a float: exact where representable, +-inf where it overflows (NaN and inf stay as they are).
+
+    Examples
+    --------
+    >>> ldexp_sat(3.0, -1), ldexp_sat(1.0, 2000), ldexp_sat(-1.0, 2000)
+    (1.5, inf, -inf)
+    """
     if not math.isfinite(x):
-        return x
+        return float(x)
     try:
         return math.ldexp(x, e)
     except OverflowError:

@@ -465,7 +465,7 @@ def _hopeless(rho: float, history: list[float], S: torch.Tensor, k: int, tol: fl
 
 
 def _lanczos(W: torch.Tensor, k: int, *, tol: float, seed: int) -> TopK | None:
-    from scipy.sparse.linalg import svds
+    from scipy.sparse.linalg import svds  # scipy's ARPACK only for the lanczos path
 
     A = _np(W)
     r = min(A.shape)

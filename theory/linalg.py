@@ -31,6 +31,8 @@ __all__ = [
     "as_real_array",
     "as_real_scalar",
     "pow2_exponent",
+    "subspace_resolution",
+    "topk_subspace_unresolved",
     "scale_pow2",
     "orthonormality_defect",
     "ORTHONORMALITY_TOL",
@@ -210,6 +212,33 @@ def spectral_gap(S: Float[np.ndarray, " r"], k: int) -> float:
     """gamma_k = sigma_k - sigma_{k+1} (sigma_{r+1} := 0 for a k equal to the rank dimension r)."""
     nxt = S[k] if k < S.shape[0] else 0.0
     return float(S[k - 1] - nxt)
+
+
+def subspace_resolution(S: Float[np.ndarray, " r"], shape: tuple[int, int]) -> float:
+    """The float64 resolution of singular values of an (m, n) matrix with singular values ``S``:
+    ``8 max(m, n) eps64 sigma_1`` (a backward-stable SVD moves each by less, Weyl)."""
+    return 8 * float(np.finfo(np.float64).eps) * max(shape) * S[0]
+
+
+def topk_subspace_unresolved(S: Float[np.ndarray, " r"], k: int, shape: tuple[int, int]) -> bool:
+    """Whether the top-k singular subspaces of an (m, n) matrix with singular values ``S`` are *not* determined to
+    float64 resolution: ``sigma_k - sigma_{k+1} <= subspace_resolution`` for k < r = min(m, n); for k = r <
+    max(m, n), ``sigma_r`` at that level (the complement's structural zeros make the gap ``sigma_r``); never for
+    k = r = m = n (the whole space).
+
+    Examples
+    --------
+    >>> S = np.array([2.0, 1.0, 1.0])
+    >>> topk_subspace_unresolved(S, 1, (3, 3)), topk_subspace_unresolved(S, 2, (3, 3))
+    (False, True)
+    >>> rank_one = np.array([1.0, 0.0])
+    >>> topk_subspace_unresolved(rank_one, 2, (3, 2)), topk_subspace_unresolved(rank_one, 2, (2, 2))
+    (True, False)
+    """
+    m, n = shape
+    if k < min(m, n):
+        return bool(spectral_gap(S, k) <= subspace_resolution(S, shape))
+    return bool(m != n and spectral_gap(S, k) <= subspace_resolution(S, shape))
 
 
 def orthonormality_defect(A: Float[np.ndarray, "n k"]) -> float:

@@ -33,7 +33,10 @@ from jaxtyping import Bool, Float
 
 from theory import bf16_kernel
 from theory.errors import ComplexInputError, InputError, NonFiniteError, ShapeMismatchError, ZeroGapError
-from theory.linalg import SVD, pow2_exponent, principal_angles, reject_complex, scale_pow2, svd64, to_f64
+from theory.linalg import (
+    SVD, pow2_exponent, principal_angles, reject_complex, scale_pow2, subspace_resolution, svd64, to_f64,
+    topk_subspace_unresolved,
+)
 
 __all__ = [
     "ETA_DEFAULT",
@@ -422,12 +425,12 @@ def principal_angles_topk(W0: Any, W1: Any, k: int) -> tuple[Float[np.ndarray, "
     bases = []
     for nm, A in (("W0", a), ("W1", b)):
         U, S, Vh = np.linalg.svd(A, full_matrices=False)
-        resolution = 8 * np.finfo(np.float64).eps * max(m, n) * S[0]
-        if k < r and S[k - 1] - S[k] <= resolution:
+        resolution = subspace_resolution(S, (m, n))
+        if k < r and topk_subspace_unresolved(S, k, (m, n)):
             raise ZeroGapError(
                 f"{nm}: σ_{k} = {S[k - 1]:.17g} and σ_{k + 1} = {S[k]:.17g} coincide (gap <= {resolution:.3g} of the "
                 f"{nm} scaled to max |entry| in [1/2, 1)); the top-{k} singular subspace is not unique")
-        if k == r and m != n and S[k - 1] <= resolution:
+        if k == r and topk_subspace_unresolved(S, k, (m, n)):
             side = "left" if m > n else "right"
             raise ZeroGapError(
                 f"{nm}: rank-deficient at k = min(m, n) = {k} (σ_{k} = {S[k - 1]:.3g} <= {resolution:.3g}, relative "

@@ -47,6 +47,7 @@ __all__ = [
     "m_project",
     "kl_rows",
     "as_distribution",
+    "campaign_policies",
 ]
 
 EPS = float(np.finfo(np.float64).eps)
@@ -634,3 +635,21 @@ def m_project(policy: Policy, theta: Any, q_tilde: Any, **kw: Any) -> MProjectio
     of the objective at theta_plus, so callers can see how well it converged.
     """
     return policy.m_project(theta, q_tilde, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Seeded instance families
+# ---------------------------------------------------------------------------------------------------------------
+def campaign_policies(seed: int, *, mlp_outputs: int = 30) -> list[tuple[Policy, np.ndarray, np.ndarray]]:
+    """(policy, theta, R) triples for the campaigns: a 2-context tabular softmax (Y = 8), a log-linear policy
+    (3 contexts, Y = 12, d = 4 features) and a curved MLP (6 contexts, hidden 3, ``mlp_outputs`` outputs, tanh;
+    hidden + 1 < contexts so the class is a proper curved subset). Rewards are uniform in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    tab = TabularSoftmax(8, n_contexts=2)
+    ll = LogLinear(rng.standard_normal((3, 12, 4)))
+    mlp = MLPPolicy(6, 3, mlp_outputs, activation="tanh")
+    out = []
+    for pol in (tab, ll, mlp):
+        theta = pol.init_theta(int(rng.integers(2**31))) if isinstance(pol, MLPPolicy) else rng.standard_normal(pol.n_params)
+        out.append((pol, theta, rng.uniform(-1.0, 1.0, size=pol.shape)))
+    return out

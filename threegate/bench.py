@@ -35,13 +35,16 @@ import time
 from typing import Any, Iterator
 
 import numpy as np
+import scipy.linalg
 import torch
+from threadpoolctl import threadpool_limits
 
 from theory.errors import InputError
 from theory.fast_spectral import spectral_norm_fast, topk_svd
 from theory.linalg import principal_angles
-from threegate.bench_compare import ARCHS
 from theory.bf16_kernel import BACKENDS, changed_count, kernel_info
+from threegate.bench_callback import bench_callback, format_callback_report
+from threegate.bench_compare import ARCHS, bench_compare, format_compare_report
 
 TARGET_SPEEDUP = 20.0
 TARGET_SIZE = 4096
@@ -164,8 +167,6 @@ def full_svd_reference(W0: torch.Tensor, reference: str, repeats: int, device):
             t, c, (U, S, Vh) = timed(lambda: torch.linalg.svd(W0, full_matrices=False), repeats, device)
             U, S, V = U.cpu().numpy(), S.cpu().numpy(), Vh.T.cpu().numpy()
         else:
-            import scipy.linalg
-
             A = W0.cpu().numpy()
             t, c, (U, S, Vh) = timed(lambda: scipy.linalg.svd(A, full_matrices=False, lapack_driver="gesdd",
                                                               check_finite=False), repeats, device)
@@ -267,8 +268,6 @@ def bench_sparsity(n_entries: int, *, device="cpu", repeats=1, seed=0, backends=
 def threads_context(threads: int | None) -> Iterator[int]:
     """torch's intra-op threads and every BLAS/OpenMP pool (threadpoolctl) at ``threads`` inside the block (so every
     path measured gets the same cores), restored on exit. Yields the thread count in force."""
-    from threadpoolctl import threadpool_limits
-
     old_threads = torch.get_num_threads()
     threads = old_threads if threads is None else int(threads)
     if threads < 1:
@@ -359,8 +358,6 @@ def format_report(res: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "callback", False):
-        from threegate.bench_callback import bench_callback, format_callback_report
-
         res = bench_callback(args.callback_trainer, steps=args.callback_steps, model=args.callback_model,
                              device=args.device, seed=args.seed, gate3=args.callback_gate3)
         print(format_callback_report(res))
@@ -372,8 +369,6 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--repeats must be >= 1, got {args.repeats}")
     say = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if args.compare:
-        from threegate.bench_compare import bench_compare, format_compare_report
-
         if args.runs < 1:
             raise InputError(f"--runs must be >= 1, got {args.runs}")
         with threads_context(args.threads) as threads:

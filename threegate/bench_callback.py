@@ -20,8 +20,13 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
 
+from sims.hf.loading import load_causal_lm
+from sims.hf.word_problems import format_prompt, generate_problems, reward
 from theory.errors import InputError
+from threegate.callback import ThreeGateCallback
 
 __all__ = ["TRAINERS", "TARGET_CPU", "TARGET_GPU", "bench_callback", "format_callback_report"]
 
@@ -30,9 +35,7 @@ TARGET_CPU, TARGET_GPU = 0.05, 0.02
 
 
 def _datasets(kind: str, tokenizer, n: int, seed: int):
-    from datasets import Dataset
-
-    from sims.hf.word_problems import format_prompt, generate_problems
+    from datasets import Dataset  # heavy (pyarrow datasets), needed only when a trainer runs
 
     problems = generate_problems(n, seed=seed)
     if kind == "sft":
@@ -42,8 +45,6 @@ def _datasets(kind: str, tokenizer, n: int, seed: int):
 
 def word_problem_reward(prompts, completions, answer, **kwargs):
     """TRL reward function: +1 / -1 from the exact checker of ``sims.hf.word_problems``."""
-    from sims.hf.word_problems import reward
-
     return [reward(c, int(a)) for c, a in zip(completions, answer)]
 
 
@@ -51,9 +52,6 @@ def trainable_copy(model):
     """The same weights in a fresh model of the same config: a GGUF-loaded model is flagged ``is_quantized`` (its
     weights are the dequantized float32 values) and ``transformers.Trainer`` refuses to train it (transformers 5.25:
     "You cannot perform fine-tuning on purely quantized models")."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     if not getattr(model, "is_quantized", False):
         return model
     with torch.random.fork_rng(devices=[]):  # from_config initialises weights that load_state_dict overwrites
@@ -64,11 +62,6 @@ def trainable_copy(model):
 
 def _run(kind: str, model_path: str | None, steps: int, batch: int, device: str, seed: int,
          gate3: bool = False) -> dict[str, Any]:
-    import torch
-
-    from sims.hf.loading import load_causal_lm
-    from threegate.callback import ThreeGateCallback
-
     lm = load_causal_lm(model_path, device="cpu")
     model, tok = trainable_copy(lm.model), lm.tokenizer
     if tok.pad_token is None:
@@ -81,12 +74,12 @@ def _run(kind: str, model_path: str | None, steps: int, batch: int, device: str,
         cb = ThreeGateCallback(out_dir=os.path.join(tmp, "tg"), save_snapshots=False, flush_every=10**9, gate3=gate3)
         data = _datasets(kind, tok, 4 * batch * steps, seed)
         if kind == "sft":
-            from trl import SFTConfig, SFTTrainer
+            from trl import SFTConfig, SFTTrainer  # TRL (heavy) loads only when this trainer runs
 
             trainer = SFTTrainer(model=model, args=SFTConfig(max_length=128, **common), train_dataset=data,
                                  processing_class=tok, callbacks=[cb])
         else:
-            from trl import GRPOConfig, GRPOTrainer
+            from trl import GRPOConfig, GRPOTrainer  # TRL (heavy) loads only when this trainer runs
 
             cfg = GRPOConfig(num_generations=batch, max_completion_length=32, beta=0.0, loss_type="dapo", **common)
             trainer = GRPOTrainer(model=model, reward_funcs=word_problem_reward, args=cfg, train_dataset=data,
@@ -110,8 +103,6 @@ def _run(kind: str, model_path: str | None, steps: int, batch: int, device: str,
 def bench_callback(trainers=TRAINERS, *, steps: int = 4, batch: int = 4, model: str | None = None,
                    device: str = "cpu", seed: int = 0, gate3: bool = False) -> dict[str, Any]:
     """Per-step timing of the callback on real TRL runs; see the module docstring."""
-    import torch
-
     for k in trainers:
         if k not in TRAINERS:
             raise InputError(f"--callback-trainer must be among {TRAINERS}, got {k!r}")

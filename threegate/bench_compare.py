@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import load_file
 
 from theory.errors import InputError
 from threegate.checkpoints import save_safetensors
+from threegate.compare import compare_tables
 
 __all__ = ["ARCHS", "Arch", "arch_shapes", "make_compare_pair", "bench_compare", "format_compare_report",
            "TARGET_EXACT", "TARGET_FAST"]
@@ -153,8 +155,6 @@ def bench_compare(arch: str, *, layers: int | None = None, changed_fraction: flo
                   seed: int = 0, embeddings: bool = True, progress: Callable[[str], None] | None = None
                   ) -> dict[str, Any]:
     """Build the pair, time the floor, compare (exact) and compare --fast; returns one result row."""
-    from threegate.compare import compare_tables  # the thing measured
-
     say = progress or (lambda msg: None)
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="threegate-bench-") as tmp:
@@ -162,8 +162,6 @@ def bench_compare(arch: str, *, layers: int | None = None, changed_fraction: flo
         pair = make_compare_pair(arch, tmp, layers=layers, changed_fraction=changed_fraction, runs=runs, seed=seed,
                                  embeddings=embeddings)
         names = [n for n, _ in pair["shapes"]]
-        from safetensors.torch import load_file
-
         sides = [pair["tensors"]] + [load_file(str(p)) for p in pair["tuned"]]
         say("floor: float64 svdvals of every matrix of every side ...")
         floor = floor_times([sd[n] for sd in sides for n in names])

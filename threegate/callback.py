@@ -42,7 +42,6 @@ one all-reduce per step for FSDP2 / ZeRO-3 shards); snapshots of ``DTensor`` wei
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -56,9 +55,12 @@ import pandas as pd
 import torch
 from transformers import TrainerCallback
 
+from sims import tables as sims_tables
 from theory import metrics
 from theory.errors import InputError, ThreegateError
 from theory.naming import layer_index, matrix_type
+from threegate.checkpoints import save_safetensors
+from threegate.compare import _validate_options, compare_tables
 from threegate.live import LiveCounter, MatrixCounts, dtensor_class, local_shard, stored_bf16
 
 __all__ = ["ThreeGateCallback", "steps_frame", "pool_steps", "gate3_tables", "table1_from_steps", "RL_CONFIGS"]
@@ -233,8 +235,6 @@ class ThreeGateCallback(TrainerCallback):
                  save_snapshots: bool = True, run_name: str | None = None, method: str | None = None,
                  flush_every: int = 50, device: str | None = None, include_frozen: bool = False,
                  only: str | None = None):
-        from threegate.compare import _validate_options
-
         _validate_options(k, alpha, eta, device or "cpu", None, 0)
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
             raise InputError(f"flush_every must be a positive integer, got {flush_every!r}")
@@ -335,8 +335,6 @@ class ThreeGateCallback(TrainerCallback):
     # ---------------------------------------------------------------------------------------- snapshots
     def _write_snapshot(self, model, step: int) -> Path:
         """Stored-bf16 weights of the tracked matrices (gathered if sharded) -> snapshots/step_{step:06d}."""
-        from threegate.checkpoints import save_safetensors
-
         DTensor = dtensor_class()
         params = dict(model.named_parameters())
         state = {}
@@ -351,8 +349,6 @@ class ThreeGateCallback(TrainerCallback):
         return path
 
     def _snapshot(self, model, step: int) -> None:
-        from threegate.compare import compare_tables
-
         path = self._write_snapshot(model, step)
         self._snapshotted.add(step)
         if not self._main:
@@ -412,21 +408,11 @@ class ThreeGateCallback(TrainerCallback):
 
     def write_tables(self) -> list[Path]:
         """Write every table as CSV and Parquet under ``out_dir`` (with a ``.meta.json`` sidecar)."""
-        written = []
         meta = {"model": self._model_name,
                 "description": f"ThreeGateCallback on {self._model_name or 'a model'}: run {self.run_name} "
                                f"({self.method}), {self._last_counted} optimizer steps counted"}
         if self.snapshot_errors:
             meta["error"] = "; ".join(self.snapshot_errors)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        for name, df in self.tables().items():
-            if self._model_name and "model" not in df.columns:
-                df = df.assign(model=self._model_name)
-            for ext in ("parquet", "csv"):
-                p = self.out_dir / f"{name}.{ext}"
-                tmp = p.with_name(p.name + ".tmp")
-                df.to_parquet(tmp, index=False) if ext == "parquet" else df.to_csv(tmp, index=False)
-                tmp.replace(p)
-                (self.out_dir / f"{name}.{ext}.meta.json").write_text(json.dumps(meta))
-                written.append(p)
-        return written
+        tables = {name: df.assign(model=self._model_name) if self._model_name and "model" not in df.columns else df
+                  for name, df in self.tables().items()}
+        return sims_tables.write_tables(tables, self.out_dir, meta=meta, atomic=True)

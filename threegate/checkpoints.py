@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from theory.errors import CheckpointError, InputError, NonFiniteError, ShapeMismatchError, ThreegateError
 from theory.naming import MATRIX_TYPES, layer_index, matrix_type
@@ -172,8 +174,6 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def __init__(self, path: Path, files: Sequence[Path], weight_map: Mapping[str, str] | None = None) -> None:
         super().__init__(path)
-        from safetensors import safe_open
-
         self._handles: dict[Path, object] = {}
         for file in files:
             _refuse_pickle_bytes(file)
@@ -552,8 +552,6 @@ def save_safetensors(
     Tensors are moved to CPU and made contiguous; tensors that share storage (tied weights) are cloned so that
     safetensors accepts them. Returns the path.
     """
-    from safetensors.torch import save_file
-
     p = Path(path)
     if p.suffix != ".safetensors":
         raise InputError(f"{p}: a safetensors checkpoint must end in .safetensors")

@@ -51,6 +51,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from theory import metrics
 from theory.errors import InputError, ThreegateError
@@ -249,8 +250,6 @@ def iter_compare(
         host = [ck.get(name) for ck in cks]
         return host, (host if dev.type == "cpu" else [t.to(dev, non_blocking=True) for t in host])
 
-    from tqdm.auto import tqdm
-
     with tqdm(total=len(names), desc="compare", unit="matrix", disable=not progress, file=sys.stderr) as bar:
         for group in _same_shape_groups(prefetch(names, read, prefetch_depth), size):
             gnames = [nm for nm, _ in group]
@@ -344,7 +343,7 @@ def _render_figures(out: Path) -> Path | None:
     nothing otherwise. The report reads ``out`` itself (so it names the real results folder and finds the
     per-matrix table for its summary); of each CSV + Parquet twin it draws one."""
     try:
-        from paper_figs.report import render_all
+        from paper_figs.report import render_all  # optional drawing: matplotlib and the report cost ~4 s to import
     except ImportError:
         return None
     try:

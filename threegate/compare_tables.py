@@ -10,7 +10,6 @@ baselines, Gate II verdict counts and the largest principal angle. The screen re
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from sims import tables as sims_tables
 from theory import metrics
 from theory.naming import MATRIX_TYPES
 from theory.spectral import GATE2_IDS
@@ -245,22 +245,14 @@ _MODEL_TABLES = ("sparsity", "spectrum", "angles", "mask_overlap", "jaccard")
 
 
 def write_tables(t: CompareTables, out: str | Path, *, model: str = "") -> list[Path]:
-    """Write every non-empty table as CSV and Parquet under ``out`` (with a ``.meta.json`` beside each)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write every non-empty table as CSV and Parquet under ``out`` (with a ``.meta.json`` beside each), through
+    ``sims.tables.write_tables`` (the one table writer)."""
     meta = {"model": model, "description": "; ".join(t.notes)}
     if t.error:
         meta["error"] = t.error
-    written: list[Path] = []
+    tables = {}
     for attr, stem in FILE_NAMES.items():
         df = getattr(t, attr)
-        if df is None or df.empty:
-            continue
-        if model and attr in _MODEL_TABLES:
-            df = df.assign(model=model)
-        for ext in ("csv", "parquet"):
-            p = out / f"{stem}.{ext}"
-            df.to_csv(p, index=False) if ext == "csv" else df.to_parquet(p, index=False)
-            (out / f"{stem}.{ext}.meta.json").write_text(json.dumps(meta))
-            written.append(p)
-    return written
+        if df is not None and not df.empty:
+            tables[stem] = df.assign(model=model) if model and attr in _MODEL_TABLES else df
+    return sims_tables.write_tables(tables, out, meta=meta)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import safe_open
 
 from sims.hf.loading import hub_offline, transformers_quiet
 from theory.errors import CheckpointError
@@ -67,7 +68,7 @@ def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[tuple[str, torch.Tenso
 @functools.lru_cache(maxsize=2)
 def load_gguf_state_dict(path: str) -> tuple[tuple[str, torch.Tensor], ...]:
     """Dequantized state dict of a GGUF file (cached: a small model loads once per process; never the hub)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: only when a GGUF file is compared
 
     folder, fname = os.path.split(os.path.abspath(path))
     try:
@@ -118,14 +119,12 @@ def merge_adapter(folder: str | os.PathLike[str], adapter_base: str | os.PathLik
         raise CheckpointError(f"{weights}: file not found (a PEFT adapter folder holds adapter_config.json and "
                               f"adapter_model.safetensors)")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(weights), framework="pt") as fh:
             list(fh.keys())
     except Exception as e:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({_one_line(e)})") from None
     base = _adapter_base(folder, cfg, adapter_base)
-    import peft
+    import peft  # heavy (peft, transformers): only when an adapter folder is compared
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

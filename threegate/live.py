@@ -67,6 +67,7 @@ import numpy as np
 import torch
 
 from theory import metrics
+from theory.bf16_array import predict_change_mask
 from theory.errors import InputError, NonFiniteError, ThreegateError
 
 __all__ = ["MatrixCounts", "LiveCounter", "dtensor_class", "stored_bf16", "local_shard", "pack_mask", "popcount",
@@ -115,7 +116,7 @@ def local_shard(p: torch.Tensor) -> tuple[torch.Tensor, bool]:
 def dtensor_class():
     """``torch.distributed.tensor.DTensor``, or None where torch was built without distributed support."""
     try:
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor  # optional: torch builds without distributed lack it
     except ImportError:  # torch built without distributed
         return None
     return DTensor
@@ -317,8 +318,6 @@ class LiveCounter:
     def _gate3(w: torch.Tensor, new: torch.Tensor, old: torch.Tensor, mask: torch.Tensor) -> tuple[int, ...]:
         """(pred_master, tp_master, pred_update, tp_update) of one block: ``w`` the stored bf16 before the step,
         ``new`` / ``old`` the master after / before it, ``mask`` the real change mask."""
-        from theory.precision import predict_change_mask
-
         w = w.cpu()
         new64 = new.to(device="cpu", dtype=torch.float64)
         actual = mask.cpu().numpy()

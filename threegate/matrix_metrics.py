@@ -21,14 +21,13 @@ import numpy as np
 
 from theory import metrics
 from theory.errors import ZeroGapError
-from theory.linalg import SVD, pow2_exponent, principal_angles, scale_pow2
+from theory.linalg import SVD, pow2_exponent, principal_angles, scale_pow2, topk_subspace_unresolved
 from theory.naming import layer_index, matrix_type
 from theory.spectral import GATE2_IDS, SpectralPair, gate2_checks
 from threegate.decompose import Decomposition
 
 __all__ = ["MatrixResult", "matrix_result", "FAST_SKIPS"]
 
-EPS64 = float(np.finfo(np.float64).eps)
 #: what the fast route does not compute, and why (printed by compare and written to the rows)
 FAST_SKIPS = ("nss", *GATE2_IDS)
 FAST_SKIP_REASON = "need every singular value of W0 and W+ (fast route computes the top k+1)"
@@ -69,20 +68,9 @@ def _pair(A: np.ndarray, B: np.ndarray, dW: np.ndarray, dec0: Decomposition, dec
                  SVD(dec1.svd.U, sc(dec1.svd.S), dec1.svd.Vh), sc(sv_dW), e, frobenius_s=math.ldexp(fro, -e))
 
 
-def _zero_gap(S: np.ndarray, k: int, shape: tuple[int, int]) -> bool:
-    """The top-k singular subspaces are not determined to float64 resolution: ``σ_k - σ_{k+1} <= 8 max(m, n) eps σ_1``
-    for k < r, ``σ_r`` at that level for k = r < max(m, n) (the rule of ``theory.metrics.principal_angles_topk``)."""
-    m, n = shape
-    r = min(m, n)
-    resolution = 8 * EPS64 * max(m, n) * S[0]
-    if k < r:
-        return bool(S[k - 1] - S[k] <= resolution)
-    return bool(m != n and S[k - 1] <= resolution)
-
-
 def _subspace_ok(d: Decomposition, k: int, shape: tuple[int, int]) -> bool:
     if d.complete:
-        return not _zero_gap(d.svd.S, k, shape)
+        return not topk_subspace_unresolved(d.svd.S, k, shape)
     return d.angle_err < math.pi / 2 and d.gap_lower > 0
 
 

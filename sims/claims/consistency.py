@@ -96,8 +96,9 @@ from sims.claims.base import (
     start_model,
     verdicts_frame,
 )
+from sims.claims.runs import recipe_rl_config
 from sims.tinygpt.probe import ProbeConfig
-from sims.tinygpt.rlvr import ALGORITHMS, RLConfig, train_rlvr
+from sims.tinygpt.rlvr import ALGORITHMS, train_rlvr
 from sims.tinygpt.tasks import task_by_name
 from theory.errors import InputError
 from theory.metrics import bernoulli_jaccard_baseline, col_ratios, consensus, row_ratios, update_mask
@@ -227,10 +228,9 @@ def group_members(specs: Sequence[RunSpec], c: ConsistencyConfig, group: str) ->
 def _train(model, c: ConsistencyConfig, spec: RunSpec, device: str):
     extra = {"dapo": {}, "grpo": {"beta": c.kl_beta, "eps_low": 0.2, "eps_high": 0.2},
              "reinforce_kl": {"beta": c.kl_beta}}[spec.algorithm]
-    rc = RLConfig(task=spec.task, algorithm=spec.algorithm, steps=c.rl_steps, prompts_per_step=c.prompts_per_step,
-                  group_size=c.group_size, minibatches=c.minibatches, lr=c.lr, precision="bf16", seed=spec.seed,
-                  device=device, probe=ProbeConfig(steps=c.probe_steps, n_eval_prompts=c.n_eval_prompts,
-                                                   theory_checks=False), **extra)
+    rc = recipe_rl_config(c, task=spec.task, algorithm=spec.algorithm, seed=spec.seed, device=device,
+                          probe=ProbeConfig(steps=c.probe_steps, n_eval_prompts=c.n_eval_prompts,
+                                            theory_checks=False), **extra)
     return train_rlvr(model, rc, run_name=spec.name)
 
 

@@ -88,9 +88,10 @@ from sims.claims.base import (
     start_model,
     verdicts_frame,
 )
+from sims.claims.runs import RLRecipe, recipe_rl_config
 from sims.tinygpt.determinism import deterministic
 from sims.tinygpt.probe import ProbeConfig
-from sims.tinygpt.rlvr import RLConfig, train_rlvr
+from sims.tinygpt.rlvr import train_rlvr
 from sims.tinygpt.sft import SFTConfig, train_sft
 from theory.errors import InputError, ZeroGapError
 from theory.metrics import low_magnitude_mask, nss, principal_angles_topk, principal_mask, update_mask
@@ -112,16 +113,11 @@ ACCURACY_METRIC = "accuracy_greedy"
 
 
 @dataclass(frozen=True)
-class GeometryConfig:
-    """``[geometry]``: per seed an RL run and one SFT run (same lr) probed on a grid of steps."""
+class GeometryConfig(RLRecipe):
+    """``[geometry]``: per seed an RL run and one SFT run (same lr) probed on a grid of steps (the RL recipe's
+    fields first: ``RLRecipe``)."""
 
-    seeds: tuple[int, ...] = (0, 1, 2)
-    task: str = "counting"
-    algorithm: str = "dapo"
     rl_steps: int = 30
-    minibatches: int = 2
-    prompts_per_step: int = 8
-    group_size: int = 8
     sft_batch_size: int = 32
     lr: float = 1e-5
     sft_max_factor: int = 3  # SFT runs to this multiple of RL's AdamW updates, to find an accuracy match
@@ -135,14 +131,6 @@ class GeometryConfig:
     def fast(cls, **kw) -> "GeometryConfig":
         return replace(cls(seeds=(0,), rl_steps=2, prompts_per_step=4, group_size=4, sft_batch_size=8,
                            sft_max_factor=2, sft_probe_every=2, n_eval_prompts=4), **kw)
-
-    @classmethod
-    def default(cls, **kw) -> "GeometryConfig":
-        return replace(cls(), **kw)
-
-    @property
-    def updates(self) -> int:
-        return self.rl_steps * self.minibatches
 
     def sft_probe_steps(self) -> tuple[int, ...]:
         top = self.sft_max_factor * self.updates
@@ -427,10 +415,9 @@ def _accuracy(res, step: int) -> float:
 
 
 def _train_pair(model, c: GeometryConfig, seed: int, device: str):
-    rc = RLConfig(task=c.task, algorithm=c.algorithm, steps=c.rl_steps, prompts_per_step=c.prompts_per_step,
-                  group_size=c.group_size, minibatches=c.minibatches, lr=c.lr, precision="bf16", seed=seed,
-                  device=device, probe=ProbeConfig(steps=(0, c.rl_steps), n_eval_prompts=c.n_eval_prompts,
-                                                   theory_checks=False))
+    rc = recipe_rl_config(c, seed=seed, device=device, probe=ProbeConfig(steps=(0, c.rl_steps),
+                                                                       n_eval_prompts=c.n_eval_prompts,
+                                                                       theory_checks=False))
     rl = train_rlvr(copy.deepcopy(model), rc, run_name=f"RL-s{seed}")
     steps = c.sft_probe_steps()
     sc = SFTConfig(task=c.task, steps=max(steps), batch_size=c.sft_batch_size, lr=c.lr, precision="bf16", seed=seed,

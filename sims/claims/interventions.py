@@ -96,10 +96,11 @@ from sims.claims.base import (
     start_model,
     verdicts_frame,
 )
+from sims.claims.runs import RLRecipe, recipe_rl_config
 from sims.tables import summary_tables
 from sims.tinygpt.model import permute_kv_heads, random_orthogonal, rotate_vo
 from sims.tinygpt.probe import ProbeConfig
-from sims.tinygpt.rlvr import RLConfig, train_rlvr
+from sims.tinygpt.rlvr import train_rlvr
 from sims.tinygpt.tasks import Tokenizer, encode_demonstrations, task_by_name
 from theory.errors import InputError, ShapeMismatchError
 from theory.metrics import update_mask
@@ -159,16 +160,10 @@ def _edits_tuple(edits) -> tuple[tuple[int, str], ...] | None:
 
 
 @dataclass(frozen=True)
-class InterventionsConfig:
-    """``[interventions]``: Rotate / Permute on chosen layers, then the same RL recipe on base, edit and rerun."""
+class InterventionsConfig(RLRecipe):
+    """``[interventions]``: Rotate / Permute on chosen layers, then the same RL recipe on base, edit and rerun
+    (the RL recipe's fields first: ``RLRecipe``)."""
 
-    seeds: tuple[int, ...] = (0, 1, 2)
-    task: str = "counting"
-    algorithm: str = "dapo"
-    rl_steps: int = 20
-    minibatches: int = 2
-    prompts_per_step: int = 8
-    group_size: int = 8
     lr: float = 1e-5
     n_eval_prompts: int = 8
     edits: tuple[tuple[int, str], ...] | None = None  # None: ((n_layer // 2, "rotate+permute"),)
@@ -186,10 +181,6 @@ class InterventionsConfig:
     def fast(cls, **kw) -> "InterventionsConfig":
         return replace(cls(seeds=(0,), rl_steps=2, prompts_per_step=4, group_size=4, n_eval_prompts=4,
                            n_check_prompts=8), **kw)
-
-    @classmethod
-    def default(cls, **kw) -> "InterventionsConfig":
-        return replace(cls(), **kw)
 
 
 @dataclass(frozen=True)
@@ -566,11 +557,9 @@ def kl_beta0_experiment(cfg: Mapping) -> ClaimRun:
     probe_steps = tuple(sorted(set(range(0, c.rl_steps + 1, c.probe_every)) | {c.rl_steps}))
     results = []
     for seed in c.seeds:
-        rc = RLConfig(task=c.task, algorithm="dapo", steps=c.rl_steps, prompts_per_step=c.prompts_per_step,
-                      group_size=c.group_size, minibatches=c.minibatches, lr=c.lr, eps_low=c.eps_low,
-                      eps_high=c.eps_high, beta=0.0, precision="bf16", seed=seed, device=device,
-                      probe=ProbeConfig(steps=probe_steps, n_eval_prompts=c.n_eval_prompts, theory_checks=True,
-                                        checks=("lemF.9",)))
+        rc = recipe_rl_config(c, algorithm="dapo", eps_low=c.eps_low, eps_high=c.eps_high, beta=0.0, seed=seed,
+                              device=device, probe=ProbeConfig(steps=probe_steps, n_eval_prompts=c.n_eval_prompts,
+                                                               theory_checks=True, checks=("lemF.9",)))
         results.append(train_rlvr(copy.deepcopy(base), rc, run_name=f"dapo-s{seed}"))
     summ = summary_tables(results)
     kl = summ["kl_beta0"]

@@ -81,6 +81,7 @@ from sims.claims.base import (
     start_model,
     verdicts_frame,
 )
+from sims.claims.runs import recipe_rl_config
 from sims.tinygpt.peft import (
     ADAPTER_METHODS,
     MASK_NAMES,
@@ -91,7 +92,7 @@ from sims.tinygpt.peft import (
     train_rlvr_masked,
 )
 from sims.tinygpt.probe import ProbeConfig
-from sims.tinygpt.rlvr import RLConfig, train_rlvr
+from sims.tinygpt.rlvr import train_rlvr
 from theory.errors import InputError, NonFiniteError
 
 __all__ = [
@@ -187,10 +188,8 @@ class LoraPissaConfig:
 
 def _rl_config(c, *, seed: int, lr: float, device: str):
     steps = tuple(sorted(set(range(0, c.rl_steps + 1, max(1, c.probe_every))) | {0, c.rl_steps}))
-    return RLConfig(task=c.task, algorithm=c.algorithm, steps=c.rl_steps, prompts_per_step=c.prompts_per_step,
-                    group_size=c.group_size, minibatches=c.minibatches, lr=lr, precision=c.precision, seed=seed,
-                    device=device, probe=ProbeConfig(steps=steps, n_eval_prompts=c.n_eval_prompts,
-                                                     theory_checks=False))
+    return recipe_rl_config(c, lr=lr, precision=c.precision, seed=seed, device=device,
+                            probe=ProbeConfig(steps=steps, n_eval_prompts=c.n_eval_prompts, theory_checks=False))
 
 
 def _curve(res) -> pd.DataFrame:

@@ -63,6 +63,7 @@ from sims.claims.base import (
     start_model,
     verdicts_frame,
 )
+from sims.claims.runs import RLRecipe
 from sims.tables import pooled_sparsity
 from theory.errors import InputError
 from theory.metrics import abs_tol_unchanged
@@ -217,16 +218,10 @@ def mask_predictor(table: pd.DataFrame) -> Verdict:
 
 
 @dataclass(frozen=True)
-class SparsityConfig:
-    """``[sparsity]``: RL vs SFT at matched AdamW-update counts (``rl_steps * minibatches`` each), an RL lr sweep."""
+class SparsityConfig(RLRecipe):
+    """``[sparsity]``: RL vs SFT at matched AdamW-update counts (``rl_steps * minibatches`` each), an RL lr sweep
+    (the RL recipe's fields first: ``RLRecipe``)."""
 
-    seeds: tuple[int, ...] = (0, 1, 2)
-    task: str = "counting"
-    algorithm: str = "dapo"
-    rl_steps: int = 20
-    minibatches: int = 2
-    prompts_per_step: int = 8
-    group_size: int = 8
     sft_batch_size: int = 32
     lr: float = 1e-5  # RL and SFT of the matched comparison
     lrs: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3)  # RL sweep (bf16)
@@ -238,14 +233,6 @@ class SparsityConfig:
     def fast(cls, **kw) -> "SparsityConfig":
         return replace(cls(seeds=(0, 1), rl_steps=2, prompts_per_step=4, group_size=4, sft_batch_size=8,
                            lrs=(1e-5, 1e-3), n_eval_prompts=4), **kw)
-
-    @classmethod
-    def default(cls, **kw) -> "SparsityConfig":
-        return replace(cls(), **kw)
-
-    @property
-    def updates(self) -> int:
-        return self.rl_steps * self.minibatches
 
 
 @dataclass(frozen=True)

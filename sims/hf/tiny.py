@@ -53,7 +53,7 @@ def char_tokenizer(*, chat_template: bool = False):
     ``string.printable`` map to ``<unk>``. ``encode`` adds no special tokens (no post-processor): TRL's trainers
     append EOS themselves. ``chat_template=True`` sets ``CHAT_TEMPLATE``.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # heavy (tokenizers): only when a tiny model is built
     from transformers import PreTrainedTokenizerFast
 
     vocab = {c: i for i, c in enumerate(SPECIAL_TOKENS + tuple(dict.fromkeys(string.printable)))}
@@ -69,7 +69,7 @@ def char_tokenizer(*, chat_template: bool = False):
 
 def tiny_llama_config(vocab_size: int | None = None, *, hidden_size: int = 32, num_hidden_layers: int = 2):
     """The ``LlamaConfig`` of the tiny model (vocabulary of ``char_tokenizer`` unless given)."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # heavy (transformers): only when a tiny model is built
 
     if vocab_size is None:
         vocab_size = len(char_tokenizer())
@@ -82,7 +82,7 @@ def tiny_llama_config(vocab_size: int | None = None, *, hidden_size: int = 32, n
 
 def tiny_llama(seed: int = 0, *, hidden_size: int = 32, num_hidden_layers: int = 2):
     """A float32 ``LlamaForCausalLM`` initialised from ``seed`` (the global torch RNG is forked, not changed)."""
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM  # heavy (transformers): only when a tiny model is built
 
     cfg = tiny_llama_config(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
     with torch.random.fork_rng(devices=[]):
