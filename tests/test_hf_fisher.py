@@ -165,5 +165,5 @@ def test_smollm2_two_sft_steps_are_in_the_quadratic_kl_regime():
     print("\nSmolLM2, 2 SFT steps on TRL, Prop 3.2 along the update:\n" + df.to_string())
     assert df["changed_params"].iloc[0] > 0 and (df["kl"] > 0).all()
     err = np.abs(df["kl_over_quadratic"].to_numpy() - 1)
-    assert err[0] < 0.02 and err[0] <= err[1] <= err[2], err  # hand loop, before TRL: 0.0039, 0.0064, 0.0103
+    assert err[0] < 0.02 and err[0] <= err[1] <= err[2], err  # measured on TRL: 0.0081, 0.0156, 0.0296
     assert all(c.assumptions_hold for c in checks)
