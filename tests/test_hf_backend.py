@@ -410,7 +410,7 @@ def test_smollm2_grpo_and_sft_on_trl_go_through_threegate_compare(tmp_path, caps
     the live callback, then one SFT step; ``threegate compare`` of each run's base and last snapshot (six matrices,
     the ones the callback analysed) counts exactly what an integer recount of the snapshots and the callback give.
 
-    The 4-bit SmolLM2 almost never solves a problem (0 of 96 sampled completions at difficulty 1 in the
+    The 4-bit SmolLM2 almost never solves a problem (1 of 160 sampled completions at difficulty 1 in the
     measurements behind this test), so a GRPO step usually has every group at -1: the advantages and the gradient
     are then exactly zero and not one stored entry may move (asserted when TRL logged zero gradient norms;
     0 < sparsity < 1 otherwise). The SFT step always moves: 0 < sparsity < 1."""
