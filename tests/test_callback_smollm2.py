@@ -30,7 +30,7 @@ def test_smollm2_grpo_counts_match_threegate_compare_on_the_snapshots(tmp_path):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from sims.hf.backend import load_causal_lm
+    from sims.hf.loading import load_causal_lm
     from sims.hf.word_problems import format_prompt, generate_problems
     from threegate import ThreeGateCallback
     from threegate.bench_callback import trainable_copy

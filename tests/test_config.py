@@ -73,6 +73,8 @@ def _admits(hint, value) -> bool:
         return len(value) == len(args) and all(_admits(a, v) for a, v in zip(args, value))
     if hint is dict or origin is dict:
         return isinstance(value, dict)
+    if origin is typing.Literal:
+        return any(type(value) is type(a) and value == a for a in args)
     raise AssertionError(f"the test does not know the hint {hint!r}")
 
 
@@ -156,7 +158,7 @@ def test_the_messages_of_the_issue():
         err("rlvr", {"pretrain": {"preset": "fats"}})
     assert "[pretrain] model.d_model: expected an integer" in err("rlvr", {"pretrain": {"model": {"d_model": "64"}}})
     assert "seed: expected an integer, got the string '0' (write the number without quotes)" in err("rlvr", {"seed": "0"})
-    assert "[hf_rlvr] probe_matrices[1]: expected a string" in err("hf_rlvr", {"hf_rlvr": {"probe_matrices": ["a", 3]}})
+    assert "[hf_rlvr] target_modules[1]: expected a string" in err("hf_rlvr", {"hf_rlvr": {"target_modules": ["a", 3]}})
     # a section's own range checks run too, before any work, with the section named
     assert err("rlvr", {"rlvr": {"steps": 0}}) == "config file c.toml: [rlvr] RLConfig.steps must be positive, got 0"
 

@@ -127,13 +127,12 @@ def test_completion_log_softmax_is_normalised_at_each_completion_position(tiny):
 
 @pytest.mark.slow
 def test_smollm2_two_sft_steps_are_in_the_quadratic_kl_regime():
-    """SmolLM2-135M, two real SFT steps (bf16 storage): along the stored update the Fisher quadratic predicts the
-    KL to within a few percent at scale 1, and the error shrinks with the scale (Prop. 3.2's (1 + o(1)))."""
-    from threegate.checkpoints import smollm2_gguf_path
-    from sims.hf.backend import HFSFTConfig, sample_completions, train_hf_sft, _eos_id, _pad_id
-    from sims.hf.loading import load_causal_lm
-    from sims.hf.backend import _prompt_ids, SHORT_SYSTEM_PROMPT
-    from sims.hf.word_problems import sample_problems
+    """SmolLM2-135M, two real SFT steps on TRL (fp32 master, bf16 stored weights): along the stored update the
+    Fisher quadratic predicts the KL to within a few percent at scale 1, and the error shrinks with the scale
+    (Prop. 3.2's (1 + o(1)))."""
+    from sims.hf.loading import load_causal_lm, smollm2_gguf_path
+    from sims.hf.trl_runs import SHORT_SYSTEM_PROMPT, HFSFTConfig, train_hf_sft
+    from sims.hf.word_problems import format_prompt, sample_problems
     from theory.errors import CheckpointError
 
     try:
@@ -142,21 +141,29 @@ def test_smollm2_two_sft_steps_are_in_the_quadratic_kl_regime():
         pytest.skip(str(e))
     lm = load_causal_lm(None)
     base = copy.deepcopy(lm.model)
-    cfg = HFSFTConfig(steps=2, batch_size=4, micro_batch=2, lr=1e-5, snapshot_steps=(0, 2), k=4, seed=0, n_eval=2,
-                      probe_matrices=r"layers\.0\.self_attn\.q_proj")
+    cfg = HFSFTConfig(steps=2, batch_size=4, micro_batch=2, lr=1e-5, seed=0, threads=2)
     res = train_hf_sft(lm.model, lm.tokenizer, cfg)
     stored0, stored2 = res.snapshots[0], res.snapshots[2]
     for n, p in base.named_parameters():  # the run's step-0 stored weights are the base the update starts from
         with torch.no_grad():
             p.copy_(stored0[n].float())
-    problems = sample_problems(np.random.default_rng(0), 4)
-    prompts = _prompt_ids(lm.tokenizer, problems, SHORT_SYSTEM_PROMPT)
-    r = sample_completions(base, prompts, 16, temperature=1.0, generator=torch.Generator().manual_seed(0),
-                           eos_id=_eos_id(lm.tokenizer), pad_id=_pad_id(lm.tokenizer), device="cpu")
-    df, checks = prop32_along_update(base, {n: w.float() for n, w in stored2.items()}, r.sequences,
-                                     r.attention_mask, r.completion_mask, scales=(1 / 16, 1 / 8, 1 / 4, 1.0, 4.0))
-    print("\nSmolLM2, 2 SFT steps, Prop 3.2 along the update:\n" + df.to_string())
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    texts = [format_prompt(p, tok, system=SHORT_SYSTEM_PROMPT) for p in sample_problems(np.random.default_rng(0), 4)]
+    enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = base.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16)
+    P = enc["input_ids"].shape[1]
+    comp = out[:, P:]
+    is_eos = comp == tok.eos_token_id  # a completion ends at its first EOS (kept); pads after it are masked
+    cmask = torch.cumsum(is_eos.long(), 1) - is_eos.long() == 0
+    attn = torch.cat([enc["attention_mask"].bool(), cmask], 1)
+    df, checks = prop32_along_update(base, {n: w.float() for n, w in stored2.items()}, out, attn, cmask,
+                                     scales=(1 / 16, 1 / 8, 1 / 4, 1.0, 4.0))
+    print("\nSmolLM2, 2 SFT steps on TRL, Prop 3.2 along the update:\n" + df.to_string())
     assert df["changed_params"].iloc[0] > 0 and (df["kl"] > 0).all()
     err = np.abs(df["kl_over_quadratic"].to_numpy() - 1)
-    assert err[0] < 0.02 and err[0] <= err[1] <= err[2], err  # measured 0.0039, 0.0064, 0.0103
+    assert err[0] < 0.02 and err[0] <= err[1] <= err[2], err  # measured on TRL: 0.0081, 0.0156, 0.0296
     assert all(c.assumptions_hold for c in checks)

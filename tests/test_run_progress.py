@@ -73,23 +73,26 @@ def test_zero_gradient_steps_are_counted_and_unchanged_weights_warned_once(tmp_p
 
 
 def test_hf_rl_progress_and_warnings(tiny_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
-    import sims.hf.backend as hb
+    """TRL's GRPO through threegate run: one progress line per optimizer step with TRL's logged reward and KL (beta
+    > 0 so TRL logs one); with every reward -1 the zero-gradient and unchanged-weights warnings."""
+    import sims.hf.trl_runs as trl_runs
 
     cfg = tmp_path / "hf.toml"
     cfg.write_text(f'[hf_rlvr]\npreset = "default"\nmodel = "{tiny_dir}"\nsteps = 2\nprompts_per_step = 1\n'
-                   'group_size = 2\nmax_new_tokens = 4\nlr = 1e-3\n')
+                   'num_generations = 2\nmicro_batch = 2\nmax_completion_length = 4\nlr = 1e-3\nbeta = 0.1\n')
+    monkeypatch.setattr(trl_runs, "reward", lambda text, answer: 1.0 if len(text) % 2 else -1.0)
     assert main(["run", "hf_rlvr", "--config", str(cfg), "--out", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
     steps = _step_lines(err)
     hist = pd.read_parquet(tmp_path / "a" / "history.parquet")
     assert [(m.group(1), int(m.group(2)), m.group(5)) for m in steps] == [("hf_rlvr", 1, "KL_ref"), ("hf_rlvr", 2, "KL_ref")]
-    assert [m.group(6) for m in steps] == [f"{v:.3g}" for v in hist["kl_ref"]]
-    monkeypatch.setattr(hb, "reward", lambda text, answer: -1.0)
+    assert [m.group(4) for m in steps] == [f"{v:+.3f}" for v in hist["reward"]]
+    assert [m.group(6) for m in steps] == [f"{v:.3g}" for v in hist["kl"]]
+    monkeypatch.setattr(trl_runs, "reward", lambda text, answer: -1.0)
     assert main(["run", "hf_rlvr", "--config", str(cfg), "--out", str(tmp_path / "b"), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert _step_lines(err) == []
     assert err.count("warning: hf_rlvr: 2 of 2 steps had zero policy gradient") == 1
-    assert err.count("warning: hf_rlvr: the run left the stored bf16 weights unchanged") == 1
 
 
 def test_helpers_decide_on_exact_equality():

@@ -20,7 +20,7 @@ from threegate import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("threegate.verify", "evaluate every result of the paper on seeded instances and print a verdict table"),
     "prove": ("proofs_check.run_all", "run the symbolic (sympy) and exhaustive bf16 proof checks"),
-    "run": ("sims.experiments.registry", "run a named experiment and write its results table"),
+    "run": ("threegate.experiments", "run a named experiment and write its results table"),
     "compare": ("threegate.compare", "compare a base checkpoint with one or more tuned checkpoints"),
     "bench": ("threegate.bench", "benchmark the fast spectral path and bf16 sparsity throughput"),
     "figs": ("threegate.figs", "render figures and the HTML report from a results directory"),

@@ -185,12 +185,15 @@ def exp_curvature_smollm2(cfg: dict) -> ClaimRun:
 class Experiment:
     """A ``threegate run`` name: its description (the first paragraph of its docstring), the function (returning
     the training runs, or a ``ClaimRun``: runs, tables, verdicts), and the config sections it reads
-    (``{name: Section}``; the schema ``check_config`` validates a config against)."""
+    (``{name: Section}``; the schema ``check_config`` validates a config against). A ``trainer`` experiment
+    (``hf_rlvr``, ``hf_sft``: TRL) is called as ``fn(cfg, out_dir=..., trainer_callbacks=...)``: the callbacks
+    write their own tables into the run folder."""
 
     name: str
     doc: str
-    fn: Callable[[dict], list[RunResult] | ClaimRun]
+    fn: Callable[..., list[RunResult] | ClaimRun]
     sections: Mapping[str, Section] = field(default_factory=dict)
+    trainer: bool = False  # a transformers Trainer run: fn(cfg, out_dir=..., trainer_callbacks=...)
 
 
 def first_paragraph(doc: str | None) -> str:
@@ -233,8 +236,8 @@ CLAIM_CONFIGS: dict[str, type] = {
 _TINY = {"pretrain": SECTIONS["pretrain"]}
 
 
-def _experiment(name: str, fn: Callable, sections: Mapping[str, Section]) -> Experiment:
-    return Experiment(name, first_paragraph(fn.__doc__) or name, fn, dict(sections))
+def _experiment(name: str, fn: Callable, sections: Mapping[str, Section], trainer: bool = False) -> Experiment:
+    return Experiment(name, first_paragraph(fn.__doc__) or name, fn, dict(sections), trainer)
 
 
 #: Every experiment ``threegate run`` knows, in the order ``threegate run --list`` shows them.
@@ -246,8 +249,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     *(_experiment(name, fn, {**_TINY, name: Section(CLAIM_CONFIGS[name], presets=("fast", "default"),
                                                      default="default")})
       for name, fn in CLAIM_EXPERIMENTS.items()),
-    _experiment("hf_rlvr", hf.run_hf_rlvr, {"hf_rlvr": hf.SECTIONS["hf_rlvr"]}),
-    _experiment("hf_sft", hf.run_hf_sft, {"hf_sft": hf.SECTIONS["hf_sft"]}),
+    _experiment("hf_rlvr", hf.run_hf_rlvr, {"hf_rlvr": hf.SECTIONS["hf_rlvr"]}, trainer=True),
+    _experiment("hf_sft", hf.run_hf_sft, {"hf_sft": hf.SECTIONS["hf_sft"]}, trainer=True),
     # a real-model claim run (minutes on CPU): threegate run only, not in verify's claim sweep
     _experiment("curvature_smollm2", exp_curvature_smollm2, {"curvature_smollm2": Section(HFCurvatureConfig)}),
 )}
@@ -293,23 +296,29 @@ def _atomic_dir(out: Path) -> Iterator[Path]:
         raise
 
 
-def run_experiment(name: str, cfg: dict, out: str | Path | None = None) -> Path:
+def run_experiment(name: str, cfg: dict, out: str | Path | None = None, *, trainer_callbacks=None) -> Path:
     """Run experiment ``name`` with config ``cfg`` and write its tables into ``out``; returns the directory.
 
     The config is validated first (``check_config``); the tables are written into a temporary sibling folder that
     becomes ``out`` only when the run succeeded. A claim experiment's verdicts are printed, and its own tables and
     ``verdicts.json`` written next to the standard tables of its runs, then each run's own tables
-    (``RunResult.tables``, concatenated over the runs); a name already written wins."""
+    (``RunResult.tables``, concatenated over the runs); a name already written wins.
+
+    ``trainer_callbacks(out_dir, run_config, run_name) -> [TrainerCallback, ...]`` goes to trainer experiments
+    (``hf_rlvr``, ``hf_sft``; ``threegate run`` attaches ``ThreeGateCallback`` this way, see
+    ``threegate.experiments``). Their empty tables are not written, so a table a live callback wrote into the
+    folder (``sparsity``, ``checks``, ``angles``, ``spectrum``, the per-step ones) is never replaced by an empty one."""
     check_config(name, cfg)
     out = Path(out) if out is not None else Path("runs") / f"{name}-{experiment_hash(name, cfg)}"
     with _atomic_dir(out) as tmp:
-        _run_into(name, cfg, tmp)
+        _run_into(name, cfg, tmp, trainer_callbacks)
     return out
 
 
-def _run_into(name: str, cfg: dict, out: Path) -> None:
+def _run_into(name: str, cfg: dict, out: Path, trainer_callbacks=None) -> None:
     t0 = time.perf_counter()
-    produced = EXPERIMENTS[name].fn(cfg)
+    exp = EXPERIMENTS[name]
+    produced = exp.fn(cfg, out_dir=out, trainer_callbacks=trainer_callbacks) if exp.trainer else exp.fn(cfg)
     run = produced if isinstance(produced, ClaimRun) else ClaimRun(list(produced))
     print_verdicts(run.verdicts)
     results = run.results
@@ -322,7 +331,7 @@ def _run_into(name: str, cfg: dict, out: Path) -> None:
     tables.update({tname: df for tname, df in run.tables.items() if tname not in tables})
     for tname in dict.fromkeys(t for r in results for t in r.tables):  # each run's own tables, over its runs
         tables.setdefault(tname, concat_tables(r.tables.get(tname) for r in results))
-    write_tables(tables, out)
+    write_tables(tables, out, skip_empty=exp.trainer)
     if run.verdicts:
         (out / "verdicts.json").write_text(verdicts_json(run.verdicts))
     for r in results:
@@ -372,7 +381,8 @@ def _print_list() -> None:
         print(textwrap.fill(e.doc, width=110, initial_indent=e.name.ljust(width), subsequent_indent=" " * width))
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, trainer_callbacks=None) -> int:
+    """``threegate run``; ``trainer_callbacks`` as in ``run_experiment`` (``threegate.experiments`` passes them)."""
     if args.list or not args.name:
         _print_list()
         return 0 if args.list else 2
@@ -387,15 +397,15 @@ def run(args: argparse.Namespace) -> int:
         cfg["device"] = args.device
     check_config(args.name, cfg, source=f"config file {args.config}" if args.config else "command line")
     with show_progress(quiet=args.quiet):
-        out = run_experiment(args.name, cfg, args.out)
-    sp = pd.read_parquet(out / "sparsity.parquet")
-    chk = pd.read_parquet(out / "checks.parquet")
+        out = run_experiment(args.name, cfg, args.out, trainer_callbacks=trainer_callbacks)
+    sp, chk = (pd.read_parquet(out / f"{t}.parquet") if (out / f"{t}.parquet").is_file() else pd.DataFrame()
+               for t in ("sparsity", "checks"))
     print(f"threegate run {args.name}: wrote {out}")
     if len(sp):
         allrow = sp[sp["matrix_type"] == "all"]
         for _, r in allrow.iterrows():
             print(f"  {r['run']:6s} bf16 update sparsity (all block matrices): {r['sparsity']:.4f}")
-    if len(chk):
+    if len(chk) and {"assumptions_hold", "ratio", "holds"} <= set(chk.columns):  # the live callback's differ
         met = chk[chk["assumptions_hold"].astype(bool)]
         worst = met.groupby("result_id")["ratio"].max()
         viol = met[~met["holds"].astype(bool)].groupby("result_id").size()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import functools
 import importlib.util
 import os
@@ -165,10 +166,26 @@ def load_causal_lm(
                               "finite checks: look at the tokenizer files)") from None
     if gguf_file is not None:
         check_finite_parameters(model.named_parameters(), folder / gguf_file)
+        model = _plain_copy(model)
     note = gguf_note(folder / gguf_file) if gguf_file is not None else ""
     model.to(device)
     model.eval()
     return LoadedLM(model, tokenizer, note)
+
+
+def _plain_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The same weights in a fresh model of the same config. transformers 5.25 flags a GGUF-loaded model
+    ``is_quantized`` although its weights are the dequantized values, and its Trainer then refuses to train it
+    ("You cannot perform fine-tuning on purely quantized models")."""
+    from transformers import AutoModelForCausalLM  # heavy (imports transformers): real models only
+
+    if not getattr(model, "is_quantized", False):
+        return model
+    with torch.random.fork_rng(devices=[]):  # from_config initialises weights that load_state_dict overwrites
+        fresh = AutoModelForCausalLM.from_config(model.config, dtype=next(model.parameters()).dtype)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    fresh.generation_config = copy.deepcopy(model.generation_config)
+    return fresh
 
 
 @functools.lru_cache(maxsize=1)

@@ -8,9 +8,9 @@
 * every ``threegate run`` experiment (``sims.experiments.registry.EXPERIMENTS``: ``rlvr``, ``sft``, ``rl_vs_sft``,
   ...): ``run_experiment`` into a temporary directory; the cell's tables are its ``*.parquet`` tables (and
   ``verdicts``).
-* ``"hf_rlvr"`` / ``"hf_sft"`` — ``sims.hf.backend.run_cell(config)`` on a real Hugging Face model, with its *flat*
-  config (``model``, ``algorithm``, ``lr``, ``beta``, ``eps``, ``precision``, ``steps``, ``seed``, ``device``,
-  ``preset``, ...; ``hf_sft`` sets ``algorithm = "sft"``).
+* ``"hf_rlvr"`` / ``"hf_sft"`` — ``sims.hf.backend.run_cell(config)``: a TRL run on a real Hugging Face model, with
+  its *flat* config (``model``, ``algorithm`` = grpo | dapo, ``lr``, ``beta``, ``eps``, ``storage``, ``adapter``,
+  ``steps``, ``seed``, ``device``, ``preset``, ...; ``hf_sft`` sets ``algorithm = "sft"``).
 * ``"package.module:function"`` — any importable ``function(config: dict) -> dict[str, DataFrame]``.
 
 ``execute_cell`` is the worker entry point: it runs one cell with a fixed number of BLAS / torch threads and hands
