@@ -39,7 +39,7 @@ def _forward_mode_q(base, tuned, seq, attn, cmask) -> float:
     """q = E sum_t sum_v pi_0(v) (J_v D)^2 with J D from torch.func.jvp (exact up to float64 rounding)."""
     from torch.func import functional_call, jvp
 
-    from sims.hf.backend import _positions
+    from sims.hf.backend import positions_skipping_left_padding as _positions
 
     m = copy.deepcopy(base).double()
     m.config._attn_implementation = "eager"

