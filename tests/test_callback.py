@@ -152,6 +152,14 @@ def test_grpo_snapshots_kl_and_gate2_tables(grpo_run):
     rigorous = checks[checks["result_id"].isin(["cor3.4-weyl", "cor3.4-mirsky", "cor3.5"])]
     assert (rigorous["verdict"] != "violated").all()
     assert {"angles", "mask_overlap", "snapshot_matrices"} <= {p.stem for p in tg.glob("*.parquet")}
+    # the follow-up metrics (issue 17) reach live runs through the snapshot analysis: a share in [0, 1] per matrix
+    # that moved, beside the random baseline 1 - k^2/(mn)
+    snap = pd.read_parquet(tg / "snapshot_matrices.parquet")
+    moved = snap[snap["changed"] > 0] if "changed" in snap.columns else snap
+    energy = moved["energy_off_principal_subspace"].dropna()
+    assert len(energy) > 0 and ((energy >= 0) & (energy <= 1)).all()
+    assert ((moved["random_energy_off_principal_subspace"] > 0) & (moved["random_energy_off_principal_subspace"] < 1)).all()
+    assert "iso_residual_share" in snap.columns
 
 
 @pytest.fixture(scope="module")
