@@ -107,8 +107,8 @@ def _checks_type(checks: pd.DataFrame) -> pd.Series:
     if "matrix_type" in checks.columns:
         return checks["matrix_type"].astype(str)
     for col in ("name", "matrix"):
-        if col in checks.columns:
-            return checks[col].astype(str).map(matrix_type)
+        if col in checks.columns:  # rows without a matrix name (theory campaigns: NaN) are not a matrix type
+            return checks[col].map(lambda v: matrix_type(v) if isinstance(v, str) else "other")
     return pd.Series("", index=checks.index)
 
 

@@ -205,7 +205,8 @@ def _tightness(ax: Any, d: pd.DataFrame, regime_col: str | None, rv: np.ndarray,
     assumed = d["assumptions_hold"].to_numpy(bool)
     violated = (d["verdict"] == "violated").to_numpy(bool)
     indeterminate = (d["verdict"] == "indeterminate").to_numpy(bool)
-    usable = assumed & np.isfinite(ratio) & np.isfinite(rv)
+    # an indeterminate check has a real ratio (|lhs - rhs| within its tolerance): it belongs on the tightness curve
+    usable = (assumed | indeterminate) & np.isfinite(ratio) & np.isfinite(rv)
     levels = np.unique(rv[usable])
     if len(levels) < 2:  # a curve against the regime needs two regime values
         what = _one_level(regime_col, levels)

@@ -22,6 +22,8 @@ from fractions import Fraction
 import numpy as np
 
 from proofs_check.common import ProofResult
+import ml_dtypes
+
 from theory import precision as P
 
 _ALL = np.arange(1 << 16, dtype=np.uint16)
@@ -181,7 +183,7 @@ def _rule_vs_exact(semantics: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     wb = np.concatenate([_finite_bits(), _finite_bits()])
     sgn = np.concatenate([np.ones(wb.size // 2), -np.ones(wb.size // 2)])
     half = np.ldexp(1.0, np.maximum(_exp_field(wb), 1) - 127 - 8)
-    t, incl = P.realization_threshold_array(wb.view(P._bf16_dtype()), sgn, semantics)
+    t, incl = P.realization_threshold_array(wb.view(ml_dtypes.bfloat16), sgn, semantics)
     return half, t, incl, wb, sgn
 
 
@@ -242,7 +244,7 @@ def cor36_exact_rule() -> ProofResult:
     first = None
     for sem in P.SEMANTICS:
         half, t, incl, wb, sgn = _rule_vs_exact(sem)
-        w = wb.view(P._bf16_dtype())
+        w = wb.view(ml_dtypes.bfloat16)
         for d_abs in (np.nextafter(t, 0.0), t, np.nextafter(t, np.inf), half, 2 * half):
             d = sgn * d_abs
             pred = P.predict_change_mask(w, d, sem)
