@@ -276,6 +276,9 @@ class Blocker(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: test extra not installed)", name=name)
         return None
 sys.meta_path.insert(0, Blocker())
+# as if not installed: ``import x`` fails and ``importlib.util.find_spec(x)`` is None (torch._dynamo and
+# transformers probe optional packages that way; a finder that raises would look "installed but broken")
+sys.modules.update(dict.fromkeys(BLOCKED))
 sys.argv = ['threegate'] + {argv!r}
 runpy.run_module('threegate', run_name='__main__', alter_sys=True)
 """
@@ -294,7 +297,10 @@ def test_blocker_makes_test_extras_unimportable(tmp_path):
     assert not blocked & {"numpy", "torch", "transformers", "matplotlib", "pandas", "sympy", "mpmath"}
     code = BLOCKER.format(blocked=sorted(blocked), argv=[]).split("sys.argv")[0] + "import nbformat\n"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 1 and "No module named 'nbformat' (blocked" in r.stderr
+    assert r.returncode == 1 and "ModuleNotFoundError" in r.stderr and "nbformat" in r.stderr
+    probe = BLOCKER.format(blocked=sorted(blocked), argv=[]).split("sys.argv")[0] + (
+        "import importlib.util\nassert importlib.util.find_spec('hypothesis') is None\n")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).returncode == 0
 
 
 def test_main_job_runs_without_the_test_extras(tmp_path):

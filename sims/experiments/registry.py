@@ -378,7 +378,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _print_list() -> None:
     width = max(len(n) for n in EXPERIMENTS) + 2
     for e in EXPERIMENTS.values():
-        print(textwrap.fill(e.doc, width=110, initial_indent=e.name.ljust(width), subsequent_indent=" " * width))
+        print(textwrap.fill(e.doc, width=110, initial_indent=e.name.ljust(width), subsequent_indent=" " * width,
+                            break_on_hyphens=False))
 
 
 def run(args: argparse.Namespace, *, trainer_callbacks=None) -> int:
