@@ -51,13 +51,9 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Literal, Sequence
 
-import datasets
 import pandas as pd
 import torch
-from datasets import Dataset
-from peft import LoraConfig
 from transformers import PrinterCallback, TrainerCallback
-from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from sims.hf.loading import hub_offline
 from sims.hf.word_problems import INSTRUCTION, TEMPLATES, WordProblem, extract_answer, generate_problems, reward
@@ -317,6 +313,7 @@ def _prompt(problem: WordProblem, tokenizer, system: str | None):
 
 def rl_dataset(cfg: HFRLConfig, tokenizer) -> Dataset:
     """``prompt`` and ``answer`` columns: one seeded problem per prompt slot of the run's generation rounds."""
+    from datasets import Dataset  # heavy (~3.6 s with peft): real-model runs only
     rounds = -(-cfg.steps // cfg.updates_per_generation)
     problems = generate_problems(cfg.prompts_per_step * rounds, seed=cfg.seed, difficulty=cfg.difficulty,
                                  templates=cfg.templates)
@@ -326,6 +323,7 @@ def rl_dataset(cfg: HFRLConfig, tokenizer) -> Dataset:
 
 def sft_dataset(cfg: HFSFTConfig, tokenizer) -> Dataset:
     """``prompt`` / ``completion`` pairs: the problem and its worked solution ending in "The answer is N."."""
+    from datasets import Dataset  # heavy (~3.6 s with peft): real-model runs only
     problems = generate_problems(cfg.batch_size * cfg.steps, seed=cfg.seed, difficulty=cfg.difficulty,
                                  templates=cfg.templates)
     chat = bool(getattr(tokenizer, "chat_template", None))
@@ -402,6 +400,7 @@ def _common_arguments(cfg: _RunConfig, output_dir: str) -> dict[str, Any]:
 
 def grpo_arguments(cfg: HFRLConfig, output_dir: str) -> GRPOConfig:
     """TRL's ``GRPOConfig`` for ``cfg`` (single process; see the module docstring for the batch shape)."""
+    from trl import GRPOConfig  # heavy (~3.6 s with peft): real-model runs only
     return GRPOConfig(
         **_common_arguments(cfg, output_dir), loss_type=cfg.loss_type, beta=cfg.beta, epsilon=cfg.epsilon,
         epsilon_high=cfg.epsilon_high, num_generations=cfg.num_generations, num_iterations=1,
@@ -413,12 +412,14 @@ def grpo_arguments(cfg: HFRLConfig, output_dir: str) -> GRPOConfig:
 
 def sft_arguments(cfg: HFSFTConfig, output_dir: str) -> SFTConfig:
     """TRL's ``SFTConfig`` for ``cfg``: loss on the completion (solution) tokens only, no packing."""
+    from trl import SFTConfig  # heavy (~3.6 s with peft): real-model runs only
     return SFTConfig(**_common_arguments(cfg, output_dir), max_length=cfg.max_length, packing=False,
                      completion_only_loss=True, shuffle_dataset=True)
 
 
 def peft_config(cfg: _RunConfig) -> LoraConfig | None:
     """The peft ``LoraConfig`` of ``cfg.adapter`` (None for full fine-tuning)."""
+    from peft import LoraConfig  # heavy (~3.6 s with peft): real-model runs only
     if cfg.adapter == "none":
         return None
     return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
@@ -439,6 +440,7 @@ def stored_bf16_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _quiet_libraries() -> Iterator[None]:
     """No ``datasets`` progress bars while TRL tokenizes the task data, and no FutureWarning for the deprecated
     gradient-checkpointing names TRL 1.16 hands transformers 5.25 (both restored after)."""
+    import datasets  # heavy (~3.6 s with peft): real-model runs only
     was_disabled = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
@@ -530,6 +532,7 @@ def train_hf_rlvr(model: torch.nn.Module, tokenizer, cfg: HFRLConfig, *, callbac
     ``keep_snapshots`` the result holds the stored weights before and after (merged for adapters). The same config
     and weights give bit-identical results on one machine (seeded data, sampler, generation, adapter init).
     """
+    from trl import GRPOTrainer  # heavy (~3.6 s with peft): real-model runs only
     _prepare(model, tokenizer, cfg)
     t_start = time.perf_counter()
     with deterministic(cfg.threads), hub_offline(), _quiet_libraries(), \
@@ -549,6 +552,7 @@ def train_hf_rlvr(model: torch.nn.Module, tokenizer, cfg: HFRLConfig, *, callbac
 def train_hf_sft(model: torch.nn.Module, tokenizer, cfg: HFSFTConfig, *, callbacks: Sequence[TrainerCallback] = (),
                  run_name: str = "hf_sft", model_note: str = "", keep_snapshots: bool = True) -> HFRunResult:
     """Train ``model`` in place by SFT on TRL (``SFTTrainer``) on the worked solutions; deterministic."""
+    from trl import SFTTrainer  # heavy (~3.6 s with peft): real-model runs only
     _prepare(model, tokenizer, cfg)
     t_start = time.perf_counter()
     with deterministic(cfg.threads), hub_offline(), _quiet_libraries(), \
