@@ -42,6 +42,7 @@ grid, and every result on it says so (``config["model_note"]``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import math
 import tempfile
@@ -53,7 +54,6 @@ from typing import Any, Iterator, Literal, Sequence
 
 import pandas as pd
 import torch
-from transformers import PrinterCallback, TrainerCallback
 
 from sims.hf.loading import hub_offline
 from sims.hf.word_problems import INSTRUCTION, TEMPLATES, WordProblem, extract_answer, generate_problems, reward
@@ -452,23 +452,31 @@ def _quiet_libraries() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-class _Progress(TrainerCallback):
-    """The run's progress through ``sims.tinygpt.progress.RunMonitor`` (``sims.progress`` logger): one line per
-    logged optimizer step; RL steps where every group had equal rewards are counted (zero policy gradient)."""
+@functools.lru_cache(maxsize=None)
+def _progress_class() -> type:
+    """``_Progress``, defined on first use: ``transformers.trainer_callback`` imports peft (~3.5 s), which a
+    registry import (every ``threegate verify`` / ``run``) must not pay."""
+    from transformers import TrainerCallback  # heavy (~3.5 s with peft): real-model runs only
 
-    def __init__(self, run: str, steps: int, rl: bool):
-        self.monitor = RunMonitor(run, steps, "bf16", "KL_ref")
-        self.rl = rl
+    class _Progress(TrainerCallback):
+        """The run's progress through ``sims.tinygpt.progress.RunMonitor`` (``sims.progress`` logger): one line per
+        logged optimizer step; RL steps where every group had equal rewards are counted (zero policy gradient)."""
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        if "loss" not in logs:
-            return
-        if self.rl:
-            self.monitor.step(state.global_step, reward=float(logs.get("reward", math.nan)),
-                              kl=float(logs.get("kl", math.nan)), equal_groups=logs.get("frac_reward_zero_std") == 1.0)
-        else:
-            self.monitor.step(state.global_step, reward=math.nan, kl=math.nan, equal_groups=False)
+        def __init__(self, run: str, steps: int, rl: bool):
+            self.monitor = RunMonitor(run, steps, "bf16", "KL_ref")
+            self.rl = rl
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" not in logs:
+                return
+            if self.rl:
+                self.monitor.step(state.global_step, reward=float(logs.get("reward", math.nan)),
+                                  kl=float(logs.get("kl", math.nan)), equal_groups=logs.get("frac_reward_zero_std") == 1.0)
+            else:
+                self.monitor.step(state.global_step, reward=math.nan, kl=math.nan, equal_groups=False)
+
+    return _Progress
 
 
 def _history(log_history: list[dict], run: str) -> pd.DataFrame:
@@ -498,7 +506,9 @@ def _prepare(model: torch.nn.Module, tokenizer, cfg: _RunConfig) -> None:
 
 def _train(kind: str, trainer, model, cfg: _RunConfig, *, run_name: str, model_note: str, keep_snapshots: bool,
            base: dict[str, torch.Tensor] | None, t_start: float, tables: dict[str, pd.DataFrame]) -> HFRunResult:
-    progress = _Progress(run_name, cfg.steps, rl=kind == "rlvr")
+    from transformers import PrinterCallback  # heavy: see _progress_class
+
+    progress = _progress_class()(run_name, cfg.steps, rl=kind == "rlvr")
     trainer.remove_callback(PrinterCallback)  # its dict-per-step print is replaced by the progress lines
     trainer.add_callback(progress)
     trainer.train()
