@@ -19,7 +19,9 @@ from threegate.bench_compare import bump, synthetic_weight
 from threegate.checkpoints import save_safetensors
 from threegate.cli import main
 from threegate.compare_tables import headline
+from theory.spectral import GATE2_IDS
 from threegate.decompose import RITZ_MIN_R, choose_route, decompose, dW_spectrum
+from threegate.matrix_metrics import FAST_GATE2
 
 EPS64 = float(np.finfo(np.float64).eps)
 SHAPES = {"self_attn.q_proj": (96, 96), "self_attn.k_proj": (64, 96), "self_attn.v_proj": (64, 96),
@@ -120,9 +122,63 @@ def test_fast_and_exact_compare_agree_within_certified_bounds(files):
     for side in ("U", "V"):
         diff = (fast[f"angle_{side}_max_deg"] - exact[f"angle_{side}_max_deg"]).abs()
         assert np.all(diff <= fast["angle_err_deg"] + 1e-9)
-    assert fast["nss"].isna().all() and (fast["check_thm3.3"] == "not-evaluated").all()
-    assert (fast["skipped"].str.split().map(set) >= {"nss", "cor3.4-weyl", "thm3.3-wedin"}).all()
+    assert fast["nss"].isna().all() and (fast["check_cor3.4-weyl"] == "not-evaluated").all()
+    assert (fast["skipped"].str.split().map(set) >= {"nss", "cor3.4-weyl", "cor3.4-mirsky"}).all()
     assert exact["nss"].notna().all() and (exact["skipped"] == "").all()
+    # the Gate II checks the certified top k+1 allow: evaluated on every row here, never the opposite verdict
+    for rid in FAST_GATE2:
+        assert (fast[f"check_{rid}"] != "not-evaluated").all(), rid
+        _no_opposite_verdicts(fast[f"check_{rid}"], exact[f"check_{rid}"], rid)
+
+
+def _no_opposite_verdicts(fast: pd.Series, exact: pd.Series, rid: str) -> None:
+    """A fast verdict may be indeterminate where the exact one is decided (a wider allowance), never the opposite
+    decided verdict, and a failed assumption is failed on both routes unless the fast one is indeterminate."""
+    for f, e in zip(fast, exact):
+        assert {f, e} != {"holds", "violated"}, (rid, f, e)
+        if f == "holds" or f == "violated":
+            assert e == f, (rid, f, e)
+
+
+def _known_spectrum_pair(m: int, n: int, s: np.ndarray, seed: int, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """W0 = Q1 diag(s) Q2ᵀ (known spectrum) and W1 = W0 + step · (a rank-2 move of the top singular block plus a
+    small full-rank Gaussian part, so dW's top k+1 are separated and Cor 3.5 is certifiable)."""
+    rng = np.random.default_rng(seed)
+    Q1, _ = np.linalg.qr(rng.standard_normal((m, n)))
+    Q2, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    W0 = (Q1 * s) @ Q2.T
+    W1 = W0 + step * (np.outer(Q1[:, 0], Q2[:, 6]) + np.outer(Q1[:, 7], Q2[:, 1])
+                      + 0.05 * rng.standard_normal((m, n)) / math.sqrt(m))
+    return W0, W1
+
+
+@pytest.mark.parametrize("gap, step", [(0.5, 1e-3), (0.5, 0.2), (0.5, 0.6), (1e-13, 1e-3), (1e-9, 1e-3), (1e-3, 1e-3)])
+def test_fast_gate2_from_the_top_k_plus_1_agrees_with_exact_and_is_scale_and_transpose_invariant(gap, step):
+    """Known spectra (a clear gap at k = 4, a gap at rounding level, a tiny one), small / comparable / large moves:
+    the fast route's Gate II verdicts (allowance raised to its certified ||E||) are never the opposite of the exact
+    route's, and are unchanged under W -> 2^j W (j = ±100, exact) and W -> Wᵀ."""
+    m, n, k = 120, 96, 4
+    s = np.concatenate([[12.0, 11.0, 10.0, 9.0], [9.0 - gap], np.linspace(7.0, 0.5, n - 5)])
+    W0, W1 = _known_spectrum_pair(m, n, s, 3, step)
+    t = lambda x: torch.from_numpy(x)
+    exact = cmp.compare_matrix("model.layers.0.mlp.up_proj.weight", t(W0), [t(W1)], ["r"], k=k).rows[0]
+    fast = cmp.compare_matrix("model.layers.0.mlp.up_proj.weight", t(W0), [t(W1)], ["r"], k=k, fast=True).rows[0]
+    assert fast["spectral_route"] == "fast" and exact["spectral_route"] in ("ritz", "ritz->svd")
+    ids = [r for r in FAST_GATE2 if fast[f"check_{r}"] != "not-evaluated"]
+    if gap >= 1e-3:
+        assert ids == list(FAST_GATE2)
+    _no_opposite_verdicts(pd.Series([fast[f"check_{r}"] for r in ids]), pd.Series([exact[f"check_{r}"] for r in ids]),
+                          "all")
+    if gap == 1e-13:  # sigma_4 - sigma_5 below 4 eps_s of W0: no subspace verdict may be decided
+        assert all(fast[f"check_{r}"] in ("assumption-failed", "indeterminate", "not-evaluated")
+                   for r in ("thm3.3", "thm3.3-wedin", "thm3.3-rigorous", "corF.13"))
+    for j in (100, -100):
+        sc = cmp.compare_matrix("model.layers.0.mlp.up_proj.weight", t(np.ldexp(W0, j)), [t(np.ldexp(W1, j))], ["r"],
+                                k=k, fast=True).rows[0]
+        assert [sc[f"check_{r}"] for r in GATE2_IDS] == [fast[f"check_{r}"] for r in GATE2_IDS], j
+    tr = cmp.compare_matrix("model.layers.0.mlp.up_proj.weight", t(W0.T.copy()), [t(W1.T.copy())], ["r"], k=k,
+                            fast=True).rows[0]
+    assert [tr[f"check_{r}"] for r in GATE2_IDS] == [fast[f"check_{r}"] for r in GATE2_IDS]
 
 
 # ----------------------------------------------------------------------------------------------- pipeline
@@ -217,8 +273,8 @@ def test_fast_says_what_it_skips(files, capsys):
     _, _, (b, rl, _) = files
     assert main(["compare", str(b), str(rl), "--k", "4", "--fast", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "fast route on 20 of 20 matrix rows" in out and "skipped there nss, thm3.3" in out
-    assert "need every singular value" in out
+    assert "fast route on 20 of 20 matrix rows" in out and "skipped there nss, cor3.4-weyl, cor3.4-mirsky" in out
+    assert "need every singular value" in out and "evaluated on 20 of 20 fast rows" in out
 
 
 # ----------------------------------------------------------------------------------------------- as users have them

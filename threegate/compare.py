@@ -35,7 +35,8 @@ GPU default. On the CPU the streamed, batched results equal those of one matrix 
 (``tests/test_compare_pipeline.py``). Each side of a matrix is decomposed
 once (``threegate.decompose``): the exact routes give every singular value and the top k+1 singular vectors (full
 SVD, or ``svdvals`` plus certified Ritz vectors), ``--fast`` takes the certified top k+1 alone where that is
-cheaper (``choose_route``) and skips NSS and the Gate II checks there, saying so on screen and in the ``skipped``
+cheaper (``choose_route``) and skips NSS, ``iso_residual_share`` and the Weyl / Mirsky checks there (the other Gate
+II checks run from the certified top k+1, ``threegate.matrix_metrics``), saying so on screen and in the ``skipped``
 column. If a tensor fails, every matrix before it is finished and written first (the CLI prints the error as one
 line and exits 1).
 
@@ -378,7 +379,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="tuned", help="label for the sparsity table, e.g. RL or SFT")
     parser.add_argument("--fast", action="store_true",
                         help="certified top-k+1 singular triplets only, where that is faster than the exact route: "
-                             "NSS and the Gate II checks (which need every singular value) are skipped there")
+                             "NSS, iso_residual_share and the Weyl / Mirsky checks (which need every singular "
+                             "value) are skipped there; the other Gate II checks run from the certified top k+1")
     parser.add_argument("--batch", type=int, default=None, metavar="B",
                         help="decompose up to B consecutive matrices of one shape together (default 1 on cpu, 8 else)")
     parser.add_argument("--no-figures", action="store_true", help="do not render figures into OUT/report")

@@ -22,7 +22,7 @@ from sims import tables as sims_tables
 from theory import metrics
 from theory.naming import MATRIX_TYPES
 from theory.spectral import GATE2_IDS
-from threegate.matrix_metrics import FAST_SKIP_REASON, FAST_SKIPS, MatrixResult
+from threegate.matrix_metrics import FAST_GATE2, FAST_SKIP_REASON, FAST_SKIPS, MatrixResult
 
 __all__ = ["CompareTables", "collect", "aggregate", "pooled", "pooled_update_geometry", "summary_table", "headline",
            "format_report",
@@ -236,6 +236,10 @@ def format_report(t: CompareTables) -> str:
         lines += ["", f"fast route on {int(fast.sum())} of {len(m)} matrix rows (--fast; exact route where it is not "
                       f"faster): skipped there {', '.join(FAST_SKIPS)} ({FAST_SKIP_REASON}); angles within "
                       f"{m.loc[fast, 'angle_err_deg'].max():.2g} deg (certified)"]
+        more = m.loc[fast, "skipped"].str.split().map(lambda s: sorted(set(s) - set(FAST_SKIPS)))
+        lines.append(f"  Gate II from the certified top k+1 ({', '.join(FAST_GATE2)}): evaluated on "
+                     f"{int((more.map(len) == 0).sum())} of {int(fast.sum())} fast rows; elsewhere skipped where a "
+                     f"certificate does not cover them (the skipped column names them)")
     ck = t.checks
     if not ck.empty:
         counts = ck.groupby(["result_id", "verdict"]).size().unstack(fill_value=0)

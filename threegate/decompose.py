@@ -14,9 +14,13 @@ Routes (``choose_route``; the same for every matrix of one shape):
   eigenvectors of the Gram matrix ``WᵀW`` (one ``WV``, its QR, a j x j SVD). Accepted only when certified *exact
   for a nearby matrix* (below), else that matrix falls back to ``"svd"``. Forming all vectors costs gesdd about
   as much as the values again; this costs about 0.4 of them (syrk + tridiagonalisation, measured).
-* ``"fast"``: the Ritz triplets alone, certified, without ``S``: NSS and every Gate II check (they need every
-  singular value of W0 and W+, or the exact-for-a-nearby-matrix property) are *skipped* and say so.
-  ``||dW||_2`` comes from the top eigenvalue of ``dWᵀdW`` as an enclosure ``[dW_2, dW_2 + dW_2_err]``.
+* ``"fast"``: the Ritz triplets alone, certified, without ``S``: NSS, ``iso_residual_share`` and the Weyl and
+  Mirsky checks (they need every singular value of W0 and W+) are *skipped* and say so. The Gate II checks that
+  read only the top k+1 (Thm 3.3's three forms, Cor F.13, and Cor 3.5 when dW's top k+1 are certified too) run
+  where both sides' triplets are certified top triplets of ``W + E`` (``top_certified``): that is the exact
+  routes' error model with the allowance ``eps_s`` raised to the certified ``||E||_2`` bounds
+  (``threegate.matrix_metrics``). ``||dW||_2`` comes from dW's certified Ritz values, or else the top
+  eigenvalue of ``dWᵀdW`` as an enclosure ``[dW_2, dW_2 + dW_2_err]``.
 
 Certificate of Ritz triplets ``(Ũ, Σ̃, Ṽ)`` (j columns, orthonormal up to a defect ``d``). With
 ``R = WṼ - ŨΣ̃``, ``Sr = WᵀŨ - ṼΣ̃`` and ``e = sqrt(||R||² + ||Sr||²) + d σ̃_1``, the matrix
@@ -63,13 +67,16 @@ RITZ_MIN_R = 64
 class Decomposition:
     """One side of one matrix. ``svd.U (m, j)``, ``svd.S`` (all r singular values on the exact routes, the top j on
     the fast route), ``svd.Vh (j, n)``; ``route`` says how it was made (``"ritz->svd"``: the certificate failed).
-    ``sigma_err`` / ``angle_err`` (radians): certified bounds of the fast route (0 on the exact routes)."""
+    ``sigma_err`` / ``angle_err`` (radians): certified bounds of the fast route (0 on the exact routes).
+    ``top_certified``: the j triplets are the exact *top* j singular triplets of ``W + E`` with ``||E||_2 <=
+    sigma_err`` (always true on the exact routes; the fast route's Gram test, module docstring)."""
 
     svd: SVD
     route: str
     sigma_err: float = 0.0
     angle_err: float = 0.0
     gap_lower: float = math.nan
+    top_certified: bool = True
 
     @property
     def complete(self) -> bool:
@@ -231,7 +238,7 @@ def decompose(mats: Sequence[torch.Tensor], k: int, route: str, device: str | to
         else:  # not certified: the subspace may be a wrong one; angles then mean nothing
             angle = math.pi / 2
         out.append(Decomposition(_pack(z.U, z.sig, z.V, transposed), "fast", sigma_err=z.e + z.f, angle_err=angle,
-                                 gap_lower=gap_low))
+                                 gap_lower=gap_low, top_certified=z.top_ok))
     return out
 
 

@@ -6,9 +6,18 @@ masks (``theory.bf16_kernel``), and returns a ``MatrixResult``: one row per run 
 docstring for the columns), the Gate II check rows, and the long tables (spectrum, angles, mask overlaps, Jaccard).
 
 Exact routes (``"svd"``, ``"ritz"``): the Gate II checks run on a ``theory.spectral.SpectralPair`` built from these
-decompositions (no new SVD). Fast route: NSS and the Gate II checks are left out (NaN / ``"not-evaluated"``) and the
-row says so in ``skipped``; angles carry their certified error ``angle_err_deg``, ``||dW||_2`` its enclosure width
-``dW_2_err``.
+decompositions (no new SVD). Fast route: NSS, ``iso_residual_share`` and the Weyl / Mirsky checks (every singular
+value) are left out (NaN / ``"not-evaluated"``) and the row says so in ``skipped``; angles carry their certified
+error ``angle_err_deg``, ``||dW||_2`` its enclosure width ``dW_2_err``.
+
+Gate II on the fast route (``FAST_GATE2``: the checks that read only ``σ_1..σ_{k+1}``, the top-k bases, dW and
+``||dW||_2``, and Cor 3.5 also dW's top k). Error model: when both sides' Ritz triplets are certified *top*
+triplets (``Decomposition.top_certified``), they are the exact top k+1 singular triplets of ``W_i + E_i`` with
+``||E_i||_2 <= sigma_err_i``; dW's values are within ``dW_err`` of the true ones (certified Ritz values, Weyl, or
+the Gram enclosure). That is ``theory.spectral``'s model ("every matrix moves by at most eps_s") with
+``eps_s' = max(eps_s, sigma_err_0, sigma_err_1, dW_err)``, so the same tolerance formulas hold with ``eps_s'``
+(``_Pair.allowance_s``): larger allowances make verdicts indeterminate more often, never wrong. Where a side's
+top-ness is not certified, every Gate II check is skipped there; Cor 3.5 also where dW's top k are not certified.
 """
 
 from __future__ import annotations
@@ -31,11 +40,13 @@ from theory.update_geometry import (
 )
 from threegate.decompose import Decomposition
 
-__all__ = ["MatrixResult", "matrix_result", "FAST_SKIPS"]
+__all__ = ["MatrixResult", "matrix_result", "FAST_SKIPS", "FAST_GATE2"]
 
 #: what the fast route does not compute, and why (printed by compare and written to the rows)
-FAST_SKIPS = ("nss", *GATE2_IDS, "iso_residual_share")
+FAST_SKIPS = ("nss", "cor3.4-weyl", "cor3.4-mirsky", "iso_residual_share")
 FAST_SKIP_REASON = "need every singular value of W0 and W+ (fast route computes the top k+1)"
+#: Gate II checks the fast route evaluates from certified top-k+1 triplets (Cor 3.5 needs dW's top k as well)
+FAST_GATE2 = ("thm3.3", "thm3.3-wedin", "thm3.3-rigorous", "corF.13", "cor3.5")
 
 
 @dataclass
@@ -55,22 +66,40 @@ class MatrixResult:
 class _Pair(SpectralPair):
     """``theory.spectral.SpectralPair`` whose ``||dW||_F`` is computed directly (``frobenius_s``, scaled units):
     ``sv_dW`` may hold only the top k+1 singular values of dW (``threegate.decompose.dW_spectrum``), which is all
-    the other checks read."""
+    the other checks read. ``allowance_s``: the fast route's certified perturbation bound (module docstring); the
+    allowance every tolerance is built on is the larger of it and the SVD backward-error allowance."""
 
     frobenius_s: float = math.nan
+    allowance_s: float = 0.0
 
     @property
     def dWF_s(self) -> float:
         return self.frobenius_s
 
+    @property
+    def eps_s(self) -> float:
+        return max(SpectralPair.eps_s.fget(self), self.allowance_s)  # type: ignore[attr-defined]
+
 
 def _pair(A: np.ndarray, B: np.ndarray, dW: np.ndarray, dec0: Decomposition, dec1: Decomposition,
-          sv_dW: np.ndarray, fro: float) -> _Pair:
+          sv_dW: np.ndarray, fro: float, allowance: float = 0.0) -> _Pair:
     """The pair in ``theory.spectral``'s scaled units (one power of two, exact) from compare's decompositions."""
     e = pow2_exponent(A, B)
     sc = (lambda x: scale_pow2(x, e)) if e else (lambda x: np.asarray(x, dtype=np.float64))
     return _Pair(sc(A), sc(B), sc(dW), SVD(dec0.svd.U, sc(dec0.svd.S), dec0.svd.Vh),
-                 SVD(dec1.svd.U, sc(dec1.svd.S), dec1.svd.Vh), sc(sv_dW), e, frobenius_s=math.ldexp(fro, -e))
+                 SVD(dec1.svd.U, sc(dec1.svd.S), dec1.svd.Vh), sc(sv_dW), e, frobenius_s=math.ldexp(fro, -e),
+                 allowance_s=math.ldexp(allowance, -e))
+
+
+def _fast_gate2_ids(dec0: Decomposition, dec1: Decomposition, sv_dW: np.ndarray, dW_err: float, k: int
+                    ) -> tuple[str, ...]:
+    """The ``FAST_GATE2`` checks this row's certificates allow (module docstring); empty when a side's top-ness
+    is not certified or an error bound is not finite."""
+    if not (dec0.top_certified and dec1.top_certified):
+        return ()
+    if not all(math.isfinite(x) for x in (dec0.sigma_err, dec1.sigma_err, dW_err)):
+        return ()
+    return FAST_GATE2 if sv_dW.size >= k else tuple(r for r in FAST_GATE2 if r != "cor3.5")
 
 
 def _subspace_ok(d: Decomposition, k: int, shape: tuple[int, int]) -> bool:
@@ -162,9 +191,22 @@ def matrix_result(
                 res.spectrum += [{"run": run, **meta, "i": i, "sigma_base": float(a), "sigma_tuned": float(b)}
                                  for i, (a, b) in enumerate(zip(S0, S1))]
         else:
+            ids = _fast_gate2_ids(dec0, dec1, sv_dW, dW_err, k)
+            checks = {}
+            if ids:
+                allowance = max(dec0.sigma_err, dec1.sigma_err, dW_err)
+                pair = _pair(A, B, dW, dec0, dec1, sv_dW, row["dW_fro"], allowance=allowance)
+                checks = gate2_checks(pair, k, ids=ids)
+            skipped = list(FAST_SKIPS)
             for rid in GATE2_IDS:
-                row[f"check_{rid}"] = "not-evaluated"
-            row["skipped"] = " ".join(FAST_SKIPS)
+                if rid in checks:
+                    row[f"check_{rid}"] = checks[rid].verdict
+                    res.checks.append({"run": run, **meta, **checks[rid].as_row()})
+                else:
+                    row[f"check_{rid}"] = "not-evaluated"
+                    if rid not in skipped:
+                        skipped.append(rid)
+            row["skipped"] = " ".join(skipped)
         res.rows.append(row)
     if len(masks) >= 2:
         _cross_run(res, list(masks), runs)
