@@ -522,4 +522,7 @@ def test_fast_path_agrees_with_the_exact_path_within_its_certified_bounds():
     for side in ("U", "V"):
         assert abs(fast[f"angle_{side}_max_deg"] - exact[f"angle_{side}_max_deg"]) <= fast["angle_err_deg"] + 1e-9
     assert fast["overlap_princ"] == exact["overlap_princ"]  # same M_princ from the certified top-k
-    assert math.isnan(fast["nss"]) and fast["check_thm3.3"] == "not-evaluated"
+    assert math.isnan(fast["nss"]) and fast["check_cor3.4-weyl"] == fast["check_cor3.4-mirsky"] == "not-evaluated"
+    # the checks the certified top k+1 allow run on the fast route and agree with the exact verdicts here
+    for rid in ("thm3.3", "thm3.3-wedin", "thm3.3-rigorous", "corF.13", "cor3.5"):
+        assert fast[f"check_{rid}"] == exact[f"check_{rid}"], rid
