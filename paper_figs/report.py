@@ -16,6 +16,10 @@ the error that names the problem; the other figures are still written, and the c
 project's tables that no figure draws (``schemas.OTHER_TABLES``, e.g. ``masked_runs_final``) are listed with a note
 and are not errors.
 
+The page shows only the figures this run drew. Rerun into a used output folder, it also removes the figure files
+(PNG, PDF, tutorial images) that an earlier run of the project recorded there and this run did not draw again
+(``paper_figs.outputs``); any other file in the folder stays.
+
 Python: ``write_report(results_dir, out_dir) -> Path`` (the path of ``index.html``), called by ``threegate verify``.
 
 Tutorials: ``render_all(..., tutorials=pages)`` renders already executed tutorials (``TutorialPage`` records: plain
@@ -36,7 +40,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from paper_figs import collect, schemas, summary
+from paper_figs import collect, outputs, schemas, summary
 from theory import RESULTS
 from theory.errors import CheckpointError, InputError, ThreegateError
 
@@ -69,6 +73,7 @@ class Report:
     results_dir: Path | None = None
     page: Path | None = None
     tutorials: str = ""  # HTML of the Tutorials section
+    removed: list[str] = field(default_factory=list)  # figures an earlier run wrote into out_dir, not drawn now
 
 
 @dataclass
@@ -101,6 +106,9 @@ def run(args: argparse.Namespace, tutorials: Sequence[TutorialPage] | None = Non
     rep = render_all(args.results_dir, out, tutorials=tutorials)
     for src, msg in rep.errors:
         print(f"threegate figs: could not draw {src}: {msg}", file=sys.stderr)
+    if rep.removed:
+        print(f"threegate figs: removed {len(rep.removed)} figure file(s) an earlier run wrote into {out} and this "
+              f"run did not draw: {', '.join(rep.removed)}")
     print(f"threegate figs: {len(rep.figures)} figure(s) written; report: {rep.page}")
     return 1 if rep.errors else 0
 
@@ -183,9 +191,12 @@ def render_all(results_dir: str | Path, out_dir: str | Path,
         fig.savefig(pdf)
         rep.figures.append(RenderedFigure(job.slug, getattr(fig, "threegate_title", job.slug),
                                           getattr(fig, "threegate_caption", ""), png, pdf, job.source, job.group))
-    rep.tutorials = _tutorials_section(tutorials, results_dir, out_dir, rep)
+    tutorial_images: list[Path] = []
+    rep.tutorials = _tutorials_section(tutorials, results_dir, out_dir, rep, tutorial_images)
     rep.page = out_dir / "index.html"
     rep.page.write_text(_html(rep, results_dir), encoding="utf-8")
+    rep.removed = outputs.record_written(out_dir, [p for f in rep.figures for p in (f.png, f.pdf)]
+                                         + tutorial_images + [rep.page], "report")
     return rep
 
 
@@ -358,7 +369,7 @@ def _markdown_html(text: str) -> str:
     return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
 
 
-def _output_html(out: dict, img_dir: Path, stem: str, n: int) -> str:
+def _output_html(out: dict, img_dir: Path, stem: str, n: int, images: list[Path]) -> str:
     kind = out.get("output_type")
     if kind == "stream":
         return f'<pre class="out">{_e("".join(out.get("text", "")))}</pre>'
@@ -369,6 +380,7 @@ def _output_html(out: dict, img_dir: Path, stem: str, n: int) -> str:
         img_dir.mkdir(parents=True, exist_ok=True)
         name = f"{stem}-{n}.png"
         (img_dir / name).write_bytes(base64.b64decode("".join(data["image/png"])))
+        images.append(img_dir / name)
         return f'<img src="{_e(img_dir.name)}/{_e(name)}" alt="output of {_e(stem)}" loading="eager">'
     if "text/html" in data and "<table" in "".join(data["text/html"]):  # pandas tables, written by pandas
         return f'<div class="out">{"".join(data["text/html"])}</div>'
@@ -377,11 +389,12 @@ def _output_html(out: dict, img_dir: Path, stem: str, n: int) -> str:
     return ""
 
 
-def tutorial_html(page: TutorialPage, img_dir: Path) -> str:
+def tutorial_html(page: TutorialPage, img_dir: Path, images: list[Path] | None = None) -> str:
     """An executed tutorial as an HTML fragment: Markdown rendered, code with its outputs (PNG outputs written to
     ``img_dir``), each exercise as the student sees it with its reference solution folded below; checker cells and
-    cells tagged ``remove-cell`` left out."""
+    cells tagged ``remove-cell`` left out. The paths of the PNGs written are appended to ``images`` when given."""
     parts, n = [], 0
+    images = [] if images is None else images
     for c in page.cells:
         tags = c.get("tags", [])
         src = c.get("source", "")
@@ -397,13 +410,14 @@ def tutorial_html(page: TutorialPage, img_dir: Path) -> str:
             parts.append(f"<pre><code>{_e(src)}</code></pre>")
         for out in c.get("outputs", []):
             n += 1
-            parts.append(_output_html(out, img_dir, page.stem, n))
+            parts.append(_output_html(out, img_dir, page.stem, n, images))
     return "\n".join(parts)
 
 
-def _tutorials_section(pages: Sequence[TutorialPage] | None, results_dir: Path, out_dir: Path, rep: Report) -> str:
+def _tutorials_section(pages: Sequence[TutorialPage] | None, results_dir: Path, out_dir: Path, rep: Report,
+                       images: list[Path]) -> str:
     """HTML of the Tutorials section: every executed tutorial rendered in full (inside a collapsed <details>) with
-    the status of its exercise checks; nothing when ``pages`` is None."""
+    the status of its exercise checks (the PNGs written appended to ``images``); nothing when ``pages`` is None."""
     if pages is None:
         return ""
     parts = ['<h2 id="tutorials">Tutorials</h2>']
@@ -416,7 +430,7 @@ def _tutorials_section(pages: Sequence[TutorialPage] | None, results_dir: Path, 
         if p.error:  # an unreadable notebook is listed, the rest of the report still renders
             rep.errors.append((f"tutorials/{p.stem}.ipynb", p.error))
             continue
-        body = tutorial_html(p, out_dir / "tutorials")
+        body = tutorial_html(p, out_dir / "tutorials", images)
         parts.append(f'<section class="tutorial" id="tutorial-{_e(_slug(p.stem))}"><details>'
                      f"<summary><b>{_e(p.title)}</b> — <code>{_e(p.source)}</code>: {_e(p.status)}</summary>"
                      f"{body}</details></section>")

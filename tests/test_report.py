@@ -283,3 +283,42 @@ def test_a_figure_that_raises_is_listed_not_fatal(tmp_path, monkeypatch):
     assert any("ZeroDivisionError: synthetic failure" in msg for _, msg in rep.errors)
     assert rep.figures, "the other figures must still be written"
     assert "synthetic failure" in rep.page.read_text()
+
+
+def test_a_reused_output_folder_keeps_only_this_runs_figures(tmp_path, capsys):
+    """Issue 13: draw run A into ``out``, then run B (other tables) into the same ``out``. The page of B names only
+    B's figures, A's PNG / PDF that B did not draw are gone, B's are on disk, and a file the project did not write
+    (the user's own ``my_plot.png``, named like a figure) stays."""
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    write_results(a, bad=False)
+    first = report.render_all(a, out)
+    assert "table-1-sparsity" in [f.slug for f in first.figures]
+    (out / "my_plot.png").write_bytes((out / "table-1-sparsity.png").read_bytes())
+    b.mkdir()
+    pd.DataFrame({"run": ["a", "a"], "step": [0, 5], "kl": [0.0, 0.01]}).to_csv(b / "kl_beta0.csv", index=False)
+    assert main(["figs", str(b), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    page = parse(out / "index.html")
+    drawn = {"fig-15-kl-beta0.png"}
+    assert {i["src"] for i in page.imgs} == drawn
+    assert {p.name for p in out.glob("*.png")} == drawn | {"my_plot.png"}  # A's stale figures removed, not the user's
+    assert {p.name for p in out.glob("*.pdf")} == {"fig-15-kl-beta0.pdf"}
+    stale = sorted({f.png.name for f in first.figures} | {f.pdf.name for f in first.figures})
+    assert f"removed {len(stale)} figure file(s)" in said and "table-1-sparsity.png" in said
+    # a third run of A draws its figures again; B's figure goes, the user's file still stays
+    again = report.render_all(a, out)
+    assert sorted(again.removed) == ["fig-15-kl-beta0.pdf", "fig-15-kl-beta0.png"]
+    assert {p.name for p in out.glob("*.png")} == {f.png.name for f in again.figures} | {"my_plot.png"}
+
+
+def test_a_record_naming_files_outside_the_folder_removes_nothing_there(tmp_path):
+    """The record of written figures is only trusted inside the output folder: ``../victim.png`` stays."""
+    from paper_figs import outputs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"user")
+    outputs.record_path(out, "report").write_text('{"files": ["../victim.png", "missing.png", 3]}')
+    assert outputs.record_written(out, [], "report") == []
+    assert victim.read_bytes() == b"user"
