@@ -2,12 +2,12 @@
 this run's figures there.
 
 A command that draws into a folder (``threegate figs`` / ``verify`` / ``compare`` through ``paper_figs.report``,
-``python -m threegate.sweep_figs``) records the files it wrote in ``FOLDER/.threegate-figures-COMMAND.json`` (one record per command, so that
-two commands drawing into one folder never remove each other's figures). The next run of that command into that
-folder removes the files the earlier run recorded and this run did not write again (a figure whose table
-is gone, a tutorial with fewer images), then records its own. Only files named in that record are ever removed: a
-file the project did not write (the user's notes, a figure saved by hand under the same folder) stays, and a folder
-without a record loses nothing.
+``python -m threegate.sweep_figs``) records the files it wrote in ``FOLDER/.threegate-figures-COMMAND.json`` (one
+record per command, so that two commands drawing into one folder never remove each other's figures). The next run
+of that command into that folder removes the files the earlier run recorded and this run did not write again (a
+figure whose table is gone, a tutorial with fewer images), then records its own. Only files named in that record
+are ever removed: a file the project did not write (the user's notes, a figure saved by hand under the same folder)
+stays, and a folder without a record loses nothing.
 
 Examples
 --------
@@ -57,8 +57,9 @@ def _inside(out_dir: Path, name: str) -> Path | None:
 
 
 def record_written(out_dir: str | Path, written: Iterable[str | Path], command: str) -> list[str]:
-    """Remove the files the previous run of ``command`` (e.g. ``"report"``) into ``out_dir`` recorded that are not in ``written``, record ``written``
-    as this run's files, and return the removed names (relative to ``out_dir``, sorted).
+    """Remove the files the previous run of ``command`` (e.g. ``"report"``) into ``out_dir`` recorded that are not
+    in ``written``, record ``written`` as this run's files, and return the removed names (relative to ``out_dir``,
+    sorted).
 
     ``written``: paths of files this run wrote, inside ``out_dir`` (absolute, or relative to ``out_dir``); a path
     outside it is not recorded.

@@ -47,7 +47,11 @@ from theory.errors import CheckpointError, InputError, ThreegateError
 __all__ = ["add_arguments", "run", "write_report", "render_all", "RenderedFigure", "Report", "TutorialPage",
            "tutorial_html"]
 
-VERIFY_COLUMNS = ("result_id", "instances", "worst_ratio", "verdict", "notes")
+VERIFY_COLUMNS = ("result_id", "instances", "worst_ratio", "verdict", "seeds_needed", "t_test_seeds", "notes")
+#: The power columns of a claim row (``threegate.verify.Row``): seeds the observed effect needs under the seed rule,
+#: and under a one-sided t-test. Shown for every claim row; blank on theory rows (no seeds involved) and where
+#: verify wrote no number (``seeds_needed_note``, the reason, is then shown dimmed).
+SEED_COLUMNS = ("seeds_needed", "t_test_seeds")
 
 
 @dataclass
@@ -241,15 +245,46 @@ def _verdict_class(v: str) -> str:
     return {"holds": "verdict-holds", "violated": "verdict-violated"}.get(v, "verdict-other")
 
 
+def _is_claim_row(r: pd.Series) -> bool:
+    return str(r.get("source", "")).startswith("claim:") and str(r.get("verdict")) != "error"
+
+
+def _count(v: object) -> int | None:
+    """A whole count read back from CSV / JSON (``3``, ``3.0``) or None (blank, NaN, None); never rounded."""
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return int(f) if f == f and f == int(f) else None
+
+
+def _seed_cell(r: pd.Series, c: str) -> str:
+    """A power cell: the count when verify wrote one; on a claim row without one, the head of
+    ``seeds_needed_note`` (e.g. ``unreachable``, ``one seed``) dimmed, with the whole note as its title."""
+    note = r.get("seeds_needed_note")
+    note = "" if note is None or (isinstance(note, float) and note != note) else str(note)
+    title = f' title="{_e(note)}"' if note and c == "seeds_needed" else ""
+    n = _count(r.get(c)) if _is_claim_row(r) else None
+    if n is not None:
+        return f'<td class="num"{title}>{n}</td>'
+    if _is_claim_row(r) and c == "seeds_needed" and note:
+        return f'<td{title}><span class="dim">{_e(note.split(":")[0])}</span></td>'
+    return "<td></td>"
+
+
 def _verdict_table(df: pd.DataFrame) -> str:
-    cols = [c for c in VERIFY_COLUMNS if c in df.columns] + [c for c in ("source", "gate") if c in df.columns]
+    claims = df["source"].astype(str).str.startswith("claim:").any() if "source" in df.columns else False
+    cols = ([c for c in VERIFY_COLUMNS if c in df.columns or (claims and c in SEED_COLUMNS)]
+            + [c for c in ("source", "gate") if c in df.columns])
     head = "".join(f"<th>{_e(c)}</th>" for c in cols)
     rows = []
     for _, r in df.iterrows():
         cells = []
         for c in cols:
-            v = r[c]
-            if c == "verdict":
+            v = r.get(c)
+            if c in SEED_COLUMNS:
+                cells.append(_seed_cell(r, c))
+            elif c == "verdict":
                 cells.append(f'<td class="{_verdict_class(str(v))}">{_e(v)}</td>')
             elif isinstance(v, float):
                 cells.append(f'<td class="num">{_e(f"{v:.4g}" if v == v else "")}</td>')

@@ -322,3 +322,45 @@ def test_a_record_naming_files_outside_the_folder_removes_nothing_there(tmp_path
     outputs.record_path(out, "report").write_text('{"files": ["../victim.png", "missing.png", 3]}')
     assert outputs.record_written(out, [], "report") == []
     assert victim.read_bytes() == b"user"
+
+
+@pytest.mark.parametrize("verdict_file", ["csv", "json"])
+def test_verify_table_shows_the_power_columns_for_every_claim_row(tmp_path, verdict_file):
+    """Issue 17: the verdict table of the report shows ``seeds_needed`` and ``t_test_seeds`` for every claim row,
+    an old claim (sparsity_rl_gt_sft) as a new one (rl_update_energy_off_principal), exactly as verify wrote them
+    (``threegate.verify.claim_row`` of real ``effect_verdict`` verdicts, through verify.csv / verify.json); where
+    there is no number the cell holds no number (the head of ``seeds_needed_note`` dimmed, or nothing); theory rows
+    and a failed experiment's row are blank."""
+    import math
+
+    from sims.claims.base import effect_verdict
+    from threegate.verify import Row, claim_row, write_outputs
+
+    def verdict(cid, effects):
+        return effect_verdict(cid, dict(enumerate(effects)), min_effect=0.05, what="effect")
+
+    settled = verdict("rl_update_energy_off_principal", [0.30, 0.31])  # 25 sd above c: 2 seeds
+    unreachable = verdict("sparsity_rl_gt_sft", [0.0, 0.3])             # 0.5 sd above c: never, t-test 30
+    one_seed = verdict("sparsity_vanishes_at_high_lr", [0.4])
+    assert (settled.seeds_needed, unreachable.seeds_needed, one_seed.seeds_needed) == (2, None, None)
+    want_t = {"rl_update_energy_off_principal": settled.numbers["t_test_seeds"], "sparsity_rl_gt_sft": 30}
+    rows = [Row("thm3.3", "II", "theory", 4, 4, 1, 1.3, "violated", False, "", 0.1),
+            claim_row(settled, "off_principal", "fast", 1.0), claim_row(unreachable, "rl_vs_sft", "fast", 1.0),
+            claim_row(one_seed, "lr_sweep", "fast", 1.0),
+            Row("broken_experiment", "", "claim:broken_experiment", 0, 0, 0, math.nan, "error", False, "E: x", 0.0)]
+    d = tmp_path / "res"
+    write_outputs(d, rows, [], None)
+    if verdict_file == "json":
+        (d / "verify.csv").unlink()
+    page = parse(report.render_all(d, d / "report").page)
+    head, *body = page.tables["verdicts"]
+    assert head[:6] == ["result_id", "instances", "worst_ratio", "verdict", "seeds_needed", "t_test_seeds"]
+    cells = {r[0]: dict(zip(head, r)) for r in body}
+    new = cells["rl_update_energy_off_principal"]
+    assert (new["seeds_needed"], new["t_test_seeds"]) == ("2", str(want_t["rl_update_energy_off_principal"]))
+    assert (cells["sparsity_rl_gt_sft"]["seeds_needed"], cells["sparsity_rl_gt_sft"]["t_test_seeds"]) == (
+        "unreachable", "30")
+    assert (cells["sparsity_vanishes_at_high_lr"]["seeds_needed"],
+            cells["sparsity_vanishes_at_high_lr"]["t_test_seeds"]) == ("one seed", "")
+    for rid in ("thm3.3", "broken_experiment"):
+        assert (cells[rid]["seeds_needed"], cells[rid]["t_test_seeds"]) == ("", "")

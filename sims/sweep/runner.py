@@ -18,10 +18,10 @@ when torch sees no CUDA device.
 Progress: one line per finished cell on stderr (done / total, failed, elapsed, ETA = mean cell time x remaining /
 workers; a cell whose run warned says how many warnings and the first); a tqdm bar instead when stderr is a
 terminal. The summary line counts the cells whose run warned (their warnings are in the store's ``cells`` table,
-column ``warnings``; every table of ``load_store`` has ``cell_warnings``). Exit status 0 when every cell of the spec is done, 1 when
-some cell failed, with one line on stderr naming the failed cells (``failed_cells_line``). Every cell's resolved
-config is validated (``sims.sweep.spec.validate_cell``: types, unknown keys, each section's own checks) before any
-cell runs.
+column ``warnings``; every table of ``load_store`` has ``cell_warnings``). Exit status 0 when every cell of the spec
+is done, 1 when some cell failed, with one line on stderr naming the failed cells (``failed_cells_line``). Every
+cell's resolved config is validated (``sims.sweep.spec.validate_cell``: types, unknown keys, each section's own
+checks) before any cell runs.
 """
 
 from __future__ import annotations
