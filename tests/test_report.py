@@ -364,3 +364,29 @@ def test_verify_table_shows_the_power_columns_for_every_claim_row(tmp_path, verd
             cells["sparsity_vanishes_at_high_lr"]["t_test_seeds"]) == ("one seed", "")
     for rid in ("thm3.3", "broken_experiment"):
         assert (cells[rid]["seeds_needed"], cells[rid]["t_test_seeds"]) == ("", "")
+
+
+def test_a_rerun_with_fewer_tutorial_images_removes_the_earlier_ones(tmp_path):
+    """Issue 13: tutorial output images are this run's too: a tutorial drawn with two images, then with one, leaves
+    one image in ``out/tutorials`` and the page names only it."""
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    plt.imsave(buf, np.zeros((2, 2)), format="png")
+    png = {"output_type": "display_data", "data": {"image/png": base64.b64encode(buf.getvalue()).decode()}}
+
+    def page(n_images):
+        return report.TutorialPage("00_overview", "docs/00_overview.md", "Overview", "ok",
+                                   [{"cell_type": "code", "source": "plot()", "tags": [], "outputs": [png] * n_images}])
+
+    d, out = tmp_path / "res", tmp_path / "out"
+    d.mkdir()
+    report.render_all(d, out, tutorials=[page(2)])
+    assert sorted(p.name for p in (out / "tutorials").iterdir()) == ["00_overview-1.png", "00_overview-2.png"]
+    rep = report.render_all(d, out, tutorials=[page(1)])
+    assert rep.removed == ["tutorials/00_overview-2.png"]
+    assert [p.name for p in (out / "tutorials").iterdir()] == ["00_overview-1.png"]
+    assert [i["src"] for i in parse(rep.page).imgs] == ["tutorials/00_overview-1.png"]
