@@ -114,6 +114,8 @@ def test_run_hf_rlvr_writes_history_live_tables_and_snapshots(rl_out):
     assert ((clip["violation_fraction"] >= 0) & (clip["violation_fraction"] <= 1)).all()
     checks = pd.read_parquet(rl_out / "checks.parquet")
     assert (checks["result_id"] == "lemF.9").sum() == 3
+    kl = pd.read_parquet(rl_out / "kl_beta0.parquet")  # beta = 0: Fig. 15's table
+    assert list(kl["step"]) == [1, 2, 3] and (kl["kl"] >= 0).all() and kl["kl"].iloc[-1] > 0
 
 
 def test_live_counts_equal_a_recount_from_the_snapshots(rl_out):
@@ -169,6 +171,7 @@ def test_exact_checker_reward_and_a_zero_gradient_run(tiny_dir, caplog):
     m = res.metrics.pivot(index="step", columns="metric", values="value")
     assert list(m.index) == [1, 2]
     assert (m["token_ratio_max_abs_log"] == 0.0).all() and (m["token_ratio_out_of_band_frac"] == 0.0).all()
+    assert (m["kl_tok_base"] == 0.0).all()  # beta = 0: Fig. 15's KL to the (unchanged) base, exactly 0
     c = res.checks
     assert list(c["step"]) == [1, 2] and (c["result_id"] == "lemF.9").all()
     assert (c["lhs"] == 0.0).all() and (c["verdict"] == "holds").all() and (c["d_n_violations"] == 0).all()
@@ -237,6 +240,10 @@ def test_band_probe_ratios_equal_an_independent_forward_before_and_after_the_ste
         return torch.log_softmax(logits, -1).gather(-1, inp["completion_ids"].unsqueeze(-1)).squeeze(-1)
 
     d = logp(lm.model) - logp(before)
+    with torch.no_grad():  # Fig. 15's token KL(pi_after || pi_before) over the vocabulary, mean over the tokens
+        la, lb = (torch.log_softmax(m.eval()(input_ids=ids, attention_mask=attn).logits[:, -n - 1:-1].double(), -1)
+                  for m in (lm.model, before))
+    kl_oracle = float((la.exp() * (la - lb)).sum(-1)[inp["completion_mask"].bool()].mean())
     keep = inp["completion_mask"].bool()
     oracle = [d[i][keep[i]].numpy() for i in range(d.shape[0])]
     got = seen["ratios"]
@@ -249,6 +256,7 @@ def test_band_probe_ratios_equal_an_independent_forward_before_and_after_the_ste
     assert 0 < m["token_ratio_out_of_band_frac"] and chk["verdict"] == "assumption-failed"
     assert chk["d_n_violations"] == int(np.sum((flat < 0.72) | (flat > 1.28)))  # lemma's symmetric eps = 0.28
     assert (res.config["eps_low"], res.config["eps_high"]) == (0.2, 0.28)
+    assert 0 < m["kl_tok_base"] == pytest.approx(kl_oracle, rel=1e-9)
 
 
 def test_paper_preset_is_app_c_on_trl():

@@ -16,7 +16,13 @@ empirical question (``../shared/paper/THEORY.md``). ``BandProbe`` answers it for
   writes (``sims.tinygpt.probe``), so the ``clip_eps`` table and the ``lemma_f9_band_hypothesis`` verdict read them
   unchanged.
 
-Cost: two no-grad forward passes per micro-batch (no generation), on top of TRL's forward and backward.
+With ``beta = 0`` (clip only; no reference model in TRL, which then logs no KL) and full fine-tuning, the probe also
+keeps a frozen copy of the base model and records Fig. 15's quantity per step: the token-wise KL(pi_theta ||
+pi_base) over the whole vocabulary (float64 log-softmax of ``logits / temperature``), averaged over the step's
+completion tokens (metric ``kl_tok_base``, as the TinyGPT probe names it, so the ``kl_beta0`` table reads it).
+
+Cost: two no-grad forward passes per micro-batch (no generation), on top of TRL's forward and backward; with the
+KL, two more (the current and the base model's full logits) and a second copy of the weights.
 Single process only (the ratios of one rank's micro-batches); the forwards run wherever the trainer's model is.
 With dropout the two forwards would differ by the dropout mask: the probe runs them in eval mode (no dropout) and
 restores the mode.
@@ -24,6 +30,7 @@ restores the mode.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from typing import Any
@@ -34,9 +41,9 @@ import torch
 from theory.errors import InputError
 from theory.kl_leash import lemF9
 
-__all__ = ["band_probed_grpo_trainer", "BAND_METRICS"]
+__all__ = ["band_probed_grpo_trainer", "frozen_copy", "BAND_METRICS"]
 
-BAND_METRICS = ("token_ratio_out_of_band_frac", "token_ratio_max_abs_log")
+BAND_METRICS = ("token_ratio_out_of_band_frac", "token_ratio_max_abs_log", "kl_tok_base")
 
 
 def _completion_logps(trainer, model, inputs: dict[str, Any]) -> torch.Tensor:
@@ -51,6 +58,36 @@ def _completion_logps(trainer, model, inputs: dict[str, Any]) -> torch.Tensor:
     finally:
         model.train(was_training)
     return logps.detach().to(torch.float64)
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen deep copy of ``model`` whose modules run their class's ``forward`` (see ``BandProbedGRPOTrainer``)."""
+    patched = [name for name, mod in model.named_modules() if "forward" in vars(mod)]
+    if patched:
+        raise InputError(f"band probe: module(s) {patched[:3]} have a patched forward; copy the model before "
+                         "handing it to a trainer")
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def token_kl_sum(trainer, model, base: torch.nn.Module, inputs: dict[str, Any]) -> tuple[float, int]:
+    """Sum over the completion tokens of KL(pi_model || pi_base) at each position (whole vocabulary), and the count."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    n = inputs["completion_ids"].size(1)
+    logs = []
+    for m in (model, base):
+        was_training = m.training
+        m.eval()
+        try:
+            with torch.no_grad(), trainer.accelerator.autocast():
+                logits = m(input_ids=ids, attention_mask=mask).logits[:, -n - 1:-1]
+        finally:
+            m.train(was_training)
+        logs.append(torch.log_softmax(logits.double() / trainer.temperature, dim=-1))
+    now, ref = logs
+    kl = (now.exp() * (now - ref)).sum(-1)
+    keep = inputs["completion_mask"].bool()
+    return float(kl[keep].sum()), int(keep.sum())
 
 
 def step_ratios(old: list[tuple[torch.Tensor, torch.Tensor]], new: list[torch.Tensor]) -> list[np.ndarray]:
@@ -97,8 +134,14 @@ def band_probed_grpo_trainer() -> type:
     class BandProbedGRPOTrainer(GRPOTrainer):
         """TRL's ``GRPOTrainer`` plus ``band_metrics`` / ``band_checks`` (rows per optimizer step; see the module)."""
 
-        def __init__(self, *args, band: tuple[float, float], run_name: str = "hf_rlvr", **kwargs):
+        def __init__(self, *args, band: tuple[float, float], run_name: str = "hf_rlvr",
+                     base_copy: torch.nn.Module | None = None, **kwargs):
+            """``base_copy``: a frozen copy of the starting model for Fig. 15's KL (``frozen_copy``), made *before*
+            the trainer exists: accelerate / TRL replace ``model.forward`` by an instance attribute that closes over
+            the original model, and a deep copy made afterwards would run the trained model's forward (measured:
+            KL exactly 0 on a step that moved every weight)."""
             super().__init__(*args, **kwargs)
+            self.base_copy = base_copy
             if not (0 < band[0] < 1 and band[1] > 0 and all(math.isfinite(b) for b in band)):
                 raise InputError(f"clip band needs 0 < eps_low < 1 and eps_high > 0, got {band}")
             self.band, self.run_name = band, run_name
@@ -120,6 +163,11 @@ def band_probed_grpo_trainer() -> type:
             old = [(lp, inp["completion_mask"]) for inp, lp, _ in pending]
             new = [_completion_logps(self, model, inp) for inp, _, model in pending]
             metrics, checks = band_rows(step, step_ratios(old, new), self.band, run=self.run_name)
+            if self.base_copy is not None:
+                sums = [token_kl_sum(self, model, self.base_copy, inp) for inp, _, model in pending]
+                tokens = sum(c for _, c in sums)
+                metrics.append({"run": self.run_name, "kind": "rlvr", "step": step, "matrix": "",
+                                "metric": "kl_tok_base", "value": sum(s for s, _ in sums) / tokens if tokens else 0.0})
             self.band_metrics += metrics
             self.band_checks += checks
 

@@ -57,7 +57,7 @@ from typing import Any, Iterator, Literal, Sequence
 import pandas as pd
 import torch
 
-from sims.hf.band_probe import band_probed_grpo_trainer
+from sims.hf.band_probe import band_probed_grpo_trainer, frozen_copy
 from sims.hf.loading import hub_offline
 from sims.hf.word_problems import INSTRUCTION, TEMPLATES, WordProblem, extract_answer, generate_problems, reward
 from sims.tinygpt.determinism import deterministic
@@ -561,7 +561,8 @@ def train_hf_rlvr(model: torch.nn.Module, tokenizer, cfg: HFRLConfig, *, callbac
         trainer_class, probe = GRPOTrainer, {}
         if cfg.probe_band:
             trainer_class = band_probed_grpo_trainer()
-            probe = {"band": (cfg.epsilon, cfg.epsilon_high or cfg.epsilon), "run_name": run_name}
+            probe = {"band": (cfg.epsilon, cfg.epsilon_high or cfg.epsilon), "run_name": run_name,
+                     "base_copy": frozen_copy(model) if cfg.beta == 0 and cfg.adapter == "none" else None}
         trainer = trainer_class(model=model, reward_funcs=reward_fn, args=grpo_arguments(cfg, tmp),
                                 train_dataset=rl_dataset(cfg, tokenizer), processing_class=tokenizer,
                                 callbacks=list(callbacks), peft_config=peft_config(cfg), **probe)
