@@ -1,0 +1,61 @@
+"""Gate I verdicts at their boundaries (mutation audit of theory.kl_anchor / theory.fisher_bounds): hypotheses that
+must fail by name (beta = 0, an M-projection that did not converge) and the M-projection's own error, which must
+keep an attained Prop 3.1 "indeterminate" when the projection is only converged to a loose tolerance.
+
+Oracle for the attained case: for a log-linear policy and a reward in the span of its features, R = Phi w, the tilt
+q~ = pi_theta exp(R / beta) / Z is again in the family (q~ = pi_{theta + w / beta}), so the M-projection is q~ itself,
+KL(q~ || pi+) = 0 and Prop 3.1 holds with equality: lhs = rhs exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from theory.kl_anchor import lemF6, prop31
+from theory.policies import LogLinear, TabularSoftmax
+
+
+def _in_family_tilt(seed: int):
+    rng = np.random.default_rng(seed)
+    pol = LogLinear(rng.standard_normal((3, 12, 4)))
+    theta, w = rng.standard_normal(4), rng.standard_normal(4)
+    return pol, theta, np.einsum("xyd,d->xy", pol.Phi, w)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("tol", [None, 1e-4, 1e-6])
+def test_prop31_attained_in_family_reads_indeterminate_at_any_projection_tolerance(seed, tol):
+    """lhs = rhs exactly (see the module docstring). A projection stopped at gradient norm ``tol`` moves lhs by up to
+    residual * step * kappa (lhs - rhs ~ 1e-5 at tol = 1e-4): that error belongs to the tolerance, else the
+    equality reads "violated" (or "holds")."""
+    pol, theta, R = _in_family_tilt(seed)
+    kw = {} if tol is None else {"tol": tol}
+    c = prop31(pol, theta, R, 0.5, **kw)
+    assert c.verdict == "indeterminate" and not c.holds, (c.verdict, c.lhs - c.rhs, c.tol)
+    assert abs(c.lhs - c.rhs) <= c.tol
+
+
+def test_prop31_with_an_unconverged_projection_fails_that_assumption():
+    pol, theta, R = _in_family_tilt(0)
+    c = prop31(pol, theta, R, 0.5, max_iter=1)
+    assert c.verdict == "assumption-failed" and c.failed_assumption.startswith("the M-projection converged")
+
+
+def test_prop31_at_beta_zero_fails_the_beta_assumption():
+    """beta > 0 is strict: beta = 0 is not a tilt (exp(R / 0)); it is a failed hypothesis, never a decided check."""
+    c = prop31(TabularSoftmax(4), np.zeros(4), np.array([0.1, 0.2, 0.3, 0.4]), 0.0)
+    assert c.verdict == "assumption-failed" and c.failed_assumption.startswith("beta > 0")
+
+
+@pytest.mark.parametrize("shrink", [1e-3, 1e-6, 1e-9])
+def test_lemF6_refuses_an_L_below_the_true_maximum_by_any_resolvable_margin(shrink):
+    """L must bound ||hess log pi||_op at theta; an L short of the computed maximum by a relative 1e-9 or more (far
+    above the 1e-12 rounding allowance) fails that hypothesis, and L = the maximum is accepted."""
+    pol = TabularSoftmax(5, n_contexts=2)
+    theta = np.random.default_rng(3).standard_normal(pol.n_params)
+    R = np.random.default_rng(4).uniform(-1.0, 1.0, size=pol.shape)
+    L_true = pol.max_hessian_logp_norm(theta)
+    c = lemF6(pol, theta, R=R, beta=0.5, L=L_true * (1 - shrink))
+    assert c.verdict == "assumption-failed" and c.failed_assumption.startswith("||hess log pi||_op <= L")
+    assert lemF6(pol, theta, R=R, beta=0.5, L=L_true).verdict != "assumption-failed"
