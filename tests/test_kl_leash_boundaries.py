@@ -59,3 +59,34 @@ def test_lemF6_refuses_an_L_below_the_true_maximum_by_any_resolvable_margin(shri
     c = lemF6(pol, theta, R=R, beta=0.5, L=L_true * (1 - shrink))
     assert c.verdict == "assumption-failed" and c.failed_assumption.startswith("||hess log pi||_op <= L")
     assert lemF6(pol, theta, R=R, beta=0.5, L=L_true).verdict != "assumption-failed"
+
+
+@pytest.mark.parametrize("scale", [0.3, 0.03])
+def test_lemF5_right_side_is_the_stated_remainder_computed_independently(scale):
+    """Lemma F.5's rhs is E_rho[range_y(u)^3] / 12 + 1/2 |E_rho(Var_pi u - Var_pi JD)| with u = z(theta + D) - z(theta)
+    and JD the directional derivative of the logits. Recomputed here from the policy's logits alone (JD by
+    torch.func.jvp, not the policy's Jacobian) on a curved MLP, where the curvature term is not 0."""
+    import torch
+
+    from theory.kl_anchor import lemF5
+    from theory.policies import MLPPolicy
+
+    pol = MLPPolicy(6, 3, 7, activation="tanh")
+    theta = pol.init_theta(5)
+    D = scale * np.random.default_rng(6).standard_normal(pol.n_params)
+    t0, tD = torch.tensor(theta, dtype=torch.float64), torch.tensor(D, dtype=torch.float64)
+    z0, JD = (x.detach().numpy() for x in torch.func.jvp(pol._logits, (t0,), (tD,)))
+    u = pol.logits(theta + D) - z0
+    p = pol.probs(theta)
+
+    def var(w):
+        return np.sum(p * (w - np.sum(p * w, axis=1, keepdims=True)) ** 2, axis=1)
+
+    rng_u = u.max(axis=1) - u.min(axis=1)
+    range_term = float(pol.rho @ rng_u**3) / 12
+    curvature = 0.5 * abs(float(pol.rho @ (var(u) - var(JD))))
+    c = lemF5(pol, theta, D)
+    assert curvature > 1e-3 * range_term  # the MLP's second term is not negligible here
+    assert c.details["curvature_term"] == pytest.approx(curvature, rel=1e-9)
+    assert c.rhs == pytest.approx(range_term + curvature, rel=1e-9)
+    assert c.verdict == "holds"
