@@ -90,3 +90,36 @@ def test_lemF5_right_side_is_the_stated_remainder_computed_independently(scale):
     assert c.details["curvature_term"] == pytest.approx(curvature, rel=1e-9)
     assert c.rhs == pytest.approx(range_term + curvature, rel=1e-9)
     assert c.verdict == "holds"
+
+
+@pytest.mark.parametrize("n_tokens", [1, 4, 32])
+def test_lemF9_ratios_on_the_lower_band_edge_attain_both_bounds(n_tokens):
+    """Every token ratio r = 1 - eps (eps = 1/4, dyadic: r = 0.75 exactly) is inside the closed band and attains
+    |k1| = T (-log(1 - eps)) = E[T] max(-log(1 - eps), log(1 + eps)) (the max is the lower edge's) and
+    k3 = T (r - 1 - log r) = E[T] (-eps - log(1 - eps)): both read undecided (indeterminate / an undecided link),
+    neither "violated"."""
+    from theory.kl_anchor import count_band_violations, lemF9
+
+    eps = 0.25
+    seqs = [np.full(n_tokens, 1 - eps), np.full(n_tokens, 1 - eps)]
+    assert count_band_violations(seqs, eps) == 0
+    assert count_band_violations([np.array([1 - eps, 1 + eps])], eps) == 0  # both edges belong to the band
+    assert count_band_violations([np.array([np.nextafter(1 - eps, 0.0), np.nextafter(1 + eps, 2.0)])], eps) == 2
+    c = lemF9(seqs, eps)
+    assert c.verdict == "indeterminate", (c.verdict, c.lhs, c.rhs, c.tol)
+    assert c.rhs == pytest.approx(-n_tokens * np.log1p(-eps), rel=1e-15)
+    k3 = lemF9([np.full(n_tokens, 1 + eps)], eps)  # the upper edge: |k1| = T log(1 + eps) < rhs
+    assert k3.verdict == "holds" and "failed_link" not in k3.details
+    # one token on each edge: k3 = (-eps - log(1 - eps)) + (eps - log(1 + eps)) = 0.0646 <= 2 (-eps - log(1 - eps))
+    # = 0.0754, the band bound of k3 (its per-token maximum is at the lower edge, not the upper one: 0.0538)
+    both = lemF9([np.array([1 - eps, 1 + eps])], eps)
+    assert both.verdict == "holds" and "failed_link" not in both.details
+
+
+@pytest.mark.parametrize("eps", [0.0, 1.0, -0.1, 1.5])
+def test_lemF9_eps_outside_the_open_unit_interval_is_refused(eps):
+    from theory.errors import InputError
+    from theory.kl_anchor import lemF9
+
+    with pytest.raises(InputError, match="eps must be in"):
+        lemF9([np.array([1.0])], eps)
