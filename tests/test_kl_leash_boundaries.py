@@ -123,3 +123,30 @@ def test_lemF9_eps_outside_the_open_unit_interval_is_refused(eps):
 
     with pytest.raises(InputError, match="eps must be in"):
         lemF9([np.array([1.0])], eps)
+
+
+@pytest.mark.parametrize("j", [0, 1, 2])
+def test_prop32_and_eq7_attained_along_the_smallest_curvature_direction(j):
+    """F = diag(2, 8, 32) * 4^j (dyadic), D = e1 (the eigenvector of lambda_min = mu), K = 1/2 D^T F D: the radius
+    sqrt(2K / mu) equals ||D|| = 1 exactly, so Prop 3.2 is attained; so is Eq 7 on the block {0, 1} (S_W = diag(2, 8)
+    * 4^j, delta_W = 1/2 x^T S_W x = mu_W / 2) and its link delta_W <= 1/2 D^T F D (the rest of D is 0)."""
+    from theory.fisher_bounds import eq7, prop32_from_fisher
+
+    F = np.diag([2.0, 8.0, 32.0]) * 4.0**j
+    D = np.array([1.0, 0.0, 0.0])
+    K = 0.5 * float(D @ F @ D)
+    p = prop32_from_fisher(F, D, K)
+    assert p.verdict == "indeterminate" and p.lhs == 1.0 and p.rhs == pytest.approx(1.0, rel=1e-15), (p.verdict, p.lhs, p.rhs)
+    e = eq7(F, D, [0, 1], shape=(1, 2))
+    assert e.verdict == "indeterminate" and e.lhs == 1.0 and e.rhs == pytest.approx(1.0, rel=1e-15), (e.verdict, e.lhs, e.rhs)
+    # a budget a hair below the attained one makes the bound false (violated), one above makes it hold
+    assert prop32_from_fisher(F, D, K * 0.98).verdict == "violated"
+    assert prop32_from_fisher(F, D, K * 1.02).verdict == "holds"
+    assert eq7(F, np.array([1.0, 0.0, 0.0]), [0, 1]).details["delta_W_le_half_quad"]
+
+
+def test_prop32_accepts_a_zero_budget_for_a_zero_step():
+    from theory.fisher_bounds import prop32_from_fisher
+
+    c = prop32_from_fisher(np.diag([1.0, 2.0]), np.zeros(2), 0.0)
+    assert c.verdict == "holds" and c.lhs == 0.0 and c.rhs == 0.0
