@@ -150,3 +150,17 @@ def test_prop32_accepts_a_zero_budget_for_a_zero_step():
 
     c = prop32_from_fisher(np.diag([1.0, 2.0]), np.zeros(2), 0.0)
     assert c.verdict == "holds" and c.lhs == 0.0 and c.rhs == 0.0
+
+
+def test_eq7_attained_links_are_listed_undecided_and_half_quad_against_K_is_reported():
+    """F = diag(2, 8, 32), D = (1, 1, 0), block {0, 1} of shape (1, 2): delta_W = 1/2 x^T S_W x = 5 = 1/2 D^T F D (the
+    rest of D is 0) and ||DW||_2 = ||DW||_F = sqrt 2 (rank one): both links are attained, so they are listed as
+    undecided, while the main bound (sqrt 2 <= sqrt(2 * 5 / 2) = sqrt 5) holds. With K = 4 < 1/2 D^T F D = 5 the
+    paper's first-order 'delta_W <= K' is reported false."""
+    from theory.fisher_bounds import eq7
+
+    c = eq7(np.diag([2.0, 8.0, 32.0]), np.array([1.0, 1.0, 0.0]), [0, 1], shape=(1, 2), K=4.0)
+    assert c.verdict == "holds"
+    assert set(c.details["undecided_links"].split(", ")) == {"delta_W <= 1/2 D^T F D", "||DW||_2 <= ||DW||_F"}
+    assert c.details["half_quad"] == 5.0 and c.details["half_quad_le_K"] is False
+    assert eq7(np.diag([2.0, 8.0, 32.0]), np.array([1.0, 1.0, 0.0]), [0, 1], K=5.0).details["half_quad_le_K"] is True
