@@ -9,6 +9,8 @@
 - ``paper_figs.collect``: which tables a results folder holds and which figures they make (several runs of one
   base in subfolders pooled: one Table 1, Figs. 4 / 5 per method).
 - ``paper_figs.summary``: the summary table the report opens with (per run, overall and per matrix type).
+- ``paper_figs.outputs``: the figure files a run wrote into its output folder (a rerun removes the earlier run's
+  figures it did not draw again, and nothing else).
 - ``paper_figs.style``: Okabe–Ito palette, fonts, grid, captions, constrained layout, "not enough data" panels.
 
 Every figure function takes a DataFrame and returns a matplotlib ``Figure`` (Agg canvas, layout fixed: every text

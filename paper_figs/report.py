@@ -16,6 +16,10 @@ the error that names the problem; the other figures are still written, and the c
 project's tables that no figure draws (``schemas.OTHER_TABLES``, e.g. ``masked_runs_final``) are listed with a note
 and are not errors.
 
+The page shows only the figures this run drew. Rerun into a used output folder, it also removes the figure files
+(PNG, PDF, tutorial images) that an earlier run of the project recorded there and this run did not draw again
+(``paper_figs.outputs``); any other file in the folder stays.
+
 Python: ``write_report(results_dir, out_dir) -> Path`` (the path of ``index.html``), called by ``threegate verify``.
 
 Tutorials: ``render_all(..., tutorials=pages)`` renders already executed tutorials (``TutorialPage`` records: plain
@@ -36,14 +40,18 @@ from typing import Sequence
 
 import pandas as pd
 
-from paper_figs import collect, schemas, summary
+from paper_figs import collect, outputs, schemas, summary
 from theory import RESULTS
 from theory.errors import CheckpointError, InputError, ThreegateError
 
 __all__ = ["add_arguments", "run", "write_report", "render_all", "RenderedFigure", "Report", "TutorialPage",
            "tutorial_html"]
 
-VERIFY_COLUMNS = ("result_id", "instances", "worst_ratio", "verdict", "notes")
+VERIFY_COLUMNS = ("result_id", "instances", "worst_ratio", "verdict", "seeds_needed", "t_test_seeds", "notes")
+#: The power columns of a claim row (``threegate.verify.Row``): seeds the observed effect needs under the seed rule,
+#: and under a one-sided t-test. Shown for every claim row; blank on theory rows (no seeds involved) and where
+#: verify wrote no number (``seeds_needed_note``, the reason, is then shown dimmed).
+SEED_COLUMNS = ("seeds_needed", "t_test_seeds")
 
 
 @dataclass
@@ -69,6 +77,7 @@ class Report:
     results_dir: Path | None = None
     page: Path | None = None
     tutorials: str = ""  # HTML of the Tutorials section
+    removed: list[str] = field(default_factory=list)  # figures an earlier run wrote into out_dir, not drawn now
 
 
 @dataclass
@@ -101,6 +110,9 @@ def run(args: argparse.Namespace, tutorials: Sequence[TutorialPage] | None = Non
     rep = render_all(args.results_dir, out, tutorials=tutorials)
     for src, msg in rep.errors:
         print(f"threegate figs: could not draw {src}: {msg}", file=sys.stderr)
+    if rep.removed:
+        print(f"threegate figs: removed {len(rep.removed)} figure file(s) an earlier run wrote into {out} and this "
+              f"run did not draw: {', '.join(rep.removed)}")
     print(f"threegate figs: {len(rep.figures)} figure(s) written; report: {rep.page}")
     return 1 if rep.errors else 0
 
@@ -183,9 +195,12 @@ def render_all(results_dir: str | Path, out_dir: str | Path,
         fig.savefig(pdf)
         rep.figures.append(RenderedFigure(job.slug, getattr(fig, "threegate_title", job.slug),
                                           getattr(fig, "threegate_caption", ""), png, pdf, job.source, job.group))
-    rep.tutorials = _tutorials_section(tutorials, results_dir, out_dir, rep)
+    tutorial_images: list[Path] = []
+    rep.tutorials = _tutorials_section(tutorials, results_dir, out_dir, rep, tutorial_images)
     rep.page = out_dir / "index.html"
     rep.page.write_text(_html(rep, results_dir), encoding="utf-8")
+    rep.removed = outputs.record_written(out_dir, [p for f in rep.figures for p in (f.png, f.pdf)]
+                                         + tutorial_images + [rep.page], "report")
     return rep
 
 
@@ -230,15 +245,46 @@ def _verdict_class(v: str) -> str:
     return {"holds": "verdict-holds", "violated": "verdict-violated"}.get(v, "verdict-other")
 
 
+def _is_claim_row(r: pd.Series) -> bool:
+    return str(r.get("source", "")).startswith("claim:") and str(r.get("verdict")) != "error"
+
+
+def _count(v: object) -> int | None:
+    """A whole count read back from CSV / JSON (``3``, ``3.0``) or None (blank, NaN, None); never rounded."""
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return int(f) if f == f and f == int(f) else None
+
+
+def _seed_cell(r: pd.Series, c: str) -> str:
+    """A power cell: the count when verify wrote one; on a claim row without one, the head of
+    ``seeds_needed_note`` (e.g. ``unreachable``, ``one seed``) dimmed, with the whole note as its title."""
+    note = r.get("seeds_needed_note")
+    note = "" if note is None or (isinstance(note, float) and note != note) else str(note)
+    title = f' title="{_e(note)}"' if note and c == "seeds_needed" else ""
+    n = _count(r.get(c)) if _is_claim_row(r) else None
+    if n is not None:
+        return f'<td class="num"{title}>{n}</td>'
+    if _is_claim_row(r) and c == "seeds_needed" and note:
+        return f'<td{title}><span class="dim">{_e(note.split(":")[0])}</span></td>'
+    return "<td></td>"
+
+
 def _verdict_table(df: pd.DataFrame) -> str:
-    cols = [c for c in VERIFY_COLUMNS if c in df.columns] + [c for c in ("source", "gate") if c in df.columns]
+    claims = df["source"].astype(str).str.startswith("claim:").any() if "source" in df.columns else False
+    cols = ([c for c in VERIFY_COLUMNS if c in df.columns or (claims and c in SEED_COLUMNS)]
+            + [c for c in ("source", "gate") if c in df.columns])
     head = "".join(f"<th>{_e(c)}</th>" for c in cols)
     rows = []
     for _, r in df.iterrows():
         cells = []
         for c in cols:
-            v = r[c]
-            if c == "verdict":
+            v = r.get(c)
+            if c in SEED_COLUMNS:
+                cells.append(_seed_cell(r, c))
+            elif c == "verdict":
                 cells.append(f'<td class="{_verdict_class(str(v))}">{_e(v)}</td>')
             elif isinstance(v, float):
                 cells.append(f'<td class="num">{_e(f"{v:.4g}" if v == v else "")}</td>')
@@ -358,7 +404,7 @@ def _markdown_html(text: str) -> str:
     return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
 
 
-def _output_html(out: dict, img_dir: Path, stem: str, n: int) -> str:
+def _output_html(out: dict, img_dir: Path, stem: str, n: int, images: list[Path]) -> str:
     kind = out.get("output_type")
     if kind == "stream":
         return f'<pre class="out">{_e("".join(out.get("text", "")))}</pre>'
@@ -369,6 +415,7 @@ def _output_html(out: dict, img_dir: Path, stem: str, n: int) -> str:
         img_dir.mkdir(parents=True, exist_ok=True)
         name = f"{stem}-{n}.png"
         (img_dir / name).write_bytes(base64.b64decode("".join(data["image/png"])))
+        images.append(img_dir / name)
         return f'<img src="{_e(img_dir.name)}/{_e(name)}" alt="output of {_e(stem)}" loading="eager">'
     if "text/html" in data and "<table" in "".join(data["text/html"]):  # pandas tables, written by pandas
         return f'<div class="out">{"".join(data["text/html"])}</div>'
@@ -377,11 +424,12 @@ def _output_html(out: dict, img_dir: Path, stem: str, n: int) -> str:
     return ""
 
 
-def tutorial_html(page: TutorialPage, img_dir: Path) -> str:
+def tutorial_html(page: TutorialPage, img_dir: Path, images: list[Path] | None = None) -> str:
     """An executed tutorial as an HTML fragment: Markdown rendered, code with its outputs (PNG outputs written to
     ``img_dir``), each exercise as the student sees it with its reference solution folded below; checker cells and
-    cells tagged ``remove-cell`` left out."""
+    cells tagged ``remove-cell`` left out. The paths of the PNGs written are appended to ``images`` when given."""
     parts, n = [], 0
+    images = [] if images is None else images
     for c in page.cells:
         tags = c.get("tags", [])
         src = c.get("source", "")
@@ -397,13 +445,14 @@ def tutorial_html(page: TutorialPage, img_dir: Path) -> str:
             parts.append(f"<pre><code>{_e(src)}</code></pre>")
         for out in c.get("outputs", []):
             n += 1
-            parts.append(_output_html(out, img_dir, page.stem, n))
+            parts.append(_output_html(out, img_dir, page.stem, n, images))
     return "\n".join(parts)
 
 
-def _tutorials_section(pages: Sequence[TutorialPage] | None, results_dir: Path, out_dir: Path, rep: Report) -> str:
+def _tutorials_section(pages: Sequence[TutorialPage] | None, results_dir: Path, out_dir: Path, rep: Report,
+                       images: list[Path]) -> str:
     """HTML of the Tutorials section: every executed tutorial rendered in full (inside a collapsed <details>) with
-    the status of its exercise checks; nothing when ``pages`` is None."""
+    the status of its exercise checks (the PNGs written appended to ``images``); nothing when ``pages`` is None."""
     if pages is None:
         return ""
     parts = ['<h2 id="tutorials">Tutorials</h2>']
@@ -416,7 +465,7 @@ def _tutorials_section(pages: Sequence[TutorialPage] | None, results_dir: Path, 
         if p.error:  # an unreadable notebook is listed, the rest of the report still renders
             rep.errors.append((f"tutorials/{p.stem}.ipynb", p.error))
             continue
-        body = tutorial_html(p, out_dir / "tutorials")
+        body = tutorial_html(p, out_dir / "tutorials", images)
         parts.append(f'<section class="tutorial" id="tutorial-{_e(_slug(p.stem))}"><details>'
                      f"<summary><b>{_e(p.title)}</b> — <code>{_e(p.source)}</code>: {_e(p.status)}</summary>"
                      f"{body}</details></section>")

@@ -134,11 +134,13 @@ def summary_tables(results: list, k: int | None = None) -> dict[str, pd.DataFram
         for row in pooled_sparsity(counts):
             sparsity.append({"run": res.name, "method": method, **row, "precision": res.config.get("precision"),
                              "seed": seed, "steps": steps, "model": model})
+    for res in results:  # every clip-only run, with or without its own snapshots (a live run's callback keeps them)
         if res.kind == "rlvr" and res.config.get("beta", 0) == 0:
             m = res.metrics
             for _, row in m[m["metric"] == "kl_tok_base"].iterrows():
                 klb.append({"run": res.name, "step": int(row["step"]), "kl": row["value"], "beta": 0.0,
-                            "seed": seed, "steps": steps, "model": model})
+                            "seed": res.config.get("seed"), "steps": res.config.get("steps"),
+                            "model": res.config.get("model") or "TinyGPT"})
     clip = []
     for res in results:
         c = res.checks

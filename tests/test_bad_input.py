@@ -156,6 +156,19 @@ def test_nan_and_inf_weights_name_the_file_and_the_tensor(tmp_path, capsys, dtyp
                     "has 2 NaN and 1 Inf entries (first at flat index 5)")
 
 
+def test_nan_and_inf_in_a_gguf_model_name_the_file_and_the_tensor(tmp_path, capsys):
+    """Issue 12: ``threegate run hf_rlvr`` on a GGUF whose ``blk.0.ffn_up.weight`` holds a NaN and an Inf: one
+    line naming the file and the tensor as loaded, exit 1, no folder left."""
+    from tests.test_hf_loading import write_tiny_llama_gguf
+
+    d = tmp_path / "g"
+    d.mkdir()
+    bad = write_tiny_llama_gguf(d / "bad.gguf", {"blk.0.ffn_up.weight": {3: math.nan, 7: math.inf}})
+    assert _run_hf(tmp_path, capsys, bad) == (f"threegate run: error: {bad}: tensor "
+                                              "'model.layers.0.mlp.up_proj.weight' (as loaded) has 1 NaN and 1 Inf "
+                                              "entries (first at flat index 3)")
+
+
 def test_folder_structure_errors(tmp_path, capsys):
     d = _folder(tmp_path, "empty")
     assert _run_hf(tmp_path, capsys, d).endswith(f"{d}: no model weights (no .safetensors file)")

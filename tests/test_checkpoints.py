@@ -193,6 +193,30 @@ def test_non_finite_weight_is_refused_with_count(tmp_path, bad):
         ck.get("blocks.0.attn.q.weight")
 
 
+def test_a_gguf_with_nan_and_inf_is_one_line_naming_the_tensor(tmp_path, capsys):
+    """Issue 12: a GGUF with a NaN and an Inf in ``blk.0.ffn_up.weight`` (written with the ``gguf`` package) opens,
+    its finite tensors read, and the poisoned one is refused naming the file and the tensor (HF name, as compare
+    lists it); ``threegate compare`` ends with that one line, exit 1, no traceback."""
+    import math
+
+    from tests.test_hf_loading import write_tiny_llama_gguf
+    from threegate.cli import main
+
+    good = write_tiny_llama_gguf(tmp_path / "good.gguf")
+    bad = write_tiny_llama_gguf(tmp_path / "bad.gguf", {"blk.0.ffn_up.weight": {3: math.nan, 7: math.inf}})
+    ck = open_checkpoint(bad)
+    assert ck.format == "gguf" and torch.isfinite(ck.get("model.layers.0.mlp.down_proj.weight")).all()
+    message = f"{bad}: tensor 'model.layers.0.mlp.up_proj.weight' has 2 non-finite entries (NaN or Inf)"
+    with pytest.raises(NonFiniteError) as e:
+        ck.get("model.layers.0.mlp.up_proj.weight")
+    assert str(e.value) == message
+    capsys.readouterr()
+    assert main(["compare", str(good), str(bad), "--out", str(tmp_path / "cmp")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"threegate compare: error: {message}"
+    assert "Traceback" not in err and "weights_only" not in err
+
+
 def test_unknown_tensor_name_is_named(tmp_path):
     ck = open_checkpoint(save_safetensors(small_state(), tmp_path / "m.safetensors"))
     with pytest.raises(CheckpointError, match=r"m\.safetensors: no tensor named 'missing\.weight'"):

@@ -108,6 +108,14 @@ def test_run_hf_rlvr_writes_history_live_tables_and_snapshots(rl_out):
     cfg = json.loads((rl_out / "config.json").read_text())["runs"]["hf_rlvr"]
     assert cfg["trl_arguments"]["loss_type"] == "grpo" and cfg["trl_arguments"]["num_generations"] == 4
     assert cfg["trl_arguments"]["gradient_accumulation_steps"] == 2  # 2 prompts x 4 / micro-batch 4
+    # Lemma F.9 per optimizer step (sims.hf.band_probe), in the tables the TinyGPT probe feeds
+    clip = pd.read_parquet(rl_out / "clip_eps.parquet")
+    assert list(clip["step"]) == [1, 2, 3] and (clip["eps"] == 0.2).all()
+    assert ((clip["violation_fraction"] >= 0) & (clip["violation_fraction"] <= 1)).all()
+    checks = pd.read_parquet(rl_out / "checks.parquet")
+    assert (checks["result_id"] == "lemF.9").sum() == 3
+    kl = pd.read_parquet(rl_out / "kl_beta0.parquet")  # beta = 0: Fig. 15's table
+    assert list(kl["step"]) == [1, 2, 3] and (kl["kl"] >= 0).all() and kl["kl"].iloc[-1] > 0
 
 
 def test_live_counts_equal_a_recount_from_the_snapshots(rl_out):
@@ -158,6 +166,15 @@ def test_exact_checker_reward_and_a_zero_gradient_run(tiny_dir, caplog):
         assert torch.equal(p.detach(), before[n]), n
     assert "2 of 2 steps had zero policy gradient" in caplog.text
     assert "left the stored bf16 weights unchanged" in caplog.text
+    # Lemma F.9's probe: no weight moved, so every token ratio is exactly 1 (two forwards of one function at one
+    # weight vector) and the lemma holds with lhs exactly 0
+    m = res.metrics.pivot(index="step", columns="metric", values="value")
+    assert list(m.index) == [1, 2]
+    assert (m["token_ratio_max_abs_log"] == 0.0).all() and (m["token_ratio_out_of_band_frac"] == 0.0).all()
+    assert (m["kl_tok_base"] == 0.0).all()  # beta = 0: Fig. 15's KL to the (unchanged) base, exactly 0
+    c = res.checks
+    assert list(c["step"]) == [1, 2] and (c["result_id"] == "lemF.9").all()
+    assert (c["lhs"] == 0.0).all() and (c["verdict"] == "holds").all() and (c["d_n_violations"] == 0).all()
 
 
 def test_same_seed_is_bit_identical_and_dapo_maps_onto_trl(tiny_dir, monkeypatch):
@@ -183,6 +200,63 @@ def test_same_seed_is_bit_identical_and_dapo_maps_onto_trl(tiny_dir, monkeypatch
     assert list(a.tables["rollouts"]["step"].unique()) == [1]  # one round fed both optimizer steps
     for n, w in a.snapshots[2].items():  # the final snapshot is the stored bf16 view of the fp32 master
         assert w.dtype == torch.bfloat16 and torch.equal(w, wa[n].to(torch.bfloat16)), n
+
+
+def test_band_probe_ratios_equal_an_independent_forward_before_and_after_the_step(tiny_dir, monkeypatch):
+    """One DAPO step at a large learning rate on the tiny Llama: the probe's token ratios equal exp(log p_after -
+    log p_before) computed independently (the model's own logits, float64 log-softmax, gather at the completion
+    tokens, the completion mask) from copies of the weights before and after; at lr 3e-2 some ratios leave the band,
+    so Lemma F.9's assumption fails and says how many. Error model of the comparison: TRL's log-probs are float32
+    log-softmax values (|error| <= a few float32 ulps of |logit| ~ 10, i.e. < 1e-5), the oracle's float64."""
+    import sims.hf.band_probe as bp
+
+    monkeypatch.setattr(trl_runs, "reward", even_length_reward)
+    seen: dict = {}
+    real_logps, real_ratios = bp._completion_logps, bp.step_ratios
+
+    def spy_logps(trainer, model, inputs):
+        seen.setdefault("inputs", inputs)
+        return real_logps(trainer, model, inputs)
+
+    def spy_ratios(old, new):
+        seen["ratios"] = real_ratios(old, new)
+        return seen["ratios"]
+
+    monkeypatch.setattr(bp, "_completion_logps", spy_logps)
+    monkeypatch.setattr(bp, "step_ratios", spy_ratios)
+    cfg = HFRLConfig(model=str(tiny_dir), loss_type="dapo", epsilon=0.2, epsilon_high=0.28, steps=1,
+                     prompts_per_step=2, num_generations=4, micro_batch=8, max_completion_length=8, lr=3e-2)
+    lm = load_causal_lm(tiny_dir)
+    before = copy.deepcopy(lm.model)
+    res = trl_runs.train_hf_rlvr(lm.model, lm.tokenizer, cfg)
+    inp = seen["inputs"]
+    ids = torch.cat([inp["prompt_ids"], inp["completion_ids"]], dim=1)
+    attn = torch.cat([inp["prompt_mask"], inp["completion_mask"]], dim=1)
+    n = inp["completion_ids"].shape[1]
+
+    def logp(model):
+        with torch.no_grad():
+            logits = model.eval()(input_ids=ids, attention_mask=attn).logits[:, -n - 1:-1].double()
+        return torch.log_softmax(logits, -1).gather(-1, inp["completion_ids"].unsqueeze(-1)).squeeze(-1)
+
+    d = logp(lm.model) - logp(before)
+    with torch.no_grad():  # Fig. 15's token KL(pi_after || pi_before) over the vocabulary, mean over the tokens
+        la, lb = (torch.log_softmax(m.eval()(input_ids=ids, attention_mask=attn).logits[:, -n - 1:-1].double(), -1)
+                  for m in (lm.model, before))
+    kl_oracle = float((la.exp() * (la - lb)).sum(-1)[inp["completion_mask"].bool()].mean())
+    keep = inp["completion_mask"].bool()
+    oracle = [d[i][keep[i]].numpy() for i in range(d.shape[0])]
+    got = seen["ratios"]
+    assert len(got) == len(oracle) == 8 and all(g.shape == o.shape for g, o in zip(got, oracle))
+    assert max(float(np.max(np.abs(np.log(g) - o))) for g, o in zip(got, oracle) if o.size) < 1e-5
+    flat = np.exp(np.concatenate(oracle))
+    m = res.metrics.set_index("metric")["value"]
+    assert m["token_ratio_out_of_band_frac"] == pytest.approx(np.mean((flat < 0.8) | (flat > 1.28)), abs=1 / flat.size)
+    chk = res.checks.iloc[0]
+    assert 0 < m["token_ratio_out_of_band_frac"] and chk["verdict"] == "assumption-failed"
+    assert chk["d_n_violations"] == int(np.sum((flat < 0.72) | (flat > 1.28)))  # lemma's symmetric eps = 0.28
+    assert (res.config["eps_low"], res.config["eps_high"]) == (0.2, 0.28)
+    assert 0 < m["kl_tok_base"] == pytest.approx(kl_oracle, rel=1e-9)
 
 
 def test_paper_preset_is_app_c_on_trl():

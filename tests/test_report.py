@@ -283,3 +283,110 @@ def test_a_figure_that_raises_is_listed_not_fatal(tmp_path, monkeypatch):
     assert any("ZeroDivisionError: synthetic failure" in msg for _, msg in rep.errors)
     assert rep.figures, "the other figures must still be written"
     assert "synthetic failure" in rep.page.read_text()
+
+
+def test_a_reused_output_folder_keeps_only_this_runs_figures(tmp_path, capsys):
+    """Issue 13: draw run A into ``out``, then run B (other tables) into the same ``out``. The page of B names only
+    B's figures, A's PNG / PDF that B did not draw are gone, B's are on disk, and a file the project did not write
+    (the user's own ``my_plot.png``, named like a figure) stays."""
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    write_results(a, bad=False)
+    first = report.render_all(a, out)
+    assert "table-1-sparsity" in [f.slug for f in first.figures]
+    (out / "my_plot.png").write_bytes((out / "table-1-sparsity.png").read_bytes())
+    b.mkdir()
+    pd.DataFrame({"run": ["a", "a"], "step": [0, 5], "kl": [0.0, 0.01]}).to_csv(b / "kl_beta0.csv", index=False)
+    assert main(["figs", str(b), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    page = parse(out / "index.html")
+    drawn = {"fig-15-kl-beta0.png"}
+    assert {i["src"] for i in page.imgs} == drawn
+    assert {p.name for p in out.glob("*.png")} == drawn | {"my_plot.png"}  # A's stale figures removed, not the user's
+    assert {p.name for p in out.glob("*.pdf")} == {"fig-15-kl-beta0.pdf"}
+    stale = sorted({f.png.name for f in first.figures} | {f.pdf.name for f in first.figures})
+    assert f"removed {len(stale)} figure file(s)" in said and "table-1-sparsity.png" in said
+    # a third run of A draws its figures again; B's figure goes, the user's file still stays
+    again = report.render_all(a, out)
+    assert sorted(again.removed) == ["fig-15-kl-beta0.pdf", "fig-15-kl-beta0.png"]
+    assert {p.name for p in out.glob("*.png")} == {f.png.name for f in again.figures} | {"my_plot.png"}
+
+
+def test_a_record_naming_files_outside_the_folder_removes_nothing_there(tmp_path):
+    """The record of written figures is only trusted inside the output folder: ``../victim.png`` stays."""
+    from paper_figs import outputs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"user")
+    outputs.record_path(out, "report").write_text('{"files": ["../victim.png", "missing.png", 3]}')
+    assert outputs.record_written(out, [], "report") == []
+    assert victim.read_bytes() == b"user"
+
+
+@pytest.mark.parametrize("verdict_file", ["csv", "json"])
+def test_verify_table_shows_the_power_columns_for_every_claim_row(tmp_path, verdict_file):
+    """Issue 17: the verdict table of the report shows ``seeds_needed`` and ``t_test_seeds`` for every claim row,
+    an old claim (sparsity_rl_gt_sft) as a new one (rl_update_energy_off_principal), exactly as verify wrote them
+    (``threegate.verify.claim_row`` of real ``effect_verdict`` verdicts, through verify.csv / verify.json); where
+    there is no number the cell holds no number (the head of ``seeds_needed_note`` dimmed, or nothing); theory rows
+    and a failed experiment's row are blank."""
+    import math
+
+    from sims.claims.base import effect_verdict
+    from threegate.verify import Row, claim_row, write_outputs
+
+    def verdict(cid, effects):
+        return effect_verdict(cid, dict(enumerate(effects)), min_effect=0.05, what="effect")
+
+    settled = verdict("rl_update_energy_off_principal", [0.30, 0.31])  # 25 sd above c: 2 seeds
+    unreachable = verdict("sparsity_rl_gt_sft", [0.0, 0.3])             # 0.5 sd above c: never, t-test 30
+    one_seed = verdict("sparsity_vanishes_at_high_lr", [0.4])
+    assert (settled.seeds_needed, unreachable.seeds_needed, one_seed.seeds_needed) == (2, None, None)
+    want_t = {"rl_update_energy_off_principal": settled.numbers["t_test_seeds"], "sparsity_rl_gt_sft": 30}
+    rows = [Row("thm3.3", "II", "theory", 4, 4, 1, 1.3, "violated", False, "", 0.1),
+            claim_row(settled, "off_principal", "fast", 1.0), claim_row(unreachable, "rl_vs_sft", "fast", 1.0),
+            claim_row(one_seed, "lr_sweep", "fast", 1.0),
+            Row("broken_experiment", "", "claim:broken_experiment", 0, 0, 0, math.nan, "error", False, "E: x", 0.0)]
+    d = tmp_path / "res"
+    write_outputs(d, rows, [], None)
+    if verdict_file == "json":
+        (d / "verify.csv").unlink()
+    page = parse(report.render_all(d, d / "report").page)
+    head, *body = page.tables["verdicts"]
+    assert head[:6] == ["result_id", "instances", "worst_ratio", "verdict", "seeds_needed", "t_test_seeds"]
+    cells = {r[0]: dict(zip(head, r)) for r in body}
+    new = cells["rl_update_energy_off_principal"]
+    assert (new["seeds_needed"], new["t_test_seeds"]) == ("2", str(want_t["rl_update_energy_off_principal"]))
+    assert (cells["sparsity_rl_gt_sft"]["seeds_needed"], cells["sparsity_rl_gt_sft"]["t_test_seeds"]) == (
+        "unreachable", "30")
+    assert (cells["sparsity_vanishes_at_high_lr"]["seeds_needed"],
+            cells["sparsity_vanishes_at_high_lr"]["t_test_seeds"]) == ("one seed", "")
+    for rid in ("thm3.3", "broken_experiment"):
+        assert (cells[rid]["seeds_needed"], cells[rid]["t_test_seeds"]) == ("", "")
+
+
+def test_a_rerun_with_fewer_tutorial_images_removes_the_earlier_ones(tmp_path):
+    """Issue 13: tutorial output images are this run's too: a tutorial drawn with two images, then with one, leaves
+    one image in ``out/tutorials`` and the page names only it."""
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    plt.imsave(buf, np.zeros((2, 2)), format="png")
+    png = {"output_type": "display_data", "data": {"image/png": base64.b64encode(buf.getvalue()).decode()}}
+
+    def page(n_images):
+        return report.TutorialPage("00_overview", "docs/00_overview.md", "Overview", "ok",
+                                   [{"cell_type": "code", "source": "plot()", "tags": [], "outputs": [png] * n_images}])
+
+    d, out = tmp_path / "res", tmp_path / "out"
+    d.mkdir()
+    report.render_all(d, out, tutorials=[page(2)])
+    assert sorted(p.name for p in (out / "tutorials").iterdir()) == ["00_overview-1.png", "00_overview-2.png"]
+    rep = report.render_all(d, out, tutorials=[page(1)])
+    assert rep.removed == ["tutorials/00_overview-2.png"]
+    assert [p.name for p in (out / "tutorials").iterdir()] == ["00_overview-1.png"]
+    assert [i["src"] for i in parse(rep.page).imgs] == ["tutorials/00_overview-1.png"]

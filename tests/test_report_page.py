@@ -226,11 +226,11 @@ def test_a_one_step_experiment_draws_not_enough_data_panels(tmp_path):
     assert_readable(fig15)
 
 
-def test_summary_and_style_examples_run():
+def test_summary_style_and_outputs_examples_run():
     import doctest
 
-    from paper_figs import style
+    from paper_figs import outputs, style
 
-    for mod, at_least in ((summary, 3), (style, 2)):
+    for mod, at_least in ((summary, 3), (style, 2), (outputs, 5)):
         result = doctest.testmod(mod)
         assert result.attempted >= at_least and result.failed == 0, mod.__name__

@@ -45,6 +45,20 @@ def not_a_table_cell(cfg: dict):
     return [1, 2, 3]
 
 
+def warning_cell(cfg: dict) -> dict[str, pd.DataFrame]:
+    """x -> x^2, warning as a numeric cell does: ``warn`` times the same non-finite RuntimeWarning plus one
+    UserWarning about a fallback; ``raise`` also fails after warning."""
+    import warnings
+
+    for _ in range(cfg.get("warn", 0)):
+        warnings.warn(f"non-finite value in x={cfg['x']}", RuntimeWarning)
+    if cfg.get("warn"):
+        warnings.warn("float32 fallback", UserWarning)
+    if cfg.get("raise"):
+        raise RuntimeError("failed after warning")
+    return {"echo": pd.DataFrame({"x": [cfg["x"]], "x2": [cfg["x"] ** 2]})}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
 
@@ -150,6 +164,32 @@ def test_cli_exit_status_and_list(tmp_path, capsys):
     assert main(["sweep", str(spec), "--list"]) == 0
     out = capsys.readouterr().out
     assert out.count(" done ") == 2 and out.count("failed") == 1
+
+
+def test_the_warnings_of_a_cell_are_stored_with_it_and_counted_in_the_summary(tmp_path, capsys):
+    """Issue 12: a cell whose run warns keeps its warnings (deduplicated) in the store, every result table says how
+    many, the progress line names the first, and the summary line counts the cells that warned; a failed cell keeps
+    the warnings raised before it failed; a quiet cell has none."""
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'[sweep]\nexperiment = "tests.test_sweep:warning_cell"\nstore = "{tmp_path / "s.sqlite"}"\n'
+                    'workers = 0\n[grid]\nx = [1, 2]\n[[cells]]\nx = 3\nwarn = 3\n'
+                    '[[cells]]\nx = 4\nwarn = 1\nraise = true\n')
+    assert main(["sweep", str(spec)]) == 1  # x = 4 failed
+    captured = capsys.readouterr()
+    assert "; 2 cell(s) warned (column 'warnings'" in captured.out
+    assert "ok, 2 warning(s): RuntimeWarning: non-finite value in x=3" in captured.err
+    cells = store_cells(tmp_path / "s.sqlite")
+    by_x = {json.loads(g)["x"]: row for g, (_, row) in zip(cells["grid_json"], cells.iterrows())}
+    assert json.loads(by_x[3]["warnings"]) == [{"category": "RuntimeWarning", "message": "non-finite value in x=3"},
+                                               {"category": "UserWarning", "message": "float32 fallback"}]
+    assert by_x[4]["status"] == "failed" and by_x[4]["n_warnings"] == 2
+    assert (by_x[1]["n_warnings"], by_x[2]["n_warnings"], by_x[3]["n_warnings"]) == (0, 0, 2)
+    assert json.loads(by_x[1]["warnings"]) == []
+    echo = load_store(tmp_path / "s.sqlite")["echo"].sort_values("x")
+    assert echo["x"].tolist() == [1, 2, 3] and echo["cell_warnings"].tolist() == [0, 0, 2]
+    # resumed: nothing runs, the summary still counts the stored cells that warned
+    s = run_sweep(load_spec(spec), progress=False)
+    assert (s.ran, s.warned, s.warned_in_store) == (0, 0, 2)
 
 
 def test_cuda_cells_are_refused_without_cuda(tmp_path):

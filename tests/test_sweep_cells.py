@@ -57,3 +57,24 @@ def test_hf_kinds_call_run_cell_with_a_flat_config(monkeypatch):
         run_cell_tables("hf_rlvr", {"algorithm": "sft"})
     with pytest.raises(InputError, match="hf_rlvr"):
         run_cell_tables("hf_sft", {"algorithm": "grpo"})
+
+
+def test_cell_warnings_are_deduplicated_cut_and_capped():
+    """Distinct (category, message) pairs in first-seen order; a long message cut to MAX_WARNING_CHARS; past
+    MAX_CELL_WARNINGS one "truncated" entry that store.count_warnings counts back to the true number."""
+    import warnings
+
+    from sims.sweep.cells import MAX_WARNING_CHARS, cell_warnings
+    from sims.sweep.store import MAX_CELL_WARNINGS, count_warnings
+
+    n = MAX_CELL_WARNINGS + 5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("y" * (2 * MAX_WARNING_CHARS), UserWarning)
+        for i in list(range(n - 1)) * 2:
+            warnings.warn(f"w{i}", RuntimeWarning)
+    kept = cell_warnings(caught)
+    assert len(kept) == MAX_CELL_WARNINGS + 1 and count_warnings(kept) == n
+    assert kept[0] == {"category": "UserWarning", "message": "y" * (MAX_WARNING_CHARS - 3) + "..."}
+    assert kept[1] == {"category": "RuntimeWarning", "message": "w0"}
+    assert kept[-1] == {"category": "truncated", "message": f"{n - MAX_CELL_WARNINGS} more distinct warnings"}

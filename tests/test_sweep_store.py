@@ -84,3 +84,32 @@ def test_load_store_adds_grid_columns_without_clobbering(tmp_path):
     assert set(c["perturbation"]) == {"gaussian", "swap"} and set(c["target_ratio"]) == {0.1, 0.6}
     assert c.groupby("cell_id").size().tolist() == [4, 4, 4, 4]
     assert list(t["_cells"]["status"]) == ["done"] * 4
+
+
+def test_a_store_written_before_cell_warnings_is_read_and_gains_the_column(tmp_path):
+    """A schema-1 store (no ``cells.warnings``; made here with the old CREATE TABLE) loads with ``n_warnings`` 0,
+    gains the column when opened, and records a warned cell after that."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as c:
+        c.executescript(
+            "CREATE TABLE cells (cell_id TEXT PRIMARY KEY, experiment TEXT NOT NULL, config_json TEXT NOT NULL, "
+            "grid_json TEXT NOT NULL, status TEXT NOT NULL, error TEXT, traceback TEXT, started REAL, finished REAL, "
+            "seconds REAL, host TEXT, device TEXT);"
+            "CREATE TABLE rows (cell_id TEXT NOT NULL, table_name TEXT NOT NULL, format TEXT NOT NULL, "
+            "payload BLOB NOT NULL, PRIMARY KEY (cell_id, table_name));"
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);"
+            "INSERT INTO meta VALUES ('schema_version', '1');")
+        fmt, payload = encode_table(pd.DataFrame({"v": [1]}))
+        c.execute("INSERT INTO cells VALUES ('old', 'e', '{}', '{}', 'done', NULL, NULL, 0, 1, 1, 'h', 'cpu')")
+        c.execute("INSERT INTO rows VALUES ('old', 't', ?, ?)", (fmt, payload))
+    tables = load_store(path)
+    assert tables["t"]["cell_warnings"].tolist() == [0] and tables["_cells"]["n_warnings"].tolist() == [0]
+    with SweepStore(path) as st:
+        assert st.meta()["schema_version"] == 2
+        st.record(CellOutcome("new", "done", tables={"t": encode_table(pd.DataFrame({"v": [2]}))},
+                              warnings=[{"category": "RuntimeWarning", "message": "overflow"}]),
+                  experiment="e", config={}, grid={})
+    t = load_store(path)["t"].sort_values("v")
+    assert t["cell_warnings"].tolist() == [0, 1]

@@ -35,21 +35,10 @@ def _one_line(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """transformers' logging at error level, its progress bars off and the hub offline inside the block, restored
-    on exit (``sims.hf.loading``'s context managers).
-
-    The GGUF dequantize bar of ``transformers.modeling_gguf_pytorch_utils`` ignores hf's progress-bar switch, so its
-    module-level ``tqdm`` is swapped for a disabled one inside the block only.
-    """
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils  # heavy (transformers): real models only
-
-    real_tqdm = gguf_utils.tqdm
-    gguf_utils.tqdm = functools.partial(real_tqdm, disable=True)
-    try:
-        with transformers_quiet(), hub_offline():
-            yield
-    finally:
-        gguf_utils.tqdm = real_tqdm
+    """transformers' logging at error level, its progress bars off (the GGUF dequantize bar included) and the hub
+    offline inside the block, restored on exit (``sims.hf.loading``'s context managers)."""
+    with transformers_quiet(), hub_offline():
+        yield
 
 
 def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[tuple[str, torch.Tensor], ...]:

@@ -2,7 +2,8 @@
 
 Reads the store (``sims.sweep.store.load_store``) and draws ``paper_figs.sweep_figs.sweep_bounds`` (bounds against
 the regime across cells) and ``sweep_claims`` (claims across learning rates) into ``DIR/sweep_bounds.png`` and
-``DIR/sweep_claims.png``, whichever the store has data for; a figure without data is skipped with the reason.
+``DIR/sweep_claims.png``, whichever the store has data for; a figure without data is skipped with the reason (and
+its PNG from an earlier run into DIR removed, ``paper_figs.outputs``).
 Exit status 0 when at least one figure was written.
 """
 
@@ -12,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from paper_figs.outputs import record_written
 from paper_figs.sweep_figs import sweep_bounds, sweep_claims
 from sims.sweep.store import load_store
 from theory.errors import InputError, ThreegateError
@@ -41,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         fig.savefig(args.out / f"{name}.png")
         wrote.append(str(args.out / f"{name}.png"))
-    print("wrote " + (", ".join(wrote) if wrote else "nothing"))
+    removed = record_written(args.out, wrote, "sweep_figs")
+    print("wrote " + (", ".join(wrote) if wrote else "nothing")
+          + (f"; removed {', '.join(removed)} (an earlier run's, not drawn now)" if removed else ""))
     return 0 if wrote else 1
 
 

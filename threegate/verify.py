@@ -43,7 +43,7 @@ import torch
 
 import theory
 from paper_figs.report import write_report
-from sims.claims.base import write_claim_run
+from sims.claims.base import Verdict, write_claim_run
 from sims.experiments import registry, sim_verify
 from theory.check import Check, Result
 from threegate import tutorials
@@ -202,14 +202,18 @@ def run_claim_experiments(seed: int, budget: str, out: Path) -> list[Row]:
                             f"{type(e).__name__}: {e}", time.perf_counter() - t0))
             continue
         write_claim_run(run, out / "claims" / name)
-        for v in run.verdicts:
-            seeds = v.numbers.get("seeds")
-            what = f"{v.statement}: " if v.statement else ""
-            rows.append(Row(v.id, "", f"claim:{name}", len(seeds) if isinstance(seeds, list) else 0, 0, 0,
-                            math.nan, v.verdict, False, f"[{budget} preset] {what}{v.reason}",
-                            time.perf_counter() - t0, seeds_needed=v.seeds_needed,
-                            seeds_needed_note=v.seeds_needed_note, t_test_seeds=v.numbers.get("t_test_seeds")))
+        rows += [claim_row(v, name, budget, time.perf_counter() - t0) for v in run.verdicts]
     return rows
+
+
+def claim_row(v: Verdict, experiment: str, budget: str, seconds: float) -> Row:
+    """The verify row of claim verdict ``v`` of ``experiment`` run at preset ``budget``: its power numbers
+    (``seeds_needed``, its note, ``t_test_seeds``) carried as the verdict gives them."""
+    seeds = v.numbers.get("seeds")
+    what = f"{v.statement}: " if v.statement else ""
+    return Row(v.id, "", f"claim:{experiment}", len(seeds) if isinstance(seeds, list) else 0, 0, 0, math.nan,
+               v.verdict, False, f"[{budget} preset] {what}{v.reason}", seconds, seeds_needed=v.seeds_needed,
+               seeds_needed_note=v.seeds_needed_note, t_test_seeds=v.numbers.get("t_test_seeds"))
 
 
 def seeds_cell(r: Row) -> str:

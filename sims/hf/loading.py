@@ -61,15 +61,23 @@ def hub_offline() -> Iterator[None]:
 
 @contextlib.contextmanager
 def transformers_quiet() -> Iterator[None]:
-    """Inside the block transformers logs errors only and shows no progress bar; both restored on exit."""
-    from transformers.utils import logging as hf_logging  # heavy (imports transformers, ~1 s): real models only
+    """Inside the block transformers logs errors only and shows no progress bar; both restored on exit.
+
+    The GGUF dequantize bar of ``transformers.modeling_gguf_pytorch_utils`` (transformers 5.25) ignores hf's
+    progress-bar switch, so its module-level ``tqdm`` is swapped for a disabled one inside the block only (else
+    loading a GGUF prints two bar lines on stderr before any one-line error)."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils  # heavy (imports transformers): real models only
+    from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    real_tqdm = gguf_utils.tqdm
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = functools.partial(real_tqdm, disable=True)
     try:
         yield
     finally:
+        gguf_utils.tqdm = real_tqdm
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()

@@ -31,6 +31,8 @@ names, are the run's final snapshot, compared with the weights before the adapte
 What a run returns (``HFRunResult``): ``history`` (one row per optimizer step: TRL's logged values, e.g. ``reward``,
 ``reward_std``, ``frac_reward_zero_std``, ``kl`` when ``beta > 0``, ``loss``, ``grad_norm``, ``entropy``,
 ``clip_ratio/*``, ``completions/mean_length``, ``step_time``; SFT: ``loss``, ``mean_token_accuracy``, ...),
+``metrics`` and ``checks`` (RL with ``probe_band``: per optimizer step, the token ratios of the step's own
+completions against the run's clip band and Lemma F.9's check, ``sims.hf.band_probe``),
 ``tables["rollouts"]`` (RL: one row per completion with its answer, the checker's reading and reward; the text too
 with ``record_completions``) and, unless the caller's callbacks keep them (``keep_snapshots=False``), the stored
 bf16 weights before and after the run as ``snapshots[0]`` and ``snapshots[steps]`` (HF names; merged for adapters).
@@ -55,6 +57,7 @@ from typing import Any, Iterator, Literal, Sequence
 import pandas as pd
 import torch
 
+from sims.hf.band_probe import band_probed_grpo_trainer, frozen_copy
 from sims.hf.loading import hub_offline
 from sims.hf.word_problems import INSTRUCTION, TEMPLATES, WordProblem, extract_answer, generate_problems, reward
 from sims.tinygpt.determinism import deterministic
@@ -202,6 +205,7 @@ class HFRLConfig(_RunConfig):
     scale_rewards: ScaleRewards = "group"
     use_vllm: bool = False  # vLLM generation (a GPU and the vllm package); default: transformers' generate
     record_completions: bool = False  # keep every completion's text in tables["rollouts"]
+    probe_band: bool = True  # Lemma F.9 per step: token ratios of the step's own completions (sims.hf.band_probe)
 
     def __post_init__(self) -> None:
         self._check_common()
@@ -519,16 +523,21 @@ def _train(kind: str, trainer, model, cfg: _RunConfig, *, run_name: str, model_n
     if keep_snapshots:
         snapshots = {0: base, cfg.steps: stored_bf16_state(trained)}
     progress.monitor.finish(keep_snapshots and stored_unchanged(snapshots[0], snapshots[cfg.steps]))
-    config = {**cfg.to_dict(), "model": cfg.model or "SmolLM2-135M-Instruct (GGUF)", "model_note": model_note,
+    metrics = pd.DataFrame(getattr(trainer, "band_metrics", []), columns=METRIC_COLUMNS)
+    checks = pd.DataFrame(getattr(trainer, "band_checks", []))
+    if checks.empty:
+        checks = pd.DataFrame(columns=CHECK_COLUMNS)
+    band = {"eps_low": cfg.epsilon, "eps_high": cfg.epsilon_high or cfg.epsilon} if kind == "rlvr" else {}
+    config = {**cfg.to_dict(), **band, "model": cfg.model or "SmolLM2-135M-Instruct (GGUF)", "model_note": model_note,
               "precision": "bf16",  # the stored view every table and snapshot holds
               "trl_arguments": {k: v for k, v in trainer.args.to_dict().items() if k in _LOGGED_ARGS}}
     return HFRunResult(kind=kind, name=run_name, config=config, history=_history(trainer.state.log_history, run_name),
-                       metrics=pd.DataFrame(columns=METRIC_COLUMNS), checks=pd.DataFrame(columns=CHECK_COLUMNS),
+                       metrics=metrics, checks=checks,
                        snapshots=snapshots, master={},
                        wall_seconds=time.perf_counter() - t_start, tables=tables)
 
 
-METRIC_COLUMNS = ["run", "kind", "step", "matrix", "metric", "value"]  # RunResult.metrics (none recorded here)
+METRIC_COLUMNS = ["run", "kind", "step", "matrix", "metric", "value"]  # RunResult.metrics (band probe's, RL)
 _LOGGED_ARGS = ("loss_type", "beta", "epsilon", "epsilon_high", "num_generations", "steps_per_generation",
                 "generation_batch_size", "per_device_train_batch_size", "gradient_accumulation_steps",
                 "max_completion_length", "learning_rate", "max_steps", "bf16", "max_length", "seed")
@@ -549,9 +558,14 @@ def train_hf_rlvr(model: torch.nn.Module, tokenizer, cfg: HFRLConfig, *, callbac
             tempfile.TemporaryDirectory(prefix="threegate-trl-") as tmp:
         base = stored_bf16_state(model) if keep_snapshots else None
         reward_fn = WordProblemReward(keep_text=cfg.record_completions)
-        trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=grpo_arguments(cfg, tmp),
-                              train_dataset=rl_dataset(cfg, tokenizer), processing_class=tokenizer,
-                              callbacks=list(callbacks), peft_config=peft_config(cfg))
+        trainer_class, probe = GRPOTrainer, {}
+        if cfg.probe_band:
+            trainer_class = band_probed_grpo_trainer()
+            probe = {"band": (cfg.epsilon, cfg.epsilon_high or cfg.epsilon), "run_name": run_name,
+                     "base_copy": frozen_copy(model) if cfg.beta == 0 and cfg.adapter == "none" else None}
+        trainer = trainer_class(model=model, reward_funcs=reward_fn, args=grpo_arguments(cfg, tmp),
+                                train_dataset=rl_dataset(cfg, tokenizer), processing_class=tokenizer,
+                                callbacks=list(callbacks), peft_config=peft_config(cfg), **probe)
         tables = {}
         res = _train("rlvr", trainer, model, cfg, run_name=run_name, model_note=model_note,
                      keep_snapshots=keep_snapshots, base=base, t_start=t_start, tables=tables)

@@ -14,7 +14,9 @@
 * ``"package.module:function"`` — any importable ``function(config: dict) -> dict[str, DataFrame]``.
 
 ``execute_cell`` is the worker entry point: it runs one cell with a fixed number of BLAS / torch threads and hands
-back a ``sims.sweep.store.CellOutcome`` (the tables encoded, or the error), never raising for a cell's error.
+back a ``sims.sweep.store.CellOutcome`` (the tables encoded, or the error), never raising for a cell's error. The
+warnings the cell's run raises (under the warning filters in force: what a plain run would print) are kept with it,
+deduplicated by category and message, at most ``sims.sweep.store.MAX_CELL_WARNINGS`` (``cell_warnings``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import socket
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -36,13 +39,16 @@ import pandas as pd
 from sims.experiments import registry
 from sims.experiments.config import check_fields
 from sims.hf import backend as hf_backend
-from sims.sweep.store import CellOutcome, encode_table
+from sims.sweep.store import MAX_CELL_WARNINGS, CellOutcome, encode_table
 from sims.tinygpt.determinism import deterministic
 from theory.errors import InputError
 from theory.spectral import GATE2_IDS, gate2_synthetic
 
 __all__ = ["SPECIAL_KINDS", "TheoryCellConfig", "THEORY_DEFAULTS", "theory_config", "hf_flat_config",
-           "import_cell_function", "theory_cell", "run_cell_tables", "execute_cell"]
+           "import_cell_function", "theory_cell", "run_cell_tables", "execute_cell", "cell_warnings"]
+
+#: Characters of one warning message kept in the store.
+MAX_WARNING_CHARS = 500
 
 SPECIAL_KINDS = ("theory", "hf_rlvr", "hf_sft")
 
@@ -170,23 +176,51 @@ def run_cell_tables(experiment: str, cfg: Mapping) -> dict[str, pd.DataFrame]:
     return dict(tables)
 
 
+def cell_warnings(caught: list[warnings.WarningMessage]) -> list[dict[str, str]]:
+    """The warnings a cell raised as stored: ``{"category", "message"}`` in the order first raised, deduplicated,
+    each message cut to ``MAX_WARNING_CHARS``; past ``MAX_CELL_WARNINGS`` distinct ones, a last entry
+    ``{"category": "truncated", "message": "N more distinct warnings"}``.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     for x in (1, 2, 1):
+    ...         warnings.warn(f"x={x}", RuntimeWarning)
+    >>> cell_warnings(caught)
+    [{'category': 'RuntimeWarning', 'message': 'x=1'}, {'category': 'RuntimeWarning', 'message': 'x=2'}]
+    """
+    seen: dict[tuple[str, str], None] = {}
+    for w in caught:
+        message = str(w.message)
+        if len(message) > MAX_WARNING_CHARS:
+            message = message[:MAX_WARNING_CHARS - 3] + "..."
+        seen.setdefault((w.category.__name__, message), None)
+    kept = [{"category": c, "message": m} for c, m in list(seen)[:MAX_CELL_WARNINGS]]
+    if len(seen) > MAX_CELL_WARNINGS:
+        kept.append({"category": "truncated", "message": f"{len(seen) - MAX_CELL_WARNINGS} more distinct warnings"})
+    return kept
+
+
 def execute_cell(task: Mapping[str, Any]) -> CellOutcome:
     """Worker entry point: run one cell with ``threads`` BLAS/torch threads; never raises for a cell's error.
 
     ``task`` = {"cell_id", "experiment", "config", "threads"} (plain data: it crosses process and machine
-    boundaries). The tables come back encoded (Parquet bytes) so the parent only writes them.
+    boundaries). The tables come back encoded (Parquet bytes) so the parent only writes them, with the warnings
+    the run raised (``cell_warnings``), whether the cell finished or failed.
     """
     cfg = task["config"]
     out = CellOutcome(cell_id=task["cell_id"], status="failed", host=socket.gethostname(),
                       device=str(cfg.get("device", "cpu")), started=time.time())
-    try:
-        with deterministic(int(task.get("threads", 1)), algorithms=False):
-            tables = run_cell_tables(task["experiment"], cfg)
-        out.tables = {name: encode_table(df) for name, df in tables.items()}
-        out.status = "done"
-    except (Exception, SystemExit) as e:  # a failed cell is a result, not a crash of the sweep
-        out.error = f"{type(e).__name__}: {e}"
-        out.traceback = "".join(traceback.format_exception(e))[-8000:]
-    finally:
-        out.finished = time.time()
+    with warnings.catch_warnings(record=True) as caught:  # the filters in force decide what is recorded
+        try:
+            with deterministic(int(task.get("threads", 1)), algorithms=False):
+                tables = run_cell_tables(task["experiment"], cfg)
+            out.tables = {name: encode_table(df) for name, df in tables.items()}
+            out.status = "done"
+        except (Exception, SystemExit) as e:  # a failed cell is a result, not a crash of the sweep
+            out.error = f"{type(e).__name__}: {e}"
+            out.traceback = "".join(traceback.format_exception(e))[-8000:]
+        finally:
+            out.finished = time.time()
+    out.warnings = cell_warnings(caught)
     return out

@@ -16,10 +16,12 @@ with ``dask worker tcp://SCHEDULER:8786 --resources GPU=1`` (one per GPU). Local
 when torch sees no CUDA device.
 
 Progress: one line per finished cell on stderr (done / total, failed, elapsed, ETA = mean cell time x remaining /
-workers); a tqdm bar instead when stderr is a terminal. Exit status 0 when every cell of the spec is done, 1 when
-some cell failed, with one line on stderr naming the failed cells (``failed_cells_line``). Every cell's resolved
-config is validated (``sims.sweep.spec.validate_cell``: types, unknown keys, each section's own checks) before any
-cell runs.
+workers; a cell whose run warned says how many warnings and the first); a tqdm bar instead when stderr is a
+terminal. The summary line counts the cells whose run warned (their warnings are in the store's ``cells`` table,
+column ``warnings``; every table of ``load_store`` has ``cell_warnings``). Exit status 0 when every cell of the spec
+is done, 1 when some cell failed, with one line on stderr naming the failed cells (``failed_cells_line``). Every
+cell's resolved config is validated (``sims.sweep.spec.validate_cell``: types, unknown keys, each section's own
+checks) before any cell runs.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from tqdm import tqdm
 
 from sims.sweep.cells import execute_cell
 from sims.sweep.spec import Cell, SweepSpec, load_spec
-from sims.sweep.store import CellOutcome, SweepStore, store_cells
+from sims.sweep.store import CellOutcome, SweepStore, count_warnings, store_cells
 from theory.errors import InputError
 
 __all__ = ["Progress", "SweepSummary", "run_sweep", "add_arguments", "run", "failed_cells_line"]
@@ -97,6 +99,11 @@ class Progress:
             self.bar.update(1)
             return
         status = "ok" if outcome.status == "done" else f"FAILED ({outcome.error})"
+        if outcome.warnings:
+            first = outcome.warnings[0]
+            text = " ".join(f"{first['category']}: {first['message']}".split())
+            status += (f", {count_warnings(outcome.warnings)} warning(s): "
+                       f"{text if len(text) <= 120 else text[:117] + '...'}")
         print(f"[sweep {self.name}] {self.done + self.failed}/{self.total} finished, {self.failed} failed, "
               f"elapsed {elapsed:.1f}s, ETA {self.eta():.1f}s | cell {cell.cell_id} ({cell.label()}) "
               f"{outcome.seconds:.2f}s {status}", file=self.stream, flush=True)
@@ -112,7 +119,9 @@ class Progress:
 
 @dataclass
 class SweepSummary:
-    """What one ``run_sweep`` call did: ``ran`` cells this call (``done`` + ``failed`` of them), ``skipped``."""
+    """What one ``run_sweep`` call did: ``ran`` cells this call (``done`` + ``failed`` of them), ``skipped``;
+    ``warned``: cells run this call whose run raised a warning; ``warned_in_store``: the spec's cells in the store
+    (this call's and earlier ones) whose run did."""
 
     store: Path
     total: int
@@ -122,6 +131,8 @@ class SweepSummary:
     failed: int
     failed_in_store: int
     seconds: float
+    warned: int = 0
+    warned_in_store: int = 0
 
 
 def _run_inprocess(todo: Sequence[Cell], threads: int, finish: Callable[[Cell, CellOutcome], None]) -> None:
@@ -237,11 +248,12 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: Any = N
                                  "but torch sees no CUDA device here; run them on GPU Dask workers with --scheduler")
         prog = Progress(spec.name, len(todo), n_workers if scheduler is None else max(n_workers, 1),
                         stream=stream, enabled=progress)
-        counts = {"done": 0, "failed": 0}
+        counts = {"done": 0, "failed": 0, "warned": 0}
 
         def finish(cell: Cell, outcome: CellOutcome) -> None:
             store.record(outcome, experiment=cell.experiment, config=cell.config, grid=cell.grid)
             counts[outcome.status] += 1
+            counts["warned"] += bool(outcome.warnings)
             prog.update(cell, outcome)
 
         try:
@@ -256,11 +268,13 @@ def run_sweep(spec: SweepSpec, *, workers: int | None = None, scheduler: Any = N
         finally:
             prog.close()
         status = store.statuses()
+        stored = store.cells()
     ids = {c.cell_id for c in cells}
     return SweepSummary(store=spec.store, total=len(cells), skipped=len(cells) - len(todo), ran=len(todo),
                         done=counts["done"], failed=counts["failed"],
                         failed_in_store=sum(1 for i, s in status.items() if i in ids and s == "failed"),
-                        seconds=time.perf_counter() - t0)
+                        seconds=time.perf_counter() - t0, warned=counts["warned"],
+                        warned_in_store=int(((stored["n_warnings"] > 0) & stored["cell_id"].isin(list(ids))).sum()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,7 +312,9 @@ def run(args: argparse.Namespace) -> int:
         return _list_cells(spec)
     s = run_sweep(spec, scheduler=args.scheduler, retry_failed=args.retry_failed, progress=not args.quiet)
     print(f"threegate sweep {spec.name}: {s.total} cells, {s.skipped} already in the store, ran {s.ran} "
-          f"({s.done} done, {s.failed} failed) in {s.seconds:.1f}s; store {s.store}")
+          f"({s.done} done, {s.failed} failed) in {s.seconds:.1f}s; store {s.store}"
+          + (f"; {s.warned_in_store} cell(s) warned (column 'warnings' of the store's cells table)"
+             if s.warned_in_store else ""))
     if s.failed_in_store:
         print(failed_cells_line(spec), file=sys.stderr)
         return 1

@@ -6,10 +6,18 @@ Schema (SQLite, WAL journal, ``synchronous = FULL``)::
           experiment TEXT, config_json TEXT, grid_json TEXT,   -- the resolved config and this cell's grid values
           status TEXT,                -- 'done' | 'failed'
           error TEXT, traceback TEXT, -- 'ExceptionType: message' of a failed cell (NULL when done)
-          started REAL, finished REAL, seconds REAL, host TEXT, device TEXT)
+          started REAL, finished REAL, seconds REAL, host TEXT, device TEXT,
+          warnings TEXT)             -- JSON list of the warnings the cell's run raised: [{"category", "message"}]
     rows(cell_id TEXT, table_name TEXT, format TEXT, payload BLOB,   -- one result table of one cell
          PRIMARY KEY (cell_id, table_name))
     meta(key TEXT PRIMARY KEY, value TEXT)                             -- sweep name, spec, store version
+
+A cell's warnings (``sims.sweep.cells.execute_cell`` records what the warning filters in force let through,
+deduplicated by category and message, at most ``MAX_CELL_WARNINGS``; a last entry of category ``"truncated"`` counts
+the rest) are kept with its row, so a reader of the results can tell that a cell's run warned: ``cells()`` and
+``load_store``'s ``"_cells"`` carry ``warnings`` (the JSON list) and ``n_warnings``, and every result table from
+``load_store`` carries ``cell_warnings`` (its cell's ``n_warnings``). A store written before this column existed
+gains it when opened (``n_warnings`` 0 for its cells).
 
 A cell is written by :meth:`SweepStore.record` in a single transaction (its ``cells`` row and all its ``rows``), so
 after a crash or SIGKILL of the writer a cell is either fully in the store or absent; a cell that was running is
@@ -34,16 +42,18 @@ import pandas as pd
 
 from theory.errors import InputError
 
-__all__ = ["SCHEMA_VERSION", "CellOutcome", "SweepStore", "encode_table", "decode_table", "load_store",
-           "store_cells", "store_tables_by_cell"]
+__all__ = ["SCHEMA_VERSION", "MAX_CELL_WARNINGS", "CellOutcome", "SweepStore", "encode_table", "decode_table",
+           "load_store", "store_cells", "store_tables_by_cell", "count_warnings"]
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: cells.warnings
+#: Distinct warnings kept per cell (category, message); more are counted in one last "truncated" entry.
+MAX_CELL_WARNINGS = 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
     cell_id TEXT PRIMARY KEY, experiment TEXT NOT NULL, config_json TEXT NOT NULL, grid_json TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('done', 'failed')), error TEXT, traceback TEXT,
-    started REAL, finished REAL, seconds REAL, host TEXT, device TEXT
+    started REAL, finished REAL, seconds REAL, host TEXT, device TEXT, warnings TEXT
 );
 CREATE TABLE IF NOT EXISTS rows (
     cell_id TEXT NOT NULL, table_name TEXT NOT NULL, format TEXT NOT NULL CHECK (format IN ('parquet', 'json')),
@@ -66,6 +76,7 @@ class CellOutcome:
     finished: float = 0.0
     host: str = ""
     device: str = "cpu"
+    warnings: list[dict[str, str]] = field(default_factory=list)  # [{"category", "message"}], see MAX_CELL_WARNINGS
 
     @property
     def seconds(self) -> float:
@@ -113,9 +124,20 @@ class SweepStore:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.executescript(_SCHEMA)
+            self._add_warnings_column()
             self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
         except sqlite3.DatabaseError as e:
             raise InputError(f"sweep store {self.path} is not a readable SQLite database: {e}") from None
+
+    def _add_warnings_column(self) -> None:
+        """A store of schema 1 (no ``cells.warnings``) gains the column; a read-only one is read without it."""
+        columns = [r[1] for r in self.conn.execute("PRAGMA table_info(cells)")]
+        if "warnings" not in columns:
+            try:
+                self.conn.execute("ALTER TABLE cells ADD COLUMN warnings TEXT")
+                self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            except sqlite3.OperationalError:  # read-only file: cells() fills the column in
+                pass
 
     def __enter__(self) -> "SweepStore":
         return self
@@ -158,9 +180,11 @@ class SweepStore:
         try:
             c.execute("DELETE FROM rows WHERE cell_id = ?", (outcome.cell_id,))
             c.execute(
-                "INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO cells (cell_id, experiment, config_json, grid_json, status, error, traceback, "
+                "started, finished, seconds, host, device, warnings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (outcome.cell_id, experiment, cfg_json, grid_json, outcome.status, outcome.error, outcome.traceback,
-                 outcome.started, outcome.finished, outcome.seconds, outcome.host, outcome.device),
+                 outcome.started, outcome.finished, outcome.seconds, outcome.host, outcome.device,
+                 json.dumps(outcome.warnings)),
             )
             c.executemany(
                 "INSERT INTO rows VALUES (?, ?, ?, ?)",
@@ -173,9 +197,14 @@ class SweepStore:
             raise
 
     def cells(self) -> pd.DataFrame:
-        """The ``cells`` table (one row per recorded cell), grid values decoded into a ``grid`` dict column."""
+        """The ``cells`` table (one row per recorded cell), grid values decoded into a ``grid`` dict column, and
+        ``n_warnings``: how many distinct warnings the cell's run raised (a ``truncated`` entry adds its count)."""
         df = pd.read_sql_query("SELECT * FROM cells ORDER BY cell_id", self.conn)
         df["grid"] = [json.loads(g) for g in df["grid_json"]]
+        if "warnings" not in df.columns:
+            df["warnings"] = None
+        df["warnings"] = [w if isinstance(w, str) else "[]" for w in df["warnings"]]
+        df["n_warnings"] = [count_warnings(json.loads(w)) for w in df["warnings"]]
         return df
 
     def iter_tables(self, status: str = "done") -> Iterator[tuple[str, str, pd.DataFrame]]:
@@ -184,6 +213,16 @@ class SweepStore:
              "WHERE c.status = ? ORDER BY r.cell_id, r.table_name")
         for cell_id, name, fmt, payload in self.conn.execute(q, (status,)):
             yield cell_id, name, decode_table(fmt, bytes(payload))
+
+
+def count_warnings(entries: list[dict]) -> int:
+    """Distinct warnings in a cell's list: one per entry, a ``truncated`` entry counting those it stands for.
+
+    >>> count_warnings([{"category": "RuntimeWarning", "message": "x"},
+    ...                 {"category": "truncated", "message": "3 more distinct warnings"}])
+    4
+    """
+    return sum(int(e["message"].split()[0]) if e.get("category") == "truncated" else 1 for e in entries)
 
 
 def store_cells(path: str | Path) -> pd.DataFrame:
@@ -211,12 +250,15 @@ def _column_equals(col: pd.Series, value: Any) -> bool:
 def load_store(path: str | Path) -> dict[str, pd.DataFrame]:
     """Each result table concatenated over the done cells, with the cell's grid values as columns and ``cell_id``.
 
-    Also ``"_cells"``: the ``cells`` table itself (failed cells included, with their errors). Cells appear in
+    Every table also has ``cell_warnings``: how many distinct warnings its cell's run raised (0: none; the messages
+    are in ``"_cells"``'s ``warnings``). Also ``"_cells"``: the ``cells`` table itself (failed cells included, with
+    their errors and warnings). Cells appear in
     ``cell_id`` order, so two stores holding the same cells give equal tables whatever order the cells finished in.
     """
     with SweepStore(path, create=False) as st:
         cells = st.cells()
         grid_of = dict(zip(cells["cell_id"], cells["grid"]))
+        warned = dict(zip(cells["cell_id"], cells["n_warnings"]))
         parts: dict[str, list[pd.DataFrame]] = {}
         for cell_id, name, df in st.iter_tables():
             df = df.copy()
@@ -226,6 +268,7 @@ def load_store(path: str | Path) -> dict[str, pd.DataFrame]:
                 col = key if key not in df.columns else f"grid.{key}"
                 df[col] = [value] * len(df) if isinstance(value, (list, dict)) else value
             df["cell_id"] = cell_id
+            df["cell_warnings"] = int(warned.get(cell_id, 0))
             parts.setdefault(name, []).append(df)
     out = {name: pd.concat(frames, ignore_index=True) for name, frames in parts.items()}
     out["_cells"] = cells.drop(columns=["grid"])
