@@ -128,7 +128,7 @@ def assign_methods(found: Found) -> None:
     """Tag every row of the tables that have a ``run`` column with ``method`` and make run labels unique.
 
     Method: the row's own ``method`` if named, else the method its run has in a table of the same folder (Table 1's
-    ``sparsity`` says it), else the folder's name when the table sits in a subfolder, else empty. A run label used
+    ``sparsity`` says it), else the folder's name when the table sits in a subfolder, else ``"tuned"``. A run label used
     in two folders becomes ``folder/run``.
     """
     known: dict[tuple[str, str], str] = {}
@@ -148,7 +148,9 @@ def assign_methods(found: Found) -> None:
         df = t.df.copy()
         df.attrs = dict(t.df.attrs)
         runs = df["run"].astype(str)
-        fallback = "" if t.folder == "." else Path(t.folder).name
+        # "tuned" (compare's label when no --method was given) rather than "": an empty method would leave Table 1
+        # without a legend (matplotlib drops empty labels) and the report without Table 1
+        fallback = "tuned" if t.folder == "." else Path(t.folder).name
         own = df["method"].astype(str) if "method" in df.columns else pd.Series("", index=df.index)
         df["method"] = [m if _is_named(m) else known.get((t.folder, r), fallback) for m, r in zip(own, runs)]
         df["run"] = [f"{t.folder}/{r}" if len(folders_of.get(r, ())) > 1 and t.folder != "." else r for r in runs]

@@ -16,6 +16,7 @@ from theory.check import (
     assumption_failed,
     decide,
     indeterminate,
+    ldexp_sat,
     make_check,
     refine,
 )
@@ -33,6 +34,8 @@ bad_tolerance = st.one_of(st.floats(max_value=-5e-324), st.just(math.inf), st.ju
 @example(0.1, 0.3, 0.2)  # 0.3 - 0.1 = 0.19999999999999998 in float64 but 0.2 - ... exactly: see the oracle
 @example(1e308, -1e308, 0.0)  # the float difference overflows; the exact one does not
 @example(5e-324, 0.0, 0.0)
+@example(1.5, 1.0, 0.5)  # lhs - rhs == tol exactly: indeterminate, not violated (violated needs lhs - rhs > tol)
+@example(1.0, 1.5, 0.5)  # rhs - lhs == tol exactly: holds (the "holds" comparison is inclusive)
 def test_decide_is_the_exact_three_way_comparison(lhs, rhs, tol):
     """holds iff rhs - lhs >= tol, violated iff lhs - rhs > tol, else indeterminate -- on the exact rationals."""
     m, t = Fraction(rhs) - Fraction(lhs), Fraction(tol)
@@ -81,6 +84,8 @@ def test_a_check_cannot_hold_outside_its_assumptions():
 
 @given(finite.filter(lambda x: abs(x) < 1e300), finite.filter(lambda x: abs(x) < 1e300), tolerance.filter(lambda t: t < 1e300),
        st.integers(-1000, 1000))
+@example(-1e300, 1.0, 0.0, 1000)  # a negative side that overflows when scaled back: -inf, not +inf
+@example(1e300, -1e300, 1.0, 1000)
 def test_exponent_decides_on_the_scaled_values_and_reports_the_inputs_units(lhs, rhs, tol, e):
     c = make_check("x", lhs, rhs, tol=tol, exponent=e)
     assert c.verdict == decide(lhs, rhs, tol)  # decided before scaling back: no overflow can change it
@@ -104,3 +109,35 @@ def test_refine_links_can_refute_but_never_turn_indeterminate_into_holds():
     assert refine(ind, {"a": "violated"}).verdict == "indeterminate"  # no lhs/rhs verdict to refute
     fa = assumption_failed("x", "gap > 0")
     assert refine(fa, {"a": "violated"}) is fa
+
+
+def test_the_boundary_of_each_verdict_is_exactly_at_tol():
+    """At |rhs - lhs| == tol exactly (dyadic values, so the floats are the rationals): the "holds" side is inclusive,
+    the "violated" side strict; one ulp of the tolerance either way moves the verdict."""
+    tol = 0.5
+    assert decide(1.0, 1.5, tol) == "holds"
+    assert decide(1.5, 1.0, tol) == "indeterminate"
+    assert decide(1.5, 1.0, math.nextafter(tol, 0.0)) == "violated"
+    assert decide(1.0, 1.5, math.nextafter(tol, 1.0)) == "indeterminate"
+    assert make_check("x", 1.5, 1.0, tol=tol).verdict == "indeterminate"
+
+
+def test_ldexp_sat_saturates_with_the_sign_of_x():
+    assert ldexp_sat(-1.0, 2000) == -math.inf and ldexp_sat(1.0, 2000) == math.inf
+    assert ldexp_sat(-3.0, -1) == -1.5 and ldexp_sat(-5e-324, -1) == 0.0
+    c = make_check("x", -1.0, 1.0, tol=0.0, exponent=2000)  # decided on (-1, 1): holds; stored as (-inf, inf)
+    assert c.verdict == "holds" and c.lhs == -math.inf and c.rhs == math.inf
+
+
+@pytest.mark.parametrize("lhs, rhs, ratio", [(1.0, 4.0, 0.25), (0.0, 0.0, 0.0), (3.0, 0.0, math.inf), (0.0, 2.0, 0.0)])
+def test_ratio_is_lhs_over_rhs_and_defined_at_rhs_zero(lhs, rhs, ratio):
+    """ratio = lhs / rhs (tightness); a bound 0 <= 0 is attained trivially (ratio 0), a nonzero lhs against rhs 0 is
+    infinitely far off (inf)."""
+    c = make_check("x", lhs, rhs)
+    assert c.ratio == ratio and c.slack == rhs - lhs
+
+
+def test_refine_keeps_the_undecided_links_of_a_violated_check():
+    v = make_check("x", 2.0, 1.0, tol=0.1)
+    r = refine(v, {"a": "indeterminate", "b": "holds"})
+    assert r.verdict == "violated" and r.details["undecided_links"] == "a" and "failed_link" not in r.details

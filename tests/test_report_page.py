@@ -13,6 +13,7 @@ from fractions import Fraction
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from paper_figs import collect, summary
 from tests.conftest import TWO_COMPARES_CHANGED
@@ -234,3 +235,27 @@ def test_summary_style_and_outputs_examples_run():
     for mod, at_least in ((summary, 3), (style, 2), (outputs, 5)):
         result = doctest.testmod(mod)
         assert result.attempted >= at_least and result.failed == 0, mod.__name__
+
+
+def test_a_compare_without_method_keeps_table1_and_its_legend(tmp_path):
+    """``threegate compare BASE TUNED`` (no ``--method``: compare labels the run "tuned"). Found by the slow SmolLM2
+    compare: the report turned the unnamed method into "", matplotlib drops empty legend labels, the figure warned
+    and the page listed Table 1 as an error instead of drawing it."""
+    import warnings
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    base = {f"model.layers.0.mlp.{t}_proj.weight": torch.randn(8, 6, generator=g).to(torch.bfloat16) for t in ("up", "down")}
+    tuned = {n: (w.double() * 1.5).to(torch.bfloat16) for n, w in base.items()}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    out = tmp_path / "out"
+    assert main(["compare", str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), "--k", "2",
+                 "--out", str(out), "--no-progress", "--no-figures"]) == 0
+    jobs = jobs_of(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = jobs["table-1-sparsity"].draw()
+    (legend,) = [a.get_legend() for a in fig.axes if a.get_legend() is not None]
+    assert [t.get_text() for t in legend.get_texts()] == ["tuned"]

@@ -224,7 +224,8 @@ def lemF5(policy: Policy, theta: Any, delta: Any) -> Check:
     rhs = parts["range_term"] + parts["curvature_term"]
     nd = parts["delta_norm"]
     # lhs / ||D||^3 without forming ||D||^3 (it underflows for ||D|| < ~1e-103)
-    cubic = float(np.float64(lhs) / nd / nd / nd) if nd > 0 else math.nan
+    with np.errstate(over="ignore"):  # a tiny step with a non-zero remainder: the ratio is +inf, said as such
+        cubic = float(np.float64(lhs) / nd / nd / nd) if nd > 0 else math.nan
     details = {**parts, "policy": _class_name(policy), "cubic_ratio": cubic}
     # Error model (every term >= 0): the KL from log-probability differences carries its cancellation error
     # (``_kl_with_err``: relative ~ eps / ||D|| for a small step D), the quadratic term the rounding of F and of
