@@ -181,6 +181,27 @@ def test_fast_gate2_from_the_top_k_plus_1_agrees_with_exact_and_is_scale_and_tra
     assert [tr[f"check_{r}"] for r in GATE2_IDS] == [fast[f"check_{r}"] for r in GATE2_IDS]
 
 
+def test_fast_route_reports_the_swap_counterexample_to_thm33_as_violated_like_exact():
+    """README's counterexample to Thm. 3.3 as stated (W0 = diag(1, 0.1, ...), W+ = diag(0.4, 0.7, ...), k = 1: the
+    top singular direction swaps, sin Θ = 1 > ||dW||_2 / γ_1 = 0.6 / 0.9), rotated into a 120 x 96 matrix so the
+    fast route runs: the fast verdict is "violated", as the exact one, and the corrected forms are not violated."""
+    m, n = 120, 96
+    rng = np.random.default_rng(11)
+    Q1, _ = np.linalg.qr(rng.standard_normal((m, n)))
+    Q2, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    tail = np.linspace(0.05, 0.001, n - 2)
+    W0 = (Q1 * np.concatenate([[1.0, 0.1], tail])) @ Q2.T
+    W1 = (Q1 * np.concatenate([[0.4, 0.7], tail])) @ Q2.T
+    t = lambda x: torch.from_numpy(x)
+    rows = [cmp.compare_matrix("model.layers.0.mlp.up_proj.weight", t(W0), [t(W1)], ["r"], k=1, fast=f).rows[0]
+            for f in (False, True)]
+    exact, fast = rows
+    assert fast["spectral_route"] == "fast"
+    assert exact["check_thm3.3"] == fast["check_thm3.3"] == "violated"
+    assert fast["check_thm3.3-rigorous"] == exact["check_thm3.3-rigorous"] == "holds"
+    assert fast["check_thm3.3-wedin"] != "violated" and exact["check_thm3.3-wedin"] != "violated"  # attained: 1 <= 1
+
+
 # ----------------------------------------------------------------------------------------------- pipeline
 
 
