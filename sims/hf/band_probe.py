@@ -69,25 +69,38 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
+#: memory for one chunk of the KL's float64 log-softmax tensors (3 of rows x positions x vocabulary, 8 bytes each)
+KL_CHUNK_BYTES = 1 << 30
+
+
 def token_kl_sum(trainer, model, base: torch.nn.Module, inputs: dict[str, Any]) -> tuple[float, int]:
-    """Sum over the completion tokens of KL(pi_model || pi_base) at each position (whole vocabulary), and the count."""
+    """Sum over the completion tokens of KL(pi_model || pi_base) at each position (whole vocabulary), and the count.
+
+    Only the completion positions' logits are formed (``logits_to_keep``), in chunks of rows small enough that the
+    float64 tensors stay under ``KL_CHUNK_BYTES`` (App. C's 1024-token completions over a 150k vocabulary: one row)."""
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-    n = inputs["completion_ids"].size(1)
-    logs = []
-    for m in (model, base):
-        was_training = m.training
-        m.eval()
-        try:
-            with torch.no_grad(), trainer.accelerator.autocast():
-                logits = m(input_ids=ids, attention_mask=mask).logits[:, -n - 1:-1]
-        finally:
-            m.train(was_training)
-        logs.append(torch.log_softmax(logits.double() / trainer.temperature, dim=-1))
-    now, ref = logs
-    kl = (now.exp() * (now - ref)).sum(-1)
     keep = inputs["completion_mask"].bool()
-    return float(kl[keep].sum()), int(keep.sum())
+    n = inputs["completion_ids"].size(1)
+    vocab = int(getattr(model.config, "vocab_size", 0) or 1)
+    rows = max(1, KL_CHUNK_BYTES // (3 * 8 * (n + 1) * vocab))
+    total = 0.0
+    for start in range(0, ids.shape[0], rows):
+        logs = []
+        for m in (model, base):
+            was_training = m.training
+            m.eval()
+            try:
+                with torch.no_grad(), trainer.accelerator.autocast():
+                    logits = m(input_ids=ids[start:start + rows], attention_mask=mask[start:start + rows],
+                               logits_to_keep=n + 1).logits[:, :-1]
+            finally:
+                m.train(was_training)
+            logs.append(torch.log_softmax(logits.double() / trainer.temperature, dim=-1))
+        now, ref = logs
+        kl = (now.exp() * (now - ref)).sum(-1)
+        total += float(kl[keep[start:start + rows]].sum())
+    return total, int(keep.sum())
 
 
 def step_ratios(old: list[tuple[torch.Tensor, torch.Tensor]], new: list[torch.Tensor]) -> list[np.ndarray]:
