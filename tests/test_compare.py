@@ -170,6 +170,20 @@ def test_linear_time_selection_equals_the_stable_sort_rule(values, count, negate
     assert np.array_equal(metrics._select_top(score, count), expected)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=50), st.integers(0, 50), st.booleans())
+@example([0, 0, 0], 2, True)  # all tied, -0.0 among them
+def test_linear_time_bottom_selection_equals_the_stable_sort_rule(values, count, negate):
+    """M_low's bottom-count selection = the first ``count`` of a stable argsort of score (ties: lower index), the same
+    mask as ``_select_top(-score)`` (what it replaced)."""
+    score = np.array(values, dtype=np.float64) * (-1.0 if negate else 1.0)
+    count = min(count, score.size)
+    expected = np.zeros(score.size, dtype=bool)
+    expected[np.argsort(score, kind="stable")[:count]] = True
+    assert np.array_equal(metrics._select_bottom(score, count), expected)
+    assert np.array_equal(metrics._select_top(-score, count), expected)
+
+
 @pytest.mark.parametrize("shape, k, alpha", [((9, 7), 2, 0.5), ((7, 9), 3, 0.05), ((6, 6), 6, 0.5), ((5, 8), 1, 0.3)])
 def test_principal_mask_from_compare_equals_theory_metrics(shape, k, alpha):
     rng = np.random.default_rng(sum(shape) + k)

@@ -38,3 +38,17 @@ def test_the_device_path_agrees_with_lapack():
     W = np.random.default_rng(1).standard_normal((40, 30))
     np.testing.assert_allclose(L.svd64(W, device="cuda").S, L.svd64(W).S, rtol=1e-12)
     np.testing.assert_allclose(L.singular_values(W, device="cuda"), L.singular_values(W), rtol=1e-12)
+
+
+@pytest.mark.parametrize("a", [
+    np.array([[0.75, -3.0]]), np.array([[-0.0, 0.0]]), np.array([[2.0**-1074, -2.0**1023]]),
+    np.array([[1.0, np.nan]]), np.array([[-np.inf, 1.0]]), np.array([[5, -8]], dtype=np.int64),
+    np.array([[0.5, -0.25]], dtype=np.float32),
+])
+def test_pow2_exponent_is_frexp_of_the_largest_magnitude(a):
+    """pow2_exponent reads max |a| as max(max a, -min a) (no |a| temporary): the same exponent as frexp(max |a|),
+    0 for zero / NaN / Inf inputs (as documented)."""
+    amax = float(np.max(np.abs(a)))
+    expected = 0 if amax == 0.0 or not np.isfinite(amax) else int(np.frexp(amax)[1])
+    assert L.pow2_exponent(a) == expected
+    assert L.pow2_exponent(np.zeros((0, 2)), a) == expected

@@ -136,7 +136,12 @@ def pow2_exponent(*arrays: Array64) -> int:
     amax = 0.0
     for a in arrays:
         if np.size(a):
-            amax = max(amax, float(np.max(np.abs(a))))
+            a = np.asarray(a)
+            if a.dtype.kind == "f":  # max |a| without an |a| temporary (a NaN propagates as through np.abs)
+                top = float(np.maximum(a.max(), -a.min()))
+            else:
+                top = float(np.max(np.abs(a)))
+            amax = max(amax, top)
     if amax == 0.0 or not np.isfinite(amax):
         return 0
     return int(np.frexp(amax)[1])

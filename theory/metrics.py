@@ -478,6 +478,22 @@ def _select_top(score: np.ndarray, count: int) -> np.ndarray:
     return mask.reshape(score.shape)
 
 
+def _select_bottom(score: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` smallest scores, among equal scores the lower flat index first: ``_select_top(-score, count)``
+    without the negated copy (every score below the count-th smallest ``t`` and the lowest-index ties at ``t``)."""
+    flat = score.ravel()
+    n = flat.shape[0]
+    mask = np.zeros(n, dtype=bool)
+    if count >= n:
+        mask[:] = True
+    elif count > 0:
+        t = np.partition(flat, count - 1)[count - 1]
+        np.less(flat, t, out=mask)
+        ties = np.flatnonzero(flat == t)[: count - int(np.count_nonzero(mask))]
+        mask[ties] = True
+    return mask.reshape(score.shape)
+
+
 def reconstruction_tie_tol(S: Float[np.ndarray, " r"], k: int, shape: tuple[int, int],
                            gap: float | None = None) -> float:
     """Bound on the entrywise error of a computed ``|W0^(k)(i, j)|``: two scores within twice this count as tied.
@@ -523,7 +539,8 @@ def principal_mask_from_svd(svd: SVD | tuple, k: int, alpha: float, *, gap: floa
     if not 1 <= k <= len(S):
         raise InputError(f"W0: k={k} outside 1..{len(S)}")
     shape = (U.shape[0], Vh.shape[1])
-    score = np.abs((U[:, :k] * S[:k]) @ Vh[:k, :])
+    score = (U[:, :k] * S[:k]) @ Vh[:k, :]
+    np.abs(score, out=score)  # in place: no second m x n temporary
     tie = 2 * reconstruction_tie_tol(S, k, shape, gap)
     return _select_top_with_ties(score, selection_count(alpha, score.size), tie)
 
@@ -551,7 +568,8 @@ def _magnitudes(W0: Any) -> np.ndarray:
     (a quarter of the float64 memory traffic), float64 otherwise. Raises on NaN/Inf like ``to_f64``."""
     t = W0.detach() if isinstance(W0, torch.Tensor) else None
     if t is not None and t.dtype in (torch.bfloat16, torch.float16, torch.float32):
-        A = t.to(device="cpu", dtype=torch.float32).abs().numpy()
+        A = t.to(device="cpu", dtype=torch.float32)
+        A = (A.abs() if A.data_ptr() == t.data_ptr() else A.abs_()).numpy()  # in place on a fresh copy only
         if A.size and not np.isfinite(A.max()):
             raise NonFiniteError(f"W0: {int(A.size - np.count_nonzero(np.isfinite(A)))} non-finite entries (NaN or Inf)")
         return A
@@ -562,8 +580,7 @@ def low_magnitude_mask(W0: Any, alpha: float) -> Bool[np.ndarray, "*shape"]:
     """``M_low``: the bottom-α fraction of entries by ``|W0|``, exactly ``floor(α n + 1/2)`` entries, ties broken
     by lower flat (row-major) index."""
     A = _magnitudes(W0)
-    # bottom by |W0| = top by -|W0|; stable order keeps the lower index first among ties.
-    return _select_top(-A, selection_count(alpha, A.size))
+    return _select_bottom(A, selection_count(alpha, A.size))
 
 
 def overlap(M_ref: Any, M: Any) -> float:
