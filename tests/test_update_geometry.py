@@ -282,3 +282,71 @@ def test_iso_bad_inputs():
         iso_residual_share(np.eye(3), np.eye(2))
     with pytest.raises(ShapeMismatchError):
         align_singular_signs(np.eye(3), np.eye(2), np.eye(2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# energy_off's identity route ||D||² - ||U_kᵀ D V_k||² against an exact rational oracle
+
+
+def _exact_explicit_share(D: np.ndarray, U: np.ndarray, V: np.ndarray) -> Fraction:
+    """``||D - U (Uᵀ D V) Vᵀ||_F² / ||D||_F²`` in rational arithmetic on the float64 inputs (no rounding at all)."""
+    Df = [[Fraction(x) for x in row] for row in D.tolist()]
+    Uf = [[Fraction(x) for x in row] for row in U.tolist()]
+    Vf = [[Fraction(x) for x in row] for row in V.tolist()]
+    m, n, k = len(Df), len(Df[0]), len(Uf[0])
+    DV = [[sum(Df[i][j] * Vf[j][b] for j in range(n)) for b in range(k)] for i in range(m)]
+    C = [[sum(Uf[i][a] * DV[i][b] for i in range(m)) for b in range(k)] for a in range(k)]
+    UC = [[sum(Uf[i][a] * C[a][b] for a in range(k)) for b in range(k)] for i in range(m)]
+    res = sum((Df[i][j] - sum(UC[i][b] * Vf[j][b] for b in range(k))) ** 2 for i in range(m) for j in range(n))
+    return res / sum(x * x for row in Df for x in row)
+
+
+def _structured(kind: str, seed: int, m: int = 11, n: int = 8, k: int = 2):
+    rng = np.random.default_rng(seed)
+    U = np.linalg.qr(rng.standard_normal((m, k)))[0]
+    V = np.linalg.qr(rng.standard_normal((n, k)))[0]
+    G = rng.standard_normal((m, n))
+    if kind == "inside":  # share ~1e-16: the identity's absolute error would swamp it
+        D = U @ rng.standard_normal((k, k)) @ V.T
+    elif kind == "near-zero":  # share ~1e-12
+        D = U @ rng.standard_normal((k, k)) @ V.T + 1e-6 * G
+    elif kind == "outside":  # share ~1: G with its (U, V) block removed
+        D = G - U @ (U.T @ G @ V) @ V.T
+    else:
+        D = G
+    return D, U, V
+
+
+@pytest.mark.parametrize("kind", ["generic", "inside", "near-zero", "outside"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_identity_share_is_within_its_documented_bound_of_the_exact_residual_share(kind, seed):
+    """``_identity_share`` (whichever route is then taken) lies within ``energy_off_identity_error`` of the exact
+    rational value of the explicit residual share on the same float inputs; the public function takes the identity
+    only where that bound is <= 2**-20 of the share, and otherwise returns the explicit residual's bits (as before
+    the identity route existed). Scaling dW by 2**±300 gives the same bits on both routes."""
+    D, U, V = _structured(kind, seed)
+    exact = _exact_explicit_share(D, U, V)
+    total = float(np.dot(D.ravel(), D.ravel()))
+    share, err = ug._identity_share(total, U.T @ D @ V, U, V, D.shape)
+    assert 0 < err < 1e-12
+    assert abs(Fraction(share) - exact) <= Fraction(err)
+    got = energy_off_principal_subspace_of_bases(D, U, V)
+    if err <= ug.IDENTITY_RELATIVE_ERROR * share:
+        assert kind in ("generic", "outside") and got == share
+        assert abs(Fraction(got) - exact) <= ug.IDENTITY_RELATIVE_ERROR * exact * 2
+    else:
+        assert kind in ("inside", "near-zero")
+        R = D - ug.principal_subspace_projection(D, U, V)
+        assert got == float(np.sum(R * R)) / float(np.sum(D * D))  # the explicit route's bits
+    for j in (300, -300):
+        assert energy_off_principal_subspace_of_bases(np.ldexp(D, j), U, V) == got
+
+
+def test_identity_error_bound_grows_with_size_and_orthonormality_defect():
+    """The bound's terms (docstring): a larger matrix, a larger k or a defect in the bases raises it; the defect
+    enters at first order (d + d²)."""
+    base = ug.energy_off_identity_error(100, 80, 4, 0.0)
+    assert ug.energy_off_identity_error(1000, 80, 4, 0.0) > base
+    assert ug.energy_off_identity_error(100, 80, 8, 0.0) > base
+    assert ug.energy_off_identity_error(100, 80, 4, 1e-10) >= base + 1e-10
+    assert ug.energy_off_identity_error(2**40, 2**40, 4, 0.0) == math.inf
