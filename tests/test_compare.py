@@ -540,3 +540,25 @@ def test_fast_path_agrees_with_the_exact_path_within_its_certified_bounds():
     # the checks the certified top k+1 allow run on the fast route and agree with the exact verdicts here
     for rid in ("thm3.3", "thm3.3-wedin", "thm3.3-rigorous", "corF.13", "cor3.5"):
         assert fast[f"check_{rid}"] == exact[f"check_{rid}"], rid
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=60), st.integers(0, 60), st.sampled_from([0.0, 0.5, 1.0, 2.5]))
+@example([3, 3, 3, 1], 2, 0.0)
+@example([0, 1, 2, 3, 4], 5, 1.0)
+def test_tie_band_selection_equals_its_definition(values, count, tie):
+    """M_princ's selection (theory.metrics._select_top_with_ties, rewritten without the boolean-index writes): every
+    entry above ``cut + tie``, then the band ``[cut - tie, cut + tie]`` by ascending flat index up to ``count``;
+    checked against that definition written out with a stable sort."""
+    score = np.array(values, dtype=np.float64) / 2
+    count = min(count, score.size)
+    got = metrics._select_top_with_ties(score, count, tie)
+    expected = np.zeros(score.size, dtype=bool)
+    if count:
+        cut = np.sort(score)[::-1][count - 1]
+        above = score > cut + tie
+        band = np.flatnonzero((score >= cut - tie) & ~above)
+        expected[above] = True
+        expected[band[: count - int(above.sum())]] = True
+        assert int(expected.sum()) == count
+    assert np.array_equal(got, expected)

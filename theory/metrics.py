@@ -525,10 +525,11 @@ def _select_top_with_ties(score: np.ndarray, count: int, tie: float) -> np.ndarr
     if count == 0:
         return mask.reshape(score.shape)
     cut = np.partition(flat, flat.shape[0] - count)[flat.shape[0] - count]  # the count-th largest score, O(n)
-    above = flat > cut + tie
-    tied = np.flatnonzero(~above & (flat >= cut - tie))  # ascending flat index
-    mask[above] = True
-    mask[tied[: count - int(above.sum())]] = True
+    np.greater(flat, cut + tie, out=mask)  # every entry above the tied group
+    band = flat >= cut - tie
+    band ^= mask  # the tied group (above ⊂ band): cut - tie <= score <= cut + tie
+    tied = np.flatnonzero(band)  # ascending flat index
+    mask[tied[: count - int(np.count_nonzero(mask))]] = True
     return mask.reshape(score.shape)
 
 
