@@ -562,3 +562,42 @@ def test_tie_band_selection_equals_its_definition(values, count, tie):
         expected[band[: count - int(above.sum())]] = True
         assert int(expected.sum()) == count
     assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("scale_exp", [-3, 0, 200])
+def test_gate2_pair_scaled_on_read_gives_the_checks_of_eagerly_scaled_copies(scale_exp):
+    """matrix_metrics._pair keeps W0 and W+ unscaled and scales them on read (the checks read dW_s and the shape):
+    what it reads is scale_pow2's array, and every Gate II row equals the one from a pair holding scaled copies."""
+    import dataclasses
+
+    from theory.linalg import SVD, pow2_exponent, scale_pow2
+    from theory.spectral import gate2_checks
+    from theory.spectral_bounds import SpectralPair
+    from threegate.decompose import dW_spectrum
+    from threegate.matrix_metrics import _pair
+
+    @dataclasses.dataclass(frozen=True)
+    class EagerPair(SpectralPair):  # _Pair's two overrides, with ordinary fields
+        frobenius_s: float = math.nan
+        allowance_s: float = 0.0
+        dWF_s = property(lambda self: self.frobenius_s)
+        eps_s = property(lambda self: max(SpectralPair.eps_s.fget(self), self.allowance_s))
+
+    rng = np.random.default_rng(7)
+    A = np.ldexp(rng.standard_normal((40, 24)), scale_exp - 4)
+    B = A + np.ldexp(rng.standard_normal((40, 24)), scale_exp - 12)
+    dW = B - A
+    k = 4
+    d0, d1 = decompose([torch.from_numpy(A)], k, "svd")[0], decompose([torch.from_numpy(B)], k, "svd")[0]
+    sv_dW = dW_spectrum([torch.from_numpy(dW)], k, None)[0][0]
+    fro = float(np.linalg.norm(dW))
+    lazy = _pair(A, B, dW, d0, d1, sv_dW, fro)
+    e = pow2_exponent(A, B)
+    assert e == lazy.exponent
+    np.testing.assert_array_equal(lazy.W0_s, scale_pow2(A, e))
+    np.testing.assert_array_equal(lazy.W1_s, scale_pow2(B, e))
+    assert lazy.shape == A.shape
+    eager = EagerPair(scale_pow2(A, e), scale_pow2(B, e), scale_pow2(dW, e), lazy.svd0_s, lazy.svd1_s, lazy.sv_dW_s, e,
+                      frobenius_s=lazy.frobenius_s)
+    rows = lambda p: [c.as_row() for c in gate2_checks(p, k).values()]  # noqa: E731
+    assert repr(rows(lazy)) == repr(rows(eager))

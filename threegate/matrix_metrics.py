@@ -62,6 +62,25 @@ class MatrixResult:
     jaccard: list[dict[str, Any]] = field(default_factory=list)  # one per pair of runs (a < b)
 
 
+class _ScaledOnRead:
+    """A ``SpectralPair`` array field stored as given (unscaled) and scaled by ``2**-exponent`` when read: the Gate II
+    checks read ``dW_s`` and the shape of ``W0_s`` only, so the pair need not hold scaled m x n copies of W0 and W+
+    (each one a fresh allocation: 0.3 s for SmolLM2's embedding, measured). The value read is the same array
+    ``scale_pow2`` gives, computed on each read."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_unscaled_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        raw = obj.__dict__[self.slot]
+        return scale_pow2(raw, obj.exponent) if obj.exponent else np.asarray(raw, dtype=np.float64)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.slot] = value
+
+
 @dataclass(frozen=True)
 class _Pair(SpectralPair):
     """``theory.spectral.SpectralPair`` whose ``||dW||_F`` is computed directly (``frobenius_s``, scaled units):
@@ -71,6 +90,12 @@ class _Pair(SpectralPair):
 
     frobenius_s: float = math.nan
     allowance_s: float = 0.0
+    W0_s = _ScaledOnRead()  # type: ignore[assignment]
+    W1_s = _ScaledOnRead()  # type: ignore[assignment]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.__dict__["_unscaled_W0_s"].shape
 
     @property
     def dWF_s(self) -> float:
@@ -86,7 +111,7 @@ def _pair(A: np.ndarray, B: np.ndarray, dW: np.ndarray, dec0: Decomposition, dec
     """The pair in ``theory.spectral``'s scaled units (one power of two, exact) from compare's decompositions."""
     e = pow2_exponent(A, B)
     sc = (lambda x: scale_pow2(x, e)) if e else (lambda x: np.asarray(x, dtype=np.float64))
-    return _Pair(sc(A), sc(B), sc(dW), SVD(dec0.svd.U, sc(dec0.svd.S), dec0.svd.Vh),
+    return _Pair(A, B, sc(dW), SVD(dec0.svd.U, sc(dec0.svd.S), dec0.svd.Vh),  # A, B scaled on read
                  SVD(dec1.svd.U, sc(dec1.svd.S), dec1.svd.Vh), sc(sv_dW), e, frobenius_s=math.ldexp(fro, -e),
                  allowance_s=math.ldexp(allowance, -e))
 
