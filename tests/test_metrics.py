@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from theory import metrics as M
 from theory.errors import InputError, NonFiniteError, ShapeMismatchError, ZeroGapError
+from theory.linalg import svd64
 
 EPS64 = np.finfo(np.float64).eps
 
@@ -525,3 +526,19 @@ def test_complex_inputs_are_refused_by_name():
         M.nss(np.eye(2) * (1 + 0j), np.eye(2))
     with pytest.raises(ComplexInputError, match="W0"):
         M.principal_mask(torch.eye(2, dtype=torch.complex128), 1, 0.5)
+
+
+@pytest.mark.parametrize("shape, k, alpha", [((30, 20), 3, 0.5), ((7, 40), 2, 0.1), ((25, 25), 5, 0.9), ((9, 6), 6, 0.5)])
+def test_principal_mask_from_svd_equals_the_selection_on_a_freshly_formed_score(shape, k, alpha):
+    """principal_mask_from_svd partitions its score buffer in place and forms the product again: the mask equals the
+    tie-band selection on a score formed once (np.partition on a copy), bit for bit, including exact ties."""
+    rng = np.random.default_rng(sum(shape) + k)
+    W0 = rng.integers(-3, 4, size=shape).astype(np.float64)  # integer entries: many equal scores
+    svd = svd64(W0)
+    U, S, Vh = svd
+    score = np.abs((U[:, :k] * S[:k]) @ Vh[:k, :])
+    count = M.selection_count(alpha, score.size)
+    tie = 2 * M.reconstruction_tie_tol(S, k, shape)
+    expected = M._select_top_with_ties(score.copy(), count, tie)
+    assert np.array_equal(M.principal_mask_from_svd(svd, k, alpha), expected)
+    assert int(expected.sum()) == count

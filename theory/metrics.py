@@ -517,14 +517,16 @@ def reconstruction_tie_tol(S: Float[np.ndarray, " r"], k: int, shape: tuple[int,
     return eps_s * (1 + (s1 / (g - eps_s) if g is not None else 0.0)) + 2 * k * EPS64 * s1
 
 
-def _select_top_with_ties(score: np.ndarray, count: int, tie: float) -> np.ndarray:
+def _select_top_with_ties(score: np.ndarray, count: int, tie: float, cut: float | None = None) -> np.ndarray:
     """Top ``count`` entries of ``score``; entries within ``tie`` of the cut-off score count as tied with it and
-    are taken in lower flat (row-major) index order. Every entry above the tied group is selected."""
+    are taken in lower flat (row-major) index order. Every entry above the tied group is selected. ``cut``: the
+    count-th largest score when the caller has it already."""
     flat = score.ravel()
     mask = np.zeros(flat.shape[0], dtype=bool)
     if count == 0:
         return mask.reshape(score.shape)
-    cut = np.partition(flat, flat.shape[0] - count)[flat.shape[0] - count]  # the count-th largest score, O(n)
+    if cut is None:  # the count-th largest score, O(n)
+        cut = np.partition(flat, flat.shape[0] - count)[flat.shape[0] - count]
     np.greater(flat, cut + tie, out=mask)  # every entry above the tied group
     band = flat >= cut - tie
     band ^= mask  # the tied group (above ⊂ band): cut - tie <= score <= cut + tie
@@ -540,10 +542,21 @@ def principal_mask_from_svd(svd: SVD | tuple, k: int, alpha: float, *, gap: floa
     if not 1 <= k <= len(S):
         raise InputError(f"W0: k={k} outside 1..{len(S)}")
     shape = (U.shape[0], Vh.shape[1])
-    score = (U[:, :k] * S[:k]) @ Vh[:k, :]
+    US, Vk = U[:, :k] * S[:k], Vh[:k, :]
+    score = US @ Vk
     np.abs(score, out=score)  # in place: no second m x n temporary
     tie = 2 * reconstruction_tie_tol(S, k, shape, gap)
-    return _select_top_with_ties(score, selection_count(alpha, score.size), tie)
+    count = selection_count(alpha, score.size)
+    if not 0 < count < score.size:
+        return _select_top_with_ties(score, count, tie)
+    # the count-th largest score by partitioning the scores in place, then the same product again into the same
+    # buffer (the same BLAS call on the same operands: the same bits), instead of a partitioned m x n copy
+    flat = score.reshape(-1)
+    flat.partition(flat.shape[0] - count)
+    cut = flat[flat.shape[0] - count]
+    np.matmul(US, Vk, out=score)
+    np.abs(score, out=score)
+    return _select_top_with_ties(score, count, tie, cut=cut)
 
 
 def principal_mask(W0: Any, k: int, alpha: float) -> Bool[np.ndarray, "m n"]:
