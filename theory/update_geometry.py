@@ -33,7 +33,9 @@ when it only turns the frames (e.g. ``W1 = Q W0`` with Q orthogonal).
 Numerics. Everything is float64 (``theory.linalg.to_f64``). Each input is first scaled by a power of two (exact) so
 that its largest magnitude lies in [1/2, 1): the shares are invariant under scaling ``dW`` (and ``W0``, ``W1``
 jointly; ``theory.linalg.pow2_exponent``), and an input scaled by ``2**j`` gives bit-identical results. Error model: the
-projection and the norms carry a relative error of a few ``eps64 * (m + n)``; the top-k subspaces carry the SVD's
+projection and the norms carry a relative error of a few ``eps64 * (m + n)``; ``energy_off_principal_subspace`` reads
+the share off ``||dW||² - ||U_kᵀ dW V_k||²`` where ``energy_off_identity_error`` bounds that route's absolute error by
+at most ``2**-20`` of the share, and forms the residual otherwise; the top-k subspaces carry the SVD's
 error ``eps64 * ||W0||_2 / gap_k`` (``ZeroGapError`` when ``sigma_k = sigma_{k+1}`` to float64 resolution,
 ``theory.linalg.topk_subspace_unresolved``: the subspace is then not determined); the ISO residual carries an absolute error of order ``eps64 * r * ||W1||_2``,
 i.e. a relative error ``eps64 * r * ||W1||_2 / ||W1 - W0||_F`` of the share (about 1e-11 for a bf16-sized update of
