@@ -112,8 +112,11 @@ def test_run_hf_rlvr_writes_history_live_tables_and_snapshots(rl_out):
     clip = pd.read_parquet(rl_out / "clip_eps.parquet")
     assert list(clip["step"]) == [1, 2, 3] and (clip["eps"] == 0.2).all()
     assert ((clip["violation_fraction"] >= 0) & (clip["violation_fraction"] <= 1)).all()
-    checks = pd.read_parquet(rl_out / "checks.parquet")
-    assert (checks["result_id"] == "lemF.9").sum() == 3
+    # the callback's snapshot checks keep their table; the probe's Lemma F.9 rows sit beside them
+    live = pd.read_parquet(rl_out / "checks.parquet")
+    assert "name" in live.columns and len(live) > 0 and "lemF.9" not in set(live["result_id"])
+    checks = pd.read_parquet(rl_out / "run_checks.parquet")
+    assert (checks["result_id"] == "lemF.9").sum() == 3 and len(checks) == 3
     kl = pd.read_parquet(rl_out / "kl_beta0.parquet")  # beta = 0: Fig. 15's table
     assert list(kl["step"]) == [1, 2, 3] and (kl["kl"] >= 0).all() and kl["kl"].iloc[-1] > 0
 

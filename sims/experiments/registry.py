@@ -307,7 +307,9 @@ def run_experiment(name: str, cfg: dict, out: str | Path | None = None, *, train
     ``trainer_callbacks(out_dir, run_config, run_name) -> [TrainerCallback, ...]`` goes to trainer experiments
     (``hf_rlvr``, ``hf_sft``; ``threegate run`` attaches ``ThreeGateCallback`` this way, see
     ``threegate.experiments``). Their empty tables are not written, so a table a live callback wrote into the
-    folder (``sparsity``, ``checks``, ``angles``, ``spectrum``, the per-step ones) is never replaced by an empty one."""
+    folder (``sparsity``, ``checks``, ``angles``, ``spectrum``, the per-step ones) is never replaced by an empty one,
+    and a non-empty table of the run whose name the callback already used is written as ``run_<name>`` (e.g. the
+    Lemma F.9 rows of ``hf_rlvr``'s band probe as ``run_checks`` beside the callback's snapshot ``checks``)."""
     check_config(name, cfg)
     out = Path(out) if out is not None else Path("runs") / f"{name}-{experiment_hash(name, cfg)}"
     with _atomic_dir(out) as tmp:
@@ -331,6 +333,10 @@ def _run_into(name: str, cfg: dict, out: Path, trainer_callbacks=None) -> None:
     tables.update({tname: df for tname, df in run.tables.items() if tname not in tables})
     for tname in dict.fromkeys(t for r in results for t in r.tables):  # each run's own tables, over its runs
         tables.setdefault(tname, concat_tables(r.tables.get(tname) for r in results))
+    if exp.trainer:  # a table the live callback wrote keeps its name; the run's own rows go beside it, renamed
+        written = {p.name.split(".")[0] for p in out.glob("*.parquet")}
+        for tname in [t for t, df in tables.items() if t in written and df is not None and not df.empty]:
+            tables[f"run_{tname}"] = tables.pop(tname)
     write_tables(tables, out, skip_empty=exp.trainer)
     if run.verdicts:
         (out / "verdicts.json").write_text(verdicts_json(run.verdicts))
