@@ -461,37 +461,33 @@ def selection_count(alpha: float, n: int) -> int:
     return int(math.floor(alpha * n + 0.5))
 
 
-def _select_top(score: np.ndarray, count: int) -> np.ndarray:
-    """The ``count`` largest scores, among equal scores the lower flat index first (= the first ``count`` of a
-    stable argsort of ``-score``), in O(n): every score above the threshold ``t`` (the count-th largest, by
-    ``np.partition``) and the lowest-index ties at ``t``."""
+def _select_extreme(score: np.ndarray, count: int, *, largest: bool) -> np.ndarray:
+    """The ``count`` largest (``largest``) or smallest scores, among equal scores the lower flat index first (= the
+    first ``count`` of a stable argsort of ``-score`` / ``score``), in O(n) and without a negated copy: every score
+    beyond the threshold ``t`` (the count-th largest / smallest, by ``np.partition``) and the lowest-index ties at
+    ``t``."""
     flat = score.ravel()
     n = flat.shape[0]
     mask = np.zeros(n, dtype=bool)
     if count >= n:
         mask[:] = True
     elif count > 0:
-        t = np.partition(flat, n - count)[n - count]
-        np.greater(flat, t, out=mask)
+        kth = n - count if largest else count - 1
+        t = np.partition(flat, kth)[kth]
+        (np.greater if largest else np.less)(flat, t, out=mask)
         ties = np.flatnonzero(flat == t)[: count - int(np.count_nonzero(mask))]
         mask[ties] = True
     return mask.reshape(score.shape)
+
+
+def _select_top(score: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` largest scores (``_select_extreme``)."""
+    return _select_extreme(score, count, largest=True)
 
 
 def _select_bottom(score: np.ndarray, count: int) -> np.ndarray:
-    """The ``count`` smallest scores, among equal scores the lower flat index first: ``_select_top(-score, count)``
-    without the negated copy (every score below the count-th smallest ``t`` and the lowest-index ties at ``t``)."""
-    flat = score.ravel()
-    n = flat.shape[0]
-    mask = np.zeros(n, dtype=bool)
-    if count >= n:
-        mask[:] = True
-    elif count > 0:
-        t = np.partition(flat, count - 1)[count - 1]
-        np.less(flat, t, out=mask)
-        ties = np.flatnonzero(flat == t)[: count - int(np.count_nonzero(mask))]
-        mask[ties] = True
-    return mask.reshape(score.shape)
+    """The ``count`` smallest scores (``_select_extreme``)."""
+    return _select_extreme(score, count, largest=False)
 
 
 def reconstruction_tie_tol(S: Float[np.ndarray, " r"], k: int, shape: tuple[int, int],
