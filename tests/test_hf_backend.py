@@ -215,17 +215,17 @@ def test_band_probe_ratios_equal_an_independent_forward_before_and_after_the_ste
 
     monkeypatch.setattr(trl_runs, "reward", even_length_reward)
     seen: dict = {}
-    real_logps, real_ratios = bp._completion_logps, bp.step_ratios
+    real_logps, real_ratios = bp.completion_logps, bp.step_ratios
 
-    def spy_logps(trainer, model, inputs):
+    def spy_logps(trainer, model, inputs, base=None):
         seen.setdefault("inputs", inputs)
-        return real_logps(trainer, model, inputs)
+        return real_logps(trainer, model, inputs, base)
 
     def spy_ratios(old, new):
         seen["ratios"] = real_ratios(old, new)
         return seen["ratios"]
 
-    monkeypatch.setattr(bp, "_completion_logps", spy_logps)
+    monkeypatch.setattr(bp, "completion_logps", spy_logps)
     monkeypatch.setattr(bp, "step_ratios", spy_ratios)
     cfg = HFRLConfig(model=str(tiny_dir), loss_type="dapo", epsilon=0.2, epsilon_high=0.28, steps=1,
                      prompts_per_step=2, num_generations=4, micro_batch=8, max_completion_length=8, lr=3e-2)
@@ -279,12 +279,15 @@ def test_band_probe_kl_in_row_chunks_equals_the_whole_batch(monkeypatch):
               "prompt_mask": torch.ones(5, 6, dtype=torch.long), "completion_mask": torch.ones(5, 4, dtype=torch.long)}
     inputs["prompt_mask"][1, :3] = 0  # left padding
     inputs["completion_mask"][2, 2:] = 0  # a completion that ended early
-    whole, count = bp.token_kl_sum(trainer, a, b, inputs)
+    lp_whole, whole, count = bp.completion_logps(trainer, a, inputs, b)
     monkeypatch.setattr(bp, "KL_CHUNK_BYTES", 1)  # one row per chunk
-    rowwise, count_rows = bp.token_kl_sum(trainer, a, b, inputs)
+    lp_rows, rowwise, count_rows = bp.completion_logps(trainer, a, inputs, b)
     assert count == count_rows == 5 * 4 - 2
     assert whole > 0 and rowwise == pytest.approx(whole, rel=1e-5)
-    assert bp.token_kl_sum(trainer, a, a, inputs) == (0.0, count)
+    assert lp_rows.shape == (5, 4) and torch.allclose(lp_rows, lp_whole, rtol=0, atol=1e-5)
+    lp_self, self_kl, _ = bp.completion_logps(trainer, a, inputs, a)
+    assert self_kl == 0.0 and torch.equal(lp_self, lp_rows)  # the same function at the same weights: bit-identical
+    assert torch.equal(bp.completion_logps(trainer, a, inputs)[0], lp_rows)  # without a base: the same log-probs
 
 
 def test_paper_preset_is_app_c_on_trl():

@@ -6,7 +6,8 @@ clipping only stops the gradient of out-of-range tokens, so whether the assumpti
 empirical question (``../shared/paper/THEORY.md``). ``BandProbe`` answers it for TRL's ``GRPOTrainer``:
 
 * before the step, every micro-batch's completion log-probabilities ``log pi_theta(y_t)`` under the weights the step
-  starts from (one extra no-grad forward, in ``compute_loss``);
+  starts from (one extra no-grad forward, in ``compute_loss``; ``completion_logps``, the project's own forward, not
+  TRL's private log-prob helper);
 * after the optimizer step (``on_step_end``), the same tokens under the new weights (a second no-grad forward), so
   ``log r_t`` is exactly the difference of two forwards of one function at two weight vectors -- a step that moves
   no weight gives ``r_t = 1`` exactly (tested);
@@ -22,7 +23,8 @@ pi_base) over the whole vocabulary (float64 log-softmax of ``logits / temperatur
 completion tokens (metric ``kl_tok_base``, as the TinyGPT probe names it, so the ``kl_beta0`` table reads it).
 
 Cost: two no-grad forward passes per micro-batch (no generation), on top of TRL's forward and backward; with the
-KL, two more (the current and the base model's full logits) and a second copy of the weights.
+KL, one more (the base model's; the current model's log-softmax after the step serves both the ratios and the KL) and
+a second copy of the weights.
 Single process only (the ratios of one rank's micro-batches); the forwards run wherever the trainer's model is.
 With dropout the two forwards would differ by the dropout mask: the probe runs them in eval mode (no dropout) and
 restores the mode.
@@ -32,8 +34,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -46,20 +49,6 @@ __all__ = ["band_probed_grpo_trainer", "frozen_copy", "BAND_METRICS"]
 BAND_METRICS = ("token_ratio_out_of_band_frac", "token_ratio_max_abs_log", "kl_tok_base")
 
 
-def _completion_logps(trainer, model, inputs: dict[str, Any]) -> torch.Tensor:
-    """``log pi(y_t)`` of every completion position (batch x completion length), no grad, eval mode."""
-    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logps, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, mask, inputs["completion_ids"].size(1))
-    finally:
-        model.train(was_training)
-    return logps.detach().to(torch.float64)
-
-
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A frozen deep copy of ``model`` whose modules run their class's ``forward`` (see ``BandProbedGRPOTrainer``)."""
     patched = [name for name, mod in model.named_modules() if "forward" in vars(mod)]
@@ -69,38 +58,46 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
-#: memory for one chunk of the KL's float64 log-softmax tensors (3 of rows x positions x vocabulary, 8 bytes each)
+#: memory for one chunk of the float64 log-softmax tensors (3 of rows x positions x vocabulary, 8 bytes each)
 KL_CHUNK_BYTES = 1 << 30
 
 
-def token_kl_sum(trainer, model, base: torch.nn.Module, inputs: dict[str, Any]) -> tuple[float, int]:
-    """Sum over the completion tokens of KL(pi_model || pi_base) at each position (whole vocabulary), and the count.
-
-    Only the completion positions' logits are formed (``logits_to_keep``), in chunks of rows small enough that the
-    float64 tensors stay under ``KL_CHUNK_BYTES`` (App. C's 1024-token completions over a 150k vocabulary: one row)."""
+def _log_softmax_chunks(trainer, model, inputs: dict[str, Any]) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(rows, log pi(. | prefix))`` over the vocabulary at every completion position (float64 log-softmax of
+    ``logits / temperature``), no grad, eval mode, in row chunks under ``KL_CHUNK_BYTES``. Only the completion
+    positions' logits are formed (``logits_to_keep``): App. C's 1024-token completions over a 150k vocabulary go one
+    row at a time."""
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-    keep = inputs["completion_mask"].bool()
     n = inputs["completion_ids"].size(1)
     vocab = int(getattr(model.config, "vocab_size", 0) or 1)
-    rows = max(1, KL_CHUNK_BYTES // (3 * 8 * (n + 1) * vocab))
-    total = 0.0
-    for start in range(0, ids.shape[0], rows):
-        logs = []
-        for m in (model, base):
-            was_training = m.training
-            m.eval()
-            try:
-                with torch.no_grad(), trainer.accelerator.autocast():
-                    logits = m(input_ids=ids[start:start + rows], attention_mask=mask[start:start + rows],
-                               logits_to_keep=n + 1).logits[:, :-1]
-            finally:
-                m.train(was_training)
-            logs.append(torch.log_softmax(logits.double() / trainer.temperature, dim=-1))
-        now, ref = logs
-        kl = (now.exp() * (now - ref)).sum(-1)
-        total += float(kl[keep[start:start + rows]].sum())
-    return total, int(keep.sum())
+    step = max(1, KL_CHUNK_BYTES // (3 * 8 * (n + 1) * vocab))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, ids.shape[0], step):
+            rows = slice(start, start + step)
+            with torch.no_grad(), trainer.accelerator.autocast():
+                logits = model(input_ids=ids[rows], attention_mask=mask[rows], logits_to_keep=n + 1).logits[:, :-1]
+            yield rows, torch.log_softmax(logits.double() / trainer.temperature, dim=-1)
+    finally:
+        model.train(was_training)
+
+
+def completion_logps(trainer, model, inputs: dict[str, Any], base: torch.nn.Module | None = None
+                     ) -> tuple[torch.Tensor, float, int]:
+    """``log pi(y_t)`` of every completion token (batch x completion length, float64) from one forward of ``model``;
+    with ``base``, also the sum over the unmasked completion tokens of KL(pi_model || pi_base) at each position
+    (whole vocabulary) and their count, from one forward of ``base`` (else ``0.0``)."""
+    tokens = inputs["completion_ids"]
+    keep = inputs["completion_mask"].bool()
+    refs = _log_softmax_chunks(trainer, base, inputs) if base is not None else itertools.repeat((None, None))
+    logps, kl_sum = [], 0.0
+    for (rows, now), (_, ref) in zip(_log_softmax_chunks(trainer, model, inputs), refs):
+        logps.append(now.gather(-1, tokens[rows].unsqueeze(-1)).squeeze(-1))
+        if ref is not None:
+            kl_sum += float((now.exp() * (now - ref)).sum(-1)[keep[rows]].sum())
+    return torch.cat(logps), kl_sum, int(keep.sum())
 
 
 def step_ratios(old: list[tuple[torch.Tensor, torch.Tensor]], new: list[torch.Tensor]) -> list[np.ndarray]:
@@ -165,7 +162,7 @@ def band_probed_grpo_trainer() -> type:
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:  # a training micro-batch: keep its tokens and their log-probs before the step
-                self._pending.append((inputs, _completion_logps(self, model, inputs), model))
+                self._pending.append((inputs, completion_logps(self, model, inputs)[0], model))
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
@@ -174,13 +171,13 @@ def band_probed_grpo_trainer() -> type:
             if not pending:
                 return
             old = [(lp, inp["completion_mask"]) for inp, lp, _ in pending]
-            new = [_completion_logps(self, model, inp) for inp, _, model in pending]
-            metrics, checks = band_rows(step, step_ratios(old, new), self.band, run=self.run_name)
+            after = [completion_logps(self, model, inp, self.base_copy) for inp, _, model in pending]
+            metrics, checks = band_rows(step, step_ratios(old, [lp for lp, _, _ in after]), self.band,
+                                        run=self.run_name)
             if self.base_copy is not None:
-                sums = [token_kl_sum(self, model, self.base_copy, inp) for inp, _, model in pending]
-                tokens = sum(c for _, c in sums)
+                tokens = sum(c for _, _, c in after)
                 metrics.append({"run": self.run_name, "kind": "rlvr", "step": step, "matrix": "",
-                                "metric": "kl_tok_base", "value": sum(s for s, _ in sums) / tokens if tokens else 0.0})
+                                "metric": "kl_tok_base", "value": sum(k for _, k, _ in after) / tokens if tokens else 0.0})
             self.band_metrics += metrics
             self.band_checks += checks
 
