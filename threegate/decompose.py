@@ -65,6 +65,8 @@ import scipy.linalg
 import scipy.linalg.blas
 import torch
 
+from theory.bidiag import values_and_top_right
+from theory.errors import DecompositionError
 from theory.linalg import SVD
 
 __all__ = ["Decomposition", "choose_route", "decompose", "dW_spectrum", "ROUTES", "RITZ_MIN_R"]
@@ -219,12 +221,14 @@ def _ritz_batch(A: torch.Tensor, k: int) -> list[_Ritz]:
     return out
 
 
-def decompose(mats: Sequence[torch.Tensor], k: int, route: str, device: str | torch.device = "cpu"
-              ) -> list[Decomposition]:
+def decompose(mats: Sequence[torch.Tensor], k: int, route: str, device: str | torch.device = "cpu",
+              bidiagonal: bool | None = None) -> list[Decomposition]:
     """Decompose matrices of one shape (one batch) by ``route`` (``choose_route``); float64 on ``device``.
 
     Returns host (numpy) factors; the ``"ritz"`` route falls back to ``"svd"`` per matrix where its certificate
-    fails (``route == "ritz->svd"``).
+    fails (``route == "ritz->svd"``). ``bidiagonal`` (``"ritz"`` only; default: on the CPU): values and vectors
+    from one bidiagonalisation per matrix (``theory.bidiag``); otherwise (the GPU path, testable on the CPU with
+    ``bidiagonal=False``) ``svdvals`` of the batch plus the Gram eigensolver's vectors.
     """
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
@@ -234,18 +238,26 @@ def decompose(mats: Sequence[torch.Tensor], k: int, route: str, device: str | to
     j = min(k + 1, r)
     if route == "svd" or j >= r:
         return _full_svd(A, j, transposed)
-    S_h = None
-    if route == "ritz":  # a batch of one as a 2-d matrix: the same bits, and 15 % faster for the embedding (measured)
-        S_h = (torch.linalg.svdvals(A[0]).unsqueeze(0) if A.shape[0] == 1 else torch.linalg.svdvals(A)).cpu().numpy()
     out: list[Decomposition] = []
-    for b, z in enumerate(_ritz_batch(A, k)):
-        if S_h is not None:  # exact: top-ness from the exact spectrum, residual inside the SVD allowance
-            eps_s = 8.0 * c * EPS64 * float(S_h[b, 0])
-            if z.e <= eps_s / 4 and float(z.sig[j - 1]) - z.e > float(S_h[b, j]) + eps_s / 4:
-                out.append(Decomposition(_pack(z.U, S_h[b], z.V, transposed), "ritz"))
+    if route == "ritz":  # exact: top-ness from the exact spectrum, residual inside the SVD allowance
+        if bidiagonal if bidiagonal is not None else A.device.type == "cpu":  # one bidiagonalisation per matrix
+            S_h, triplets = _bidiagonal_ritz(A, j)
+        else:  # a batch of one as a 2-d matrix: the same bits, and 15 % faster for the embedding (measured)
+            S_h = (torch.linalg.svdvals(A[0]).unsqueeze(0) if A.shape[0] == 1 else torch.linalg.svdvals(A)
+                   ).cpu().numpy()
+            triplets = [(z.U, z.sig, z.V, z.e) for z in _ritz_batch(A, k)]
+        for b, triplet in enumerate(triplets):
+            if triplet is None:  # LAPACK failed on this matrix
+                out.append(_full_svd(A[b:b + 1], j, transposed, label="ritz->svd")[0])
+                continue
+            U_b, sig_b, V_b, e_b = triplet
+            eps_s = 8.0 * c * EPS64 * float(S_h[b][0])
+            if e_b <= eps_s / 4 and float(sig_b[j - 1]) - e_b > float(S_h[b][j]) + eps_s / 4:
+                out.append(Decomposition(_pack(U_b, S_h[b], V_b, transposed), "ritz"))
             else:
                 out.append(_full_svd(A[b:b + 1], j, transposed, label="ritz->svd")[0])
-            continue
+        return out
+    for b, z in enumerate(_ritz_batch(A, k)):
         gap_low = float(z.sig[k - 1]) - float(z.sig[k]) - z.e - z.f
         if z.top_ok and gap_low > 0:
             angle = math.asin(min(1.0, (z.rho_k + z.f) / gap_low))
@@ -254,6 +266,25 @@ def decompose(mats: Sequence[torch.Tensor], k: int, route: str, device: str | to
         out.append(Decomposition(_pack(z.U, z.sig, z.V, transposed), "fast", sigma_err=z.e + z.f, angle_err=angle,
                                  gap_lower=gap_low, top_certified=z.top_ok))
     return out
+
+
+def _bidiagonal_ritz(A: torch.Tensor, j: int) -> tuple[list, list]:
+    """Exact route on the CPU: every singular value and the top-j right vectors of each tall matrix of ``A`` from one
+    bidiagonalisation (``theory.bidiag``), then Rayleigh-Ritz on them: ``([S (r,)], [(U, σ̃, V, e)])`` with ``e`` the
+    certificate's residual bound (module docstring); ``(None, None)`` where LAPACK failed (the caller falls back)."""
+    values, triplets = [], []
+    for b in range(A.shape[0]):
+        try:
+            S, V = values_and_top_right(A[b], j)
+        except DecompositionError:
+            values.append(None)
+            triplets.append(None)
+            continue
+        U, sig, Vt, R, Sr, defect = (t[0].numpy() for t in _ritz(A[b:b + 1], torch.from_numpy(V).unsqueeze(0)))
+        nR, nS = float(np.linalg.norm(R, 2)), float(np.linalg.norm(Sr, 2))
+        values.append(S)
+        triplets.append((U, sig, Vt, math.hypot(nR, nS) + float(defect) * float(sig[0])))
+    return values, triplets
 
 
 def _full_svd(A: torch.Tensor, j: int, transposed: bool, label: str = "svd") -> list[Decomposition]:
