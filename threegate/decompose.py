@@ -9,11 +9,14 @@ Routes (``choose_route``; the same for every matrix of one shape):
 
 * ``"svd"``: thin SVD (``torch.linalg.svd``): all singular values and vectors. Used when ``k + 1`` is not small
   against ``r = min(m, n)`` (``4 (k + 1) > r``) or the matrix is tiny (``r < RITZ_MIN_R``), and as the fall-back.
-* ``"ritz"`` (exact): all singular values ``S`` from ``torch.linalg.svdvals`` (backward stable: the values of a
-  matrix within ``ε`` of W) and the top ``j = k + 1`` singular triplets by Rayleigh-Ritz on the top-j
-  eigenvectors of the Gram matrix ``WᵀW`` (one ``WV``, its QR, a j x j SVD). Accepted only when certified *exact
-  for a nearby matrix* (below), else that matrix falls back to ``"svd"``. Forming all vectors costs gesdd about
-  as much as the values again; this costs about 0.4 of them (syrk + tridiagonalisation, measured).
+* ``"ritz"`` (exact): all singular values ``S`` and the top ``j = k + 1`` singular triplets, by Rayleigh-Ritz
+  (one ``WV``, its QR, a j x j SVD) on right vectors ``V``. On the CPU ``S`` and ``V`` come from *one*
+  bidiagonalisation per matrix (``theory.bidiag``: Householder ``gebrd`` after a QR for tall matrices, dqds for the
+  values, inverse iteration at the known values for ``V``; backward stable values, like ``svdvals``'s); on a GPU
+  (cuSOLVER has no bidiagonal access) ``torch.linalg.svdvals`` for ``S`` and the top-j eigenvectors of the Gram
+  matrix ``WᵀW`` for ``V``. Accepted only when certified *exact for a nearby matrix* (below), else that matrix
+  falls back to ``"svd"``. Forming all vectors costs gesdd about as much as the values again; the bidiagonal
+  vectors cost 0.05-0.2 of the values, the Gram route 0.4-0.6 (measured).
 * ``"fast"``: the Ritz triplets alone, certified, without ``S``: NSS, ``iso_residual_share`` and the Weyl and
   Mirsky checks (they need every singular value of W0 and W+) are *skipped* and say so. The Gate II checks that
   read only the top k+1 (Thm 3.3's three forms, Cor F.13, and Cor 3.5 when dW's top k+1 are certified too) run
@@ -41,17 +44,20 @@ reaches ``σ̃_j``; if one did, ``W + E`` would have j + 1 singular values ``>= 
 
 Host synchronisation: one per batch (results are copied to the host together).
 
-Cost against the floor (``threegate bench --compare``: ``svdvals`` of W0 and W+). Measured 2026-12-04, one
-thread, synthetic SmolLM2-135M shapes (``threegate.bench_compare``), in units of one ``svdvals`` of the same
-matrix: one Gram top-(k+2) eigensolve with its Ritz step costs 0.44 (1536 x 576) and 0.62 (576 x 576); flop
-counts agree (``syrk`` m n² plus tridiagonalisation 4 n³ / 3 against 4 m n² - 4 n³ / 3 for the bidiagonalisation).
-The exact route pays the floor plus three of them per pair (W0, W+, dW); ``"fast"`` pays the three alone, so
-``--fast`` costs at least (3 x 0.44..0.62) / 2 = 0.66..0.93 of the floor before reading and masks: the 0.5x
-target of issue 16 is out of reach with this certificate (top-ness from the (j+1)-th Gram eigenvalue, which needs
-the whole tridiagonalisation). The block Krylov alternative (``theory.fast_spectral.topk_svd``, block 33,
-float32 then float64 phases, residual certificate plus a random probe for missed directions, a probabilistic
-hypothesis the Gram test does not need) took 9-12 steps on these spectra (σ_16 / σ_34 = 1.53-1.57, relative gap
-at k = 16 0.8-1.8 %) and cost 1.4-2.1 ``svdvals`` per matrix at angle tolerances 1e-3..1e-6 rad: slower still.
+Cost against the floor (``threegate bench --compare``: ``svdvals`` of W0 and W+). Measured 2026-12-05, one
+thread, synthetic SmolLM2-135M shapes (``threegate.bench_compare``), in milliseconds per side (576², 1536 x 576):
+``svdvals`` (MKL) 33 / 58-63; the bidiagonal route QR 0 / 22-25 + ``gebrd`` (scipy's OpenBLAS) 34-35 + dqds 4.7-5.5
++ inverse iteration 1.2 + ``P v`` 1.2; the Gram route (``dsyrk`` + ``dsyevr`` subset) 18-19 / 22-23. So the exact
+route pays about 1.1 floors for W0 and W+ and one Gram eigensolve for dW's top k+1 (about 0.2 floor); whole
+compare measured 1.90-1.97x of the floor (it was 2.15-2.24x with ``svdvals`` plus Gram vectors).
+``"fast"`` pays three Gram eigensolves (W0, W+, dW), at least (3 x 0.44..0.62) / 2 = 0.66..0.93 of the floor
+before reading and masks: the 0.5x target of issue 16 is out of reach with this certificate (top-ness from the
+(j+1)-th Gram eigenvalue, which needs the whole tridiagonalisation), and the per-matrix work that is not a
+decomposition (upcasts, dW, masks, overlaps, Gate II checks) alone measured 9.1 s = 0.5 floor. The block Krylov
+alternative (``theory.fast_spectral.topk_svd``, block 33, float32 then float64 phases, residual certificate plus a
+random probe for missed directions, a probabilistic hypothesis the Gram test does not need) took 9-12 steps on
+these spectra (σ_16 / σ_34 = 1.53-1.57, relative gap at k = 16 0.8-1.8 %) and cost 1.4-2.1 ``svdvals`` per matrix
+at angle tolerances 1e-3..1e-6 rad: slower still.
 """
 
 from __future__ import annotations
