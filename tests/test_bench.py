@@ -116,6 +116,39 @@ def test_compare_bench_times_exact_and_fast_against_the_floor():
     assert "floor" in text and "compare exact" in text and "compare fast" in text and "counts exact: yes" in text
 
 
+@pytest.mark.parametrize("arch, device, ratio, seconds, expected", [
+    ("smollm2-135m", "cpu", 1.9, 99.0, "met"), ("smollm2-135m", "cpu", 2.1, 1.0, "MISSED"),
+    ("qwen2.5-1.5b", "cpu", 0.1, 1.0, "n/a"),
+    ("qwen2.5-1.5b", "cuda", 99.0, 59.0, "met"), ("qwen2.5-1.5b", "cuda", 0.1, 61.0, "MISSED"),
+    ("smollm2-135m", "cuda", 0.1, 1.0, "n/a"),
+])
+def test_compare_verdicts_cpu_ratio_and_gpu_seconds(arch, device, ratio, seconds, expected):
+    """On the CPU the exact target is a floor ratio on SmolLM2's shape; on a GPU it is wall seconds on the
+    Qwen2.5-1.5B shape (issue 16), whatever the ratio."""
+    from threegate.bench_compare import GPU_SECONDS_EXACT, TARGET_EXACT, _verdict
+
+    assert _verdict(arch, torch.device(device), ratio, TARGET_EXACT, seconds, GPU_SECONDS_EXACT) == expected
+
+
+def test_compare_bench_batches_and_names_its_device():
+    from threegate.bench_compare import bench_compare, format_compare_report
+
+    row = bench_compare("smollm2-135m", layers=2, embeddings=False, changed_fraction=0.01, k=4, seed=2, batch=2)
+    assert row["device"] == "cpu" and row["batch"] == 2 and row["judged_on"] == "cpu"
+    assert row["exact_counts_exact"] and row["fast_counts_exact"] and row["matrices"] == 14
+    assert "device = cpu" in format_compare_report(row, threads=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compare_bench_on_cuda_is_judged_on_wall_seconds():
+    from threegate.bench_compare import bench_compare
+
+    row = bench_compare("qwen2.5-1.5b", layers=1, embeddings=False, changed_fraction=0.01, k=8, device="cuda")
+    assert row["judged_on"] == "wall" and row["device"].startswith("cuda")
+    assert row["exact_counts_exact"] and row["fast_counts_exact"]
+    assert row["target_exact"] in {"met", "MISSED"}
+
+
 def test_report_table_structure(result):
     text = bench.format_report(result)
     lines = text.splitlines()

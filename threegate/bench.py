@@ -80,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=1, help="--compare: tuned checkpoints")
     parser.add_argument("--k", type=int, default=16, help="--compare: top-k subspace size")
     parser.add_argument("--no-embeddings", action="store_true", help="--compare: leave out embeddings / lm_head")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="--compare: matrices of one shape per batch (default: compare's, 1 on CPU, 8 on a GPU)")
     parser.add_argument("--callback", action="store_true",
                         help="instead: time ThreeGateCallback per step on real TRL steps (threegate.bench_callback)")
     parser.add_argument("--callback-trainer", nargs="+", default=["sft", "grpo"], choices=["sft", "grpo"],
@@ -374,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
         with threads_context(args.threads) as threads:
             res = bench_compare(args.compare, layers=args.layers, changed_fraction=args.changed_fraction,
                                 runs=args.runs, k=args.k, seed=args.seed, embeddings=not args.no_embeddings,
-                                progress=say)
+                                device=args.device, batch=args.batch, progress=say)
             res["threads"] = threads
         print(format_compare_report(res, threads))
     else:
