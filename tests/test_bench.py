@@ -207,3 +207,34 @@ def test_threads_are_applied_recorded_and_restored():
         bench.run_bench([40], [2], threads=0, sparsity_entries=0)
     with pytest.raises(InputError, match="--reference"):
         bench.run_bench([40], [2], reference="lapack", sparsity_entries=0)
+
+
+def test_record_script_writes_every_step_and_keeps_going_after_a_failure(tmp_path, monkeypatch):
+    """The prepared GPU script (``bench --record``) on the CPU with --quick: every step lands in record.json as it is
+    measured, a failing step is recorded as such and the next one still runs, and record.md tabulates them."""
+    from threegate import bench_compare, bench_record
+
+    calls = []
+    real = bench_compare.bench_compare
+
+    def bench_compare_once(arch, **kw):
+        calls.append(arch)
+        if arch == "qwen2.5-1.5b":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(arch, **{**kw, "embeddings": False})
+
+    monkeypatch.setattr(bench_compare, "bench_compare", bench_compare_once)
+    rec = bench_record.record(tmp_path, "cpu", quick=True,
+                              steps=("kernel", "topk", "compare_qwen2.5-1.5b", "compare_smollm2-135m"))
+    saved = json.loads((tmp_path / "record.json").read_text())
+    assert list(saved["steps"]) == ["kernel", "topk", "compare_qwen2.5-1.5b", "compare_smollm2-135m"]
+    assert calls == ["qwen2.5-1.5b", "smollm2-135m"]
+    assert "CUDA out of memory" in saved["steps"]["compare_qwen2.5-1.5b"]["error"]
+    assert saved["steps"]["compare_smollm2-135m"]["result"]["matrices"] == 7
+    assert saved["steps"]["kernel"]["result"]["backends"]["auto"]["ratio"] > 0
+    md = (tmp_path / "record.md").read_text()
+    assert "QUICK" in md and "compare_qwen2.5-1.5b | failed: RuntimeError" in md
+    assert "compare exact, smollm2-135m (7 matrices)" in md and "n = 256, k = 8" in md
+    assert rec["device"] == "cpu" and rec["quick"] is True
+    with pytest.raises(InputError, match="unknown"):
+        bench_record.record(tmp_path, "cpu", quick=True, steps=("nope",))

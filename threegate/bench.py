@@ -82,6 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-embeddings", action="store_true", help="--compare: leave out embeddings / lm_head")
     parser.add_argument("--batch", type=int, default=None,
                         help="--compare: matrices of one shape per batch (default: compare's, 1 on CPU, 8 on a GPU)")
+    parser.add_argument("--record", metavar="DIR", default=None,
+                        help="instead: every measurement of issue 16 on --device in one prepared run (CUDA tests, "
+                             "bf16 kernel, fast top-k, compare on the 1.5B and SmolLM2 shapes) into DIR/record.json "
+                             "and DIR/record.md (threegate.bench_record)")
+    parser.add_argument("--record-steps", nargs="+", default=None, help="with --record: a subset of its steps")
+    parser.add_argument("--quick", action="store_true",
+                        help="with --record: tiny sizes, to check the script itself (numbers meaningless)")
     parser.add_argument("--callback", action="store_true",
                         help="instead: time ThreeGateCallback per step on real TRL steps (threegate.bench_callback)")
     parser.add_argument("--callback-trainer", nargs="+", default=["sft", "grpo"], choices=["sft", "grpo"],
@@ -359,6 +366,14 @@ def format_report(res: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "record", None):
+        from threegate.bench_record import STEPS, format_record, record
+
+        rec = record(args.record, args.device, quick=args.quick, steps=tuple(args.record_steps or STEPS),
+                     progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+        print(format_record(rec))
+        print(f"wrote {args.record}/record.json and record.md")
+        return 0
     if getattr(args, "callback", False):
         res = bench_callback(args.callback_trainer, steps=args.callback_steps, model=args.callback_model,
                              device=args.device, seed=args.seed, gate3=args.callback_gate3)
