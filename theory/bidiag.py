@@ -17,8 +17,8 @@ angles against a full SVD ≤ 1.3e-14 rad.
 LAPACK access. ``scipy.linalg.lapack`` wraps neither ``dgebrd``, ``dlasq1`` nor ``dormbr``; scipy exports every
 LAPACK routine to Cython as a C function pointer (``scipy.linalg.cython_lapack.__pyx_capi__``, the documented
 Cython C API; its character arguments are plain ``char *``, with Fortran's hidden lengths handled inside scipy).
-This module binds those three through ``ctypes`` once, at first use (the one reason for the lazy binding: importing
-``theory`` must not touch LAPACK). ctypes releases the GIL during the call, so a reader thread keeps running.
+This module binds those three through ``ctypes`` once, at first use (cached); ctypes releases the GIL during
+the call, so a reader thread keeps running.
 
 Examples
 --------
@@ -41,6 +41,7 @@ import math
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.cython_lapack
 import scipy.linalg.lapack
 import torch
 
@@ -62,14 +63,12 @@ _INT, _DBL, _CHR = _P(ctypes.c_int), _P(ctypes.c_double), ctypes.c_char_p
 @functools.cache
 def _routine(name: str):
     """The ``scipy.linalg.cython_lapack`` routine ``name`` as a ctypes function (module docstring)."""
-    import scipy.linalg.cython_lapack as cython_lapack
-
     signatures = {
         "dgebrd": (_INT, _INT, _DBL, _INT, _DBL, _DBL, _DBL, _DBL, _DBL, _INT, _INT),
         "dlasq1": (_INT, _DBL, _DBL, _DBL, _INT),
         "dormbr": (_CHR, _CHR, _CHR, _INT, _INT, _INT, _DBL, _INT, _DBL, _DBL, _INT, _DBL, _INT, _INT),
     }
-    capsule = cython_lapack.__pyx_capi__[name]
+    capsule = scipy.linalg.cython_lapack.__pyx_capi__[name]
     api = ctypes.pythonapi
     api.PyCapsule_GetName.restype, api.PyCapsule_GetName.argtypes = ctypes.c_char_p, [ctypes.py_object]
     api.PyCapsule_GetPointer.restype = ctypes.c_void_p

@@ -36,7 +36,11 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["record", "STEPS"]
+from theory.errors import InputError
+from threegate import bench_compare as compare_bench
+from threegate.bench import bench_sparsity, run_bench
+
+__all__ = ["record", "format_record", "STEPS"]
 
 STEPS = ("cuda_tests", "kernel", "topk", "compare_qwen2.5-1.5b", "compare_smollm2-135m")
 
@@ -64,9 +68,6 @@ def _cuda_tests(quick: bool) -> dict[str, Any]:
 def record(out: str | Path, device: str | torch.device = "cuda", *, quick: bool = False,
            steps: tuple[str, ...] = STEPS, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run ``steps`` on ``device``; write ``out/record.json`` after each and ``out/record.md`` at the end."""
-    from threegate.bench import bench_sparsity, run_bench
-    from threegate.bench_compare import bench_compare
-
     say = progress or (lambda msg: None)
     dev = torch.device(device)
     folder = Path(out)
@@ -82,15 +83,13 @@ def record(out: str | Path, device: str | torch.device = "cuda", *, quick: bool 
         "kernel": lambda: bench_sparsity((1 << 16) if quick else (1 << 28), device=dev,
                                          backends=("auto", "compiled", "eager")),
         "topk": lambda: run_bench([size], [8] if quick else [16, 64], device=dev, sparsity_entries=0)["spectral"],
-        "compare_qwen2.5-1.5b": lambda: bench_compare("qwen2.5-1.5b", layers=layers or None, device=dev,
+        "compare_qwen2.5-1.5b": lambda: compare_bench.bench_compare("qwen2.5-1.5b", layers=layers or None, device=dev,
                                                       embeddings=not quick),
-        "compare_smollm2-135m": lambda: bench_compare("smollm2-135m", layers=layers or None, device=dev,
+        "compare_smollm2-135m": lambda: compare_bench.bench_compare("smollm2-135m", layers=layers or None, device=dev,
                                                       embeddings=not quick),
     }
     unknown = [s for s in steps if s not in plan]
     if unknown:
-        from theory.errors import InputError
-
         raise InputError(f"--record steps: unknown {unknown}; known: {', '.join(STEPS)}")
     for name in steps:
         say(f"record: {name} ...")

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prove": ("proofs_check.run_all", "run the symbolic (sympy) and exhaustive bf16 proof checks"),
     "run": ("threegate.experiments", "run a named experiment and write its results table"),
     "compare": ("threegate.compare", "compare a base checkpoint with one or more tuned checkpoints"),
-    "bench": ("threegate.bench", "benchmark the fast spectral path and bf16 sparsity throughput"),
+    "bench": ("threegate.bench_cli", "benchmark the fast spectral path and bf16 sparsity throughput"),
     "figs": ("threegate.figs", "render figures and the HTML report from a results directory"),
     "sweep": ("sims.sweep.runner", "run a resumable sweep defined in a TOML/YAML file"),
     "explain": ("threegate.explain", "explain one result id: statement, code, tests, a live example"),
