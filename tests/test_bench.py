@@ -238,3 +238,39 @@ def test_record_script_writes_every_step_and_keeps_going_after_a_failure(tmp_pat
     assert rec["device"] == "cpu" and rec["quick"] is True
     with pytest.raises(InputError, match="unknown"):
         bench_record.record(tmp_path, "cpu", quick=True, steps=("nope",))
+
+
+def test_compare_bench_on_a_checkpoints_own_weights(tmp_path):
+    """``--compare PATH``: the checkpoint's 2-D float weights (model order, bf16, the first N blocks) as W0 with the
+    synthetic moves; counts still exact; an unknown name that is no path is one named error."""
+    from safetensors.torch import save_file
+
+    from threegate.bench_compare import bench_compare, model_weights
+
+    gen = torch.Generator().manual_seed(0)
+    sd = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(96, 64, generator=gen) for i in range(3)}
+    sd["model.embed_tokens.weight"] = torch.randn(200, 64, generator=gen)
+    sd["model.norm.weight"] = torch.ones(64)  # 1-D: left out
+    sd["model.layers.0.mlp.up_proj.bias"] = torch.zeros(96)
+    path = tmp_path / "model.safetensors"
+    save_file(sd, str(path))
+    w = model_weights(path, layers=2)
+    assert list(w) == ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
+                       "model.layers.1.mlp.up_proj.weight"]
+    assert all(t.dtype == torch.bfloat16 for t in w.values())
+    assert torch.equal(w["model.layers.1.mlp.up_proj.weight"], sd["model.layers.1.mlp.up_proj.weight"].bfloat16())
+    assert list(model_weights(path, embeddings=False)) == [f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)]
+    row = bench_compare(str(path), layers=2, k=4, changed_fraction=0.05)
+    assert row["matrices"] == 3 and row["exact_counts_exact"] and row["fast_counts_exact"]
+    assert row["shape_of"] is None and row["target_exact"] == "n/a"
+    with pytest.raises(InputError, match="neither a known architecture"):
+        bench_compare(str(tmp_path / "nope"), layers=1)
+
+
+def test_a_checkpoint_with_a_named_models_shapes_is_judged_as_that_model():
+    from threegate.bench_compare import _named_shape, arch_shapes
+
+    assert _named_shape(arch_shapes("smollm2-135m", 2), 2, True) == "smollm2-135m"
+    assert _named_shape(arch_shapes("qwen2.5-1.5b", 1, False), 1, False) == "qwen2.5-1.5b"
+    assert _named_shape(arch_shapes("smollm2-135m", 2)[:-1], 2, True) is None
+    assert _named_shape(arch_shapes("smollm2-135m", 30), 30, True) == "smollm2-135m"

@@ -38,9 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="entries per bf16 tensor in the change-count benchmark (0 skips it)")
     parser.add_argument("--kernel-backends", nargs="+", default=["auto"], choices=BACKENDS,
                         help="bf16 change-count backends to time (the first is the one judged against the target)")
-    parser.add_argument("--compare", metavar="ARCH", default=None, choices=sorted(ARCHS),
-                        help="instead: time threegate compare on a synthetic bf16 pair of this model shape against "
-                             "the float64 svdvals floor of its matrices")
+    parser.add_argument("--compare", metavar="ARCH|PATH", default=None,
+                        help="instead: time threegate compare on a synthetic bf16 pair of this model shape ("
+                             + ", ".join(sorted(ARCHS)) + ") or on a local checkpoint's own weights with synthetic "
+                             "moves, against the float64 svdvals floor of its matrices")
     parser.add_argument("--layers", type=int, default=None, help="--compare: keep the first N blocks")
     parser.add_argument("--changed-fraction", type=float, default=0.2, help="--compare: entries moved per run")
     parser.add_argument("--runs", type=int, default=1, help="--compare: tuned checkpoints")

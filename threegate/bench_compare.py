@@ -1,5 +1,7 @@
 """``threegate bench --compare ARCH``: ``threegate compare`` on a synthetic bf16 pair of a named model shape, timed
-against the float64 singular-value floor of the same matrices, measured in the same run.
+against the float64 singular-value floor of the same matrices, measured in the same run. ``--compare PATH`` (a
+local checkpoint file or folder, GGUF included) takes that model's own weights, rounded to bf16, as W0 instead:
+real spectra, with their small gaps, and the same synthetic moves.
 
 The pair. For every 2-D weight of ``ARCH`` (Hugging Face names and shapes, ``ARCHS``; ``layers`` keeps the first
 N blocks) ``W0 = 0.02 G + Σ_{i<=32} s_i u_i v_iᵀ`` in bf16: a Gaussian bulk (``G`` standard normal) plus 32 spikes
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,7 +35,7 @@ import torch
 from safetensors.torch import load_file
 
 from theory.errors import InputError
-from threegate.checkpoints import save_safetensors
+from threegate.checkpoints import model_order, open_checkpoint, save_safetensors
 from threegate.compare import compare_tables
 
 __all__ = ["ARCHS", "Arch", "arch_shapes", "make_compare_pair", "bench_compare", "format_compare_report",
@@ -112,6 +115,26 @@ def bump(W: torch.Tensor, fraction: float, gen: torch.Generator) -> tuple[torch.
     return out, int(hit.sum())
 
 
+def model_weights(path: str | Path, layers: int | None = None, embeddings: bool = True) -> dict[str, torch.Tensor]:
+    """The 2-D float weights of a local checkpoint (a file or folder ``threegate compare`` reads, GGUF included),
+    in model order and rounded to bf16; ``layers`` keeps blocks ``0..N-1`` (names with ``layers.<i>.``)."""
+    with open_checkpoint(path) as ck:
+        out = {}
+        for name in model_order(ck.names()):
+            dtype = ck.dtype(name)
+            if len(ck.shape(name)) != 2 or not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+                continue
+            block = re.search(r"layers\.(\d+)\.", name)
+            if block is None and not embeddings:
+                continue
+            if block is not None and layers is not None and int(block.group(1)) >= layers:
+                continue
+            out[name] = ck.get(name).to(torch.bfloat16)
+    if not out:
+        raise InputError(f"{path}: no 2-D float weights to compare")
+    return out
+
+
 def make_compare_pair(arch: str, folder: str | Path, *, layers: int | None = None, changed_fraction: float = 0.2,
                       runs: int = 1, seed: int = 0, embeddings: bool = True) -> dict[str, Any]:
     """Write ``base.safetensors`` and ``tuned{i}.safetensors`` of ``arch`` under ``folder``; returns the paths, the
@@ -119,9 +142,16 @@ def make_compare_pair(arch: str, folder: str | Path, *, layers: int | None = Non
     if not 0.0 <= changed_fraction <= 1.0:
         raise InputError(f"--changed-fraction must be in [0, 1], got {changed_fraction}")
     folder = Path(folder)
-    shapes = arch_shapes(arch, layers, embeddings)
     gen = torch.Generator().manual_seed(seed)
-    base = {name: synthetic_weight(shape, gen) for name, shape in shapes}
+    if arch not in ARCHS and not Path(arch).exists():
+        raise InputError(f"--compare {arch!r}: neither a known architecture ({', '.join(ARCHS)}) nor a local "
+                         "checkpoint file or folder")
+    if arch in ARCHS:
+        shapes = arch_shapes(arch, layers, embeddings)
+        base = {name: synthetic_weight(shape, gen) for name, shape in shapes}
+    else:  # a checkpoint's own weights: real spectra, the same synthetic moves
+        base = model_weights(arch, layers, embeddings)
+        shapes = [(name, tuple(W.shape)) for name, W in base.items()]
     tuned, changed = [], []
     for r in range(runs):
         sd, counts = {}, {}
@@ -174,7 +204,7 @@ def bench_compare(arch: str, *, layers: int | None = None, changed_fraction: flo
     say = progress or (lambda msg: None)
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="threegate-bench-") as tmp:
-        say(f"{arch}: writing a synthetic bf16 pair ({layers or ARCHS[arch].layers} layers) ...")
+        say(f"{arch}: writing a bf16 pair ({layers or 'all'} layers) ...")
         pair = make_compare_pair(arch, tmp, layers=layers, changed_fraction=changed_fraction, runs=runs, seed=seed,
                                  embeddings=embeddings)
         names = [n for n, _ in pair["shapes"]]
@@ -182,7 +212,8 @@ def bench_compare(arch: str, *, layers: int | None = None, changed_fraction: flo
         say("floor: float64 svdvals of every matrix of every side ...")
         floor = floor_times([sd[n] for sd in sides for n in names], dev)
         del sides
-        row: dict[str, Any] = {"arch": arch, "layers": layers or ARCHS[arch].layers, "matrices": len(names),
+        row: dict[str, Any] = {"arch": str(arch), "layers": layers or (ARCHS[arch].layers if arch in ARCHS else "all"),
+                               "matrices": len(names),
                                "runs": runs, "k": k, "changed_fraction": changed_fraction, "embeddings": embeddings,
                                "entries": sum(m * n for _, (m, n) in pair["shapes"]), "device": str(dev),
                                "batch": batch, **floor}
@@ -198,12 +229,26 @@ def bench_compare(arch: str, *, layers: int | None = None, changed_fraction: flo
                         f"{label}_routes": {str(k_): int(v) for k_, v in m["spectral_route"].value_counts().items()}})
     row["loadavg"] = [load0, os.getloadavg()[0]]
     clock = "wall" if dev.type == "cuda" else "cpu"
+    if arch not in ARCHS:  # a checkpoint with exactly a named model's 2-D weights is judged as that model
+        arch = _named_shape(pair["shapes"], layers, embeddings) or arch
+        row["shape_of"] = arch if arch in ARCHS else None
     row["judged_on"] = clock
     row["target_exact"] = _verdict(arch, dev, row[f"exact_ratio_{clock}"], TARGET_EXACT, row["exact_wall_s"],
                                    GPU_SECONDS_EXACT)
     row["target_fast"] = _verdict(arch, dev, row[f"fast_ratio_{clock}"], TARGET_FAST, row["fast_wall_s"],
                                   GPU_SECONDS_FAST)
     return row
+
+
+def _named_shape(shapes: list[tuple[str, tuple[int, ...]]], layers: int | None, embeddings: bool) -> str | None:
+    """The named architecture whose 2-D weights (names and shapes) are exactly ``shapes``, if any."""
+    for a in ARCHS:
+        try:
+            if dict(arch_shapes(a, layers, embeddings)) == dict(shapes):
+                return a
+        except InputError:  # --layers beyond that model's depth
+            continue
+    return None
 
 
 def _verdict(arch: str, dev: torch.device, ratio: float, target: float, seconds: float,
