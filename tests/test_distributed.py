@@ -144,6 +144,14 @@ cfg = SFTConfig(output_dir=out + "/trainer", max_steps=3, per_device_train_batch
 SFTTrainer(model=AutoModelForCausalLM.from_pretrained(folder), args=cfg, processing_class=AutoTokenizer.from_pretrained(folder),
            train_dataset=Dataset.from_dict({"text": ["12+34=46"] * 16}),
            callbacks=[ThreeGateCallback(out_dir=out + "/tg", save_snapshots=False)]).train()
+# torch 2.13 on CPU/gloo: a process that exits with its process group alive aborts now and then ("terminate called
+# without an active exception", measured 1 of 6 torchrun runs) after every result is written; end it in order
+import gc
+import torch.distributed as dist
+gc.collect()
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
 """
 
 
@@ -159,8 +167,9 @@ def test_sft_trainer_under_torchrun_ddp_writes_the_single_process_counts(tmp_pat
     for name, launcher in (("one", [sys.executable]),
                            ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                     "--master_port", str(_free_port())])):
-        subprocess.run([*launcher, str(script), str(folder), str(tmp_path / name)], env=env, check=True,
-                       capture_output=True, timeout=600)
+        proc = subprocess.run([*launcher, str(script), str(folder), str(tmp_path / name)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
     one, two = (pd.read_parquet(tmp_path / n / "tg" / "steps.parquet") for n in ("one", "two"))
     pd.testing.assert_frame_equal(one, two)
     assert 0 < one["changed_prev"].sum() < one["numel"].sum()
