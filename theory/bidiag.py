@@ -8,9 +8,10 @@ tridiagonal ``TGK(B)`` (inverse iteration at the known values, ``O(r j)``) give 
 decomposition (a full SVD, or the Gram matrix ``AᵀA`` and its eigensolver) costs 0.4-1 of the values again.
 
 Error model. ``dgebrd`` is backward stable and ``dlasq1`` accurate to high relative accuracy for the bidiagonal:
-the values are those of ``A + E`` with ``||E||_2 = O(r eps ||A||_2)``, exactly the class of ``svdvals``'s. The vectors come from inverse iteration and carry no such
-guarantee on their own (clustered values can mix them): callers certify them by their residuals
-(``threegate.decompose``) and fall back to a full SVD when the certificate fails. Measured here on the shapes of
+the values are those of ``A + E`` with ``||E||_2 = O(r eps ||A||_2)``, exactly the class of ``svdvals``'s. The
+vectors come from inverse iteration and carry no such guarantee on their own (clustered values can mix them):
+callers certify them by their residuals (``threegate.decompose``) and fall back to a full SVD when the certificate
+fails. Measured here on the shapes of
 SmolLM2-135M (576², 1536 x 576, 49152 x 576): values within 4.5e-16 ``||A||`` of ``svdvals``, top-16 subspace
 angles against a full SVD ≤ 1.3e-14 rad.
 
