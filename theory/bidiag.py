@@ -11,9 +11,8 @@ Error model. ``dgebrd`` is backward stable and ``dlasq1`` accurate to high relat
 the values are those of ``A + E`` with ``||E||_2 = O(r eps ||A||_2)``, exactly the class of ``svdvals``'s. The
 vectors come from inverse iteration and carry no such guarantee on their own (clustered values can mix them):
 callers certify them by their residuals (``threegate.decompose``) and fall back to a full SVD when the certificate
-fails. Measured here on the shapes of
-SmolLM2-135M (576², 1536 x 576, 49152 x 576): values within 4.5e-16 ``||A||`` of ``svdvals``, top-16 subspace
-angles against a full SVD ≤ 1.3e-14 rad.
+fails. Measured here on matrices of SmolLM2-135M's shapes (576², 1536 x 576, 49152 x 576): values within
+4.5e-16 ``||A||`` of ``svdvals``, top-16 subspace angles against a full SVD ≤ 1.3e-14 rad.
 
 LAPACK access. ``scipy.linalg.lapack`` wraps neither ``dgebrd``, ``dlasq1`` nor ``dormbr``; scipy exports every
 LAPACK routine to Cython as a C function pointer (``scipy.linalg.cython_lapack.__pyx_capi__``, the documented
