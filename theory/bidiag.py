@@ -132,7 +132,7 @@ def _bidiagonal_top_right(d: np.ndarray, e: np.ndarray, values: np.ndarray, j: i
     else:
         _, z = scipy.linalg.eigh_tridiagonal(np.zeros(2 * r), off, select="i", select_range=(2 * r - j, 2 * r - 1),
                                              check_finite=False)
-    v = z[0::2, ::-1] * np.sqrt(2.0)
+    v = z[0::2, ::-1]  # ||v|| = 1 / √2 in exact arithmetic: normalised here
     return v / np.linalg.norm(v, axis=0)
 
 
@@ -192,10 +192,8 @@ def _unscaled(T: torch.Tensor, j: int) -> tuple[np.ndarray, np.ndarray]:
     c, r = T.shape
     if c >= QR_CROSSOVER * r:
         a = np.asfortranarray(torch.linalg.qr(T, mode="r")[1].numpy())
-    else:
-        a = np.asfortranarray(T.numpy())
-        if a is T.numpy() or np.shares_memory(a, T.numpy()):
-            a = a.copy(order="F")
+    else:  # a Fortran-ordered copy: gebrd overwrites it
+        a = np.array(T.numpy(), order="F")
     d, e, taup = _gebrd(a)
     values = _bidiagonal_values(d, e)
     return values, _apply_p(a, taup, _bidiagonal_top_right(d, e, values, j))

@@ -85,9 +85,9 @@ def record(out: str | Path, device: str | torch.device = "cuda", *, quick: bool 
         # on a GPU the reference is cuSOLVER's float64 SVD (the issue's), not the faster of it and the host's LAPACK
         "topk": lambda: run_bench([size], [8] if quick else [16, 64], device=dev, sparsity_entries=0,
                                   reference="torch" if dev.type == "cuda" else "fastest")["spectral"],
-        "compare_qwen2.5-1.5b": lambda: compare_bench.bench_compare("qwen2.5-1.5b", layers=layers or None, device=dev,
+        "compare_qwen2.5-1.5b": lambda: compare_bench.bench_compare("qwen2.5-1.5b", layers=layers, device=dev,
                                                       embeddings=not quick),
-        "compare_smollm2-135m": lambda: compare_bench.bench_compare("smollm2-135m", layers=layers or None, device=dev,
+        "compare_smollm2-135m": lambda: compare_bench.bench_compare("smollm2-135m", layers=layers, device=dev,
                                                       embeddings=not quick),
     }
     unknown = [s for s in steps if s not in plan]

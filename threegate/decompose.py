@@ -222,7 +222,7 @@ def _ritz_batch(A: torch.Tensor, k: int) -> list[_Ritz]:
         s1 = float(sig_b[0])
         delta_g = (c + 8 * r) * EPS64 * float(fro2)
         lam1 = max(float(lam_b[0]), 0.0)
-        out.append(_Ritz(U_b, sig_b, V_b, math.hypot(float(nR), float(nS)) + float(d) * s1, c * EPS64 * s1,
+        out.append(_Ritz(U_b, sig_b, V_b, _residual_bound(nR, nS, d, sig_b), c * EPS64 * s1,
                          math.sqrt(max(float(lam_b[j]), 0.0) + delta_g), max(float(nRk), float(nSk)),
                          math.sqrt(max(lam1 - delta_g, 0.0)), math.sqrt(lam1 + delta_g)))
     return out
@@ -253,16 +253,14 @@ def decompose(mats: Sequence[torch.Tensor], k: int, route: str, device: str | to
             S_h = (torch.linalg.svdvals(A[0]).unsqueeze(0) if A.shape[0] == 1 else torch.linalg.svdvals(A)
                    ).cpu().numpy()
             triplets = [(z.U, z.sig, z.V, z.e) for z in _ritz_batch(A, k)]
-        for b, triplet in enumerate(triplets):
-            if triplet is None:  # LAPACK failed on this matrix
-                out.append(_full_svd(A[b:b + 1], j, transposed, label="ritz->svd")[0])
-                continue
-            U_b, sig_b, V_b, e_b = triplet
-            eps_s = 8.0 * c * EPS64 * float(S_h[b][0])
-            if e_b <= eps_s / 4 and float(sig_b[j - 1]) - e_b > float(S_h[b][j]) + eps_s / 4:
-                out.append(Decomposition(_pack(U_b, S_h[b], V_b, transposed), "ritz"))
-            else:
-                out.append(_full_svd(A[b:b + 1], j, transposed, label="ritz->svd")[0])
+        for b, triplet in enumerate(triplets):  # None: LAPACK failed on this matrix
+            if triplet is not None:
+                U_b, sig_b, V_b, e_b = triplet
+                eps_s = 8.0 * c * EPS64 * float(S_h[b][0])
+                if e_b <= eps_s / 4 and float(sig_b[j - 1]) - e_b > float(S_h[b][j]) + eps_s / 4:
+                    out.append(Decomposition(_pack(U_b, S_h[b], V_b, transposed), "ritz"))
+                    continue
+            out.append(_full_svd(A[b:b + 1], j, transposed, label="ritz->svd")[0])
         return out
     for b, z in enumerate(_ritz_batch(A, k)):
         gap_low = float(z.sig[k - 1]) - float(z.sig[k]) - z.e - z.f
@@ -278,7 +276,7 @@ def decompose(mats: Sequence[torch.Tensor], k: int, route: str, device: str | to
 def _bidiagonal_ritz(A: torch.Tensor, j: int) -> tuple[list, list]:
     """Exact route on the CPU: every singular value and the top-j right vectors of each tall matrix of ``A`` from one
     bidiagonalisation (``theory.bidiag``), then Rayleigh-Ritz on them: ``([S (r,)], [(U, σ̃, V, e)])`` with ``e`` the
-    certificate's residual bound (module docstring); ``(None, None)`` where LAPACK failed (the caller falls back)."""
+    certificate's residual bound (``_residual_bound``); ``None`` entries where LAPACK failed (the caller falls back)."""
     values, triplets = [], []
     for b in range(A.shape[0]):
         try:
@@ -287,11 +285,16 @@ def _bidiagonal_ritz(A: torch.Tensor, j: int) -> tuple[list, list]:
             values.append(None)
             triplets.append(None)
             continue
-        U, sig, Vt, R, Sr, defect = (t[0].numpy() for t in _ritz(A[b:b + 1], torch.from_numpy(V).unsqueeze(0)))
-        nR, nS = float(np.linalg.norm(R, 2)), float(np.linalg.norm(Sr, 2))
+        U, sig, Vt, R, Sr, defect = _ritz(A[b:b + 1], torch.from_numpy(V).unsqueeze(0))
+        U_h, sig_h, V_h, nR, nS, d = (t[0].numpy() for t in (U, sig, Vt, _norm2(R), _norm2(Sr), defect))
         values.append(S)
-        triplets.append((U, sig, Vt, math.hypot(nR, nS) + float(defect) * float(sig[0])))
+        triplets.append((U_h, sig_h, V_h, _residual_bound(nR, nS, d, sig_h)))
     return values, triplets
+
+
+def _residual_bound(norm_R: float, norm_Sr: float, defect: float, sig: np.ndarray) -> float:
+    """The certificate's ``e = sqrt(||R||² + ||Sr||²) + d σ̃_1`` (module docstring)."""
+    return math.hypot(float(norm_R), float(norm_Sr)) + float(defect) * float(sig[0])
 
 
 def _full_svd(A: torch.Tensor, j: int, transposed: bool, label: str = "svd") -> list[Decomposition]:

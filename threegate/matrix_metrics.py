@@ -207,31 +207,25 @@ def matrix_result(
         if not princ_ok:
             row["overlap_princ"] = row["overlap_princ_not_low"] = math.nan
         if exact:
-            pair = _pair(A, B, dW, dec0, dec1, sv_dW, row["dW_fro"])
-            for rid, chk in gate2_checks(pair, k).items():
-                row[f"check_{rid}"] = chk.verdict
-                res.checks.append({"run": run, **meta, **chk.as_row()})
-            row["skipped"] = ""
+            checks, skipped = gate2_checks(_pair(A, B, dW, dec0, dec1, sv_dW, row["dW_fro"]), k), []
             if keep_spectra:
                 res.spectrum += [{"run": run, **meta, "i": i, "sigma_base": float(a), "sigma_tuned": float(b)}
                                  for i, (a, b) in enumerate(zip(S0, S1))]
         else:
             ids = _fast_gate2_ids(dec0, dec1, sv_dW, dW_err, k)
-            checks = {}
-            if ids:
-                allowance = max(dec0.sigma_err, dec1.sigma_err, dW_err)
-                pair = _pair(A, B, dW, dec0, dec1, sv_dW, row["dW_fro"], allowance=allowance)
-                checks = gate2_checks(pair, k, ids=ids)
+            allowance = max(dec0.sigma_err, dec1.sigma_err, dW_err)
+            checks = gate2_checks(_pair(A, B, dW, dec0, dec1, sv_dW, row["dW_fro"], allowance=allowance), k,
+                                  ids=ids) if ids else {}
             skipped = list(FAST_SKIPS)
-            for rid in GATE2_IDS:
-                if rid in checks:
-                    row[f"check_{rid}"] = checks[rid].verdict
-                    res.checks.append({"run": run, **meta, **checks[rid].as_row()})
-                else:
-                    row[f"check_{rid}"] = "not-evaluated"
-                    if rid not in skipped:
-                        skipped.append(rid)
-            row["skipped"] = " ".join(skipped)
+        for rid in GATE2_IDS:
+            if rid in checks:
+                row[f"check_{rid}"] = checks[rid].verdict
+                res.checks.append({"run": run, **meta, **checks[rid].as_row()})
+            else:
+                row[f"check_{rid}"] = "not-evaluated"
+                if rid not in skipped:
+                    skipped.append(rid)
+        row["skipped"] = " ".join(skipped)
         res.rows.append(row)
     if len(masks) >= 2:
         _cross_run(res, list(masks), runs)
