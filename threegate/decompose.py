@@ -49,7 +49,7 @@ thread, synthetic SmolLM2-135M shapes (``threegate.bench_compare``), in millisec
 ``svdvals`` (MKL) 33 / 58-63; the bidiagonal route QR 0 / 22-25 + ``gebrd`` (scipy's OpenBLAS) 34-35 + dqds 4.7-5.5
 + inverse iteration 1.2 + ``P v`` 1.2; the Gram route (``dsyrk`` + ``dsyevr`` subset) 18-19 / 22-23. So the exact
 route pays about 1.1 floors for W0 and W+ and one Gram eigensolve for dW's top k+1 (about 0.2 floor); whole
-compare measured 1.82-1.96x of the floor in 5 of 6 runs, synthetic and SmolLM2's own weights, 2.25x in one
+compare measured 1.82-1.97x of the floor in 6 of 7 runs, synthetic and SmolLM2's own weights, 2.25x in one
 (it was 2.15-2.24x with ``svdvals`` plus Gram vectors).
 ``"fast"`` pays three Gram eigensolves (W0, W+, dW), at least (3 x 0.44..0.62) / 2 = 0.66..0.93 of the floor
 before reading and masks: the 0.5x target of issue 16 is out of reach with this certificate (top-ness from the
